@@ -1,0 +1,5 @@
+import sys
+
+from flexolmo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,165 @@
+"""The anchor: the coordinator's dense public model that every expert starts from.
+
+One function loads and validates an anchor directory; one computes its fingerprint (a hash over its config and
+weights) that every expert package carries, so a package can never be merged into a model built on a
+different anchor. Supported architectures are a table, `ANCHOR_FAMILIES`: adding a family means adding a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexolmo.errors import AnchorError
+
+# Config keys that describe how a checkpoint was saved, not what the model computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "use_cache", "flexolmo"}
+)
+
+
+@dataclass(frozen=True)
+class AnchorFamily:
+    """How one dense architecture maps onto FlexOlmo's mixture of experts."""
+
+    model_type: str
+    moe_model_type: str
+    moe_architecture: str
+    ffn_projections: tuple[str, ...]
+
+
+ANCHOR_FAMILIES: dict[str, AnchorFamily] = {
+    "olmo2": AnchorFamily(
+        model_type="olmo2",
+        moe_model_type="flex_olmo",
+        moe_architecture="FlexOlmoForCausalLM",
+        ffn_projections=("gate_proj", "up_proj", "down_proj"),
+    ),
+}
+
+
+@dataclass
+class Anchor:
+    """A loaded anchor: model (eval mode), tokenizer, raw config dict, fingerprint and where it came from."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    config: dict
+    family: AnchorFamily
+    fingerprint: str
+
+
+def read_config(path: Path | str) -> dict:
+    """Read `config.json` of a model directory, with one-line errors for a missing or broken file."""
+    path = Path(path)
+    if not path.exists():
+        raise AnchorError(f"{path}: no such directory; check the path")
+    if not path.is_dir():
+        raise AnchorError(f"{path}: not a directory; pass the model directory (with config.json)")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise AnchorError(f"{path}: no config.json; this is not a Hugging Face model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AnchorError(f"{config_file}: corrupt config.json ({error})") from None
+
+
+def anchor_family(config: dict, path: Path | str) -> AnchorFamily:
+    """The family of a dense anchor config, or an error that lists the supported ones."""
+    model_type = config.get("model_type")
+    if model_type in ANCHOR_FAMILIES:
+        return ANCHOR_FAMILIES[model_type]
+    supported = ", ".join(sorted(ANCHOR_FAMILIES))
+    if any(model_type == family.moe_model_type for family in ANCHOR_FAMILIES.values()):
+        raise AnchorError(
+            f"{path}: is a merged FlexOlmo model ({model_type}), not a dense anchor; pass the anchor directory"
+        )
+    raise AnchorError(f"{path}: architecture '{model_type}' is not supported as an anchor (supported: {supported})")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory, in index order when sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise AnchorError(f"{index}: corrupt index ({error})") from None
+        files = [path / shard for shard in shards]
+    else:
+        files = [path / "model.safetensors"]
+    missing = [file.name for file in files if not file.exists()]
+    if missing:
+        raise AnchorError(f"{path}: missing weight file(s) {', '.join(missing)}; only safetensors are read")
+    return files
+
+
+def config_fingerprint_payload(config: dict) -> bytes:
+    """Canonical JSON of the fields that decide what the model computes."""
+    kept = {key: value for key, value in config.items() if key not in _VOLATILE_CONFIG_KEYS}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def compute_fingerprint(path: Path | str) -> str:
+    """SHA-256 over the config and every tensor (name, dtype, shape, bytes), one tensor in memory at a time."""
+    from safetensors import safe_open
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    config = read_config(path)
+    digest = hashlib.sha256(config_fingerprint_payload(config))
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in sorted(handle.keys()):
+                    tensor = handle.get_tensor(name).contiguous()
+                    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                    digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        except (SafetensorError, OSError) as error:
+            raise AnchorError(f"{file}: corrupt weights ({error}); re-download or re-create the model") from None
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: Path | str):
+    """The fast tokenizer saved next to a model; it must have an EOS token to separate documents."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise AnchorError(f"{path}: cannot load the tokenizer ({error})") from None
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
+        raise AnchorError(f"{path}: the tokenizer must be a fast tokenizer with an EOS token")
+    return tokenizer
+
+
+def load_pretrained(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """`AutoModelForCausalLM.from_pretrained` with load failures turned into one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AnchorError(f"{path}: cannot load the model ({first_line})") from None
+    return model.to(device).eval()
+
+
+def load_anchor(
+    path: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu", with_model: bool = True
+) -> Anchor:
+    """Load and validate a dense anchor: supported family, readable weights, tokenizer, fingerprint."""
+    path = Path(path)
+    config = read_config(path)
+    family = anchor_family(config, path)
+    fingerprint = compute_fingerprint(path)
+    tokenizer = load_tokenizer(path)
+    model = load_pretrained(path, dtype, device) if with_model else None
+    return Anchor(path, model, tokenizer, config, family, fingerprint)

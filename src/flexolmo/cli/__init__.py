@@ -1,0 +1,46 @@
+"""`flexolmo`: a thin command line over the library. One module per subcommand; each parses flags, calls one
+library function and prints the result. Library errors become one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Subcommand name -> module in this package; the order is the order `--help` lists them.
+COMMANDS = {
+    "pretrain": "pretrain",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flexolmo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flexolmo",
+        description="Train experts on data that cannot be shared, merge them into one FlexOlmo model, opt out.",
+    )
+    parser.add_argument("--version", action="version", version=f"flexolmo {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"flexolmo.cli.{module_name}")
+        module.register(subparsers, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flexolmo.errors import FlexOlmoError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except FlexOlmoError as error:
+        print(f"flexolmo {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"flexolmo {args.command}: interrupted; rerun the same command with --resume to continue",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,49 @@
+"""`flexolmo pretrain`: train a small dense OLMo-2 anchor and its tokenizer from scratch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flexolmo.cli.common import add_data_flags, add_optim_flags, optim_kwargs, path_list
+
+
+def register(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(name, help="train a small dense OLMo-2 anchor (and tokenizer) from scratch",
+                                   description=__doc__)
+    parser.add_argument("--data", nargs="+", required=True, help="training text files")
+    parser.add_argument("--heldout", nargs="*", default=[], help="held-out files (default: hash split of --data)")
+    parser.add_argument("--out", required=True, help="output model directory (must not exist)")
+    add_data_flags(parser)
+    shape = parser.add_argument_group("model shape")
+    shape.add_argument("--vocab-size", type=int, default=8192)
+    shape.add_argument("--hidden-size", type=int, default=256)
+    shape.add_argument("--layers", type=int, default=6)
+    shape.add_argument("--heads", type=int, default=8)
+    shape.add_argument("--intermediate-size", type=int, default=1024)
+    add_optim_flags(parser, steps=1000, lr=3e-3, batch_size=16, seq_len=256, weight_decay=0.1)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.progress import print_table
+    from flexolmo.training import OptimConfig
+
+    config = PretrainConfig(
+        data=path_list(args.data),
+        heldout=path_list(args.heldout),
+        out=Path(args.out),
+        text_field=args.text_field,
+        shape=AnchorShape(
+            vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+            num_heads=args.heads, intermediate_size=args.intermediate_size,
+        ),
+        optim=OptimConfig(**optim_kwargs(args)),
+    )
+    summary = pretrain(config, resume=args.resume)
+    held = summary["heldout"]
+    print_table("anchor", ["output", "parameters", "final train loss", "held-out loss", "held-out bits/byte"],
+                [[str(config.out), f"{summary['parameters']:,}", summary["final_train_loss"], held["loss"],
+                  held["bits_per_byte"]]])
+    return 0

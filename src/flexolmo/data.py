@@ -1,0 +1,342 @@
+"""Text in, packed token sequences out: the one data path every command that reads text goes through.
+
+Formats:
+- `.jsonl` / `.jsonl.gz`: one JSON object per line, text in field `text` (the Dolma convention) unless
+  `text_field` says otherwise; an `id` field, when present, names the document.
+- `.parquet`: one row per document, text in column `text_field`.
+- `.txt`: documents are separated by one or more blank lines (so a paragraph, or any block of lines without an
+  empty line inside it, is one document). A file with no blank lines is one document.
+
+Documents that are empty or only whitespace are skipped. Each document is assigned to the held-out split by a
+hash of its text alone, so it lands in the same split whatever else is in the file. Tokenized splits are cached
+on disk per file (memory-mapped numpy arrays), keyed by the file's bytes, the tokenizer and the split settings,
+so a second run skips tokenization and a changed file is tokenized again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flexolmo.errors import DataError
+from flexolmo.fileio import atomic_directory, sha256_file
+from flexolmo.progress import progress_bar
+
+SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
+DEFAULT_HELDOUT_FRACTION = 0.05
+CACHE_FORMAT_VERSION = 1
+_TOKENIZE_BATCH_DOCUMENTS = 512
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: an id that names it in reports (never its text) and the text itself."""
+
+    doc_id: str
+    text: str
+
+
+def data_suffix(path: Path) -> str:
+    """The supported suffix of `path`, or a DataError naming the supported ones."""
+    name = path.name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise DataError(
+        f"{path}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; pass the data files inside it")
+
+
+def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}:{line_number}: not valid UTF-8 (byte {error.start}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = _decode_line(raw, path, line_number).strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    present = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(
+                        f"{path}:{line_number}: no '{text_field}' field (found: {present}); "
+                        "pass --text-field NAME"
+                    )
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{line_number}: field '{text_field}' is not a string")
+                doc_id = str(record.get("id", f"{path.name}:{line_number}"))
+                yield Document(doc_id, text)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({error}); re-create it") from None
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(
+            f"{path}: no '{text_field}' column (found: {', '.join(parquet.schema_arrow.names)}); "
+            "pass --text-field NAME"
+        )
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is not None and not isinstance(text, str):
+                raise DataError(f"{path}: row {row}: column '{text_field}' is not a string")
+            yield Document(f"{path.name}:{row}", text or "")
+
+
+def _iter_txt(path: Path) -> Iterator[Document]:
+    block: list[str] = []
+    start_line = 1
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode_line(raw, path, line_number)
+            if line.strip():
+                if not block:
+                    start_line = line_number
+                block.append(line)
+            elif block:
+                yield Document(f"{path.name}:{start_line}", "".join(block).rstrip("\n"))
+                block = []
+    if block:
+        yield Document(f"{path.name}:{start_line}", "".join(block).rstrip("\n"))
+
+
+def iter_documents(path: Path | str, text_field: str = "text") -> Iterator[Document]:
+    """Yield the non-empty documents of one data file, in file order."""
+    path = Path(path)
+    _check_readable(path)
+    suffix = data_suffix(path)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        documents = _iter_jsonl(path, text_field)
+    elif suffix == ".parquet":
+        documents = _iter_parquet(path, text_field)
+    else:
+        documents = _iter_txt(path)
+    for document in documents:
+        if document.text.strip():
+            yield document
+
+
+def is_heldout(text: str, heldout_fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: a pure function of its text."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return bucket < heldout_fraction
+
+
+def select_split(
+    documents: Iterable[Document], split: str, heldout_fraction: float
+) -> Iterator[Document]:
+    """Keep the documents of `split`: "train", "heldout", or "all" (no split, for files already split)."""
+    if split == "all":
+        yield from documents
+        return
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}")
+    want_heldout = split == "heldout"
+    for document in documents:
+        if is_heldout(document.text, heldout_fraction) == want_heldout:
+            yield document
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything that decides token ids: the fast tokenizer's full JSON plus the EOS id."""
+    spec = tokenizer.backend_tokenizer.to_str() + f"|eos={tokenizer.eos_token_id}"
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenizedFile:
+    """One file's split as one token array (documents joined, each followed by EOS)."""
+
+    source: Path
+    tokens: np.ndarray
+    num_documents: int
+    num_bytes: int
+
+
+def default_cache_dir() -> Path:
+    """`$FLEXOLMO_CACHE`, else `~/.cache/flexolmo`."""
+    return Path(os.environ.get("FLEXOLMO_CACHE", Path.home() / ".cache" / "flexolmo"))
+
+
+def _cache_key(path: Path, tokenizer_hash: str, text_field: str, split: str, heldout_fraction: float) -> str:
+    parts = [
+        f"v{CACHE_FORMAT_VERSION}",
+        sha256_file(path),
+        tokenizer_hash,
+        text_field,
+        split,
+        repr(heldout_fraction) if split != "all" else "-",
+    ]
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def _tokenize_documents(documents: Iterable[Document], tokenizer, label: str) -> tuple[np.ndarray, int, int]:
+    dtype = _token_dtype(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; documents could not be separated")
+    pieces: list[np.ndarray] = []
+    num_documents = num_bytes = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            pieces.append(np.asarray([*ids, eos], dtype=dtype))
+
+    with progress_bar(f"tokenizing {label}", total=None, unit="docs") as advance:
+        for document in documents:
+            batch.append(document.text)
+            num_documents += 1
+            num_bytes += len(document.text.encode("utf-8"))
+            if len(batch) == _TOKENIZE_BATCH_DOCUMENTS:
+                flush()
+                advance(len(batch))
+                batch = []
+        if batch:
+            flush()
+            advance(len(batch))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return tokens, num_documents, num_bytes
+
+
+def tokenize_file(
+    path: Path | str,
+    tokenizer,
+    split: str = "train",
+    text_field: str = "text",
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    cache_dir: Path | None = None,
+) -> TokenizedFile:
+    """Tokenize one file's split, or load it from the cache when the file and tokenizer are unchanged."""
+    path = Path(path)
+    _check_readable(path)
+    data_suffix(path)
+    entry = (cache_dir or default_cache_dir()) / "tokens" / _cache_key(
+        path, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
+    )
+    if not (entry / "meta.json").exists():
+        documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
+        tokens, num_documents, num_bytes = _tokenize_documents(documents, tokenizer, f"{path.name} ({split})")
+        if num_documents == 0:
+            where = "" if split == "all" else f" in its {split} split"
+            raise DataError(f"{path}: no non-empty documents{where}; check the file and --text-field")
+        meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes}
+        with atomic_directory(entry, overwrite=True) as staging:
+            np.save(staging / "tokens.npy", tokens)
+            (staging / "meta.json").write_text(json.dumps(meta))
+    meta = json.loads((entry / "meta.json").read_text())
+    tokens = np.load(entry / "tokens.npy", mmap_mode="r")
+    return TokenizedFile(path, tokens, meta["num_documents"], meta["num_bytes"])
+
+
+class TokenStream:
+    """Several tokenized files read as one stream, cut into fixed-length sequences on demand.
+
+    Sequence `i` covers tokens `[i*L, i*L + L + 1)` of the concatenated stream: L inputs and their L next-token
+    targets. Windows never overlap in targets, so a pass over all windows scores each token at most once.
+    """
+
+    def __init__(self, files: Sequence[TokenizedFile]):
+        self.files = list(files)
+        self._arrays = [file.tokens for file in self.files]
+        self._offsets = np.cumsum([0] + [len(array) for array in self._arrays])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(file.num_bytes for file in self.files)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(file.num_documents for file in self.files)
+
+    def num_sequences(self, seq_len: int) -> int:
+        return max(0, (self.num_tokens - 1) // seq_len)
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens `[start, stop)` of the concatenated stream."""
+        parts = []
+        for array, offset in zip(self._arrays, self._offsets[:-1]):
+            lo, hi = max(start - offset, 0), min(stop - offset, len(array))
+            if lo < hi:
+                parts.append(np.asarray(array[lo:hi], dtype=np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def sequence(self, index: int, seq_len: int) -> np.ndarray:
+        """Window `index`: seq_len + 1 tokens."""
+        return self.tokens(index * seq_len, index * seq_len + seq_len + 1)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the token ids in order: names the training stream without revealing any text."""
+        digest = hashlib.sha256()
+        for array in self._arrays:
+            digest.update(np.ascontiguousarray(array).astype(np.uint32).tobytes())
+        return digest.hexdigest()
+
+
+def load_token_stream(
+    paths: Sequence[Path | str],
+    tokenizer,
+    split: str = "train",
+    text_field: str = "text",
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    cache_dir: Path | None = None,
+) -> TokenStream:
+    """Tokenize (or load from cache) the `split` of every file and join them into one stream."""
+    if not paths:
+        raise DataError("no data files given")
+    return TokenStream(
+        [tokenize_file(path, tokenizer, split, text_field, heldout_fraction, cache_dir) for path in paths]
+    )
+
+
+def iter_texts(paths: Sequence[Path | str], text_field: str = "text") -> Iterator[str]:
+    """Every document's text across files (used to train a tokenizer)."""
+    for path in paths:
+        for document in iter_documents(path, text_field):
+            yield document.text
+

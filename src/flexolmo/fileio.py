@@ -1,0 +1,83 @@
+"""Writing outputs so that an interrupted or failed run never leaves something that looks complete.
+
+Every artefact (anchor, checkpoint, expert package, merged model, cache entry) is written under a temporary
+sibling name and renamed into place only once it is whole; rename is atomic on one filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flexolmo.errors import FlexOlmoError
+
+
+def _describe_os_error(error: OSError, target: Path) -> str:
+    if error.errno == errno.ENOSPC:
+        return f"disk full while writing {target}: free space on that filesystem and run the command again"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {target}: permission denied; choose a writable output path"
+    return f"cannot write {target}: {error.strerror or error}"
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `target` only if the block finishes without error."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FlexOlmoError(f"{target} already exists: choose another output path or remove it first")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(target: Path | str, payload: bytes) -> None:
+    """Write `payload` to `target` through a temporary file and a rename."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    except OSError as error:
+        with contextlib.suppress(Exception):
+            os.unlink(staging)
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+
+
+def atomic_write_json(target: Path | str, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    atomic_write_bytes(target, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: Path | str, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks so large files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,55 @@
+"""Progress bars and result tables, in one place so every command looks the same."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(
+    description: str, total: int | None, unit: str = "steps", start: int = 0
+) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields `advance(n=1, **fields)` where fields fill `{task.fields[...]}`."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, completed=start, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            if status is None:
+                progress.advance(task, n)
+            else:
+                progress.update(task, advance=n, status=status)
+
+        yield advance
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a results table to stdout."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column != columns[0] else "left")
+    for row in rows:
+        table.add_row(*[f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row])
+    Console().print(table)

@@ -1,0 +1,221 @@
+"""One training loop for every stage (anchor pretraining, expert training, dense baselines).
+
+What differs between stages is passed in: which parameters train, how a batch becomes a loss, and hooks that
+run around each step (clamping a bias, DP accounting, logging). The loop owns what must be the same
+everywhere: the data order, the learning-rate schedule, gradient accumulation, checkpoints and resumption.
+
+Resumption is exact: the batch at step s depends only on (seed, s), the schedule is a function of s, and a
+checkpoint holds the trainable tensors, the optimizer state and the loss history. A run killed at any moment
+(SIGKILL included) and resumed produces the same losses as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from flexolmo.data import TokenStream
+from flexolmo.errors import CheckpointError, DataError
+from flexolmo.fileio import atomic_directory
+from flexolmo.progress import progress_bar
+
+CHECKPOINT_DIRNAME = "checkpoint"
+
+
+class OptimConfig(BaseModel):
+    """Optimisation settings shared by every training stage."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
+    warmup_steps: int = Field(20, ge=0, description="linear warmup steps before the cosine decay")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    seed: int = Field(0, description="seed for initialisation and data order")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    dtype: str = Field("float32", description="parameter dtype: float32 or bfloat16")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+def learning_rate(step: int, config: OptimConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def batch_indices(step: int, micro: int, config: OptimConfig, num_sequences: int) -> np.ndarray:
+    """Sequence indices of micro-batch `micro` of step `step`: epochs are seeded permutations, so any
+    step's batch can be recomputed without replaying the ones before it."""
+    first = (step * config.grad_accum + micro) * config.batch_size
+    positions = np.arange(first, first + config.batch_size)
+    epochs, offsets = np.divmod(positions, num_sequences)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([config.seed, int(epoch)]).permutation(num_sequences)
+        chosen = epochs == epoch
+        indices[chosen] = order[offsets[chosen]]
+    return indices
+
+
+def make_batch(stream: TokenStream, indices: np.ndarray, seq_len: int, device: str) -> torch.Tensor:
+    """(batch, seq_len + 1) token ids."""
+    rows = [stream.sequence(int(index), seq_len) for index in indices]
+    return torch.from_numpy(np.stack(rows)).to(device)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in float32."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# A loss function takes the model and a (batch, seq_len + 1) tensor, returns the loss to minimise and the
+# language-model loss to report (they differ when auxiliary terms such as a router z-loss are added).
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def lm_loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain causal language modelling."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    loss = causal_lm_loss(logits, batch[:, 1:])
+    return loss, loss.detach()
+
+
+class TrainHook(Protocol):
+    """Something that runs around the loop's steps; every method is optional."""
+
+    def after_optimizer_step(self, step: int) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: the loss of every step, tokens seen and wall time of this process."""
+
+    losses: list[float]
+    tokens: int
+    seconds: float
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def config_digest(payload: dict) -> str:
+    """Short hash of a run's configuration: a checkpoint may only be resumed by the same configuration."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(
+    run_dir: Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, losses, digest
+) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_directory(run_dir / CHECKPOINT_DIRNAME, overwrite=True) as staging:
+        save_file({name: param.detach().cpu().contiguous() for name, param in named_params},
+                  str(staging / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        (staging / "state.json").write_text(json.dumps({"step": step, "losses": losses, "config": digest}))
+
+
+def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    checkpoint = run_dir / CHECKPOINT_DIRNAME
+    if not (checkpoint / "state.json").exists():
+        return 0, []
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        tensors = load_file(str(checkpoint / "trainable.safetensors"))
+        optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    except Exception as error:  # any unreadable piece means the checkpoint cannot be trusted
+        raise CheckpointError(f"{checkpoint}: unreadable checkpoint ({error}); delete it to start over") from None
+    if state.get("config") != digest:
+        raise CheckpointError(
+            f"{checkpoint}: was written by a different configuration; resume with the same flags, "
+            "or delete the checkpoint to start over"
+        )
+    with torch.no_grad():
+        for name, param in named_params:
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(optimizer_state)
+    return int(state["step"]), list(state["losses"])
+
+
+def train(
+    model: torch.nn.Module,
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
+    stream: TokenStream,
+    config: OptimConfig,
+    run_dir: Path,
+    loss_fn: LossFn = lm_loss_fn,
+    hooks: Sequence[TrainHook] = (),
+    resume: bool = False,
+    description: str = "training",
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> TrainResult:
+    """Train `named_params` of `model` on `stream` for `config.steps` steps; only they get optimizer state."""
+    num_sequences = stream.num_sequences(config.seq_len)
+    if num_sequences < 1:
+        raise DataError(
+            f"the training data has {stream.num_tokens} tokens, fewer than one sequence of {config.seq_len}; "
+            "add data or lower --seq-len"
+        )
+    params = [param for _, param in named_params]
+    if make_optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    else:
+        optimizer = make_optimizer(params)
+    digest = config_digest({"optim": config.model_dump(), "params": [name for name, _ in named_params]})
+    start, losses = (0, [])
+    if resume:
+        start, losses = _load_checkpoint(run_dir, named_params, optimizer, digest)
+    elif (run_dir / CHECKPOINT_DIRNAME).exists():
+        raise CheckpointError(
+            f"{run_dir / CHECKPOINT_DIRNAME}: a checkpoint of an earlier run exists; pass --resume to continue it "
+            "or delete it to start over"
+        )
+    model.train()
+    began = time.perf_counter()
+    tokens_this_process = 0
+    with progress_bar(description, total=config.steps, start=start) as advance:
+        for step in range(start, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                batch = make_batch(stream, batch_indices(step, micro, config, num_sequences), config.seq_len,
+                                   config.device)
+                loss, lm_loss = loss_fn(model, batch)
+                (loss / config.grad_accum).backward()
+                step_loss += float(lm_loss) / config.grad_accum
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            for hook in hooks:
+                hook.after_optimizer_step(step)
+            losses.append(step_loss)
+            tokens_this_process += config.tokens_per_step
+            rate = tokens_this_process / max(time.perf_counter() - began, 1e-9)
+            advance(1, status=f"loss {step_loss:.3f}  {rate:,.0f} tok/s")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest)
+    model.eval()
+    return TrainResult(losses, tokens_this_process, time.perf_counter() - began, resumed_from=start)
