@@ -16,6 +16,11 @@ from typing import Any
 import torch
 
 from flexolmo.errors import AnchorError
+from flexolmo.fileio import digest_tensor
+
+# The coordinator's public router rows, shipped beside the weights; part of the fingerprint because every
+# expert is trained against them.
+PUBLIC_ROUTER_FILE = "flexolmo_public_router.safetensors"
 
 # Config keys that describe how a checkpoint was saved, not what the model computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -115,13 +120,14 @@ def compute_fingerprint(path: Path | str) -> str:
     path = Path(path)
     config = read_config(path)
     digest = hashlib.sha256(config_fingerprint_payload(config))
-    for file in weight_files(path):
+    files = weight_files(path)
+    if (path / PUBLIC_ROUTER_FILE).exists():
+        files.append(path / PUBLIC_ROUTER_FILE)
+    for file in files:
         try:
             with safe_open(file, framework="pt") as handle:
                 for name in sorted(handle.keys()):
-                    tensor = handle.get_tensor(name).contiguous()
-                    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-                    digest.update(tensor.view(torch.uint8).numpy().tobytes())
+                    digest_tensor(digest, name, handle.get_tensor(name))
         except (SafetensorError, OSError) as error:
             raise AnchorError(f"{file}: corrupt weights ({error}); re-download or re-create the model") from None
     return digest.hexdigest()

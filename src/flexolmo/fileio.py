@@ -81,3 +81,12 @@ def sha256_file(path: Path | str, chunk_bytes: int = 1 << 22) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digest_tensor(digest, name: str, tensor) -> None:
+    """Feed one tensor (name, dtype, shape, raw bytes) into a hashlib digest."""
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes())

@@ -20,10 +20,13 @@ from flexolmo.evaluate import score_stream
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
+from flexolmo.router_init import mean_ffn_inputs, save_public_rows
 from flexolmo.training import OptimConfig, train
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# Public sequences averaged into the public router row (the paper samples ~1,000 documents).
+PUBLIC_ROUTER_SEQUENCES = 256
 
 
 class AnchorShape(BaseModel):
@@ -141,8 +144,10 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
         "versions": software_versions(),
         "created": utc_now(),
     }
+    public_rows = mean_ffn_inputs(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
     with atomic_directory(config.out) as staging:
         model.save_pretrained(str(staging))
+        save_public_rows(config.out, public_rows, staging=staging)
         tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / "flexolmo_pretrain.json", summary)
     shutil.rmtree(work)

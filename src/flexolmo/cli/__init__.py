@@ -11,6 +11,10 @@ import sys
 # Subcommand name -> module in this package; the order is the order `--help` lists them.
 COMMANDS = {
     "pretrain": "pretrain",
+    "init-router": "init_router",
+    "train-expert": "train_expert",
+    "inspect": "inspect",
+    "verify": "verify",
 }
 
 

@@ -1,0 +1,170 @@
+"""A data owner's coordinated training: its expert learns next to the anchor's frozen FFN, then is packaged.
+
+Every decoder layer's FFN becomes a 2-expert FlexMoEBlock: expert 0 is the anchor FFN (frozen), expert 1 an
+exact copy (trained); router rows `[r_pub, r_i]` with `r_pub` frozen (shipped with the anchor) and `r_i`
+trained, optionally with a bias kept <= 0; softmax, top-2 of 2, no renormalisation; router z-loss. Embeddings,
+attention, norms and the LM head stay frozen and get no optimizer state. At step 0 the two experts are equal
+and their weights sum to one, so the model computes exactly the anchor.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from flexolmo.anchor import Anchor, load_anchor
+from flexolmo.data import DEFAULT_HELDOUT_FRACTION, load_token_stream
+from flexolmo.errors import CheckpointError, PackageError
+from flexolmo.evaluate import score_stream
+from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
+from flexolmo.package import check_name, write_package
+from flexolmo.provenance import software_versions, utc_now
+from flexolmo.router_init import initial_rows, load_public_rows
+from flexolmo.training import OptimConfig, TrainResult, causal_lm_loss, train
+from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
+
+OWNER_EXPERT = 1
+
+
+class ExpertConfig(BaseModel):
+    """`flexolmo train-expert`: everything that decides an owner's expert."""
+
+    anchor: Path = Field(description="anchor model directory published by the coordinator")
+    data: list[Path] = Field(description="the owner's private training text")
+    heldout: list[Path] = Field(default_factory=list, description="held-out files; if empty, a hash split of data")
+    name: str = Field(description="expert name, unique among the experts of one merged model")
+    out: Path = Field(description="where to write the expert package (a directory)")
+    text_field: str = Field("text", description="JSONL/parquet field with the text")
+    heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
+    router_init: str = Field("mean_hidden", description="initialisation of the owner's router row")
+    router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
+    negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
+    z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
+    eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+
+
+def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool) -> torch.nn.Module:
+    """The anchor with every FFN turned into the 2-expert block, experts identical, rows [r_pub, r_i]."""
+    public_rows = load_public_rows(anchor.path, len(decoder_layers(anchor.model)))
+    rows = [torch.stack([public.float(), own.float()]) for public, own in zip(public_rows, owner_rows)]
+    return convert_to_moe(anchor.model, rows, num_experts=2, top_k=2,
+                          bias_experts=[OWNER_EXPERT] if negative_bias else [])
+
+
+def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything but the owner's expert and router row; return what stays trainable, in name order."""
+    owned = (f".mlp.experts.{OWNER_EXPERT}.", f".mlp.gate.rows.{OWNER_EXPERT}.")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(marker in name for marker in owned))
+        if param.requires_grad:
+            trainable.append((name, param))
+    return trainable
+
+
+def package_tensors(model: torch.nn.Module, projections: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The owner's expert and router row of every layer, under package names."""
+    tensors = {}
+    for layer_index, layer in enumerate(decoder_layers(model)):
+        expert = layer.mlp.experts[OWNER_EXPERT]
+        for proj in projections:
+            tensors[PACKAGE_FFN.format(layer=layer_index, proj=proj)] = getattr(expert, proj).weight
+        row = layer.mlp.gate.rows[OWNER_EXPERT]
+        tensors[PACKAGE_ROUTER.format(layer=layer_index)] = row.weight
+        if row.bias is not None:
+            tensors[PACKAGE_BIAS.format(layer=layer_index)] = row.bias
+    return tensors
+
+
+def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Rebuild the owner's training model from the anchor and a package's tensors."""
+    layers = len(decoder_layers(anchor.model))
+    has_bias = PACKAGE_BIAS.format(layer=0) in tensors
+    rows = [tensors[PACKAGE_ROUTER.format(layer=i)][0] for i in range(layers)]
+    model = build_owner_model(anchor, rows, has_bias)
+    with torch.no_grad():
+        for layer_index, layer in enumerate(decoder_layers(model)):
+            expert = layer.mlp.experts[OWNER_EXPERT]
+            for proj in anchor.family.ffn_projections:
+                getattr(expert, proj).weight.copy_(tensors[PACKAGE_FFN.format(layer=layer_index, proj=proj)])
+            if has_bias:
+                layer.mlp.gate.rows[OWNER_EXPERT].bias.copy_(tensors[PACKAGE_BIAS.format(layer=layer_index)])
+    return model
+
+
+class _ClampBias:
+    """Projected gradient step: keep the learned bias <= 0 after every update."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def after_optimizer_step(self, step: int) -> None:
+        clamp_router_bias(self.model)
+
+
+def owner_loss(z_loss_coef: float):
+    """Language-model loss plus the router z-loss; reports the language-model part."""
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor):
+        logits = model(input_ids=batch[:, :-1]).logits
+        lm_loss = causal_lm_loss(logits, batch[:, 1:])
+        return lm_loss + z_loss_coef * router_z_loss(model), lm_loss.detach()
+
+    return loss_fn
+
+
+def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest."""
+    check_name(config.name)
+    if config.out.exists():
+        raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+    work = config.out.with_name(config.out.name + ".ckpt")
+    if resume and not (work / "checkpoint").exists():
+        raise CheckpointError(f"nothing to resume: no checkpoint at {work}; run without --resume")
+    dtype = getattr(torch, config.optim.dtype)
+    anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
+    optim = config.optim
+    split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
+    train_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
+                                     config.heldout_fraction)
+    heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
+                                       config.text_field, config.heldout_fraction)
+    before = score_stream(anchor.model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
+                          device=optim.device, description="held-out (anchor)")
+    owner_rows = initial_rows(config.router_init, anchor.model, train_stream, optim.seq_len,
+                              config.router_init_sequences, optim.seed)
+    torch.manual_seed(optim.seed)
+    model = build_owner_model(anchor, owner_rows, config.negative_bias)
+    trainable = owner_trainable_parameters(model)
+    work.mkdir(parents=True, exist_ok=True)
+    result: TrainResult = train(model, trainable, train_stream, optim, work, loss_fn=owner_loss(config.z_loss_coef),
+                                hooks=[_ClampBias(model)], resume=resume, description=f"expert {config.name}")
+    after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
+                         device=optim.device, description="held-out (expert)")
+    manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {
+        "anchor": {"fingerprint": anchor.fingerprint, "model_type": anchor.config["model_type"],
+                   "num_hidden_layers": anchor.config["num_hidden_layers"],
+                   "hidden_size": anchor.config["hidden_size"],
+                   "intermediate_size": anchor.config["intermediate_size"]},
+        "training": {
+            "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
+            "tokens": optim.steps * optim.tokens_per_step,
+            "token_stream_sha256": train_stream.fingerprint(),
+            "train_documents": train_stream.num_documents,
+            "final_train_loss": result.losses[-1],
+            "heldout_loss_before": before.loss,
+            "heldout_loss_after": after.loss,
+            "heldout_bits_per_byte_before": before.bits_per_byte,
+            "heldout_bits_per_byte_after": after.bits_per_byte,
+            "seconds": result.seconds,
+        },
+        "privacy": {"dp": None, "router_row_from_private_data": config.router_init == "mean_hidden"},
+        "created": utc_now(),
+        "versions": software_versions(),
+    })
+    shutil.rmtree(work)
+    return manifest

@@ -1,0 +1,121 @@
+"""How router rows start: a small registry, one entry per initialisation.
+
+The paper starts an owner's row `r_i` at the mean embedding of ~1,000 of its documents, from an external
+embedder whose width equalled d_model. Our anchors have no such embedder, so the default is the anchor's own
+per-layer mean FFN input (the router's actual input) over owner samples; `random` is the control. The public
+row `r_pub` is computed once by the coordinator the same way from public samples and shipped with the anchor,
+so every owner trains against the same public row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flexolmo.anchor import PUBLIC_ROUTER_FILE
+from flexolmo.data import TokenStream
+from flexolmo.errors import AnchorError, DataError
+from flexolmo.moe import decoder_layers
+
+RANDOM_ROW_STD = 0.02
+
+
+@torch.no_grad()
+def mean_ffn_inputs(
+    model: torch.nn.Module, stream: TokenStream, seq_len: int, max_sequences: int, batch_size: int = 8
+) -> list[torch.Tensor]:
+    """Per layer, the mean over tokens of the FFN's input on up to `max_sequences` sequences of `stream`."""
+    num_sequences = min(stream.num_sequences(seq_len), max_sequences)
+    if num_sequences < 1:
+        raise DataError(f"too little data to initialise the router ({stream.num_tokens} tokens)")
+    layers = decoder_layers(model)
+    sums = [None] * len(layers)
+    counts = [0] * len(layers)
+
+    def capture(index: int):
+        def hook(_module, args):
+            hidden = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[index] = hidden.sum(0) if sums[index] is None else sums[index] + hidden.sum(0)
+            counts[index] += hidden.shape[0]
+
+        return hook
+
+    handles = [layer.mlp.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        # Spread the samples over the whole stream rather than taking its head.
+        picks = torch.linspace(0, stream.num_sequences(seq_len) - 1, num_sequences).long().tolist()
+        for first in range(0, len(picks), batch_size):
+            rows = [torch.from_numpy(stream.sequence(i, seq_len)[:-1]) for i in picks[first : first + batch_size]]
+            model(input_ids=torch.stack(rows).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total / count for total, count in zip(sums, counts)]
+
+
+def mean_hidden_rows(model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+    return mean_ffn_inputs(model, stream, seq_len, max_sequences)
+
+
+def random_rows(model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    return [torch.randn(hidden, generator=generator) * RANDOM_ROW_STD for _ in decoder_layers(model)]
+
+
+RowInit = Callable[[torch.nn.Module, TokenStream, int, int, int], list[torch.Tensor]]
+
+ROUTER_INITS: dict[str, RowInit] = {
+    "mean_hidden": mean_hidden_rows,
+    "random": random_rows,
+}
+
+
+def initial_rows(name: str, model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int):
+    """Router rows (one (H,) tensor per layer) from the initialisation called `name`."""
+    if name not in ROUTER_INITS:
+        raise DataError(f"unknown router initialisation '{name}' (choose from {', '.join(ROUTER_INITS)})")
+    return ROUTER_INITS[name](model, stream, seq_len, max_sequences, seed)
+
+
+def save_public_rows(anchor_dir: Path, rows: list[torch.Tensor], staging: Path | None = None) -> None:
+    """Write the public router rows next to the anchor weights (into `staging` while it is being built)."""
+    from safetensors.torch import save_file
+
+    target = (staging or anchor_dir) / PUBLIC_ROUTER_FILE
+    save_file({f"layers.{i}": row.float().contiguous() for i, row in enumerate(rows)}, str(target))
+
+
+def load_public_rows(anchor_dir: Path, num_layers: int) -> list[torch.Tensor]:
+    """The coordinator's public router rows shipped with the anchor."""
+    from safetensors.torch import load_file
+
+    path = Path(anchor_dir) / PUBLIC_ROUTER_FILE
+    if not path.exists():
+        raise AnchorError(
+            f"{anchor_dir}: has no public router rows ({PUBLIC_ROUTER_FILE}); the coordinator adds them with "
+            "`flexolmo init-router --anchor DIR --data PUBLIC_FILE...`"
+        )
+    tensors = load_file(str(path))
+    try:
+        return [tensors[f"layers.{i}"] for i in range(num_layers)]
+    except KeyError as missing:
+        raise AnchorError(f"{path}: missing router row {missing}; recompute it with `flexolmo init-router`") from None
+
+
+def compute_public_rows(
+    anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str
+) -> str:
+    """Average public text into the anchor's public router rows, write them beside it, return the new fingerprint."""
+    from flexolmo.anchor import compute_fingerprint, load_anchor
+    from flexolmo.data import load_token_stream
+
+    anchor = load_anchor(anchor_dir, device=device)
+    stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
+    rows = mean_ffn_inputs(anchor.model, stream, seq_len, max_sequences)
+    save_public_rows(anchor_dir, rows)
+    return compute_fingerprint(anchor_dir)
