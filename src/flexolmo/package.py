@@ -114,27 +114,31 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _diagnose_tensor_file(path: Path, manifest: dict) -> None:
+    """Called when the file's bytes differ from the manifest: raise the most precise reason, one tensor at a time."""
+    from safetensors import SafetensorError, safe_open
 
     tensor_file = path / TENSOR_FILE
     if not tensor_file.exists():
         raise PackageError(f"{path}: {TENSOR_FILE} is missing")
     try:
-        tensors = load_file(str(tensor_file))
+        with safe_open(tensor_file, framework="pt") as handle:
+            names = set(handle.keys())
+            if names != set(manifest["tensors"]):
+                raise PackageError(f"{tensor_file}: tensor names differ from the manifest; the package was altered")
+            digest = hashlib.sha256()
+            for name in sorted(names):
+                tensor = handle.get_tensor(name)
+                if list(tensor.shape) != manifest["tensors"][name]["shape"]:
+                    raise PackageError(f"{tensor_file}: tensor {name} has shape {list(tensor.shape)}, manifest "
+                                       f"says {manifest['tensors'][name]['shape']}")
+                digest_tensor(digest, name, tensor)
     except (SafetensorError, OSError) as error:
         raise PackageError(f"{tensor_file}: truncated or corrupt ({error}); ask the owner to send it again") from None
-    if set(tensors) != set(manifest["tensors"]):
-        raise PackageError(f"{tensor_file}: tensor names differ from the manifest; the package was altered")
-    for name, tensor in tensors.items():
-        if list(tensor.shape) != manifest["tensors"][name]["shape"]:
-            raise PackageError(f"{tensor_file}: tensor {name} has shape {list(tensor.shape)}, manifest says "
-                               f"{manifest['tensors'][name]['shape']}")
-    if tensors_checksum(tensors) != manifest["tensors_sha256"]:
+    if digest.hexdigest() != manifest["tensors_sha256"]:
         raise PackageError(f"{tensor_file}: tensor contents do not match the manifest checksum; "
                            "the package was modified after training")
-    return tensors
+    raise PackageError(f"{tensor_file}: file bytes differ from the manifest; the package was altered")
 
 
 def check_against_anchor(package_path: Path, manifest: dict, anchor_fingerprint: str, anchor_config: dict) -> None:
@@ -160,15 +164,19 @@ def load_package(
 ) -> ExpertPackage:
     """Read and verify a package: format, integrity of every byte, and (given an anchor) its origin.
 
-    Integrity is checked even when `with_tensors` is False, so a package is never trusted on its manifest alone.
+    Integrity is checked even when `with_tensors` is False, so a package is never trusted on its manifest alone;
+    the check streams the file, so verifying a package of any size takes constant memory.
     """
     path = Path(path)
     manifest = read_manifest(path)
     tensor_file = path / TENSOR_FILE
     if not tensor_file.exists() or sha256_file(tensor_file) != manifest["file_sha256"]:
-        _read_tensors(path, manifest)  # raises with the precise reason: missing, truncated, modified tensor
-        raise PackageError(f"{path / TENSOR_FILE}: file bytes differ from the manifest; the package was altered")
+        _diagnose_tensor_file(path, manifest)
     if anchor_fingerprint is not None and anchor_config is not None:
         check_against_anchor(path, manifest, anchor_fingerprint, anchor_config)
-    tensors = _read_tensors(path, manifest) if with_tensors else None
+    tensors = None
+    if with_tensors:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(tensor_file))
     return ExpertPackage(path, manifest, tensors)

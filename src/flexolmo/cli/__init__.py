@@ -15,6 +15,10 @@ COMMANDS = {
     "train-expert": "train_expert",
     "inspect": "inspect",
     "verify": "verify",
+    "merge": "merge",
+    "add": "add",
+    "remove": "remove",
+    "generate": "generate",
 }
 
 

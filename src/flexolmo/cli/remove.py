@@ -1,0 +1,28 @@
+"""`flexolmo remove`: an owner opts out; writes a smaller checkpoint without its expert.
+
+To withdraw an expert without rewriting the checkpoint, pass `--exclude NAME` to any command that runs a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(name, help="write a merged model without the named experts",
+                                   description=__doc__)
+    parser.add_argument("--model", required=True, help="merged model directory")
+    parser.add_argument("--experts", nargs="+", required=True, help="names of the experts to remove")
+    parser.add_argument("--out", required=True, help="output model directory (must not exist)")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexolmo.cli.merge import print_experts
+    from flexolmo.merge import remove_experts
+
+    metadata = remove_experts(Path(args.model), args.experts, Path(args.out), shard_bytes=int(args.shard_gb * 1024**3))
+    print_experts(Path(args.out), metadata)
+    return 0

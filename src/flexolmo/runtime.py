@@ -1,0 +1,126 @@
+"""Load any model flexolmo works with (a dense anchor or dense expert, or a merged FlexOlmo checkpoint) into
+one runtime, and mask experts on it.
+
+A merged checkpoint runs as transformers' OLMo-2 with each FFN replaced by our FlexMoEBlock, so attention,
+norms and generation stay transformers' code, and the same block that owners trained is the one that serves.
+A test checks this runtime against transformers' own `FlexOlmoForCausalLM` on the same directory.
+Exclusion is a mask, not a rewrite: excluded experts get router logit -inf, which equals removing them; top-k
+is then capped at the number of experts left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexolmo.anchor import ANCHOR_FAMILIES, load_pretrained, load_tokenizer, read_config
+from flexolmo.errors import AnchorError, MergeError
+from flexolmo.merge import read_merged_info
+from flexolmo.moe import convert_to_moe, set_active_experts
+from flexolmo.tensor_io import LazyReader
+from flexolmo.weights import MERGED_ROUTER, RUNTIME_ROUTER_ROW, parse
+
+_MOE_TYPES = {family.moe_model_type: family for family in ANCHOR_FAMILIES.values()}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the module, its tokenizer, and its experts' names (empty for dense models)."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    expert_names: list[str] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.expert_names)
+
+    def exclude(self, names: Sequence[str]) -> None:
+        """Mask the named experts (all others active); an empty list re-enables every expert."""
+        if names and not self.is_moe:
+            raise MergeError(f"{self.path} is a dense model; it has no experts to exclude")
+        unknown = sorted(set(names) - set(self.expert_names))
+        if unknown:
+            raise MergeError(f"{self.path} has no expert(s) {', '.join(unknown)} "
+                             f"(it has: {', '.join(self.expert_names)})")
+        if self.is_moe:
+            if set(self.expert_names) <= set(names):
+                raise MergeError("cannot exclude every expert; keep at least one")
+            set_active_experts(self.model, [name not in names for name in self.expert_names])
+
+
+def _dense_config(config: dict):
+    from transformers import AutoConfig
+
+    family = _MOE_TYPES[config["model_type"]]
+    fields = {key: value for key, value in config.items()
+              if key not in ("model_type", "architectures", "transformers_version", "rope_theta",
+                             "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
+                             "router_aux_loss_coef")}
+    return AutoConfig.for_model(family.model_type, **fields)
+
+
+def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    info = read_merged_info(path)
+    config = info.config
+    model = AutoModelForCausalLM.from_config(_dense_config(config), dtype=dtype)
+    num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    experts = config["num_experts"]
+    convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts, top_k=config["num_experts_per_tok"])
+    reader = LazyReader(path)
+    state = {}
+    for name in reader.names():
+        router = parse(MERGED_ROUTER, name)
+        if router is None:
+            state[name] = reader.get(name)
+        else:
+            for expert, row in enumerate(reader.get(name)):
+                state[RUNTIME_ROUTER_ROW.format(layer=router["layer"], expert=expert)] = row[None]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.endswith("lm_head.weight") or not config.get("tie_word_embeddings")]
+    if missing or unexpected:
+        raise AnchorError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]})")
+    if config.get("tie_word_embeddings"):
+        model.tie_weights()
+    return LoadedModel(path, model.to(device=device, dtype=dtype).eval(), load_tokenizer(path), info.expert_names)
+
+
+def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype = torch.float32,
+               device: str = "cpu") -> LoadedModel:
+    """Load a dense or merged model directory, with `exclude` experts masked."""
+    path = Path(path)
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if model_type in _MOE_TYPES:
+        loaded = _load_merged(path, dtype, device)
+    elif model_type in ANCHOR_FAMILIES:
+        loaded = LoadedModel(path, load_pretrained(path, dtype, device), load_tokenizer(path))
+    else:
+        supported = ", ".join(sorted([*ANCHOR_FAMILIES, *_MOE_TYPES]))
+        raise AnchorError(f"{path}: architecture '{model_type}' is not supported (supported: {supported})")
+    loaded.exclude(list(exclude))
+    return loaded
+
+
+@torch.no_grad()
+def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                  seed: int = 0) -> str:
+    """The prompt's continuation (greedy when temperature is 0)."""
+    if max_new_tokens < 1:
+        raise MergeError("--max-new-tokens must be at least 1")
+    torch.manual_seed(seed)
+    device = next(loaded.model.parameters()).device
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    if ids.shape[1] == 0:
+        raise MergeError("the prompt is empty")
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    output = loaded.model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id,
+                                   eos_token_id=loaded.tokenizer.eos_token_id, **sampling)
+    return loaded.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,159 @@
+"""Merge, late joiners, opt-out and the runtime: the exactness guarantees of the coordinator's side."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flexolmo.anchor import load_anchor
+from flexolmo.errors import FlexOlmoError, MergeError, PackageError
+from flexolmo.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.merge import add_experts, merge, remove_experts
+from flexolmo.package import TENSOR_FILE, load_package
+from flexolmo.runtime import load_model
+
+from conftest import tiny_optim
+
+IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory, tiny_anchor, corpora) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packages")
+    out = {}
+    for domain in ("code", "math"):
+        out[domain] = root / domain
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora[domain]], name=domain, out=out[domain],
+                                  optim=tiny_optim(steps=8, lr=2e-2)))
+    return out
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def load_merged_state(path: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_merge_without_owner_experts_is_the_anchor(tiny_anchor, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merge(tiny_anchor, [], tmp_path / "public-only", top_k=1)
+    anchor = logits(load_anchor(tiny_anchor).model)
+    assert (logits(load_model(tmp_path / "public-only").model) - anchor).abs().max() <= 1e-5
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "public-only")) - anchor).abs().max() <= 1e-5
+
+
+def test_merged_pair_equals_the_owners_training_model(tiny_anchor, packages, tmp_path):
+    merge(tiny_anchor, [packages["code"]], tmp_path / "pair", top_k=2)
+    owner = load_package_into_owner_model(load_anchor(tiny_anchor), load_package(packages["code"]).tensors)
+    assert (logits(load_model(tmp_path / "pair").model) - logits(owner)).abs().max() <= 1e-5
+
+
+def test_transformers_loads_what_we_write_and_agrees_with_our_runtime(tiny_anchor, packages, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    merge(tiny_anchor, list(packages.values()), out, top_k=2)
+    config = json.loads((out / "config.json").read_text())
+    anchor_config = json.loads((tiny_anchor / "config.json").read_text())
+    assert config["model_type"] == "flex_olmo" and config["num_experts"] == 3 and config["num_experts_per_tok"] == 2
+    assert config["norm_topk_prob"] is False and config["rope_theta"] == anchor_config["rope_parameters"]["rope_theta"]
+    for key in ("rms_norm_eps", "rope_parameters", "hidden_size", "vocab_size", "eos_token_id"):
+        assert config[key] == anchor_config[key]
+    names = load_merged_state(out)
+    assert "model.layers.0.mlp.experts.2.down_proj.weight" in names and names["model.layers.1.mlp.gate.weight"].shape[0] == 3
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf).__name__ == "FlexOlmoForCausalLM"
+    AutoTokenizer.from_pretrained(out)
+    assert (logits(hf) - logits(load_model(out).model)).abs().max() <= 1e-5
+    anchor_state = load_file(tiny_anchor / "model.safetensors")
+    for name, tensor in anchor_state.items():
+        if ".mlp." not in name:
+            assert torch.equal(names[name], tensor), f"{name} is not bit-identical to the anchor"
+
+
+def test_merge_then_add_equals_merging_all_at_once(tiny_anchor, packages, tmp_path):
+    merge(tiny_anchor, [packages["code"], packages["math"]], tmp_path / "all", top_k=2)
+    merge(tiny_anchor, [packages["code"]], tmp_path / "first", top_k=2)
+    add_experts(tmp_path / "first", [packages["math"]], tmp_path / "added")
+    together, added = load_merged_state(tmp_path / "all"), load_merged_state(tmp_path / "added")
+    assert together.keys() == added.keys()
+    assert all(torch.equal(together[name], added[name]) for name in together)
+    assert json.loads((tmp_path / "all" / "config.json").read_text()) == \
+        json.loads((tmp_path / "added" / "config.json").read_text())
+
+
+def test_removing_equals_masking_and_top_k_is_capped(tiny_anchor, packages, tmp_path):
+    merge(tiny_anchor, list(packages.values()), tmp_path / "merged", top_k=2)
+    remove_experts(tmp_path / "merged", ["math"], tmp_path / "removed")
+    masked = load_model(tmp_path / "merged", exclude=["math"])
+    removed = load_model(tmp_path / "removed")
+    assert removed.expert_names == ["public", "code"]
+    assert (logits(masked.model) - logits(removed.model)).abs().max() <= 1e-5
+    remove_experts(tmp_path / "merged", ["math", "code"], tmp_path / "public-only")
+    only_public = load_model(tmp_path / "merged", exclude=["math", "code"])
+    assert (logits(only_public.model) - logits(load_anchor(tiny_anchor).model)).abs().max() <= 1e-5
+
+
+def test_sharded_output_equals_single_file(tiny_anchor, packages, tmp_path):
+    merge(tiny_anchor, [packages["code"]], tmp_path / "single", top_k=2)
+    merge(tiny_anchor, [packages["code"]], tmp_path / "sharded", top_k=2, shard_bytes=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    single, sharded = load_merged_state(tmp_path / "single"), load_merged_state(tmp_path / "sharded")
+    assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+    from transformers import AutoModelForCausalLM
+
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")) -
+            logits(load_model(tmp_path / "single").model)).abs().max() <= 1e-5
+
+
+def test_bad_inputs_stop_the_merge_and_leave_nothing(tiny_anchor, packages, corpora, tmp_path):
+    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="two experts are named 'code'"):
+        merge(tiny_anchor, [packages["code"], packages["code"]], out, top_k=2)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(packages["code"], corrupt)
+    payload = (corrupt / TENSOR_FILE).read_bytes()
+    (corrupt / TENSOR_FILE).write_bytes(payload[:-64])
+    with pytest.raises(PackageError, match="truncated or corrupt"):
+        merge(tiny_anchor, [packages["math"], corrupt], out, top_k=2)
+    other = tmp_path / "other-anchor"
+    pretrain(PretrainConfig(data=[corpora["public"]], out=other, optim=tiny_optim(steps=2, seed=9),
+                            shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
+                                              intermediate_size=64)))
+    with pytest.raises(PackageError, match="trained on another anchor"):
+        merge(other, [packages["code"]], out, top_k=2)
+    merge(other, [], tmp_path / "other-merged", top_k=1)
+    with pytest.raises(PackageError, match="trained on another anchor"):
+        add_experts(tmp_path / "other-merged", [packages["code"]], out)
+    with pytest.raises(MergeError, match="has no expert"):
+        remove_experts(tmp_path / "other-merged", ["nobody"], out)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_merge_generate_and_exclude(tiny_anchor, packages, tmp_path, capsys):
+    from flexolmo.cli import main
+
+    out = tmp_path / "cli-merged"
+    assert main(["merge", "--anchor", str(tiny_anchor), "--experts", str(packages["code"]), "--top-k", "2",
+                 "--out", str(out)]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "the river", "--max-new-tokens", "5",
+                 "--exclude", "code"]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "the river", "--exclude", "nobody"]) == 1
+    assert "has no expert(s) nobody" in capsys.readouterr().err
+    with pytest.raises(FlexOlmoError):
+        load_model(tiny_anchor, exclude=["code"])
