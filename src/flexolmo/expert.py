@@ -96,6 +96,12 @@ def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tenso
     return model
 
 
+def anchor_record(anchor: Anchor) -> dict:
+    """What a package records about the anchor it was trained on."""
+    return {"fingerprint": anchor.fingerprint, "model_type": anchor.config["model_type"],
+            **{key: anchor.config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
+
+
 class _ClampBias:
     """Projected gradient step: keep the learned bias <= 0 after every update."""
 
@@ -146,10 +152,7 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                          device=optim.device, description="held-out (expert)")
     manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {
-        "anchor": {"fingerprint": anchor.fingerprint, "model_type": anchor.config["model_type"],
-                   "num_hidden_layers": anchor.config["num_hidden_layers"],
-                   "hidden_size": anchor.config["hidden_size"],
-                   "intermediate_size": anchor.config["intermediate_size"]},
+        "anchor": anchor_record(anchor),
         "training": {
             "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
             "tokens": optim.steps * optim.tokens_per_step,

@@ -68,8 +68,6 @@ class FlexMoEBlock(nn.Module):
         self.top_k = top_k
         self.register_buffer("active", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.last_z_loss: torch.Tensor | None = None
-        self.last_routing: torch.Tensor | None = None
-        self.record_routing = False
 
     @property
     def num_experts(self) -> int:
@@ -90,8 +88,6 @@ class FlexMoEBlock(nn.Module):
         if self.training:
             active_logits = logits[..., self.active]
             self.last_z_loss = torch.logsumexp(active_logits, dim=-1).pow(2).mean()
-        if self.record_routing:
-            self.last_routing = (weights > 0).reshape(-1, self.num_experts).sum(dim=0)
         weights = weights.to(hidden.dtype)
         if self.top_k >= int(self.active.sum()):
             return self._dense_forward(hidden, weights)
@@ -122,9 +118,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def moe_blocks(model: nn.Module) -> Iterator[FlexMoEBlock]:
-    for layer in decoder_layers(model):
-        if isinstance(layer.mlp, FlexMoEBlock):
-            yield layer.mlp
+    """Every FlexMoEBlock in `model`, in layer order (works on wrappers and ensembles too)."""
+    for module in model.modules():
+        if isinstance(module, FlexMoEBlock):
+            yield module
 
 
 def convert_to_moe(

@@ -19,6 +19,8 @@ COMMANDS = {
     "add": "add",
     "remove": "remove",
     "generate": "generate",
+    "eval": "evaluate",
+    "demo": "demo",
 }
 
 

@@ -1,0 +1,300 @@
+"""The demo: the whole FlexOlmo story on the shipped anchor and corpora, with every baseline.
+
+Five owners (code, math, legal, biomedical, literature) each train an expert alone; the coordinator merges
+them; every baseline is built from the same anchor and token budget; every model is scored by the same
+evaluation on the held-out public, closed and mixed-domain text; each expert is then withdrawn in turn.
+Every step writes its output under `out/` atomically and is skipped when that output exists, so an interrupted
+demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+import flexolmo
+from flexolmo.anchor import load_anchor
+from flexolmo.baselines import (
+    BranchTrainMergeEnsemble,
+    PromptRoutedModel,
+    PromptRouter,
+    dense_expert_package,
+    model_soup,
+    train_dense_expert,
+)
+from flexolmo.data import iter_documents, load_token_stream
+from flexolmo.errors import DataError
+from flexolmo.evaluate import EvalSettings, evaluate, evaluate_path
+from flexolmo.expert import ExpertConfig, train_expert
+from flexolmo.fileio import atomic_write_bytes, atomic_write_json
+from flexolmo.merge import merge
+from flexolmo.progress import console, print_table
+from flexolmo.report import write_report
+from flexolmo.runtime import load_model
+from flexolmo.training import OptimConfig, config_digest
+
+CLOSED_DOMAINS = ("code", "math", "legal", "biomedical", "literature")
+PUBLIC = "public"
+MIXED = "mixed"
+
+
+def shipped_data_dir() -> Path:
+    """`data/demo` of the repository this package runs from."""
+    return Path(flexolmo.__file__).resolve().parents[2] / "data" / "demo"
+
+
+class DemoConfig(BaseModel):
+    """`flexolmo demo`: sizes of every step; the defaults are the full demo (about 20 minutes on 2 cores)."""
+
+    data_dir: Path = Field(default_factory=shipped_data_dir, description="shipped corpora and anchor")
+    out: Path = Field(Path("runs/demo"), description="where every artefact and the report go")
+    quick: bool = Field(False, description="a smoke run: a few steps and sequences; numbers not meaningful")
+    expert_steps: int = Field(60, ge=1, description="optimizer steps per expert (and per dense expert)")
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=16)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of expert and dense fine-tuning")
+    top_k: int = Field(2, ge=1, description="experts per token in the merged model")
+    btm_top_k: int = Field(2, ge=1, description="experts per position in the BTM ensemble")
+    eval_max_sequences: int = Field(48, ge=1, description="held-out sequences scored per domain")
+    router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
+    mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
+    seed: int = 0
+
+    @classmethod
+    def quick_run(cls, **overrides) -> "DemoConfig":
+        settings = dict(quick=True, expert_steps=3, batch_size=2, eval_max_sequences=3, router_samples=8,
+                        mixed_documents=12, out=Path("runs/demo-quick"))
+        return cls(**{**settings, **overrides})
+
+    def optim(self, steps: int) -> OptimConfig:
+        return OptimConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+                           warmup_steps=max(1, steps // 10), checkpoint_every=max(1, steps // 3), seed=self.seed)
+
+
+class Demo:
+    """The demo's steps, in order; each is skipped when its output already exists."""
+
+    def __init__(self, config: DemoConfig):
+        self.config = config
+        self.out = config.out
+        self.anchor_dir = config.data_dir / "anchor"
+        self.settings = EvalSettings(seq_len=config.seq_len, batch_size=8, max_sequences=config.eval_max_sequences,
+                                     split="all")
+
+    def train_file(self, domain: str) -> Path:
+        return self.config.data_dir / f"{domain}.train.jsonl.gz"
+
+    def heldout_file(self, domain: str) -> Path:
+        return self.config.data_dir / f"{domain}.heldout.jsonl.gz"
+
+    def check_inputs(self) -> None:
+        missing = [str(p) for d in (PUBLIC, *CLOSED_DOMAINS) for p in (self.train_file(d), self.heldout_file(d))
+                   if not p.exists()]
+        if missing or not (self.anchor_dir / "config.json").exists():
+            raise DataError(f"shipped demo data is missing under {self.config.data_dir} "
+                            f"({', '.join(missing) or 'anchor'}); run from a full clone of the repository")
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings_file = self.out / "demo_config.json"
+        digest = config_digest(self.config.model_dump(mode="json", exclude={"out"}))
+        if settings_file.exists() and json.loads(settings_file.read_text()).get("digest") != digest:
+            raise DataError(f"{self.out} holds a demo run with other settings; pass another --out or delete it")
+        atomic_write_json(settings_file, {"digest": digest, "config": self.config.model_dump(mode="json")})
+
+    # -- owners -----------------------------------------------------------------------------------------
+    def train_experts(self) -> dict[str, Path]:
+        packages = {}
+        for domain in CLOSED_DOMAINS:
+            packages[domain] = self.out / "experts" / domain
+            if not packages[domain].exists():
+                console.rule(f"owner '{domain}' trains its expert")
+                train_expert(ExpertConfig(
+                    anchor=self.anchor_dir, data=[self.train_file(domain)], heldout=[self.heldout_file(domain)],
+                    name=domain, out=packages[domain], eval_max_sequences=self.config.eval_max_sequences,
+                    optim=self.config.optim(self.config.expert_steps)), resume=self._resumable(packages[domain]))
+        return packages
+
+    def train_dense(self) -> dict[str, Path]:
+        dense = {}
+        for domain in CLOSED_DOMAINS:
+            dense[domain] = self.out / "dense" / domain
+            if not dense[domain].exists():
+                console.rule(f"baseline: dense expert '{domain}'")
+                train_dense_expert(self.anchor_dir, [self.train_file(domain)], dense[domain],
+                                   self.config.optim(self.config.expert_steps))
+        pooled = self.out / "dense" / "unrestricted"
+        if not pooled.exists():
+            console.rule("baseline: unrestricted (all closed data pooled, same total tokens)")
+            train_dense_expert(self.anchor_dir, [self.train_file(d) for d in CLOSED_DOMAINS], pooled,
+                               self.config.optim(self.config.expert_steps * len(CLOSED_DOMAINS)))
+        dense["unrestricted"] = pooled
+        return dense
+
+    def _resumable(self, out: Path) -> bool:
+        return (out.with_name(out.name + ".ckpt") / "checkpoint").exists()
+
+    # -- coordinator -------------------------------------------------------------------------------------
+    def build_models(self, packages: dict[str, Path], dense: dict[str, Path]) -> dict[str, Path]:
+        models = {"flexolmo": self.out / "models" / "flexolmo",
+                  "btx_uncoordinated": self.out / "models" / "btx_uncoordinated",
+                  "model_soup": self.out / "models" / "model_soup"}
+        if not models["flexolmo"].exists():
+            console.rule("coordinator merges the five experts")
+            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], models["flexolmo"], self.config.top_k)
+        if not models["btx_uncoordinated"].exists():
+            console.rule("baseline: BTX from uncoordinated dense experts")
+            anchor = load_anchor(self.anchor_dir)
+            dense_packages = []
+            for domain in CLOSED_DOMAINS:
+                target = self.out / "dense_packages" / domain
+                if not target.exists():
+                    stream = load_token_stream([self.train_file(domain)], anchor.tokenizer, "all")
+                    dense_expert_package(anchor, dense[domain], stream, domain, target, "mean_hidden",
+                                         self.config.seq_len, 64, self.config.seed)
+                dense_packages.append(target)
+            merge(self.anchor_dir, dense_packages, models["btx_uncoordinated"], self.config.top_k)
+        if not models["model_soup"].exists():
+            console.rule("baseline: model soup")
+            model_soup(self.anchor_dir, [dense[d] for d in CLOSED_DOMAINS], models["model_soup"])
+        return models
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def eval_domains(self) -> dict[str, list[Path]]:
+        domains = {PUBLIC: [self.heldout_file(PUBLIC)]}
+        domains.update({d: [self.heldout_file(d)] for d in CLOSED_DOMAINS})
+        domains[MIXED] = [self.mixed_file()]
+        return domains
+
+    def mixed_file(self) -> Path:
+        """Held-out documents stitched from two closed domains: first part from one, second from the next."""
+        path = self.out / "data" / "mixed.heldout.jsonl.gz"
+        if path.exists():
+            return path
+        docs = {d: [doc.text for doc in iter_documents(self.heldout_file(d))] for d in CLOSED_DOMAINS}
+        lines = []
+        for i in range(self.config.mixed_documents):
+            first, second = CLOSED_DOMAINS[i % 5], CLOSED_DOMAINS[(i + 1) % 5]
+            a, b = docs[first][i % len(docs[first])], docs[second][i % len(docs[second])]
+            lines.append(json.dumps({"id": f"mixed-{first}-{second}-{i}", "text": a[:800] + "\n\n" + b[:800]}))
+        atomic_write_bytes(path, gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
+        return path
+
+    def evaluated(self, method: str, build) -> dict:
+        """The cached evaluation of `method`, or run it: `build()` returns (module, tokenizer, expert names, excluded)."""
+        cache = self.out / "evals" / f"{method}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
+        console.rule(f"evaluating {method}")
+        model, tokenizer, experts, excluded = build()
+        result = evaluate(model, tokenizer, self.eval_domains(), self.settings, experts, method, excluded)
+        atomic_write_json(cache, result.as_dict())
+        return result.as_dict()
+
+    def evaluate_all(self, dense: dict[str, Path], models: dict[str, Path]) -> dict[str, dict]:
+        results = {}
+
+        def from_path(path: Path, exclude=()):
+            def build():
+                loaded = load_model(path, exclude=list(exclude))
+                return loaded.model, loaded.tokenizer, loaded.expert_names, list(exclude)
+            return build
+
+        results["public"] = self.evaluated("public", from_path(self.anchor_dir))
+        for domain in CLOSED_DOMAINS:
+            results[f"dense_{domain}"] = self.evaluated(f"dense_{domain}", from_path(dense[domain]))
+        results["model_soup"] = self.evaluated("model_soup", from_path(models["model_soup"]))
+        results["btm"] = self.evaluated("btm", self._btm(dense))
+        results["btx_uncoordinated"] = self.evaluated("btx_uncoordinated", from_path(models["btx_uncoordinated"]))
+        results["prompt_routing"] = self.evaluated("prompt_routing", self._prompt_routing(dense))
+        results["unrestricted"] = self.evaluated("unrestricted", from_path(dense["unrestricted"]))
+        results["flexolmo"] = self.evaluated("flexolmo", from_path(models["flexolmo"]))
+        return results
+
+    def _btm(self, dense: dict[str, Path]):
+        def build():
+            members = [load_model(dense[d]).model for d in CLOSED_DOMAINS]
+            tokenizer = load_model(self.anchor_dir).tokenizer
+            return BranchTrainMergeEnsemble(members, self.config.btm_top_k), tokenizer, [], []
+        return build
+
+    def _prompt_routing(self, dense: dict[str, Path]):
+        def build():
+            router = PromptRouter({PUBLIC: [self.train_file(PUBLIC)],
+                                   **{d: [self.train_file(d)] for d in CLOSED_DOMAINS}},
+                                  self.config.router_samples, self.config.seed)
+            anchor = load_model(self.anchor_dir)
+            members = {PUBLIC: anchor.model, **{d: load_model(dense[d]).model for d in CLOSED_DOMAINS}}
+            return PromptRoutedModel(members, router, anchor.tokenizer), anchor.tokenizer, [], []
+        return build
+
+    def opt_out(self, merged: Path) -> dict[str, dict]:
+        results = {}
+        for domain in CLOSED_DOMAINS:
+            def build(domain=domain):
+                loaded = load_model(merged, exclude=[domain])
+                return loaded.model, loaded.tokenizer, loaded.expert_names, [domain]
+            results[domain] = self.evaluated(f"flexolmo_without_{domain}", build)
+        return results
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run every step (skipping finished ones) and write `report.md`, `results.json` and plots to `config.out`."""
+    torch.manual_seed(config.seed)
+    demo = Demo(config)
+    demo.check_inputs()
+    packages = demo.train_experts()
+    dense = demo.train_dense()
+    models = demo.build_models(packages, dense)
+    evaluations = demo.evaluate_all(dense, models)
+    opt_out = demo.opt_out(models["flexolmo"])
+    results = summarise(config, evaluations, opt_out)
+    atomic_write_json(config.out / "results.json", results)
+    write_report(config.out, results)
+    show(results)
+    return results
+
+
+def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[str, dict]) -> dict:
+    """`results.json`: bits per byte per method and domain, averages, routing, opt-out deltas."""
+    methods = {}
+    for method, result in evaluations.items():
+        row = {domain: score["bits_per_byte"] for domain, score in result["domains"].items()}
+        row["closed_average"] = sum(row[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
+        row["average_with_public"] = (row["closed_average"] * len(CLOSED_DOMAINS) + row[PUBLIC]) / (len(CLOSED_DOMAINS) + 1)
+        methods[method] = row
+    full = methods["flexolmo"]
+    deltas = {}
+    for removed, result in opt_out.items():
+        change = {d: result["domains"][d]["bits_per_byte"] - full[d] for d in (PUBLIC, *CLOSED_DOMAINS, MIXED)}
+        others = [change[d] for d in CLOSED_DOMAINS if d != removed]
+        deltas[removed] = {"delta_bits_per_byte": change, "own_domain": change[removed],
+                           "other_closed_mean": sum(others) / len(others)}
+    routing = {domain: score["routing"]["mean_share"]
+               for domain, score in evaluations["flexolmo"]["domains"].items() if "routing" in score}
+    return {
+        "quick": config.quick,
+        "note": "smoke run: a few steps, numbers are not meaningful" if config.quick else "full demo",
+        "config": config.model_dump(mode="json"),
+        "domains": [PUBLIC, *CLOSED_DOMAINS, MIXED],
+        "methods": methods,
+        "routing": routing,
+        "opt_out": deltas,
+        "details": evaluations,
+    }
+
+
+def show(results: dict) -> None:
+    columns = ["method", *results["domains"], "closed avg", "avg (+public)"]
+    rows = [[method, *[row[d] for d in results["domains"]], row["closed_average"], row["average_with_public"]]
+            for method, row in results["methods"].items()]
+    title = "bits per byte on held-out text (lower is better)"
+    if results["quick"]:
+        title += " -- QUICK SMOKE RUN, NOT MEANINGFUL"
+    print_table(title, columns, rows)
+    print_table("opt-out: change in bits per byte when an expert is removed",
+                ["removed", "own domain", "other closed (mean)", "public"],
+                [[name, d["own_domain"], d["other_closed_mean"], d["delta_bits_per_byte"][PUBLIC]]
+                 for name, d in results["opt_out"].items()])

@@ -1,0 +1,148 @@
+"""The demo's report: `report.md` with its tables, the checks of what the paper leads us to expect, and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flexolmo.fileio import atomic_write_bytes
+
+CLOSED = ("code", "math", "legal", "biomedical", "literature")
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def expectation_checks(results: dict) -> list[tuple[str, bool, str]]:
+    """The issue's expectations, each with whether it holds here and the numbers behind it."""
+    methods = results["methods"]
+    flex, public = methods["flexolmo"], methods["public"]
+    checks = []
+    worse = [d for d in CLOSED if flex[d] >= public[d]]
+    checks.append(("FlexOlmo beats the public anchor on every closed domain", not worse,
+                   "worse on: " + ", ".join(worse) if worse else
+                   "relative change: " + ", ".join(f"{d} {100 * (flex[d] / public[d] - 1):+.1f}%" for d in CLOSED)))
+    public_change = 100 * (flex["public"] / public["public"] - 1)
+    checks.append(("FlexOlmo stays within 1% of the anchor on public text", public_change <= 1.0,
+                   f"{public_change:+.2f}%"))
+    for rival in ("model_soup", "btx_uncoordinated"):
+        checks.append((f"FlexOlmo beats {rival} on the closed-domain average",
+                       flex["closed_average"] < methods[rival]["closed_average"],
+                       f"{flex['closed_average']:.4f} vs {methods[rival]['closed_average']:.4f}"))
+    for rival in ("btm", "unrestricted", "prompt_routing"):
+        checks.append((f"FlexOlmo vs {rival} (closed average; informative)",
+                       flex["closed_average"] < methods[rival]["closed_average"],
+                       f"{flex['closed_average']:.4f} vs {methods[rival]['closed_average']:.4f}"))
+    own_costs = [d for d, v in results["opt_out"].items() if v["own_domain"] > v["other_closed_mean"]]
+    checks.append(("Removing an expert costs mostly its own domain", len(own_costs) == len(results["opt_out"]),
+                   f"{len(own_costs)} of {len(results['opt_out'])} experts"))
+    return checks
+
+
+def write_report(out: Path, results: dict) -> None:
+    domains = results["domains"]
+    methods = results["methods"]
+    lines = ["# FlexOlmo demo report", ""]
+    if results["quick"]:
+        lines += ["> **Quick smoke run: a few training steps and sequences. These numbers are not meaningful.**", ""]
+    lines += [
+        "Produced by `flexolmo demo" + (" --quick" if results["quick"] else "") + "` on the shipped anchor and "
+        "corpora. Every model is scored by the same evaluation (`flexolmo.evaluate.evaluate`) on held-out "
+        f"documents: at most {results['config']['eval_max_sequences']} windows of {results['config']['seq_len']} "
+        "tokens per domain. Bits per byte, lower is better.",
+        "",
+        "## Bits per byte by method and domain",
+        "",
+        markdown_table(["method", *domains, "closed avg", "avg (+public)"],
+                       [[m, *[r[d] for d in domains], r["closed_average"], r["average_with_public"]]
+                        for m, r in methods.items()]),
+        "",
+        "## Change against the public anchor (%)",
+        "",
+        markdown_table(["method", *domains, "closed avg"],
+                       [[m, *[f"{100 * (r[d] / methods['public'][d] - 1):+.1f}" for d in domains],
+                         f"{100 * (r['closed_average'] / methods['public']['closed_average'] - 1):+.1f}"]
+                        for m, r in methods.items()]),
+        "",
+        "## Opt-out: change in bits per byte when one expert is masked",
+        "",
+        markdown_table(["removed", *domains, "own domain", "other closed (mean)"],
+                       [[name, *[v["delta_bits_per_byte"][d] for d in domains], v["own_domain"],
+                         v["other_closed_mean"]] for name, v in results["opt_out"].items()]),
+        "",
+        "## Routing: share of tokens sent to each expert (FlexOlmo, mean over layers; shares sum to top-k)",
+        "",
+    ]
+    experts = list(next(iter(results["routing"].values())))
+    lines += [markdown_table(["domain", *experts], [[d, *[share[e] for e in experts]]
+                                                     for d, share in results["routing"].items()]), ""]
+    lines += ["## What the paper leads us to expect, and whether it holds here", ""]
+    for claim, holds, detail in expectation_checks(results):
+        lines.append(f"- {'holds' if holds else 'does NOT hold'}: {claim} ({detail})")
+    lines += ["", "Plots: `bits_per_byte.png`, `routing.png`, `opt_out.png`.", ""]
+    atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
+    plot_all(out, results)
+
+
+def plot_all(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains, methods = results["domains"], results["methods"]
+    figure, axis = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(methods)
+    for index, (method, row) in enumerate(methods.items()):
+        axis.bar(np.arange(len(domains)) + index * width, [row[d] for d in domains], width, label=method)
+    axis.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+    axis.set_ylabel("bits per byte (lower is better)")
+    axis.set_title("Held-out bits per byte by method and domain" + (" (quick run)" if results["quick"] else ""))
+    low = min(min(row[d] for d in domains) for row in methods.values())
+    axis.set_ylim(bottom=low * 0.9)
+    axis.legend(ncol=4, fontsize=8)
+    _save(figure, out / "bits_per_byte.png")
+
+    routing = results["routing"]
+    experts = list(next(iter(routing.values())))
+    grid = np.array([[routing[d][e] for e in experts] for d in routing])
+    _heatmap(grid, list(routing), experts, "FlexOlmo routing: share of tokens per expert", "Blues",
+             out / "routing.png")
+
+    removed = list(results["opt_out"])
+    deltas = np.array([[results["opt_out"][r]["delta_bits_per_byte"][d] for d in domains] for r in removed])
+    _heatmap(deltas, [f"without {r}" for r in removed], domains, "Opt-out: change in bits per byte",
+             "Reds", out / "opt_out.png")
+
+
+def _heatmap(grid, rows: list[str], columns: list[str], title: str, cmap: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1.2 * len(columns) + 2, 0.6 * len(rows) + 1.5))
+    image = axis.imshow(grid, cmap=cmap, aspect="auto")
+    axis.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    axis.set_yticks(range(len(rows)), rows)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            axis.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8)
+    axis.set_title(title)
+    figure.colorbar(image)
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,80 @@
+"""The demo pipeline end to end on tiny synthetic corpora and a tiny anchor, and its resumption."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim
+
+DOMAIN_VOCAB = {
+    "code": "def return self import class if else for in range print len".split(),
+    "math": "theorem proof lemma let set function integer prime sum equal".split(),
+    "legal": "licence copyright warranty liability permission notice software terms".split(),
+    "biomedical": "protein gene cell membrane binding receptor activity process".split(),
+    "literature": "said she he her his lord love heart prince night".split(),
+}
+
+
+def write_gz(path: Path, docs: list[str]) -> None:
+    lines = "".join(json.dumps({"id": str(i), "text": d}) + "\n" for i, d in enumerate(docs))
+    path.write_bytes(gzip.compress(lines.encode(), mtime=0))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+
+    root = tmp_path_factory.mktemp("demo-data")
+    vocab = {"public": PUBLIC_WORDS, **{d: words + PUBLIC_WORDS[:6] for d, words in DOMAIN_VOCAB.items()}}
+    for seed, (domain, words) in enumerate(vocab.items()):
+        docs = synthetic_documents(words, 90, seed=seed)
+        write_gz(root / f"{domain}.train.jsonl.gz", docs[:75])
+        write_gz(root / f"{domain}.heldout.jsonl.gz", docs[75:])
+    pretrain(PretrainConfig(data=[root / "public.train.jsonl.gz"], heldout=[root / "public.heldout.jsonl.gz"],
+                            out=root / "anchor", optim=tiny_optim(steps=30),
+                            shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
+                                              intermediate_size=64)))
+    return root
+
+
+def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
+    from flexolmo import demo as demo_module
+    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, run_demo
+
+    config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "demo", seq_len=32, expert_steps=4,
+                                  eval_max_sequences=4, router_samples=10)
+    results = run_demo(config)
+    expected = {"public", "model_soup", "btm", "btx_uncoordinated", "prompt_routing", "unrestricted", "flexolmo",
+                *(f"dense_{d}" for d in CLOSED_DOMAINS)}
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(saved["methods"]) == expected and saved["quick"] is True
+    for method, row in saved["methods"].items():
+        assert all(row[d] > 0 for d in ("public", *CLOSED_DOMAINS, "mixed")), method
+    assert set(saved["opt_out"]) == set(CLOSED_DOMAINS)
+    assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "not meaningful" in report and "| flexolmo |" in report
+    for plot in ("bits_per_byte.png", "routing.png", "opt_out.png"):
+        assert (tmp_path / "demo" / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # A second run reuses every finished step: nothing is trained or evaluated again.
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a finished step ran again")
+
+    monkeypatch.setattr(demo_module, "train_expert", refuse)
+    monkeypatch.setattr(demo_module, "train_dense_expert", refuse)
+    monkeypatch.setattr(demo_module, "evaluate", refuse)
+    assert run_demo(config)["methods"] == results["methods"]
+
+
+def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
+    from flexolmo.demo import DemoConfig, Demo
+    from flexolmo.errors import DataError
+
+    Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)).check_inputs()
+    with pytest.raises(DataError, match="other settings"):
+        Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=64)).check_inputs()
