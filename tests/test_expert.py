@@ -43,7 +43,7 @@ def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["math"]], anchor.tokenizer)
-    rows = initial_rows("mean_hidden", anchor.model, stream, 32, 8, 0)
+    rows = initial_rows("mean_hidden", anchor, stream, 32, 8, 0)
     model = build_owner_model(anchor, rows, negative_bias=True)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     trainable = owner_trainable_parameters(model)
@@ -71,7 +71,7 @@ def test_untrained_owner_model_is_exactly_the_anchor(tiny_anchor, corpora):
     with torch.no_grad():
         dense = anchor.model(ids).logits.clone()
         stream = load_token_stream([corpora["code"]], anchor.tokenizer)
-        model = build_owner_model(anchor, initial_rows("mean_hidden", anchor.model, stream, 32, 8, 0), False)
+        model = build_owner_model(anchor, initial_rows("mean_hidden", anchor, stream, 32, 8, 0), False)
         assert (model(ids).logits - dense).abs().max() <= 1e-5
 
 

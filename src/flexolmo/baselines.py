@@ -68,7 +68,7 @@ def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim:
 def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStream, name: str, out: Path,
                          router_init: str, seq_len: int, router_sequences: int, seed: int) -> dict:
     """Package a dense expert's FFNs with a router row initialised as FlexOlmo's, for the BTX baseline."""
-    rows = initial_rows(router_init, anchor.model, owner_stream, seq_len, router_sequences, seed)
+    rows = initial_rows(router_init, anchor, owner_stream, seq_len, router_sequences, seed)
     reader = LazyReader(dense_dir)
     tensors = {}
     for layer, row in enumerate(rows):

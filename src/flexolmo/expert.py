@@ -21,8 +21,9 @@ from flexolmo.errors import CheckpointError, PackageError
 from flexolmo.evaluate import score_stream
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
+from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
-from flexolmo.router_init import initial_rows, load_public_rows
+from flexolmo.router_init import READS_PRIVATE_DATA, initial_rows, load_public_rows
 from flexolmo.training import OptimConfig, TrainResult, causal_lm_loss, train
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
@@ -39,11 +40,13 @@ class ExpertConfig(BaseModel):
     out: Path = Field(description="where to write the expert package (a directory)")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
-    router_init: str = Field("mean_hidden", description="initialisation of the owner's router row")
+    router_init: str | None = Field(None, description="initialisation of the owner's router row "
+                                    "(default: mean_hidden, or public under DP)")
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
+    dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
 
 
@@ -126,6 +129,10 @@ def owner_loss(z_loss_coef: float):
 def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     """Train an owner's expert per `config`, write its package to `config.out`, return the manifest."""
     check_name(config.name)
+    router_init = config.router_init or ("public" if config.dp else "mean_hidden")
+    if config.dp and router_init in READS_PRIVATE_DATA:
+        raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
+                           "--router-init public or random")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
     work = config.out.with_name(config.out.name + ".ckpt")
@@ -141,14 +148,26 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
                                        config.text_field, config.heldout_fraction)
     before = score_stream(anchor.model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                           device=optim.device, description="held-out (anchor)")
-    owner_rows = initial_rows(config.router_init, anchor.model, train_stream, optim.seq_len,
-                              config.router_init_sequences, optim.seed)
+    owner_rows = initial_rows(router_init, anchor, train_stream, optim.seq_len, config.router_init_sequences,
+                              optim.seed)
     torch.manual_seed(optim.seed)
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
     trainable = owner_trainable_parameters(model)
     work.mkdir(parents=True, exist_ok=True)
-    result: TrainResult = train(model, trainable, train_stream, optim, work, loss_fn=owner_loss(config.z_loss_coef),
-                                hooks=[_ClampBias(model)], resume=resume, description=f"expert {config.name}")
+    hooks = [_ClampBias(model)]
+    private = None
+    if config.dp:
+        private = prepare_private_training(model, config.dp, train_stream.num_sequences(optim.seq_len),
+                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed)
+        hooks.append(private.accountant)
+    result: TrainResult = train(
+        private.model if private else model, trainable, train_stream, optim, work,
+        loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume, description=f"expert {config.name}",
+        make_optimizer=private.make_optimizer if private else None, sampler=private.sampler if private else None,
+        clip_grad_norm=private is None,
+    )
+    if private:
+        private.detach()
     after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                          device=optim.device, description="held-out (expert)")
     manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {
@@ -166,7 +185,9 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
             "heldout_bits_per_byte_after": after.bits_per_byte,
             "seconds": result.seconds,
         },
-        "privacy": {"dp": None, "router_row_from_private_data": config.router_init == "mean_hidden"},
+        "privacy": {"dp": private.record() if private else None,
+                    "router_init": router_init,
+                    "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
         "created": utc_now(),
         "versions": software_versions(),
     })

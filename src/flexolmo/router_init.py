@@ -57,29 +57,39 @@ def mean_ffn_inputs(
     return [total / count for total, count in zip(sums, counts)]
 
 
-def mean_hidden_rows(model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
-    return mean_ffn_inputs(model, stream, seq_len, max_sequences)
+def mean_hidden_rows(anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+    """The anchor's mean FFN input per layer over the owner's own sequences (a statistic of private data)."""
+    return mean_ffn_inputs(anchor.model, stream, seq_len, max_sequences)
 
 
-def random_rows(model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+def random_rows(anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+    """Small Gaussian rows, as transformers initialises a router."""
     generator = torch.Generator().manual_seed(seed)
-    hidden = model.config.hidden_size
-    return [torch.randn(hidden, generator=generator) * RANDOM_ROW_STD for _ in decoder_layers(model)]
+    hidden = anchor.model.config.hidden_size
+    return [torch.randn(hidden, generator=generator) * RANDOM_ROW_STD for _ in decoder_layers(anchor.model)]
 
 
-RowInit = Callable[[torch.nn.Module, TokenStream, int, int, int], list[torch.Tensor]]
+def public_rows(anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
+    """A copy of the public row: uses no private data (the choice under differential privacy)."""
+    return [row.clone() for row in load_public_rows(anchor.path, len(decoder_layers(anchor.model)))]
+
+
+RowInit = Callable[[object, TokenStream, int, int, int], list[torch.Tensor]]
 
 ROUTER_INITS: dict[str, RowInit] = {
     "mean_hidden": mean_hidden_rows,
     "random": random_rows,
+    "public": public_rows,
 }
+# Initialisations that read the owner's data outside any privacy mechanism.
+READS_PRIVATE_DATA = frozenset({"mean_hidden"})
 
 
-def initial_rows(name: str, model, stream: TokenStream, seq_len: int, max_sequences: int, seed: int):
-    """Router rows (one (H,) tensor per layer) from the initialisation called `name`."""
+def initial_rows(name: str, anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int):
+    """Router rows (one (H,) tensor per layer) from the initialisation called `name`, for a loaded anchor."""
     if name not in ROUTER_INITS:
         raise DataError(f"unknown router initialisation '{name}' (choose from {', '.join(ROUTER_INITS)})")
-    return ROUTER_INITS[name](model, stream, seq_len, max_sequences, seed)
+    return ROUTER_INITS[name](anchor, stream, seq_len, max_sequences, seed)
 
 
 def save_public_rows(anchor_dir: Path, rows: list[torch.Tensor], staging: Path | None = None) -> None:

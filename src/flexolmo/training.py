@@ -64,6 +64,24 @@ def learning_rate(step: int, config: OptimConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
+class BatchSampler(Protocol):
+    """Chooses the sequence indices of each micro-batch; must depend only on (seed, step, micro) so that a
+    resumed run sees the same batches."""
+
+    def indices(self, step: int, micro: int) -> np.ndarray: ...
+
+
+@dataclass
+class ShuffledBatches:
+    """Fixed-size batches walking through seeded per-epoch permutations of the sequences."""
+
+    config: OptimConfig
+    num_sequences: int
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        return batch_indices(step, micro, self.config, self.num_sequences)
+
+
 def batch_indices(step: int, micro: int, config: OptimConfig, num_sequences: int) -> np.ndarray:
     """Sequence indices of micro-batch `micro` of step `step`: epochs are seeded permutations, so any
     step's batch can be recomputed without replaying the ones before it."""
@@ -102,7 +120,8 @@ def lm_loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tenso
 
 
 class TrainHook(Protocol):
-    """Something that runs around the loop's steps; every method is optional."""
+    """Something that runs after every optimizer step. A hook with state to carry across a resume (such as a
+    privacy accountant) also defines `state() -> dict` and `restore(state: dict)`."""
 
     def after_optimizer_step(self, step: int) -> None: ...
 
@@ -123,19 +142,25 @@ def config_digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(
-    run_dir: Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer, losses, digest
-) -> None:
+def _hook_states(hooks: Sequence[TrainHook]) -> list:
+    return [hook.state() if hasattr(hook, "state") else None for hook in hooks]
+
+
+def _save_checkpoint(run_dir: Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer,
+                     losses: list[float], digest: str, hooks: Sequence[TrainHook]) -> None:
     from safetensors.torch import save_file
 
     with atomic_directory(run_dir / CHECKPOINT_DIRNAME, overwrite=True) as staging:
         save_file({name: param.detach().cpu().contiguous() for name, param in named_params},
                   str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, "losses": losses, "config": digest}))
+        torch.save(torch.get_rng_state(), staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(
+            {"step": step, "losses": losses, "config": digest, "hooks": _hook_states(hooks)}))
 
 
-def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str) -> tuple[int, list[float]]:
+def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str,
+                     hooks: Sequence[TrainHook]) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
     checkpoint = run_dir / CHECKPOINT_DIRNAME
@@ -145,6 +170,7 @@ def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str) -> tup
         state = json.loads((checkpoint / "state.json").read_text())
         tensors = load_file(str(checkpoint / "trainable.safetensors"))
         optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        rng_state = torch.load(checkpoint / "rng.pt", weights_only=True)
     except Exception as error:  # any unreadable piece means the checkpoint cannot be trusted
         raise CheckpointError(f"{checkpoint}: unreadable checkpoint ({error}); delete it to start over") from None
     if state.get("config") != digest:
@@ -156,6 +182,10 @@ def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str) -> tup
         for name, param in named_params:
             param.copy_(tensors[name])
     optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(rng_state)
+    for hook, hook_state in zip(hooks, state.get("hooks", [])):
+        if hook_state is not None:
+            hook.restore(hook_state)
     return int(state["step"]), list(state["losses"])
 
 
@@ -169,9 +199,16 @@ def train(
     hooks: Sequence[TrainHook] = (),
     resume: bool = False,
     description: str = "training",
-    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+    make_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
+    sampler: BatchSampler | None = None,
+    clip_grad_norm: bool = True,
 ) -> TrainResult:
-    """Train `named_params` of `model` on `stream` for `config.steps` steps; only they get optimizer state."""
+    """Train `named_params` of `model` on `stream` for `config.steps` steps; only they get optimizer state.
+
+    `make_optimizer` wraps or replaces AdamW (DP-SGD passes an Opacus optimizer), `sampler` replaces the
+    shuffled batches (DP-SGD samples Poisson batches) and `clip_grad_norm=False` leaves clipping to the
+    optimizer (DP-SGD clips per sample).
+    """
     num_sequences = stream.num_sequences(config.seq_len)
     if num_sequences < 1:
         raise DataError(
@@ -179,14 +216,14 @@ def train(
             "add data or lower --seq-len"
         )
     params = [param for _, param in named_params]
-    if make_optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    else:
-        optimizer = make_optimizer(params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    if make_optimizer is not None:
+        optimizer = make_optimizer(optimizer)
+    sampler = sampler or ShuffledBatches(config, num_sequences)
     digest = config_digest({"optim": config.model_dump(), "params": [name for name, _ in named_params]})
     start, losses = (0, [])
     if resume:
-        start, losses = _load_checkpoint(run_dir, named_params, optimizer, digest)
+        start, losses = _load_checkpoint(run_dir, named_params, optimizer, digest, hooks)
     elif (run_dir / CHECKPOINT_DIRNAME).exists():
         raise CheckpointError(
             f"{run_dir / CHECKPOINT_DIRNAME}: a checkpoint of an earlier run exists; pass --resume to continue it "
@@ -200,15 +237,21 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            step_loss, micro_batches = 0.0, 0
             for micro in range(config.grad_accum):
-                batch = make_batch(stream, batch_indices(step, micro, config, num_sequences), config.seq_len,
-                                   config.device)
+                indices = sampler.indices(step, micro)
+                if len(indices) == 0:  # a Poisson batch can be empty: nothing to learn from this draw
+                    continue
+                batch = make_batch(stream, indices, config.seq_len, config.device)
                 loss, lm_loss = loss_fn(model, batch)
                 (loss / config.grad_accum).backward()
-                step_loss += float(lm_loss) / config.grad_accum
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
+                step_loss += float(lm_loss)
+                micro_batches += 1
+            step_loss /= max(micro_batches, 1)
+            if micro_batches:
+                if clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
             for hook in hooks:
                 hook.after_optimizer_step(step)
             losses.append(step_loss)
@@ -216,6 +259,6 @@ def train(
             rate = tokens_this_process / max(time.perf_counter() - began, 1e-9)
             advance(1, status=f"loss {step_loss:.3f}  {rate:,.0f} tok/s")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest)
+                _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest, hooks)
     model.eval()
     return TrainResult(losses, tokens_this_process, time.perf_counter() - began, resumed_from=start)

@@ -20,6 +20,7 @@ COMMANDS = {
     "remove": "remove",
     "generate": "generate",
     "eval": "evaluate",
+    "audit-extraction": "audit",
     "demo": "demo",
 }
 
@@ -39,7 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_validation_error(error) -> str:
+    """All problems of a config at once, on one line: `--steps: must be >= 1; --lr: ...`."""
+    problems = []
+    for item in error.errors():
+        field = "--" + str(item["loc"][-1]).replace("_", "-") if item["loc"] else "value"
+        problems.append(f"{field}: {item['msg'].lower()} (got {item.get('input')!r})")
+    return "; ".join(problems)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from flexolmo.errors import FlexOlmoError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlexOlmoError as error:
         print(f"flexolmo {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except ValidationError as error:
+        print(f"flexolmo {args.command}: error: {describe_validation_error(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"flexolmo {args.command}: interrupted; rerun the same command with --resume to continue",
               file=sys.stderr)

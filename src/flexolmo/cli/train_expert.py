@@ -20,18 +20,23 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--out", required=True, help="package directory to write (must not exist)")
     add_data_flags(parser)
     method = parser.add_argument_group("method")
-    method.add_argument("--router-init", default="mean_hidden", choices=sorted(ROUTER_INITS),
-                        help="initialisation of your router row (default: mean_hidden)")
+    method.add_argument("--router-init", default=None, choices=sorted(ROUTER_INITS),
+                        help="initialisation of your router row (default: mean_hidden; public under DP)")
     method.add_argument("--router-init-sequences", type=int, default=64, help="sequences averaged for the row")
     method.add_argument("--negative-bias", action="store_true", help="learn a router bias <= 0 for the expert")
     method.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss coefficient")
     method.add_argument("--eval-max-sequences", type=int, default=None, help="cap on held-out sequences scored")
+    privacy = parser.add_argument_group("differential privacy (DP-SGD via Opacus)")
+    privacy.add_argument("--dp-epsilon", type=float, default=None, help="train with DP-SGD to this epsilon")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
+    privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     add_optim_flags(parser, steps=200, lr=1e-3, batch_size=8, seq_len=256)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.expert import ExpertConfig, train_expert
+    from flexolmo.privacy import DPConfig
     from flexolmo.progress import print_table
     from flexolmo.training import OptimConfig
 
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out), text_field=args.text_field, router_init=args.router_init,
         router_init_sequences=args.router_init_sequences, negative_bias=args.negative_bias,
         z_loss_coef=args.z_loss, eval_max_sequences=args.eval_max_sequences,
+        dp=DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_max_grad_norm)
+        if args.dp_epsilon is not None else None,
         optim=OptimConfig(**optim_kwargs(args)),
     )
     manifest = train_expert(config, resume=args.resume)

@@ -1,0 +1,156 @@
+"""Differentially private expert training (DP-SGD through Opacus), as plug-ins to the one training loop.
+
+What DP-SGD needs from the loop, and where it comes from:
+- per-sample gradients of the trainable tensors only: Opacus' `GradSampleModule` around the owner model. Our
+  MoE block runs each expert as plain `nn.Linear` calls on the batch-first tensor, which Opacus supports
+  exactly (transformers' fused expert block, which flattens the batch, would not be);
+- Poisson sampling: every training sequence joins a step's batch independently with rate q = batch / N;
+- clipping each sample's gradient to `max_grad_norm` and Gaussian noise calibrated so that the planned number of
+  steps spends exactly the requested epsilon at delta: Opacus' `DPOptimizer` and its accountant;
+- the spent (epsilon, delta) after the steps actually taken, written into the package manifest.
+
+The router row: `mean_hidden` initialisation is a statistic of the private data outside the DP mechanism, so
+under DP the owner's row starts from the public row (`--router-init public`, the default under DP) or randomly,
+and is then trained under DP like every other trainable tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from flexolmo.errors import FlexOlmoError
+
+ACCOUNTANT = "rdp"
+
+
+class DPConfig(BaseModel):
+    """Target privacy of one expert's training."""
+
+    epsilon: float = Field(gt=0, description="target epsilon, spent over the planned steps")
+    delta: float = Field(1e-5, gt=0, lt=1, description="target delta (keep it below 1 / training sequences)")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+
+
+@dataclass
+class PoissonBatches:
+    """Each sequence joins each step's batch with probability `sample_rate`, decided by (seed, step) alone."""
+
+    num_sequences: int
+    sample_rate: float
+    seed: int
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        draws = np.random.default_rng([self.seed, step, micro, 0xD9]).random(self.num_sequences)
+        return np.flatnonzero(draws < self.sample_rate)
+
+
+class PrivacyAccountant:
+    """Counts the steps taken (as a training hook) and reports the (epsilon, delta) they spent. It also owns the
+    noise generator, so that a resumed run draws the same noise as an uninterrupted one."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, seed: int):
+        from opacus.accountants import RDPAccountant
+
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self.delta = delta
+        self.steps = 0
+        self.noise_generator = torch.Generator().manual_seed(seed)
+        self._accountant = RDPAccountant()
+
+    def after_optimizer_step(self, step: int) -> None:
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps += 1
+
+    def epsilon(self) -> float:
+        return float(self._accountant.get_epsilon(self.delta)) if self.steps else 0.0
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "noise_generator": self.noise_generator.get_state().tolist()}
+
+    def restore(self, state: dict) -> None:
+        for _ in range(state["steps"]):
+            self.after_optimizer_step(0)
+        self.noise_generator.set_state(torch.tensor(state["noise_generator"], dtype=torch.uint8))
+
+
+@dataclass
+class PrivateTraining:
+    """Everything the training loop needs to run DP-SGD, and what goes into the manifest afterwards."""
+
+    config: DPConfig
+    model: torch.nn.Module
+    sampler: PoissonBatches
+    accountant: PrivacyAccountant
+    noise_multiplier: float
+    expected_batch_size: int
+
+    def make_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        from opacus.optimizers import DPOptimizer
+
+        return DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                           max_grad_norm=self.config.max_grad_norm, expected_batch_size=self.expected_batch_size,
+                           generator=self.accountant.noise_generator)
+
+    def detach(self) -> None:
+        """Remove Opacus' hooks from the model once training is over (evaluation runs without them)."""
+        self.model.remove_hooks()
+
+    def record(self) -> dict:
+        """The manifest's `privacy.dp` entry."""
+        import opacus
+
+        return {
+            "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping, Gaussian noise",
+            "epsilon": self.accountant.epsilon(),
+            "epsilon_target": self.config.epsilon,
+            "delta": self.config.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.config.max_grad_norm,
+            "sample_rate": self.sampler.sample_rate,
+            "steps": self.accountant.steps,
+            "accountant": ACCOUNTANT,
+            "opacus": opacus.__version__,
+        }
+
+
+def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_sequences: int, batch_size: int,
+                             steps: int, grad_accum: int, seed: int) -> PrivateTraining:
+    """Wrap `model` for per-sample gradients and calibrate the noise for `steps` Poisson-sampled steps."""
+    from opacus import GradSampleModule
+    from opacus.accountants.utils import get_noise_multiplier
+
+    # Expected here, and not actionable by a user: frozen inputs (token embeddings) under Opacus' backward hooks,
+    # and RDP picking its largest order for small sample rates.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+
+    if grad_accum != 1:
+        raise FlexOlmoError("DP training takes --grad-accum 1; raise --batch-size instead (batches are Poisson "
+                            "sampled, so accumulation would change the privacy analysis)")
+    if batch_size >= num_sequences:
+        raise FlexOlmoError(f"DP training needs more training sequences ({num_sequences}) than --batch-size "
+                            f"({batch_size}); add data or lower the batch size")
+    if config.delta >= 1 / num_sequences:
+        raise FlexOlmoError(f"--dp-delta {config.delta:g} is not below 1/N = {1 / num_sequences:.2g} (N = "
+                            f"{num_sequences} training sequences); a meaningful delta is smaller")
+    sample_rate = batch_size / num_sequences
+    try:
+        noise = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
+                                     sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT)
+    except ValueError as error:
+        raise FlexOlmoError(f"cannot reach epsilon {config.epsilon:g} at delta {config.delta:g} in {steps} "
+                            f"steps ({error}); raise epsilon or lower the steps") from None
+    return PrivateTraining(
+        config=config,
+        model=GradSampleModule(model, batch_first=True, loss_reduction="mean"),
+        sampler=PoissonBatches(num_sequences, sample_rate, seed),
+        accountant=PrivacyAccountant(noise, sample_rate, config.delta, seed),
+        noise_multiplier=noise,
+        expected_batch_size=batch_size,
+    )
