@@ -113,23 +113,22 @@ def config_fingerprint_payload(config: dict) -> bytes:
 
 
 def compute_fingerprint(path: Path | str) -> str:
-    """SHA-256 over the config and every tensor (name, dtype, shape, bytes), one tensor in memory at a time."""
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+    """SHA-256 over the config, every tensor (name, dtype, shape, bytes) and the public router rows, read one
+    tensor at a time so that fingerprinting a model of any size takes one tensor of memory."""
+    from flexolmo.tensor_io import LazyReader
 
     path = Path(path)
     config = read_config(path)
     digest = hashlib.sha256(config_fingerprint_payload(config))
-    files = weight_files(path)
+    readers = [LazyReader(path, files=[file.name for file in weight_files(path)])]
     if (path / PUBLIC_ROUTER_FILE).exists():
-        files.append(path / PUBLIC_ROUTER_FILE)
-    for file in files:
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for name in sorted(handle.keys()):
-                    digest_tensor(digest, name, handle.get_tensor(name))
-        except (SafetensorError, OSError) as error:
-            raise AnchorError(f"{file}: corrupt weights ({error}); re-download or re-create the model") from None
+        readers.append(LazyReader(path, files=[PUBLIC_ROUTER_FILE]))
+    for reader in readers:
+        for name in sorted(reader.names()):
+            try:
+                digest_tensor(digest, name, reader.get(name))
+            except Exception as error:  # safetensors raises several types for a damaged file
+                raise AnchorError(f"{path}: corrupt weights ({error}); re-download or re-create the model") from None
     return digest.hexdigest()
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from flexolmo.data import iter_documents
 from flexolmo.errors import DataError
@@ -65,19 +65,6 @@ class AuditConfig(BaseModel):
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     show_text: bool = Field(False, description="keep prefix, true continuation and best sample in results")
     top_examples: int = Field(10, ge=0, description="most-extracted documents listed in the result")
-
-    @classmethod
-    def checked(cls, **fields) -> AuditConfig:
-        """Build a config, reporting every invalid value at once as one DataError line."""
-        try:
-            return cls(**fields)
-        except ValidationError as error:
-            problems = [
-                f"--{'-'.join(str(part) for part in problem['loc']).replace('_', '-')}: "
-                f"{problem['msg'][0].lower()}{problem['msg'][1:]} (got {problem.get('input')!r})"
-                for problem in error.errors()
-            ]
-            raise DataError("; ".join(problems)) from None
 
 
 @dataclass

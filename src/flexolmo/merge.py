@@ -74,17 +74,15 @@ class PackageExpert:
     """An owner's expert, read lazily from its (already verified) package."""
 
     def __init__(self, package: ExpertPackage):
-        from safetensors import safe_open
-
         self.package = package
         self.name = package.name
-        self._handle = safe_open(package.path / TENSOR_FILE, framework="pt")
+        self._reader = LazyReader(package.path, files=[TENSOR_FILE])
 
     def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self._handle.get_tensor(PACKAGE_FFN.format(layer=layer, proj=proj))
+        return self._reader.get(PACKAGE_FFN.format(layer=layer, proj=proj))
 
     def router_row(self, layer: int) -> torch.Tensor:
-        return self._handle.get_tensor(PACKAGE_ROUTER.format(layer=layer))[0]
+        return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
 
     def record(self) -> dict:
         return {"name": self.name, "source": "package", "manifest": self.package.manifest}

@@ -22,33 +22,40 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 class LazyReader:
-    """Read tensors by name from a model directory (single file or sharded with an index), one at a time."""
+    """Read tensors by name from a model directory (single file or sharded with an index), one at a time.
 
-    def __init__(self, path: Path | str):
+    Each read opens its file anew: safetensors returns tensors backed by a memory map, and pages read through a
+    map that stays open keep counting as resident memory. Opened per read, a tensor's pages are released with
+    the tensor, so reading a whole checkpoint costs one tensor of memory (measured: BENCHMARKS.md).
+    """
+
+    def __init__(self, path: Path | str, files: list[str] | None = None):
         from safetensors import SafetensorError, safe_open
 
         self.path = Path(path)
+        if files is None:
+            files = self._weight_files()
+        self._location: dict[str, Path] = {}
+        self._shapes: dict[str, list[int]] = {}
+        for file in files:
+            try:
+                with safe_open(self.path / file, framework="pt") as handle:
+                    for name in handle.keys():
+                        self._location[name] = self.path / file
+                        self._shapes[name] = list(handle.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as error:
+                raise AnchorError(f"{self.path / file}: missing or corrupt weights ({error})") from None
+
+    def _weight_files(self) -> list[str]:
         index = self.path / INDEX_FILE
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                return sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError) as error:
                 raise AnchorError(f"{index}: corrupt index ({error})") from None
-        elif (self.path / SINGLE_FILE).exists():
-            weight_map = None
-        else:
-            raise AnchorError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors are read")
-        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_FILE]
-        self._handles = {}
-        self._location: dict[str, str] = {}
-        for file in files:
-            try:
-                handle = safe_open(self.path / file, framework="pt")
-            except (SafetensorError, OSError, FileNotFoundError) as error:
-                raise AnchorError(f"{self.path / file}: missing or corrupt weights ({error})") from None
-            self._handles[file] = handle
-            for name in handle.keys():
-                self._location[name] = file
+        if (self.path / SINGLE_FILE).exists():
+            return [SINGLE_FILE]
+        raise AnchorError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors are read")
 
     def names(self) -> list[str]:
         return list(self._location)
@@ -57,12 +64,15 @@ class LazyReader:
         return name in self._location
 
     def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         if name not in self._location:
             raise AnchorError(f"{self.path}: has no tensor {name}")
-        return self._handles[self._location[name]].get_tensor(name)
+        with safe_open(self._location[name], framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handles[self._location[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
 
 class ShardedWriter:
@@ -114,7 +124,3 @@ class ShardedWriter:
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return files
 
-
-def iter_tensors(reader: LazyReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, reader.get(name)

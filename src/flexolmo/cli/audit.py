@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.audit import AuditConfig, audit_extraction
     from flexolmo.fileio import atomic_write_json
 
-    config = AuditConfig.checked(
+    config = AuditConfig(
         model=Path(args.model), data=Path(args.data), exclude=args.exclude, num_docs=args.num_docs,
         prefix_tokens=args.prefix_tokens, new_tokens=args.new_tokens, samples=args.samples,
         threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
