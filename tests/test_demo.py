@@ -78,3 +78,14 @@ def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
     Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)).check_inputs()
     with pytest.raises(DataError, match="other settings"):
         Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=64)).check_inputs()
+
+
+def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
+    """What CI runs of the README's demo: the real shipped data, a few steps, every method, a report."""
+    from flexolmo.demo import DemoConfig, run_demo, shipped_data_dir
+
+    if not (shipped_data_dir() / "anchor" / "config.json").exists():
+        pytest.fail("the shipped demo anchor is missing from data/demo/anchor")
+    results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick"))
+    assert results["quick"] and len(results["methods"]) == 12
+    assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexolmo",
         description="Train experts on data that cannot be shared, merge them into one FlexOlmo model, opt out.",
+        # Wide enough that every subcommand's help is one line.
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120),
     )
     parser.add_argument("--version", action="version", version=f"flexolmo {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
