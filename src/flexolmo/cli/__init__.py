@@ -25,14 +25,22 @@ COMMANDS = {
 }
 
 
+class _OneLineHelp(argparse.HelpFormatter):
+    """Wide enough that every subcommand's help fits on its own line. argparse sizes the help column from the
+    top-level flags only, so the longest subcommand name is reserved up front."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=120)
+        self._action_max_length = max(len(name) for name in COMMANDS) + 6
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flexolmo import __version__
 
     parser = argparse.ArgumentParser(
         prog="flexolmo",
         description="Train experts on data that cannot be shared, merge them into one FlexOlmo model, opt out.",
-        # Wide enough that every subcommand's help is one line.
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120),
+        formatter_class=_OneLineHelp,
     )
     parser.add_argument("--version", action="version", version=f"flexolmo {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
