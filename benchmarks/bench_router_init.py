@@ -30,7 +30,8 @@ def trained(domain: str, init: str, demo: DemoConfig, work: Path) -> dict:
         train_expert(ExpertConfig(
             anchor=demo.data_dir / "anchor", data=[demo.data_dir / f"{domain}.train.jsonl.gz"],
             heldout=[demo.data_dir / f"{domain}.heldout.jsonl.gz"], name=f"{domain}-{init}", out=out,
-            router_init=init, eval_max_sequences=demo.eval_max_sequences, optim=demo.optim(demo.expert_steps)))
+            router_init=init, eval_max_sequences=demo.eval_max_sequences, optim=demo.optim(demo.expert_steps),
+            public_data=[demo.data_dir / "public.train.jsonl.gz"], public_share=demo.public_share))
     return load_package(out, with_tensors=False).manifest["training"]
 
 

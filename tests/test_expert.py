@@ -173,3 +173,26 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_anchor, corpora,
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     tensors = [load_file(path / TENSOR_FILE) for path in (tmp_path / "reference", out)]
     assert all(torch.allclose(tensors[0][k], tensors[1][k], atol=1e-5) for k in tensors[0])
+
+
+def test_public_mix_is_exact_in_every_batch_and_router_rows_are_unit_norm(tiny_anchor, corpora):
+    from flexolmo.expert import mix_public
+    from flexolmo.moe import router_z_loss
+
+    anchor = load_anchor(tiny_anchor)
+    config = ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=Path("unused"),
+                          public_data=[corpora["public"]], public_share=0.25, optim=tiny_optim(batch_size=8))
+    from flexolmo.data import load_token_stream
+
+    owner = load_token_stream([corpora["code"]], anchor.tokenizer)
+    stream, sampler = mix_public(owner, config, anchor.tokenizer)
+    boundary = owner.num_tokens // 32
+    for step in range(5):
+        indices = sampler.indices(step, 0)
+        assert len(indices) == 8 and (indices >= boundary).sum() == 2
+    rows = initial_rows("mean_hidden", anchor, owner, 32, 8, 0)
+    assert all(abs(float(row.norm()) - 1) < 1e-5 for row in rows)
+    # Unit rows keep the router z-loss small next to the language-model loss (raw means made it dominate).
+    model = build_owner_model(anchor, rows, False).train()
+    model(input_ids=torch.from_numpy(owner.sequence(0, 32))[None, :-1])
+    assert float(router_z_loss(model)) * 1e-3 < 0.1

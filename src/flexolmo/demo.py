@@ -57,6 +57,7 @@ class DemoConfig(BaseModel):
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=16)
     lr: float = Field(2e-3, gt=0, description="peak learning rate of expert and dense fine-tuning")
+    public_share: float = Field(0.5, ge=0, lt=1, description="share of each owner batch drawn from public text")
     top_k: int = Field(2, ge=1, description="experts per token in the merged model")
     btm_top_k: int = Field(2, ge=1, description="experts per position in the BTM ensemble")
     eval_max_sequences: int = Field(48, ge=1, description="held-out sequences scored per domain")
@@ -114,6 +115,7 @@ class Demo:
                 train_expert(ExpertConfig(
                     anchor=self.anchor_dir, data=[self.train_file(domain)], heldout=[self.heldout_file(domain)],
                     name=domain, out=packages[domain], eval_max_sequences=self.config.eval_max_sequences,
+                    public_data=[self.train_file(PUBLIC)], public_share=self.config.public_share,
                     optim=self.config.optim(self.config.expert_steps)), resume=self._resumable(packages[domain]))
         return packages
 

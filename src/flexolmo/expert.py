@@ -16,15 +16,15 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.anchor import Anchor, load_anchor
-from flexolmo.data import DEFAULT_HELDOUT_FRACTION, load_token_stream
-from flexolmo.errors import CheckpointError, PackageError
+from flexolmo.data import DEFAULT_HELDOUT_FRACTION, TokenStream, load_token_stream
+from flexolmo.errors import CheckpointError, DataError, PackageError
 from flexolmo.evaluate import score_stream
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import READS_PRIVATE_DATA, initial_rows, load_public_rows
-from flexolmo.training import OptimConfig, TrainResult, causal_lm_loss, train
+from flexolmo.training import MixedBatches, OptimConfig, TrainResult, causal_lm_loss, train
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -45,6 +45,8 @@ class ExpertConfig(BaseModel):
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
+    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches")
+    public_share: float = Field(0.0, ge=0, lt=1, description="share of each batch's sequences from public_data")
     eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
@@ -126,6 +128,32 @@ def owner_loss(z_loss_coef: float):
     return loss_fn
 
 
+def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tuple[TokenStream, MixedBatches | None]:
+    """The owner's stream with public text appended, and a sampler putting `public_share` of every batch there.
+
+    Why: the owner's router row competes only with the frozen public row. Trained on owner text alone, it learns
+    "prefer me" everywhere and then takes tokens of every domain after the merge. Public sequences in the batch
+    are where the public expert must keep winning. Public text is public, so mixing it in shares nothing (the
+    reference implementation's expert mixes also contain general public data).
+    """
+    if config.public_share == 0:
+        return owner_stream, None
+    if not config.public_data:
+        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
+    if config.dp:
+        raise DataError("mixing public data into DP training is not supported yet; use --public-share 0 with DP")
+    public = load_token_stream(config.public_data, tokenizer, "all", config.text_field)
+    stream = TokenStream([*owner_stream.files, *public.files])
+    seq_len, batch = config.optim.seq_len, config.optim.batch_size
+    public_count = round(batch * config.public_share)
+    if not 0 < public_count < batch:
+        raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
+                        "sequence; change --batch-size or --public-share")
+    owner_sequences = owner_stream.num_tokens // seq_len
+    ranges = [(0, owner_sequences), (owner_sequences, stream.num_sequences(seq_len))]
+    return stream, MixedBatches(config.optim, ranges, [batch - public_count, public_count])
+
+
 def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     """Train an owner's expert per `config`, write its package to `config.out`, return the manifest."""
     check_name(config.name)
@@ -142,13 +170,14 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
     optim = config.optim
     split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
-    train_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
+    owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
                                      config.heldout_fraction)
+    train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
     heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
                                        config.text_field, config.heldout_fraction)
     before = score_stream(anchor.model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                           device=optim.device, description="held-out (anchor)")
-    owner_rows = initial_rows(router_init, anchor, train_stream, optim.seq_len, config.router_init_sequences,
+    owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
                               optim.seed)
     torch.manual_seed(optim.seed)
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
@@ -157,13 +186,13 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     hooks = [_ClampBias(model)]
     private = None
     if config.dp:
-        private = prepare_private_training(model, config.dp, train_stream.num_sequences(optim.seq_len),
+        private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
                                            optim.batch_size, optim.steps, optim.grad_accum, optim.seed)
         hooks.append(private.accountant)
     result: TrainResult = train(
         private.model if private else model, trainable, train_stream, optim, work,
         loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume, description=f"expert {config.name}",
-        make_optimizer=private.make_optimizer if private else None, sampler=private.sampler if private else None,
+        make_optimizer=private.make_optimizer if private else None, sampler=private.sampler if private else sampler,
         clip_grad_norm=private is None,
     )
     if private:
@@ -175,8 +204,9 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         "training": {
             "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
             "tokens": optim.steps * optim.tokens_per_step,
-            "token_stream_sha256": train_stream.fingerprint(),
-            "train_documents": train_stream.num_documents,
+            "token_stream_sha256": owner_stream.fingerprint(),
+            "train_documents": owner_stream.num_documents,
+            "public_share": config.public_share,
             "final_train_loss": result.losses[-1],
             "losses": result.losses,
             "heldout_loss_before": before.loss,

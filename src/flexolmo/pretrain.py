@@ -20,7 +20,7 @@ from flexolmo.evaluate import score_stream
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
-from flexolmo.router_init import mean_ffn_inputs, save_public_rows
+from flexolmo.router_init import mean_direction_rows, save_public_rows
 from flexolmo.training import OptimConfig, train
 
 EOS_TOKEN = "<|endoftext|>"
@@ -147,7 +147,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
         "versions": software_versions(),
         "created": utc_now(),
     }
-    public_rows = mean_ffn_inputs(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
+    public_rows = mean_direction_rows(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
     with atomic_directory(config.out) as staging:
         model.to(getattr(torch, config.save_dtype)).save_pretrained(str(staging))
         save_public_rows(config.out, public_rows, staging=staging)

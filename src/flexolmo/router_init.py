@@ -57,9 +57,20 @@ def mean_ffn_inputs(
     return [total / count for total, count in zip(sums, counts)]
 
 
+def mean_direction_rows(model, stream: TokenStream, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
+    """Per layer, the unit vector along the mean FFN input.
+
+    Unit norm, like the paper's sentence-embedding rows: a raw mean has the hidden states' own norm, so logits
+    x.r grow like |x|^2 (thousands here) and the router z-loss (1e-3 * logsumexp^2) swamps the language-model
+    loss and wrecks training (measured on the demo anchor: z-loss 158 against an LM loss of 6).
+    """
+    return [row / row.norm().clamp_min(1e-6) for row in mean_ffn_inputs(model, stream, seq_len, max_sequences)]
+
+
 def mean_hidden_rows(anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
-    """The anchor's mean FFN input per layer over the owner's own sequences (a statistic of private data)."""
-    return mean_ffn_inputs(anchor.model, stream, seq_len, max_sequences)
+    """The direction of the anchor's mean FFN input per layer over the owner's sequences (a statistic of
+    private data)."""
+    return mean_direction_rows(anchor.model, stream, seq_len, max_sequences)
 
 
 def random_rows(anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int) -> list[torch.Tensor]:
@@ -126,6 +137,5 @@ def compute_public_rows(
 
     anchor = load_anchor(anchor_dir, device=device)
     stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
-    rows = mean_ffn_inputs(anchor.model, stream, seq_len, max_sequences)
-    save_public_rows(anchor_dir, rows)
+    save_public_rows(anchor_dir, mean_direction_rows(anchor.model, stream, seq_len, max_sequences))
     return compute_fingerprint(anchor_dir)

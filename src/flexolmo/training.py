@@ -82,6 +82,27 @@ class ShuffledBatches:
         return batch_indices(step, micro, self.config, self.num_sequences)
 
 
+@dataclass
+class MixedBatches:
+    """Batches drawing a fixed number of sequences from each of several consecutive ranges of one stream.
+
+    Used to mix public text into an owner's batches: the stream is [owner files..., public files...] and each
+    range walks through its own seeded per-epoch permutations, so the mix is exact in every batch.
+    """
+
+    config: OptimConfig
+    ranges: list[tuple[int, int]]
+    counts: list[int]
+
+    def indices(self, step: int, micro: int) -> np.ndarray:
+        parts = []
+        for part, ((start, stop), count) in enumerate(zip(self.ranges, self.counts)):
+            if count:
+                sub = self.config.model_copy(update={"batch_size": count, "seed": self.config.seed + 7919 * part})
+                parts.append(start + batch_indices(step, micro, sub, stop - start))
+        return np.concatenate(parts)
+
+
 def batch_indices(step: int, micro: int, config: OptimConfig, num_sequences: int) -> np.ndarray:
     """Sequence indices of micro-batch `micro` of step `step`: epochs are seeded permutations, so any
     step's batch can be recomputed without replaying the ones before it."""

@@ -23,6 +23,9 @@ def register(subparsers, name: str) -> None:
     method.add_argument("--router-init", default=None, choices=sorted(ROUTER_INITS),
                         help="initialisation of your router row (default: mean_hidden; public under DP)")
     method.add_argument("--router-init-sequences", type=int, default=64, help="sequences averaged for the row")
+    method.add_argument("--public-data", nargs="*", default=[], help="public text mixed into your batches")
+    method.add_argument("--public-share", type=float, default=0.0,
+                        help="share of each batch from --public-data (teaches your router row where not to win)")
     method.add_argument("--negative-bias", action="store_true", help="learn a router bias <= 0 for the expert")
     method.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss coefficient")
     method.add_argument("--eval-max-sequences", type=int, default=None, help="cap on held-out sequences scored")
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out), text_field=args.text_field, router_init=args.router_init,
         router_init_sequences=args.router_init_sequences, negative_bias=args.negative_bias,
         z_loss_coef=args.z_loss, eval_max_sequences=args.eval_max_sequences,
+        public_data=path_list(args.public_data), public_share=args.public_share,
         dp=DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_max_grad_norm)
         if args.dp_epsilon is not None else None,
         optim=OptimConfig(**optim_kwargs(args)),
