@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flexolmo.audit import AuditConfig, audit_extraction, similarity_summary, wilson_interval
-from flexolmo.errors import DataError, MergeError
+from flexolmo.errors import MergeError
 
 from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 

@@ -28,7 +28,7 @@ from flexolmo.baselines import (
 )
 from flexolmo.data import iter_documents, load_token_stream
 from flexolmo.errors import DataError
-from flexolmo.evaluate import EvalSettings, evaluate, evaluate_path
+from flexolmo.evaluate import EvalSettings, evaluate
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.fileio import atomic_write_bytes, atomic_write_json
 from flexolmo.merge import merge

@@ -9,7 +9,6 @@ Peak memory of a copy through them is one shard plus one tensor, whatever the mo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
