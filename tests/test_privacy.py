@@ -104,3 +104,33 @@ def test_dp_training_resumes_exactly(tiny_anchor, corpora, tmp_path):
     assert resumed_private.accountant.epsilon() == pytest.approx(reference_private.accountant.epsilon())
     for (name, a), (_, b) in zip(reference_params, resumed_params):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_dp_mixes_public_text_without_changing_the_privacy_accounting(tiny_anchor, corpora, tmp_path):
+    out = tmp_path / "dp-mixed"
+    optim = tiny_optim(steps=6, batch_size=8)
+    manifest = train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=out,
+                                         public_data=[corpora["public"]], public_share=0.25,
+                                         dp=DPConfig(epsilon=4.0, delta=1e-4), optim=optim))
+    dp = manifest["privacy"]["dp"]
+    tokenizer = load_anchor(tiny_anchor).tokenizer
+    owner = load_token_stream([corpora["code"]], tokenizer)
+    owner_sequences = owner.num_sequences(optim.seq_len)
+    # Two of the eight sequences are public: only the six private ones set the sampling rate.
+    assert dp["sample_rate"] == pytest.approx(6 / owner_sequences)
+    assert 3.5 < dp["epsilon"] <= 4.0 + 1e-6
+
+    from flexolmo.expert import mix_public
+    from flexolmo.training import MixedBatches
+
+    _, mixed = mix_public(owner, ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code",
+                                                   out=out, public_data=[corpora["public"]], public_share=0.25,
+                                                   optim=optim), tokenizer)
+    model, _, _ = owner_model(tiny_anchor, corpora)
+    public = MixedBatches(optim, mixed.ranges[1:], mixed.counts[1:])
+    private = prepare_private_training(model, DPConfig(epsilon=4.0, delta=1e-4), owner_sequences, 8, 6, 1, 0,
+                                       public)
+    for step in range(4):
+        indices = private.sampler.indices(step, 0)
+        assert (indices >= owner_sequences).sum() == 2  # exactly the public draw
+        assert (indices < owner_sequences).sum() == len(indices) - 2  # Poisson: any size

@@ -140,8 +140,6 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tu
         return owner_stream, None
     if not config.public_data:
         raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
-    if config.dp:
-        raise DataError("mixing public data into DP training is not supported yet; use --public-share 0 with DP")
     public = load_token_stream(config.public_data, tokenizer, "all", config.text_field)
     stream = TokenStream([*owner_stream.files, *public.files])
     seq_len, batch = config.optim.seq_len, config.optim.batch_size
@@ -186,8 +184,10 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     hooks = [_ClampBias(model)]
     private = None
     if config.dp:
+        # Under DP the owner's sequences are Poisson sampled; the public ones stay a fixed draw per step.
+        public = MixedBatches(optim, sampler.ranges[1:], sampler.counts[1:]) if sampler else None
         private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
-                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed)
+                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public)
         hooks.append(private.accountant)
     result: TrainResult = train(
         private.model if private else model, trainable, train_stream, optim, work,

@@ -5,6 +5,10 @@ What DP-SGD needs from the loop, and where it comes from:
   MoE block runs each expert as plain `nn.Linear` calls on the batch-first tensor, which Opacus supports
   exactly (transformers' fused expert block, which flattens the batch, would not be);
 - Poisson sampling: every training sequence joins a step's batch independently with rate q = batch / N;
+- public text mixed into the batch (`--public-share`): a fixed number of public sequences per step, drawn
+  independently of the private data. Each is clipped and noised like a private one; the sensitivity of the
+  noised sum to one private sequence is still `max_grad_norm`, so the accounting (rate q over the owner's
+  sequences) is unchanged;
 - clipping each sample's gradient to `max_grad_norm` and Gaussian noise calibrated so that the planned number of
   steps spends exactly the requested epsilon at delta: Opacus' `DPOptimizer` and its accountant;
 - the spent (epsilon, delta) after the steps actually taken, written into the package manifest.
@@ -24,6 +28,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.errors import FlexOlmoError
+from flexolmo.training import MixedBatches
 
 ACCOUNTANT = "rdp"
 
@@ -38,15 +43,20 @@ class DPConfig(BaseModel):
 
 @dataclass
 class PoissonBatches:
-    """Each sequence joins each step's batch with probability `sample_rate`, decided by (seed, step) alone."""
+    """Each of the owner's sequences (the stream's first `num_sequences`) joins each step's batch with
+    probability `sample_rate`, decided by (seed, step) alone; `public` adds a fixed draw of public sequences."""
 
     num_sequences: int
     sample_rate: float
     seed: int
+    public: MixedBatches | None = None
 
     def indices(self, step: int, micro: int) -> np.ndarray:
         draws = np.random.default_rng([self.seed, step, micro, 0xD9]).random(self.num_sequences)
-        return np.flatnonzero(draws < self.sample_rate)
+        private = np.flatnonzero(draws < self.sample_rate)
+        if self.public is None:
+            return private
+        return np.concatenate([private, self.public.indices(step, micro)])
 
 
 class PrivacyAccountant:
@@ -120,8 +130,12 @@ class PrivateTraining:
 
 
 def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_sequences: int, batch_size: int,
-                             steps: int, grad_accum: int, seed: int) -> PrivateTraining:
-    """Wrap `model` for per-sample gradients and calibrate the noise for `steps` Poisson-sampled steps."""
+                             steps: int, grad_accum: int, seed: int,
+                             public: MixedBatches | None = None) -> PrivateTraining:
+    """Wrap `model` for per-sample gradients and calibrate the noise for `steps` Poisson-sampled steps.
+
+    `batch_size` is the expected batch: `public`'s sequences per step plus, in expectation, the owner's
+    (`num_sequences` of them, at the start of the stream)."""
     from opacus import GradSampleModule
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -133,13 +147,14 @@ def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_seque
     if grad_accum != 1:
         raise FlexOlmoError("DP training takes --grad-accum 1; raise --batch-size instead (batches are Poisson "
                             "sampled, so accumulation would change the privacy analysis)")
-    if batch_size >= num_sequences:
-        raise FlexOlmoError(f"DP training needs more training sequences ({num_sequences}) than --batch-size "
-                            f"({batch_size}); add data or lower the batch size")
+    private_batch = batch_size - (sum(public.counts) if public else 0)
+    if private_batch >= num_sequences:
+        raise FlexOlmoError(f"DP training needs more training sequences ({num_sequences}) than the {private_batch} "
+                            "private sequences of a batch; add data or lower --batch-size")
     if config.delta >= 1 / num_sequences:
         raise FlexOlmoError(f"--dp-delta {config.delta:g} is not below 1/N = {1 / num_sequences:.2g} (N = "
                             f"{num_sequences} training sequences); a meaningful delta is smaller")
-    sample_rate = batch_size / num_sequences
+    sample_rate = private_batch / num_sequences
     try:
         noise = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
                                      sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT)
@@ -149,7 +164,7 @@ def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_seque
     return PrivateTraining(
         config=config,
         model=GradSampleModule(model, batch_first=True, loss_reduction="mean"),
-        sampler=PoissonBatches(num_sequences, sample_rate, seed),
+        sampler=PoissonBatches(num_sequences, sample_rate, seed, public),
         accountant=PrivacyAccountant(noise, sample_rate, config.delta, seed),
         noise_multiplier=noise,
         expected_batch_size=batch_size,
