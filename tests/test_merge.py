@@ -157,3 +157,20 @@ def test_cli_merge_generate_and_exclude(tiny_anchor, packages, tmp_path, capsys)
     assert "has no expert(s) nobody" in capsys.readouterr().err
     with pytest.raises(FlexOlmoError):
         load_model(tiny_anchor, exclude=["code"])
+
+
+def test_runtime_names_a_merged_checkpoint_whose_tensors_do_not_fit_its_config(tiny_anchor, packages, tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "merged"
+    merge(tiny_anchor, [packages["code"]], out, top_k=2)
+    (weights,) = out.glob("*.safetensors")
+    state = load_file(weights)
+    dropped = state.pop("model.layers.1.mlp.experts.1.up_proj.weight")
+    save_file(state, weights)
+    with pytest.raises(FlexOlmoError, match="missing .*experts.1.up_proj"):
+        load_model(out)
+    state["model.layers.1.mlp.experts.1.up_proj.weight"] = dropped[:, :-1].contiguous()
+    save_file(state, weights)
+    with pytest.raises(FlexOlmoError, match="experts.1.up_proj.weight has shape"):
+        load_model(out)

@@ -139,8 +139,9 @@ def convert_to_moe(
     for layer, rows in zip(decoder_layers(model), router_rows, strict=True):
         dense_ffn = layer.mlp
         experts = [dense_ffn] + [copy.deepcopy(dense_ffn) for _ in range(num_experts - 1)]
-        router = ExpertRouter(rows.shape[1], rows.to(next(dense_ffn.parameters()).dtype), bias_experts)
-        layer.mlp = FlexMoEBlock(experts, router, top_k).to(next(dense_ffn.parameters()).device)
+        like = next(dense_ffn.parameters())
+        router = ExpertRouter(rows.shape[1], rows, bias_experts)
+        layer.mlp = FlexMoEBlock(experts, router, top_k).to(device=like.device, dtype=like.dtype)
     return model
 
 

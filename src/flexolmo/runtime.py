@@ -66,30 +66,54 @@ def _dense_config(config: dict):
 
 def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     info = read_merged_info(path)
     config = info.config
-    model = AutoModelForCausalLM.from_config(_dense_config(config), dtype=dtype)
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     experts = config["num_experts"]
-    convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts, top_k=config["num_experts_per_tok"])
+    # Every weight is overwritten from the checkpoint, so random initialisation would only cost time (minutes
+    # at 7B); building on the target device avoids a second copy of the model in host memory.
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(_dense_config(config), dtype=dtype)
+        convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts,
+                       top_k=config["num_experts_per_tok"])
+    _copy_weights(path, model, tied_head=bool(config.get("tie_word_embeddings")))
+    return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names)
+
+
+def _runtime_tensors(name: str, reader: LazyReader) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor under its runtime name(s): the stacked router matrix becomes one row per expert."""
+    router = parse(MERGED_ROUTER, name)
+    if router is None:
+        return [(name, reader.get(name))]
+    return [(RUNTIME_ROUTER_ROW.format(layer=router["layer"], expert=expert), row[None])
+            for expert, row in enumerate(reader.get(name))]
+
+
+@torch.no_grad()
+def _copy_weights(path: Path, model: torch.nn.Module, tied_head: bool) -> None:
+    """Copy the checkpoint into `model` one tensor at a time, so that memory is the model plus one tensor."""
+    targets = model.state_dict()
     reader = LazyReader(path)
-    state = {}
+    loaded, unexpected = set(), []
     for name in reader.names():
-        router = parse(MERGED_ROUTER, name)
-        if router is None:
-            state[name] = reader.get(name)
-        else:
-            for expert, row in enumerate(reader.get(name)):
-                state[RUNTIME_ROUTER_ROW.format(layer=router["layer"], expert=expert)] = row[None]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not name.endswith("lm_head.weight") or not config.get("tie_word_embeddings")]
+        for target_name, tensor in _runtime_tensors(name, reader):
+            target = targets.get(target_name)
+            if target is None:
+                unexpected.append(target_name)
+            elif target.shape != tensor.shape:
+                raise AnchorError(f"{path}: tensor {target_name} has shape {tuple(tensor.shape)}, its config "
+                                  f"implies {tuple(target.shape)}")
+            else:
+                target.copy_(tensor)
+                loaded.add(target_name)
+    missing = [name for name in targets if name not in loaded and not (tied_head and name == "lm_head.weight")]
     if missing or unexpected:
         raise AnchorError(f"{path}: weights do not match its config (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]})")
-    if config.get("tie_word_embeddings"):
+    if tied_head:
         model.tie_weights()
-    return LoadedModel(path, model.to(device=device, dtype=dtype).eval(), load_tokenizer(path), info.expert_names)
 
 
 def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype = torch.float32,

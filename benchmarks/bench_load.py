@@ -1,0 +1,168 @@
+""".venv/bin/python benchmarks/bench_load.py --workdir /tmp/flexolmo-bench-load
+
+(run from the repository root; `--small` is a quick check of the harness whose numbers mean nothing.)
+
+Loading a merged FlexOlmo checkpoint: `flexolmo.runtime.load_model` against transformers' own
+`AutoModelForCausalLM.from_pretrained` (which builds `FlexOlmoForCausalLM` on the meta device and fills it from
+the checkpoint), on the same files, in the same dtype.
+
+Setup (not measured): a synthetic OLMo-2 anchor (hidden 1024, 8 layers, FFN 4096, vocab 50304) and 4 expert
+packages, written by `bench_merge.py`'s writers, merged with `flexolmo.merge.merge` into a 5-expert model
+(640M parameters, 1.3 GB in bf16), with the demo anchor's tokenizer files.
+
+Measured, each load in its own child process (so that its memory is its own), `--repeats` times, best time kept:
+- `transformers`: `AutoModelForCausalLM.from_pretrained(merged, dtype=bf16)`;
+- `flexolmo`: `load_model(merged, dtype=bf16)` (transformers OLMo-2 with our MoE block; no random
+  initialisation, the checkpoint copied in one tensor at a time);
+- `random_init`: only `from_config` plus `convert_to_moe` with transformers' random initialisation left on: what
+  a loader that initialises before loading pays on top of the copy (the runtime did this before).
+Peak memory is the child's VmHWM minus its RSS after imports. Both real loaders' logits on a fixed input are
+compared (max |difference|), so a fast but wrong loader cannot pass. Results: a table and
+`benchmarks/results/load.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import read_status, write_anchor, write_expert  # noqa: E402  (sibling benchmark's writers)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_ANCHOR = REPO / "data" / "demo" / "anchor"
+RESULTS = Path(__file__).parent / "results" / "load.json"
+SHAPE = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "intermediate_size": 4096,
+         "vocab_size": 50304}
+SMALL_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+               "vocab_size": 4096}
+EXPERTS = 4
+LOADERS = ("transformers", "flexolmo", "random_init")
+
+
+def child_main(spec: dict) -> None:
+    """Load once and print seconds, memory and (for real loaders) where the logits were saved."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "src"))
+    from transformers import AutoModelForCausalLM
+
+    from flexolmo.runtime import _dense_config, load_model
+    from flexolmo.merge import read_merged_info
+    from flexolmo.moe import convert_to_moe
+
+    path, dtype = Path(spec["model"]), torch.bfloat16
+    before = read_status()
+    start = time.perf_counter()
+    if spec["loader"] == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif spec["loader"] == "flexolmo":
+        model = load_model(path, dtype=dtype).model
+    else:
+        config = read_merged_info(path).config
+        model = AutoModelForCausalLM.from_config(_dense_config(config), dtype=dtype)
+        experts = config["num_experts"]
+        convert_to_moe(model, [torch.zeros(experts, config["hidden_size"])] * config["num_hidden_layers"],
+                       experts, top_k=config["num_experts_per_tok"])
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "baseline_rss": before["VmRSS"], "vm_hwm": read_status()["VmHWM"]}
+    if spec["loader"] != "random_init":
+        ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.save(model(ids).logits.float(), spec["logits"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(spec: dict) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"loader '{spec['loader']}' failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def build_model(workdir: Path, shape: dict) -> Path:
+    """Anchor, packages and their merge (skipped when the merge already exists)."""
+    from flexolmo.anchor import compute_fingerprint, read_config
+    from flexolmo.merge import merge
+
+    merged = workdir / "merged"
+    if merged.exists():
+        return merged
+    anchor = workdir / "anchor"
+    if not anchor.exists():
+        write_anchor(anchor, shape, seed=0, shard_bytes=1 << 30)
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # loaders need one; its vocabulary is not used
+            shutil.copyfile(DEMO_ANCHOR / name, anchor / name)
+    record = {"fingerprint": compute_fingerprint(anchor), "model_type": read_config(anchor)["model_type"]}
+    packages = []
+    for index in range(EXPERTS):
+        package = workdir / f"expert{index}"
+        if not package.exists():
+            write_expert(package, f"expert{index}", shape, seed=index + 1, anchor_record=record)
+        packages.append(package)
+    merge(anchor, packages, merged, top_k=2)
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--results", type=Path)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+
+    shape = SMALL_SHAPE if args.small else SHAPE
+    results_path = args.results or (args.workdir / "load.json" if args.small else RESULTS)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    merged = build_model(args.workdir, shape)
+    checkpoint_bytes = sum(file.stat().st_size for file in merged.glob("*.safetensors"))
+    runs: dict[str, list[dict]] = {loader: [] for loader in LOADERS}
+    for repeat in range(args.repeats):
+        for loader in LOADERS:  # interleaved, so that drift in the machine's speed hits every loader alike
+            logits = args.workdir / f"logits-{loader}.pt"
+            runs[loader].append(run_child({"loader": loader, "model": str(merged), "logits": str(logits)}))
+    best = {loader: min(runs[loader], key=lambda run: run["seconds"]) for loader in LOADERS}
+    peak = {loader: max(run["vm_hwm"] - run["baseline_rss"] for run in runs[loader]) for loader in LOADERS}
+    difference = float((torch.load(args.workdir / "logits-transformers.pt")
+                        - torch.load(args.workdir / "logits-flexolmo.pt")).abs().max())
+    summary = {
+        "command": "python " + shlex.join(sys.argv),
+        "shape": shape, "experts": 1 + EXPERTS, "checkpoint_bytes": checkpoint_bytes,
+        "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "seconds": {loader: best[loader]["seconds"] for loader in LOADERS},
+        "peak_memory_bytes": peak,
+        "flexolmo_over_transformers_time": best["flexolmo"]["seconds"] / best["transformers"]["seconds"],
+        "flexolmo_over_transformers_memory": peak["flexolmo"] / peak["transformers"],
+        "flexolmo_memory_over_checkpoint": peak["flexolmo"] / checkpoint_bytes,
+        "random_init_over_flexolmo_time": best["random_init"]["seconds"] / best["flexolmo"]["seconds"],
+        "max_abs_logit_difference": difference,
+        "runs": runs,
+    }
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"checkpoint {checkpoint_bytes / 1e9:.2f} GB, {1 + EXPERTS} experts, bf16, best of {args.repeats}")
+    print(f"{'loader':<14}{'seconds':>10}{'peak MB':>10}")
+    for loader in LOADERS:
+        print(f"{loader:<14}{best[loader]['seconds']:>10.2f}{peak[loader] / 1e6:>10.0f}")
+    print(f"flexolmo / transformers: time {summary['flexolmo_over_transformers_time']:.2f}, memory "
+          f"{summary['flexolmo_over_transformers_memory']:.2f}; logits max |diff| {difference:.2e}")
+    print(f"results: {results_path}")
+
+
+if __name__ == "__main__":
+    main()
