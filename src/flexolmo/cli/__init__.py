@@ -20,6 +20,7 @@ COMMANDS = {
     "remove": "remove",
     "generate": "generate",
     "eval": "evaluate",
+    "eval-tasks": "eval_tasks",
     "audit-extraction": "audit",
     "demo": "demo",
 }
