@@ -9,8 +9,12 @@ import torch
 
 from flexolmo.cli import main
 from flexolmo.errors import FlexOlmoError
+from flexolmo.expert import ExpertConfig, train_expert
+from flexolmo.merge import merge
 from flexolmo.runtime import load_model
 from flexolmo.tasks import evaluate_tasks
+
+from conftest import tiny_optim
 
 TOY_QUESTIONS = [("The sky is", [" blue", " loud", " salty"]), ("One plus one is", [" two", " green", " ten"]),
                  ("Fish live in", [" water", " books", " fire"]), ("Snow is", [" cold", " purple", " fast"]),
@@ -68,11 +72,6 @@ def test_unknown_tasks_and_bad_limits_are_one_line_errors(tiny_anchor, tmp_path)
 
 
 def test_eval_tasks_cli_on_a_merged_model_with_an_expert_excluded(tiny_anchor, corpora, tmp_path, capsys):
-    from flexolmo.expert import ExpertConfig, train_expert
-    from flexolmo.merge import merge
-
-    from conftest import tiny_optim
-
     write_toy_task(tmp_path)
     train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=tmp_path / "code",
                               optim=tiny_optim(steps=2)))

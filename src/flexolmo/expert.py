@@ -24,7 +24,8 @@ from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import READS_PRIVATE_DATA, initial_rows, load_public_rows
-from flexolmo.training import MixedBatches, OptimConfig, TrainResult, causal_lm_loss, train
+from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
+                               main_process_first, train)
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -153,7 +154,10 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tu
 
 
 def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest."""
+    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
+
+    Under torchrun every rank trains (data parallel, see `training.train`); rank 0 writes the package and
+    returns the manifest, the other ranks return an empty dict."""
     check_name(config.name)
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     if config.dp and router_init in READS_PRIVATE_DATA:
@@ -168,13 +172,17 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
     optim = config.optim
     split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
-    owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
-                                     config.heldout_fraction)
-    train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
-    heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
-                                       config.text_field, config.heldout_fraction)
-    before = score_stream(anchor.model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
-                          device=optim.device, description="held-out (anchor)")
+    with main_process_first():  # one process fills the tokenization cache, the others read it
+        owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
+                                         config.heldout_fraction)
+        train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
+        heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
+                                           config.text_field, config.heldout_fraction)
+    main = is_main_process()  # under torchrun, rank 0 alone evaluates and writes the package
+    if main:
+        before = score_stream(anchor.model, heldout_stream, optim.seq_len,
+                              max_sequences=config.eval_max_sequences, device=optim.device,
+                              description="held-out (anchor)")
     owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
                               optim.seed)
     torch.manual_seed(optim.seed)
@@ -197,6 +205,8 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     )
     if private:
         private.detach()
+    if not main:
+        return {}
     after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                          device=optim.device, description="held-out (expert)")
     manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {

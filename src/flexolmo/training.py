@@ -7,6 +7,11 @@ everywhere: the data order, the learning-rate schedule, gradient accumulation, c
 Resumption is exact: the batch at step s depends only on (seed, s), the schedule is a function of s, and a
 checkpoint holds the trainable tensors, the optimizer state and the loss history. A run killed at any moment
 (SIGKILL included) and resumed produces the same losses as a run that was never interrupted.
+
+Data parallelism: launched under `torchrun`, the loop wraps the model in PyTorch's DistributedDataParallel and
+each rank takes every world-size-th sequence of the global batch, so N processes run the same optimisation as
+one process with the same `batch_size` (up to float summation order). Rank 0 alone shows progress and writes
+checkpoints. The model is replicated on every device (DDP, not FSDP).
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, Field
 
 from flexolmo.data import TokenStream
-from flexolmo.errors import CheckpointError, DataError
+from flexolmo.errors import CheckpointError, DataError, FlexOlmoError
 from flexolmo.fileio import atomic_directory
 from flexolmo.progress import progress_bar
 
@@ -158,6 +166,62 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a torch.distributed process group is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+@contextmanager
+def distributed_session(device: str) -> Iterator[str]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1) and yield this rank's device.
+
+    NCCL on CUDA (one GPU per rank, by LOCAL_RANK), gloo on CPU. Without torchrun this yields `device` and does
+    nothing else, so every command runs unchanged in one process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the others after it: work that writes a shared cache (tokenization) is then
+    done once, and the other ranks read it instead of racing to write it too."""
+    rank, world_size = world()
+    if world_size > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+
+
+def _no_progress(*_args, **_kwargs) -> None:
+    """The progress callback of ranks other than 0: one bar per run, not one per process."""
+
+
+def _mean_across_ranks(value: float, device: str) -> float:
+    if world()[1] == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total) / world()[1]
+
+
 def config_digest(payload: dict) -> str:
     """Short hash of a run's configuration: a checkpoint may only be resumed by the same configuration."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -236,6 +300,18 @@ def train(
             f"the training data has {stream.num_tokens} tokens, fewer than one sequence of {config.seq_len}; "
             "add data or lower --seq-len"
         )
+    rank, world_size = world()
+    if config.batch_size % world_size:
+        raise DataError(f"--batch-size {config.batch_size} does not split over {world_size} processes; use a "
+                        "multiple of the number of processes")
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if make_optimizer is not None:
+            raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
+        # Frozen tensors (the anchor) get no gradient hooks; only the trained ones are all-reduced.
+        model = DistributedDataParallel(model, device_ids=[torch.device(config.device).index]
+                                        if config.device.startswith("cuda") else None)
     params = [param for _, param in named_params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     if make_optimizer is not None:
@@ -253,14 +329,15 @@ def train(
     model.train()
     began = time.perf_counter()
     tokens_this_process = 0
-    with progress_bar(description, total=config.steps, start=start) as advance:
+    bar = progress_bar(description, total=config.steps, start=start) if rank == 0 else nullcontext(_no_progress)
+    with bar as advance:
         for step in range(start, config.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             optimizer.zero_grad(set_to_none=True)
             step_loss, micro_batches = 0.0, 0
             for micro in range(config.grad_accum):
-                indices = sampler.indices(step, micro)
+                indices = sampler.indices(step, micro)[rank::world_size]
                 if len(indices) == 0:  # a Poisson batch can be empty: nothing to learn from this draw
                     continue
                 batch = make_batch(stream, indices, config.seq_len, config.device)
@@ -268,7 +345,7 @@ def train(
                 (loss / config.grad_accum).backward()
                 step_loss += float(lm_loss)
                 micro_batches += 1
-            step_loss /= max(micro_batches, 1)
+            step_loss = _mean_across_ranks(step_loss / max(micro_batches, 1), config.device)
             if micro_batches:
                 if clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -280,6 +357,9 @@ def train(
             rate = tokens_this_process / max(time.perf_counter() - began, 1e-9)
             advance(1, status=f"loss {step_loss:.3f}  {rate:,.0f} tok/s")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest, hooks)
+                if rank == 0:
+                    _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest, hooks)
+                if world_size > 1:
+                    dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
     model.eval()
     return TrainResult(losses, tokens_this_process, time.perf_counter() - began, resumed_from=start)

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.expert import ExpertConfig, train_expert
     from flexolmo.privacy import DPConfig
     from flexolmo.progress import print_table
-    from flexolmo.training import OptimConfig
+    from flexolmo.training import OptimConfig, distributed_session
 
     config = ExpertConfig(
         anchor=Path(args.anchor), data=path_list(args.data), heldout=path_list(args.heldout), name=args.name,
@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
         if args.dp_epsilon is not None else None,
         optim=OptimConfig(**optim_kwargs(args)),
     )
-    manifest = train_expert(config, resume=args.resume)
+    with distributed_session(config.optim.device) as device:
+        config.optim.device = device
+        manifest = train_expert(config, resume=args.resume)
+    if not manifest:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     training = manifest["training"]
     print_table(f"expert {manifest['name']}", ["package", "tokens", "seconds", "held-out loss before",
                                                 "held-out loss after", "bits/byte after"],
