@@ -1,0 +1,92 @@
+"""A DP expert inside the merged model: does mixing public text into its DP batches keep its router row honest?
+
+    .venv/bin/python benchmarks/bench_dp_merge.py
+
+An owner's router row trained on its own text alone learns "prefer me" and takes tokens of every domain after
+the merge (issue 3); `--public-share` fixes that for ordinary experts and, since issue 6, works under DP. Here the
+`code` owner's DP expert (epsilon 8, the settings of `bench_privacy.py`: 60 steps, expected batch 32, lr 5e-4,
+delta 1e-6, router row from the public row) is trained with and without half of each batch public text, and
+each is merged at top-2 with the demo's other four experts (`runs/demo/experts`). Reported: held-out bits per
+byte per domain, and the share of each domain's tokens the code expert receives (mean over layers). The expert
+without public text is `runs/privacy/experts/code-dp8` when `bench_privacy.py` has run (same settings), else
+trained here. Results: a table and `benchmarks/results/dp_merge.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from flexolmo.evaluate import EvalSettings, evaluate_path
+from flexolmo.expert import ExpertConfig, train_expert
+from flexolmo.merge import merge
+from flexolmo.privacy import DPConfig
+from flexolmo.progress import console, print_table
+from flexolmo.training import OptimConfig
+
+RESULTS = Path(__file__).parent / "results" / "dp_merge.json"
+OTHERS = ("math", "legal", "biomedical", "literature")
+DOMAINS = ("public", "code", *OTHERS)
+
+
+def train_dp_code(data: Path, out: Path, public_share: float) -> Path:
+    if out.exists():
+        return out
+    console.rule(f"DP code expert, public share {public_share}")
+    optim = OptimConfig(steps=60, batch_size=32, seq_len=256, lr=5e-4, warmup_steps=6, checkpoint_every=20, seed=0)
+    train_expert(ExpertConfig(
+        anchor=data / "anchor", data=[data / "code.train.jsonl.gz"], heldout=[data / "code.heldout.jsonl.gz"],
+        name="code", out=out, router_init="public", eval_max_sequences=48, optim=optim,
+        public_data=[data / "public.train.jsonl.gz"] if public_share else [], public_share=public_share,
+        dp=DPConfig(epsilon=8.0, delta=1e-6)),
+        resume=(out.with_name(out.name + ".ckpt") / "checkpoint").exists())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
+    parser.add_argument("--demo-experts", type=Path, default=Path("runs/demo/experts"))
+    parser.add_argument("--privacy-work", type=Path, default=Path("runs/privacy"))
+    parser.add_argument("--work", type=Path, default=Path("runs/dp-merge"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    others = [args.demo_experts / name for name in OTHERS]
+    if not all((path / "manifest.json").exists() for path in [*others, args.demo_experts / "code"]):
+        sys.exit(f"error: the demo's experts are missing under {args.demo_experts}; run `flexolmo demo` first")
+    reused = args.privacy_work / "experts" / "code-dp8"
+    codes = {
+        "code expert without DP (the demo's)": args.demo_experts / "code",
+        "DP eps 8, owner text only": reused if reused.exists() else
+        train_dp_code(args.data_dir, args.work / "experts" / "code-dp8", 0.0),
+        "DP eps 8, half of each batch public": train_dp_code(args.data_dir, args.work / "experts" / "code-dp8-mix",
+                                                              0.5),
+    }
+    domains = {name: [args.data_dir / f"{name}.heldout.jsonl.gz"] for name in DOMAINS}
+    settings = EvalSettings(seq_len=256, max_sequences=48, split="all")
+    bits, code_share, privacy = {}, {}, {}
+    for label, package in codes.items():
+        merged = args.work / "merged" / package.name
+        if not merged.exists():
+            merge(args.data_dir / "anchor", [package, *others], merged, top_k=2)
+        result = evaluate_path(merged, domains, settings)
+        bits[label] = {name: score.bits_per_byte for name, score in result.domains.items()}
+        expert = json.loads((package / "manifest.json").read_text())["name"]  # "code", or "code-dp8" when reused
+        code_share[label] = {name: score.routing["mean_share"][expert] for name, score in result.domains.items()}
+        privacy[label] = json.loads((package / "manifest.json").read_text())["privacy"]["dp"]
+    print_table("held-out bits per byte, code expert + the demo's other four, top-2", ["code expert", *DOMAINS],
+                [[label, *[row[d] for d in DOMAINS]] for label, row in bits.items()])
+    print_table("share of each domain's tokens routed to the code expert", ["code expert", *DOMAINS],
+                [[label, *[row[d] for d in DOMAINS]] for label, row in code_share.items()])
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "command": "python " + shlex.join(sys.argv), "packages": {k: str(v) for k, v in codes.items()},
+        "bits_per_byte": bits, "code_expert_share": code_share, "dp": privacy}, indent=2) + "\n")
+    print(f"results: {args.results}")
+
+
+if __name__ == "__main__":
+    main()
