@@ -9,7 +9,9 @@ delta 1e-6, router row from the public row) is trained with and without half of 
 each is merged at top-2 with the demo's other four experts (`runs/demo/experts`). Reported: held-out bits per
 byte per domain, and the share of each domain's tokens the code expert receives (mean over layers). The expert
 without public text is `runs/privacy/experts/code-dp8` when `bench_privacy.py` has run (same settings), else
-trained here. Results: a table and `benchmarks/results/dp_merge.json`.
+trained here. A fourth expert adds the DP router statistic (`--router-init dp_mean_hidden`: the mean-hidden
+direction of a Poisson sample of ~1,024 owner sequences, released with noise multiplier 4 and charged to the
+same epsilon 8). Results: a table and `benchmarks/results/dp_merge.json`.
 """
 
 from __future__ import annotations
@@ -25,21 +27,25 @@ from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.merge import merge
 from flexolmo.privacy import DPConfig
 from flexolmo.progress import console, print_table
+from flexolmo.router_init import DP_ROUTER_INIT
 from flexolmo.training import OptimConfig
 
 RESULTS = Path(__file__).parent / "results" / "dp_merge.json"
 OTHERS = ("math", "legal", "biomedical", "literature")
 DOMAINS = ("public", "code", *OTHERS)
+# Poisson sample of ~1/3 of the code owner's 3,141 sequences for the DP router statistic (noise multiplier 4).
+ROUTER_SEQUENCES = 1024
 
 
-def train_dp_code(data: Path, out: Path, public_share: float) -> Path:
+def train_dp_code(data: Path, out: Path, public_share: float, router_init: str = "public") -> Path:
     if out.exists():
         return out
-    console.rule(f"DP code expert, public share {public_share}")
+    console.rule(f"DP code expert, public share {public_share}, router init {router_init}")
     optim = OptimConfig(steps=60, batch_size=32, seq_len=256, lr=5e-4, warmup_steps=6, checkpoint_every=20, seed=0)
     train_expert(ExpertConfig(
         anchor=data / "anchor", data=[data / "code.train.jsonl.gz"], heldout=[data / "code.heldout.jsonl.gz"],
-        name="code", out=out, router_init="public", eval_max_sequences=48, optim=optim,
+        name="code", out=out, router_init=router_init, router_init_sequences=ROUTER_SEQUENCES,
+        eval_max_sequences=48, optim=optim,
         public_data=[data / "public.train.jsonl.gz"] if public_share else [], public_share=public_share,
         dp=DPConfig(epsilon=8.0, delta=1e-6)),
         resume=(out.with_name(out.name + ".ckpt") / "checkpoint").exists())
@@ -64,6 +70,8 @@ def main() -> None:
         train_dp_code(args.data_dir, args.work / "experts" / "code-dp8", 0.0),
         "DP eps 8, half of each batch public": train_dp_code(args.data_dir, args.work / "experts" / "code-dp8-mix",
                                                               0.5),
+        "DP eps 8, half public, dp_mean_hidden row": train_dp_code(
+            args.data_dir, args.work / "experts" / "code-dp8-mix-dprow", 0.5, DP_ROUTER_INIT),
     }
     domains = {name: [args.data_dir / f"{name}.heldout.jsonl.gz"] for name in DOMAINS}
     settings = EvalSettings(seq_len=256, max_sequences=48, split="all")

@@ -134,3 +134,36 @@ def test_dp_mixes_public_text_without_changing_the_privacy_accounting(tiny_ancho
         indices = private.sampler.indices(step, 0)
         assert (indices >= owner_sequences).sum() == 2  # exactly the public draw
         assert (indices < owner_sequences).sum() == len(indices) - 2  # Poisson: any size
+
+
+def test_dp_router_row_is_a_noisy_mean_direction_charged_to_the_budget(tiny_anchor, corpora, tmp_path):
+    from flexolmo.privacy import calibrate_noise
+    from flexolmo.router_init import dp_mean_direction_rows, mean_direction_rows
+
+    anchor = load_anchor(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], anchor.tokenizer)
+    exact = mean_direction_rows(anchor.model, stream, 32, 10_000)
+    quiet, rate = dp_mean_direction_rows(anchor.model, stream, 32, 10_000, noise_multiplier=1e-6, seed=0)
+    noisy, _ = dp_mean_direction_rows(anchor.model, stream, 32, 10_000, noise_multiplier=1e3, seed=0)
+    assert rate == 1.0
+    cosine = [float(a @ b) for a, b in zip(exact, quiet)]
+    assert all(abs(float(row.norm()) - 1) < 1e-5 for row in quiet) and min(cosine) > 0.9
+    # Noise far above the sensitivity leaves no trace of the data.
+    assert max(abs(float(a @ b)) for a, b in zip(exact, noisy)) < 0.5
+
+    out = tmp_path / "dp-row"
+    manifest = train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=out,
+                                         router_init="dp_mean_hidden", router_init_sequences=10_000,
+                                         dp=DPConfig(epsilon=8.0, delta=1e-4, router_noise_multiplier=1.0),
+                                         optim=tiny_optim(steps=6)))
+    dp = manifest["privacy"]["dp"]
+    (release,) = dp["prior_releases"]
+    assert release == [1.0, 1.0, 1]  # every sequence, noise multiplier 1: a large share of the budget
+    assert 7.9 < dp["epsilon"] <= 8.0 + 1e-6
+    # The training noise pays for the router release: more of it than training alone would need.
+    assert dp["noise_multiplier"] > calibrate_noise(8.0, 1e-4, dp["sample_rate"], 6)
+    assert manifest["privacy"]["router_init"] == "dp_mean_hidden"
+    assert not manifest["privacy"]["router_row_from_private_data"]
+    with pytest.raises(PackageError, match="needs --dp-epsilon"):
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="x", out=tmp_path / "x",
+                                  router_init="dp_mean_hidden", optim=tiny_optim(steps=2)))

@@ -23,7 +23,8 @@ from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, 
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
-from flexolmo.router_init import READS_PRIVATE_DATA, initial_rows, load_public_rows
+from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
+                                  load_public_rows)
 from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
                                main_process_first, train)
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
@@ -162,7 +163,10 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     if config.dp and router_init in READS_PRIVATE_DATA:
         raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
-                           "--router-init public or random")
+                           f"--router-init {DP_ROUTER_INIT}, public or random")
+    if router_init == DP_ROUTER_INIT and not config.dp:
+        raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
+                           "--dp-epsilon (without DP use mean_hidden)")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
     work = config.out.with_name(config.out.name + ".ckpt")
@@ -183,8 +187,15 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         before = score_stream(anchor.model, heldout_stream, optim.seq_len,
                               max_sequences=config.eval_max_sequences, device=optim.device,
                               description="held-out (anchor)")
-    owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
-                              optim.seed)
+    prior_releases = []
+    if router_init == DP_ROUTER_INIT:
+        owner_rows, rate = dp_mean_direction_rows(anchor.model, owner_stream, optim.seq_len,
+                                                  config.router_init_sequences, config.dp.router_noise_multiplier,
+                                                  optim.seed)
+        prior_releases.append((config.dp.router_noise_multiplier, rate, 1))
+    else:
+        owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
+                                  optim.seed)
     torch.manual_seed(optim.seed)
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
     trainable = owner_trainable_parameters(model)
@@ -195,7 +206,8 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         # Under DP the owner's sequences are Poisson sampled; the public ones stay a fixed draw per step.
         public = MixedBatches(optim, sampler.ranges[1:], sampler.counts[1:]) if sampler else None
         private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
-                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public)
+                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public,
+                                           prior_releases)
         hooks.append(private.accountant)
     result: TrainResult = train(
         private.model if private else model, trainable, train_stream, optim, work,

@@ -14,13 +14,16 @@ What DP-SGD needs from the loop, and where it comes from:
 - the spent (epsilon, delta) after the steps actually taken, written into the package manifest.
 
 The router row: `mean_hidden` initialisation is a statistic of the private data outside the DP mechanism, so
-under DP the owner's row starts from the public row (`--router-init public`, the default under DP) or randomly,
-and is then trained under DP like every other trainable tensor.
+under DP the owner's row is either that statistic released through the Gaussian mechanism
+(`dp_mean_hidden`, a prior release that the accountant composes with training, see `calibrate_noise`), or
+the public row (the default under DP), or random; it is then trained under DP like every other trainable
+tensor.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +42,8 @@ class DPConfig(BaseModel):
     epsilon: float = Field(gt=0, description="target epsilon, spent over the planned steps")
     delta: float = Field(1e-5, gt=0, lt=1, description="target delta (keep it below 1 / training sequences)")
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping norm")
+    router_noise_multiplier: float = Field(
+        4.0, gt=0, description="noise of the DP router statistic (--router-init dp_mean_hidden), sensitivity 1")
 
 
 @dataclass
@@ -59,26 +64,65 @@ class PoissonBatches:
         return np.concatenate([private, self.public.indices(step, micro)])
 
 
-class PrivacyAccountant:
-    """Counts the steps taken (as a training hook) and reports the (epsilon, delta) they spent. It also owns the
-    noise generator, so that a resumed run draws the same noise as an uninterrupted one."""
+# One release through the Gaussian mechanism: (noise multiplier, sample rate, steps), Opacus' history format.
+Release = tuple[float, float, int]
 
-    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, seed: int):
+
+def spent_epsilon(releases: Sequence[Release], delta: float) -> float:
+    """Epsilon at `delta` of a sequence of releases, composed by the RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(releases)
+    return float(accountant.get_epsilon(delta)) if releases else 0.0
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
+                    prior: Sequence[Release] = ()) -> float:
+    """The smallest noise multiplier (to 1e-3) at which `steps` steps after the `prior` releases spend at most
+    `epsilon`: Opacus' accountant, searched by bisection."""
+    if prior and spent_epsilon(prior, delta) >= epsilon:
+        raise FlexOlmoError(f"the router statistic alone spends epsilon {spent_epsilon(prior, delta):.2f} of "
+                            f"{epsilon:g}; raise --dp-router-noise or --dp-epsilon")
+    low, high = 0.0, 1.0
+    while spent_epsilon([*prior, (high, sample_rate, steps)], delta) > epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise FlexOlmoError(f"cannot reach epsilon {epsilon:g} at delta {delta:g} in {steps} steps; raise "
+                                "epsilon or lower the steps")
+    while high - low > 1e-3:
+        middle = (low + high) / 2
+        if spent_epsilon([*prior, (middle, sample_rate, steps)], delta) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+class PrivacyAccountant:
+    """Counts the steps taken (as a training hook) and reports the (epsilon, delta) they and the `prior`
+    releases spent. It also owns the noise generator, so that a resumed run draws the same noise as an
+    uninterrupted one."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, seed: int,
+                 prior: Sequence[Release] = ()):
         from opacus.accountants import RDPAccountant
 
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.delta = delta
+        self.prior = list(prior)
         self.steps = 0
         self.noise_generator = torch.Generator().manual_seed(seed)
         self._accountant = RDPAccountant()
+        self._accountant.history = list(self.prior)
 
     def after_optimizer_step(self, step: int) -> None:
         self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
 
     def epsilon(self) -> float:
-        return float(self._accountant.get_epsilon(self.delta)) if self.steps else 0.0
+        return float(self._accountant.get_epsilon(self.delta)) if self._accountant.history else 0.0
 
     def state(self) -> dict:
         return {"steps": self.steps, "noise_generator": self.noise_generator.get_state().tolist()}
@@ -124,6 +168,7 @@ class PrivateTraining:
             "max_grad_norm": self.config.max_grad_norm,
             "sample_rate": self.sampler.sample_rate,
             "steps": self.accountant.steps,
+            "prior_releases": [list(release) for release in self.accountant.prior],
             "accountant": ACCOUNTANT,
             "opacus": opacus.__version__,
         }
@@ -131,13 +176,13 @@ class PrivateTraining:
 
 def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_sequences: int, batch_size: int,
                              steps: int, grad_accum: int, seed: int,
-                             public: MixedBatches | None = None) -> PrivateTraining:
+                             public: MixedBatches | None = None, prior: Sequence[Release] = ()) -> PrivateTraining:
     """Wrap `model` for per-sample gradients and calibrate the noise for `steps` Poisson-sampled steps.
 
     `batch_size` is the expected batch: `public`'s sequences per step plus, in expectation, the owner's
-    (`num_sequences` of them, at the start of the stream)."""
+    (`num_sequences` of them, at the start of the stream). `prior` are releases made before training (the DP
+    router statistic); the noise is calibrated so that they and the training together spend `config.epsilon`."""
     from opacus import GradSampleModule
-    from opacus.accountants.utils import get_noise_multiplier
 
     # Expected here, and not actionable by a user: frozen inputs (token embeddings) under Opacus' backward hooks,
     # and RDP picking its largest order for small sample rates.
@@ -155,17 +200,12 @@ def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_seque
         raise FlexOlmoError(f"--dp-delta {config.delta:g} is not below 1/N = {1 / num_sequences:.2g} (N = "
                             f"{num_sequences} training sequences); a meaningful delta is smaller")
     sample_rate = private_batch / num_sequences
-    try:
-        noise = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
-                                     sample_rate=sample_rate, steps=steps, accountant=ACCOUNTANT)
-    except ValueError as error:
-        raise FlexOlmoError(f"cannot reach epsilon {config.epsilon:g} at delta {config.delta:g} in {steps} "
-                            f"steps ({error}); raise epsilon or lower the steps") from None
+    noise = calibrate_noise(config.epsilon, config.delta, sample_rate, steps, prior)
     return PrivateTraining(
         config=config,
         model=GradSampleModule(model, batch_first=True, loss_reduction="mean"),
         sampler=PoissonBatches(num_sequences, sample_rate, seed, public),
-        accountant=PrivacyAccountant(noise, sample_rate, config.delta, seed),
+        accountant=PrivacyAccountant(noise, sample_rate, config.delta, seed, prior),
         noise_multiplier=noise,
         expected_batch_size=batch_size,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flexolmo.anchor import PUBLIC_ROUTER_FILE
@@ -57,6 +58,54 @@ def mean_ffn_inputs(
     return [total / count for total, count in zip(sums, counts)]
 
 
+@torch.no_grad()
+def dp_mean_direction_rows(model: torch.nn.Module, stream: TokenStream, seq_len: int, max_sequences: int,
+                           noise_multiplier: float, seed: int,
+                           batch_size: int = 8) -> tuple[list[torch.Tensor], float]:
+    """Per layer, the direction of the mean FFN input over the owner's sequences, released with the Gaussian
+    mechanism: each sequence contributes its per-layer mean input as a unit vector scaled by 1/sqrt(layers), so
+    one sequence moves the concatenated sum by exactly norm 1 (the sensitivity), and Gaussian noise of standard
+    deviation `noise_multiplier` is added to every coordinate of the sum. The sequences are a Poisson sample
+    (rate q = max_sequences / N, each sequence decided on its own), so the selection does not depend on the
+    other sequences. Returns the rows and q: the release costs one DP-SGD-like step (noise multiplier, q), which
+    `privacy.prepare_private_training` composes with the training steps.
+    """
+    total_sequences = stream.num_sequences(seq_len)
+    if total_sequences < 1:
+        raise DataError(f"too little data to initialise the router ({stream.num_tokens} tokens)")
+    sample_rate = min(1.0, max_sequences / total_sequences)
+    draws = np.random.default_rng([seed, 0xD90]).random(total_sequences)
+    picks = np.flatnonzero(draws < sample_rate).tolist()
+    layers = decoder_layers(model)
+    scale = len(layers) ** -0.5
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+
+    def capture(index: int):
+        def hook(_module, args):
+            per_sequence = args[0].detach().float().mean(dim=1)  # (batch, hidden)
+            contribution = (per_sequence / per_sequence.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale).sum(0)
+            sums[index] = contribution if sums[index] is None else sums[index] + contribution
+
+        return hook
+
+    handles = [layer.mlp.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        for first in range(0, len(picks), batch_size):
+            rows = [torch.from_numpy(stream.sequence(i, seq_len)[:-1]) for i in picks[first : first + batch_size]]
+            model(input_ids=torch.stack(rows).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden = model.config.hidden_size
+    generator = torch.Generator().manual_seed(seed + 0x5EED)
+    # An empty Poisson sample leaves the sum at zero: the noise alone is released, as the mechanism requires.
+    noisy = [(torch.zeros(hidden) if total is None else total.cpu())
+             + torch.randn(hidden, generator=generator) * noise_multiplier for total in sums]
+    return [row / row.norm().clamp_min(1e-6) for row in noisy], sample_rate
+
+
 def mean_direction_rows(model, stream: TokenStream, seq_len: int, max_sequences: int) -> list[torch.Tensor]:
     """Per layer, the unit vector along the mean FFN input.
 
@@ -94,6 +143,9 @@ ROUTER_INITS: dict[str, RowInit] = {
 }
 # Initialisations that read the owner's data outside any privacy mechanism.
 READS_PRIVATE_DATA = frozenset({"mean_hidden"})
+# mean_hidden released through the Gaussian mechanism (`dp_mean_direction_rows`); only under DP training, whose
+# accountant charges it, so it is not in the registry of data-only initialisations above.
+DP_ROUTER_INIT = "dp_mean_hidden"
 
 
 def initial_rows(name: str, anchor, stream: TokenStream, seq_len: int, max_sequences: int, seed: int):

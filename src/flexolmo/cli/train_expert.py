@@ -9,7 +9,7 @@ from flexolmo.cli.common import add_data_flags, add_optim_flags, optim_kwargs, p
 
 
 def register(subparsers, name: str) -> None:
-    from flexolmo.router_init import ROUTER_INITS
+    from flexolmo.router_init import DP_ROUTER_INIT, ROUTER_INITS
 
     parser = subparsers.add_parser(name, help="train an expert on your own data and write its package",
                                    description=__doc__)
@@ -20,7 +20,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--out", required=True, help="package directory to write (must not exist)")
     add_data_flags(parser)
     method = parser.add_argument_group("method")
-    method.add_argument("--router-init", default=None, choices=sorted(ROUTER_INITS),
+    method.add_argument("--router-init", default=None, choices=sorted([*ROUTER_INITS, DP_ROUTER_INIT]),
                         help="initialisation of your router row (default: mean_hidden; public under DP)")
     method.add_argument("--router-init-sequences", type=int, default=64, help="sequences averaged for the row")
     method.add_argument("--public-data", nargs="*", default=[], help="public text mixed into your batches")
@@ -33,6 +33,8 @@ def register(subparsers, name: str) -> None:
     privacy.add_argument("--dp-epsilon", type=float, default=None, help="train with DP-SGD to this epsilon")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
     privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
+    privacy.add_argument("--dp-router-noise", type=float, default=4.0,
+                         help="noise multiplier of the dp_mean_hidden router row (default 4.0)")
     add_optim_flags(parser, steps=200, lr=1e-3, batch_size=8, seq_len=256)
     parser.set_defaults(run=run)
 
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         router_init_sequences=args.router_init_sequences, negative_bias=args.negative_bias,
         z_loss_coef=args.z_loss, eval_max_sequences=args.eval_max_sequences,
         public_data=path_list(args.public_data), public_share=args.public_share,
-        dp=DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_max_grad_norm)
+        dp=DPConfig(epsilon=args.dp_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_max_grad_norm,
+                    router_noise_multiplier=args.dp_router_noise)
         if args.dp_epsilon is not None else None,
         optim=OptimConfig(**optim_kwargs(args)),
     )
