@@ -24,22 +24,16 @@ RANDOM_ROW_STD = 0.02
 
 
 @torch.no_grad()
-def mean_ffn_inputs(
-    model: torch.nn.Module, stream: TokenStream, seq_len: int, max_sequences: int, batch_size: int = 8
-) -> list[torch.Tensor]:
-    """Per layer, the mean over tokens of the FFN's input on up to `max_sequences` sequences of `stream`."""
-    num_sequences = min(stream.num_sequences(seq_len), max_sequences)
-    if num_sequences < 1:
-        raise DataError(f"too little data to initialise the router ({stream.num_tokens} tokens)")
+def summed_ffn_inputs(model: torch.nn.Module, stream: TokenStream, picks: list[int], seq_len: int,
+                      reduce: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
+    """Per layer, the sum over the `picks` sequences' batches of `reduce(FFN input)`, where the input is a
+    (batch, seq_len, hidden) float tensor and `reduce` returns a (hidden,) tensor. Zeros when `picks` is empty."""
     layers = decoder_layers(model)
-    sums = [None] * len(layers)
-    counts = [0] * len(layers)
+    sums = [torch.zeros(model.config.hidden_size) for _ in layers]
 
     def capture(index: int):
         def hook(_module, args):
-            hidden = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[index] = hidden.sum(0) if sums[index] is None else sums[index] + hidden.sum(0)
-            counts[index] += hidden.shape[0]
+            sums[index] += reduce(args[0].detach().float()).cpu()
 
         return hook
 
@@ -47,21 +41,29 @@ def mean_ffn_inputs(
     device = next(model.parameters()).device
     try:
         model.eval()
-        # Spread the samples over the whole stream rather than taking its head.
-        picks = torch.linspace(0, stream.num_sequences(seq_len) - 1, num_sequences).long().tolist()
         for first in range(0, len(picks), batch_size):
             rows = [torch.from_numpy(stream.sequence(i, seq_len)[:-1]) for i in picks[first : first + batch_size]]
             model(input_ids=torch.stack(rows).to(device))
     finally:
         for handle in handles:
             handle.remove()
-    return [total / count for total, count in zip(sums, counts)]
+    return sums
 
 
-@torch.no_grad()
+def mean_ffn_inputs(model: torch.nn.Module, stream: TokenStream, seq_len: int,
+                    max_sequences: int) -> list[torch.Tensor]:
+    """Per layer, the mean over tokens of the FFN's input on up to `max_sequences` sequences of `stream`."""
+    num_sequences = min(stream.num_sequences(seq_len), max_sequences)
+    if num_sequences < 1:
+        raise DataError(f"too little data to initialise the router ({stream.num_tokens} tokens)")
+    # Spread the samples over the whole stream rather than taking its head.
+    picks = torch.linspace(0, stream.num_sequences(seq_len) - 1, num_sequences).long().tolist()
+    sums = summed_ffn_inputs(model, stream, picks, seq_len, lambda hidden: hidden.sum(dim=(0, 1)))
+    return [total / (len(picks) * seq_len) for total in sums]
+
+
 def dp_mean_direction_rows(model: torch.nn.Module, stream: TokenStream, seq_len: int, max_sequences: int,
-                           noise_multiplier: float, seed: int,
-                           batch_size: int = 8) -> tuple[list[torch.Tensor], float]:
+                           noise_multiplier: float, seed: int) -> tuple[list[torch.Tensor], float]:
     """Per layer, the direction of the mean FFN input over the owner's sequences, released with the Gaussian
     mechanism: each sequence contributes its per-layer mean input as a unit vector scaled by 1/sqrt(layers), so
     one sequence moves the concatenated sum by exactly norm 1 (the sensitivity), and Gaussian noise of standard
@@ -76,33 +78,16 @@ def dp_mean_direction_rows(model: torch.nn.Module, stream: TokenStream, seq_len:
     sample_rate = min(1.0, max_sequences / total_sequences)
     draws = np.random.default_rng([seed, 0xD90]).random(total_sequences)
     picks = np.flatnonzero(draws < sample_rate).tolist()
-    layers = decoder_layers(model)
-    scale = len(layers) ** -0.5
-    sums: list[torch.Tensor | None] = [None] * len(layers)
+    scale = len(decoder_layers(model)) ** -0.5
 
-    def capture(index: int):
-        def hook(_module, args):
-            per_sequence = args[0].detach().float().mean(dim=1)  # (batch, hidden)
-            contribution = (per_sequence / per_sequence.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale).sum(0)
-            sums[index] = contribution if sums[index] is None else sums[index] + contribution
+    def unit_sequence_means(hidden: torch.Tensor) -> torch.Tensor:
+        per_sequence = hidden.mean(dim=1)
+        return (per_sequence / per_sequence.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale).sum(0)
 
-        return hook
-
-    handles = [layer.mlp.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        model.eval()
-        for first in range(0, len(picks), batch_size):
-            rows = [torch.from_numpy(stream.sequence(i, seq_len)[:-1]) for i in picks[first : first + batch_size]]
-            model(input_ids=torch.stack(rows).to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    hidden = model.config.hidden_size
+    sums = summed_ffn_inputs(model, stream, picks, seq_len, unit_sequence_means)
     generator = torch.Generator().manual_seed(seed + 0x5EED)
-    # An empty Poisson sample leaves the sum at zero: the noise alone is released, as the mechanism requires.
-    noisy = [(torch.zeros(hidden) if total is None else total.cpu())
-             + torch.randn(hidden, generator=generator) * noise_multiplier for total in sums]
+    # An empty Poisson sample leaves the sums at zero: the noise alone is released, as the mechanism requires.
+    noisy = [total + torch.randn(total.shape, generator=generator) * noise_multiplier for total in sums]
     return [row / row.norm().clamp_min(1e-6) for row in noisy], sample_rate
 
 
