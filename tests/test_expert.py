@@ -90,9 +90,9 @@ def test_package_contents_and_round_trip(code_expert, tiny_anchor):
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(load_anchor(tiny_anchor).tokenizer)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flexolmo", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), **(env or {})})
 
 
 def damaged_copy(source: Path, target: Path) -> Path:
@@ -144,7 +144,10 @@ def test_verify_reports_each_problem_in_one_line(code_expert, tiny_anchor, tmp_p
 def test_inspect_shows_the_manifest(code_expert):
     result = run_cli("inspect", str(code_expert), "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["name"] == "code"
-    assert "held-out loss" in run_cli("inspect", str(code_expert)).stdout
+    shown = run_cli("inspect", str(code_expert), env={"COLUMNS": "200"}).stdout
+    assert "held-out loss" in shown
+    # The default router row reads the owner's data outside DP, and inspect says so.
+    assert "mean_hidden (a statistic of the training data, not covered by DP)" in shown
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_anchor, corpora, tmp_path):

@@ -35,11 +35,21 @@ def run(args: argparse.Namespace) -> int:
         ["held-out loss before -> after",
          f"{training.get('heldout_loss_before', float('nan')):.4f} -> {training.get('heldout_loss_after', float('nan')):.4f}"],
         ["differential privacy", "none" if not dp else f"epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.3g}"],
+        ["router row", _router_row(manifest.get("privacy", {}))],
         ["created", manifest.get("created", "-")],
         ["flexolmo version", manifest.get("versions", {}).get("flexolmo", "-")],
     ]
     print_table(str(package.path), ["field", "value"], rows)
     return 0
+
+
+def _router_row(privacy: dict) -> str:
+    """How the router row started, and whether that read private data outside any DP mechanism."""
+    init = privacy.get("router_init", "-")
+    if privacy.get("router_row_from_private_data"):
+        return f"{init} (a statistic of the training data, not covered by DP)"
+    releases = (privacy.get("dp") or {}).get("prior_releases") or []
+    return f"{init} (released under DP, counted in epsilon)" if releases else init
 
 
 def _numel(shape: list[int]) -> int:
