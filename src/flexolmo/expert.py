@@ -149,7 +149,7 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tu
     if not 0 < public_count < batch:
         raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
                         "sequence; change --batch-size or --public-share")
-    owner_sequences = owner_stream.num_tokens // seq_len
+    owner_sequences = owner_stream.num_sequences(seq_len)
     ranges = [(0, owner_sequences), (owner_sequences, stream.num_sequences(seq_len))]
     return stream, MixedBatches(config.optim, ranges, [batch - public_count, public_count])
 

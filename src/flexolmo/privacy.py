@@ -122,7 +122,7 @@ class PrivacyAccountant:
         self.steps += 1
 
     def epsilon(self) -> float:
-        return float(self._accountant.get_epsilon(self.delta)) if self._accountant.history else 0.0
+        return spent_epsilon(self._accountant.history, self.delta)
 
     def state(self) -> dict:
         return {"steps": self.steps, "noise_generator": self.noise_generator.get_state().tolist()}

@@ -12,7 +12,8 @@ def add_optim_flags(
     """Optimisation flags, mirroring `flexolmo.training.OptimConfig`."""
     group = parser.add_argument_group("optimisation")
     group.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    group.add_argument("--batch-size", type=int, default=batch_size, help="sequences per micro-batch, over all processes under torchrun")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help="sequences per micro-batch, over all processes under torchrun")
     group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     group.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training sequence")
     group.add_argument("--lr", type=float, default=lr, help="peak learning rate (warmup, then cosine)")
