@@ -45,6 +45,11 @@ def progress_bar(
         yield advance
 
 
+def announce_output(what: str, path: object) -> None:
+    """Say where an artefact went, on its own line of stdout, so a user can find every output of a command."""
+    Console(soft_wrap=True).print(f"wrote {what}: {path}", highlight=False)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print a results table to stdout."""
     table = Table(title=title)
