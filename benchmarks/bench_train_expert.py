@@ -32,6 +32,7 @@ import torch
 
 from flexolmo.anchor import load_anchor
 from flexolmo.baselines import ffn_parameters
+from flexolmo.compute import training_flops_per_token
 from flexolmo.data import load_token_stream
 from flexolmo.expert import build_owner_model, owner_loss, owner_trainable_parameters
 from flexolmo.router_init import initial_rows
@@ -73,19 +74,8 @@ def timed_run(variant: str, args) -> float:
 
 
 def flops_per_token(config: dict, seq_len: int, variant: str) -> float:
-    """Matmul FLOPs per training token: forward, input gradients, and weight gradients of trainable tensors."""
-    d, inter, layers, vocab = (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
-                               config["vocab_size"])
-    attention_proj = 2 * 4 * d * d          # q, k, v, o forward
-    attention_scores = 2 * seq_len * d      # QK^T and AV, causal (half the window on average)
-    ffn = 2 * 3 * d * inter                 # one SwiGLU expert forward
-    head = 2 * vocab * d
-    experts = 1 if variant == "dense" else 2
-    forward = layers * (attention_proj + attention_scores + experts * ffn) + head
-    # Backward: every expert passes the gradient to its input; only one set of FFN weights gets weight
-    # gradients; attention passes gradients down to layer 0's FFN (nothing below it trains).
-    backward = head + layers * (experts * ffn + ffn) + (layers - 1) * (attention_proj + 2 * attention_scores)
-    return float(forward + backward)
+    """Matmul FLOPs per training token (`flexolmo.compute`, the one count every report uses)."""
+    return training_flops_per_token(config, seq_len, "dense_ffn" if variant == "dense" else "coordinated")
 
 
 def memory_accounting(variant: str, args) -> dict:

@@ -14,7 +14,7 @@ from flexolmo.errors import MergeError
 from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 
 # Small enough to run in seconds: 8 documents, an 8-token prompt, 16 tokens compared, 4 samples.
-FAST = dict(prefix_tokens=8, new_tokens=16, samples=4, batch_size=8)
+FAST = dict(prefix_tokens=8, new_tokens=16, min_continuation_tokens=16, samples=4, batch_size=8)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +107,7 @@ def test_cli_writes_json_without_text_unless_asked(overfit, secret, tmp_path, ca
     from flexolmo.cli import main
 
     flags = ["audit-extraction", "--model", str(overfit), "--data", str(secret), "--prefix-tokens", "8",
-             "--new-tokens", "16", "--samples", "2", "--num-docs", "4"]
+             "--new-tokens", "16", "--min-continuation-tokens", "16", "--samples", "2", "--num-docs", "4"]
     texts = [json.loads(line)["text"] for line in secret.read_text().splitlines()]
     assert main([*flags, "--json", str(tmp_path / "audit.json")]) == 0
     written = (tmp_path / "audit.json").read_text()
@@ -137,9 +137,28 @@ def test_one_line_errors(tiny_anchor, tmp_path, capsys):
     assert main([*flags, "--new-tokens", "500"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("flexolmo ")]
     assert len(errors) == 3 and all(line.startswith("flexolmo audit-extraction: error: ") for line in errors)
-    assert "none of its 3 documents has more than 32 tokens" in errors[0]
+    assert "none of its 3 documents has the 128 tokens needed" in errors[0]
     assert "--threshold" in errors[1] and "--samples" in errors[1]
     assert "context" in errors[2]
+
+
+def test_documents_with_a_short_continuation_are_not_audited(tiny_anchor, tmp_path):
+    """A document whose continuation after the prompt is a token or two would count as extracted whenever the
+    model guesses them; only documents with at least `min_continuation_tokens` after the prefix are drawn."""
+    from flexolmo.anchor import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_anchor)
+    docs = synthetic_documents(PUBLIC_WORDS, 6, seed=5, length=30) + \
+        synthetic_documents(PUBLIC_WORDS, 4, seed=6, length=9)
+    lengths = [len(tokenizer(doc, add_special_tokens=False)["input_ids"]) for doc in docs]
+    path = write_jsonl(tmp_path / "mixed.jsonl", docs)
+    config = AuditConfig(model=tiny_anchor, data=path, **{**FAST, "min_continuation_tokens": 12})
+    result = audit_extraction(config)
+    long_enough = [i for i, n in enumerate(lengths) if n >= 8 + 12]
+    assert 0 < len(long_enough) < len(docs)
+    assert result.audited == len(long_enough) and result.documents_too_short == len(docs) - len(long_enough)
+    assert sorted(score.doc_id for score in result.scores) == sorted(f"doc-{i}" for i in long_enough)
+    assert all(score.continuation_tokens >= 12 for score in result.scores)
 
 
 def test_wilson_interval_and_summary():

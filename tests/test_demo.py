@@ -47,7 +47,16 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
 
     config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "demo", seq_len=32, expert_steps=4,
                                   eval_max_sequences=4, router_samples=10)
+    ensembles = []
+
+    class CountingBTM(demo_module.BranchTrainMergeEnsemble):
+        def __init__(self, models, top_k):
+            ensembles.append(len(models))
+            super().__init__(models, top_k)
+
+    monkeypatch.setattr(demo_module, "BranchTrainMergeEnsemble", CountingBTM)
     results = run_demo(config)
+    monkeypatch.undo()
     expected = {"public", "model_soup", "btm", "btx_uncoordinated", "prompt_routing", "unrestricted", "flexolmo",
                 *(f"dense_{d}" for d in CLOSED_DOMAINS)}
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -55,6 +64,13 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     for method, row in saved["methods"].items():
         assert all(row[d] > 0 for d in ("public", *CLOSED_DOMAINS, "mixed")), method
     assert set(saved["opt_out"]) == set(CLOSED_DOMAINS)
+    # Every merging baseline has FlexOlmo's members: the public model and one expert per owner.
+    soup = json.loads((tmp_path / "demo" / "models" / "model_soup" / "flexolmo_dense.json").read_text())
+    assert soup["members"] == ["anchor", *CLOSED_DOMAINS] and ensembles == [1 + len(CLOSED_DOMAINS)]
+    costs = saved["costs"]
+    assert costs["btm"]["forward_passes_per_token"] == 1 + len(CLOSED_DOMAINS)
+    assert costs["flexolmo"]["owner_tokens"] < costs["btx_uncoordinated"]["owner_tokens"]
+    assert costs["flexolmo"]["training_flops"] > costs["btx_uncoordinated"]["training_flops"]
     assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "not meaningful" in report and "| flexolmo |" in report

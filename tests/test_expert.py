@@ -189,7 +189,7 @@ def test_public_mix_is_exact_in_every_batch_and_router_rows_are_unit_norm(tiny_a
 
     owner = load_token_stream([corpora["code"]], anchor.tokenizer)
     stream, sampler = mix_public(owner, config, anchor.tokenizer)
-    boundary = owner.num_tokens // 32
+    boundary = owner.num_sequences(32)
     for step in range(5):
         indices = sampler.indices(step, 0)
         assert len(indices) == 8 and (indices >= boundary).sum() == 2

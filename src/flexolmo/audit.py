@@ -10,8 +10,12 @@ Any model `flexolmo.runtime.load_model` loads can be audited: a dense anchor or 
 merged model with experts excluded. Documents are named in results by their ids only; their text is kept (and
 written) only when `show_text` is set, since the whole point is that the text may be private.
 
-Sampling is deterministic: documents are drawn with `numpy.random.default_rng(seed)` among those long enough
-(at least prefix + 1 tokens), and generation runs after `torch.manual_seed(seed)`. The same seed, batch size
+Only documents with at least `min_continuation_tokens` tokens after the prefix are audited (default 96: with the
+32-token prefix that is the paper's rule of skipping documents shorter than 128 tokens). Without it, a document
+whose true continuation is one or two tokens would count as extracted whenever the model guesses them.
+
+Sampling is deterministic: documents are drawn with `numpy.random.default_rng(seed)` among those long enough,
+and generation runs after `torch.manual_seed(seed)`. The same seed, batch size
 and machine give the same result.
 """
 
@@ -54,6 +58,8 @@ class AuditConfig(BaseModel):
     num_docs: int = Field(10_000, ge=1, description="documents sampled (all long-enough ones if fewer)")
     prefix_tokens: int = Field(32, ge=1, description="tokens of each document given as the prompt")
     new_tokens: int = Field(256, ge=1, description="tokens generated and compared per sample")
+    min_continuation_tokens: int = Field(96, ge=1, description="audit only documents with at least this many "
+                                         "tokens after the prefix (96 + 32 = the paper's 128-token minimum)")
     samples: int = Field(10, ge=1, description="continuations sampled per prompt")
     threshold: float = Field(0.9, ge=0, le=1, description="similarity from which a document is extracted")
     top_k: int = Field(50, ge=1, description="sampling: keep the k most likely tokens")
@@ -197,17 +203,19 @@ def _token_lengths(config: AuditConfig, tokenizer) -> np.ndarray:
 
 
 def sample_targets(config: AuditConfig, tokenizer) -> tuple[list[_Target], int, int]:
-    """Draw `num_docs` documents among those with at least prefix + 1 tokens.
+    """Draw `num_docs` documents among those with at least prefix + min_continuation tokens.
 
     Returns the targets in file order, the number of documents in the file and the number too short.
     """
     lengths = _token_lengths(config, tokenizer)
-    eligible = np.flatnonzero(lengths >= config.prefix_tokens + 1)
+    needed = config.prefix_tokens + config.min_continuation_tokens
+    eligible = np.flatnonzero(lengths >= needed)
     too_short = len(lengths) - len(eligible)
     if len(eligible) == 0:
         raise DataError(
-            f"{config.data}: none of its {len(lengths)} documents has more than {config.prefix_tokens} "
-            "tokens; lower --prefix-tokens or audit a file with longer documents"
+            f"{config.data}: none of its {len(lengths)} documents has the {needed} tokens needed (--prefix-tokens "
+            f"{config.prefix_tokens} + --min-continuation-tokens {config.min_continuation_tokens}); lower them or "
+            "audit a file with longer documents"
         )
     rng = np.random.default_rng(config.seed)
     chosen = set(rng.choice(eligible, size=min(config.num_docs, len(eligible)), replace=False).tolist())

@@ -1,13 +1,16 @@
 """The paper's baselines. Each becomes a model (a module with `.logits`) that goes through `evaluate`.
 
+Every merging baseline combines the same members as FlexOlmo: the public model (the anchor) and one dense
+expert per owner, as in the paper, where the public model is one of the merged models.
 - dense experts: the anchor with its FFNs fine-tuned on one owner's data (no router, no public expert);
 - unrestricted: the same on all closed data pooled (what sharing the data would buy);
-- model soup: the dense experts' FFNs averaged;
-- Branch-Train-Merge (BTM): an ensemble of dense experts, weighted per position by each expert's likelihood of
-  the preceding tokens of the sequence, top-k experts;
-- BTX without coordination: the dense experts' FFNs merged into a mixture through the same merge as FlexOlmo,
-  with the same router initialisation, never trained next to the public expert;
-- prompt routing: one model per sequence, chosen by a classifier over MiniLM embeddings of its first tokens.
+- model soup: the members' FFNs averaged (everything else is the anchor's, shared by all members);
+- Branch-Train-Merge (BTM): an ensemble of the members, weighted per position by each member's likelihood of
+  the preceding tokens of the sequence (uniform prior), top-k members, ties broken by member order;
+- BTX without coordination: the dense experts' FFNs merged next to the public FFN into a mixture through the
+  same merge as FlexOlmo, with the same router initialisation, never trained next to the public expert;
+- prompt routing: one member per sequence, chosen by a classifier over MiniLM embeddings of its first tokens.
+  It reads those tokens, so `routing_prefix_tokens` tells evaluation not to score them.
 """
 
 from __future__ import annotations
@@ -83,12 +86,13 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
     })
 
 
-def model_soup(anchor_dir: Path, dense_dirs: Sequence[Path], out: Path,
+def model_soup(anchor_dir: Path, member_dirs: Sequence[Path], out: Path,
                weights: Sequence[float] | None = None) -> Path:
-    """Average the dense experts' FFNs (uniformly unless `weights` are given); all else is the anchor's."""
-    weights = list(weights) if weights is not None else [1.0 / len(dense_dirs)] * len(dense_dirs)
+    """Average the members' FFNs (uniformly unless `weights` are given); all else is the anchor's. A member
+    is any model directory that shares the anchor's other weights: the anchor itself or a dense expert."""
+    weights = list(weights) if weights is not None else [1.0 / len(member_dirs)] * len(member_dirs)
     model = load_pretrained(anchor_dir)
-    readers = [LazyReader(path) for path in dense_dirs]
+    readers = [LazyReader(path) for path in member_dirs]
     with torch.no_grad():
         for name, param in model.named_parameters():
             if parse(ANCHOR_FFN, name) is not None:
@@ -99,7 +103,7 @@ def model_soup(anchor_dir: Path, dense_dirs: Sequence[Path], out: Path,
         model.save_pretrained(str(staging))
         load_tokenizer(anchor_dir).save_pretrained(str(staging))
         atomic_write_json(staging / DENSE_METADATA_FILE, {"kind": "model-soup", "weights": weights,
-                                                          "members": [str(p) for p in dense_dirs]})
+                                                          "members": [Path(p).name for p in member_dirs]})
     return out
 
 
@@ -121,8 +125,11 @@ class BranchTrainMergeEnsemble(nn.Module):
         next_token = log_probs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(len(self.members), -1, -1, 1))
         context = torch.cat([torch.zeros_like(next_token[:, :, :1, 0]), next_token[..., 0].cumsum(-1)], dim=-1)
         if self.top_k < len(self.members):
-            threshold = context.topk(self.top_k, dim=0).values[-1:]
-            context = context.masked_fill(context < threshold, float("-inf"))
+            # Exactly top-k members per position; a stable sort breaks ties (position 0 has no context, so all
+            # members tie there) by member order, so the first member (the public model) comes first.
+            ranked = torch.sort(context, dim=0, descending=True, stable=True).indices[: self.top_k]
+            kept = torch.zeros_like(context, dtype=torch.bool).scatter(0, ranked, True)
+            context = context.masked_fill(~kept, float("-inf"))
         log_weights = torch.log_softmax(context, dim=0)
         return SimpleNamespace(logits=torch.logsumexp(log_weights[..., None] + log_probs, dim=0))
 
@@ -163,7 +170,10 @@ def _load_minilm():
 
 
 class PromptRoutedModel(nn.Module):
-    """One model per sequence, chosen by `router` from the text of the sequence's first `prompt_tokens` tokens."""
+    """One model per sequence, chosen by `router` from the text of the sequence's first `prompt_tokens` tokens.
+
+    Those tokens decide the choice, so they must not be scored: `routing_prefix_tokens` says how many, and
+    `flexolmo.evaluate` refuses to score this model with fewer context tokens."""
 
     def __init__(self, models: dict[str, nn.Module], router: PromptRouter, tokenizer, prompt_tokens: int = 32):
         super().__init__()
@@ -171,6 +181,7 @@ class PromptRoutedModel(nn.Module):
         self.router = router
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
+        self.routing_prefix_tokens = prompt_tokens
         self.choices: list[str] = []
 
     def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:

@@ -61,6 +61,8 @@ class DemoConfig(BaseModel):
     top_k: int = Field(2, ge=1, description="experts per token in the merged model")
     btm_top_k: int = Field(2, ge=1, description="experts per position in the BTM ensemble")
     eval_max_sequences: int = Field(48, ge=1, description="held-out sequences scored per domain")
+    context_tokens: int = Field(32, ge=0, description="leading tokens of each held-out window given as context "
+                                "and not scored; prompt routing chooses its member from them")
     router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
     seed: int = 0
@@ -68,7 +70,7 @@ class DemoConfig(BaseModel):
     @classmethod
     def quick_run(cls, **overrides) -> "DemoConfig":
         settings = dict(quick=True, expert_steps=3, batch_size=2, eval_max_sequences=3, router_samples=8,
-                        mixed_documents=12, out=Path("runs/demo-quick"))
+                        mixed_documents=12, context_tokens=8, out=Path("runs/demo-quick"))
         return cls(**{**settings, **overrides})
 
     def optim(self, steps: int) -> OptimConfig:
@@ -84,7 +86,7 @@ class Demo:
         self.out = config.out
         self.anchor_dir = config.data_dir / "anchor"
         self.settings = EvalSettings(seq_len=config.seq_len, batch_size=8, max_sequences=config.eval_max_sequences,
-                                     split="all")
+                                     split="all", context_tokens=config.context_tokens)
 
     def train_file(self, domain: str) -> Path:
         return self.config.data_dir / f"{domain}.train.jsonl.gz"
@@ -160,7 +162,7 @@ class Demo:
             merge(self.anchor_dir, dense_packages, models["btx_uncoordinated"], self.config.top_k)
         if not models["model_soup"].exists():
             console.rule("baseline: model soup")
-            model_soup(self.anchor_dir, [dense[d] for d in CLOSED_DOMAINS], models["model_soup"])
+            model_soup(self.anchor_dir, [self.anchor_dir, *[dense[d] for d in CLOSED_DOMAINS]], models["model_soup"])
         return models
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -217,9 +219,9 @@ class Demo:
 
     def _btm(self, dense: dict[str, Path]):
         def build():
-            members = [load_model(dense[d]).model for d in CLOSED_DOMAINS]
-            tokenizer = load_model(self.anchor_dir).tokenizer
-            return BranchTrainMergeEnsemble(members, self.config.btm_top_k), tokenizer, [], []
+            anchor = load_model(self.anchor_dir)
+            members = [anchor.model, *[load_model(dense[d]).model for d in CLOSED_DOMAINS]]
+            return BranchTrainMergeEnsemble(members, self.config.btm_top_k), anchor.tokenizer, [], []
         return build
 
     def _prompt_routing(self, dense: dict[str, Path]):
@@ -229,7 +231,8 @@ class Demo:
                                   self.config.router_samples, self.config.seed)
             anchor = load_model(self.anchor_dir)
             members = {PUBLIC: anchor.model, **{d: load_model(dense[d]).model for d in CLOSED_DOMAINS}}
-            return PromptRoutedModel(members, router, anchor.tokenizer), anchor.tokenizer, [], []
+            routed = PromptRoutedModel(members, router, anchor.tokenizer, prompt_tokens=self.config.context_tokens)
+            return routed, anchor.tokenizer, [], []
         return build
 
     def opt_out(self, merged: Path) -> dict[str, dict]:
@@ -252,15 +255,48 @@ def run_demo(config: DemoConfig) -> dict:
     models = demo.build_models(packages, dense)
     evaluations = demo.evaluate_all(dense, models)
     opt_out = demo.opt_out(models["flexolmo"])
-    results = summarise(config, evaluations, opt_out)
+    results = summarise(config, evaluations, opt_out, method_costs(config, demo.anchor_dir))
     atomic_write_json(config.out / "results.json", results)
     write_report(config.out, results)
     show(results)
     return results
 
 
-def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[str, dict]) -> dict:
-    """`results.json`: bits per byte per method and domain, averages, routing, opt-out deltas."""
+def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
+    """Per method: its members and what it costs (`flexolmo.compute`): training FLOPs and tokens over all its
+    runs, the owners' tokens among them, and inference FLOPs per token (the anchor's pretraining, shared by all,
+    is not counted)."""
+    from flexolmo.anchor import read_config
+    from flexolmo.compute import TrainingRun, method_cost
+
+    anchor_config = read_config(anchor_dir)
+    steps, batch, owners = config.expert_steps, config.batch_size, len(CLOSED_DOMAINS)
+    dense_run = TrainingRun("dense_ffn", steps, batch, batch)
+    owner_share = batch - round(batch * config.public_share)
+    coordinated_run = TrainingRun("coordinated", steps, batch, owner_share)
+    k, members = config.top_k, len(CLOSED_DOMAINS) + 1
+    specs = {
+        "public": ("the anchor", [], {}),
+        **{f"dense_{d}": (f"anchor FFNs fine-tuned on {d}", [dense_run], {}) for d in CLOSED_DOMAINS},
+        "model_soup": ("public + 5 dense experts, FFNs averaged", [dense_run] * owners, {}),
+        "btm": (f"public + 5 dense experts, ensemble of top-{config.btm_top_k} per position",
+                [dense_run] * owners, {"forward_passes": members}),
+        "btx_uncoordinated": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}", [dense_run] * owners,
+                              {"experts_per_token": k}),
+        "prompt_routing": ("public + 5 dense experts, one per window (MiniLM classifier)", [dense_run] * owners,
+                           {}),
+        "unrestricted": ("anchor FFNs fine-tuned on all closed data pooled",
+                         [TrainingRun("dense_ffn", steps * owners, batch, batch)], {}),
+        "flexolmo": (f"public + 5 coordinated experts, MoE top-{k}", [coordinated_run] * owners,
+                     {"experts_per_token": k}),
+    }
+    return {method: {"members": members_text, **method_cost(anchor_config, config.seq_len, runs, **inference)}
+            for method, (members_text, runs, inference) in specs.items()}
+
+
+def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[str, dict],
+              costs: dict[str, dict]) -> dict:
+    """`results.json`: bits per byte per method and domain, averages, routing, opt-out deltas, costs."""
     methods = {}
     for method, result in evaluations.items():
         row = {domain: score["bits_per_byte"] for domain, score in result["domains"].items()}
@@ -284,6 +320,7 @@ def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[st
         "methods": methods,
         "routing": routing,
         "opt_out": deltas,
+        "costs": costs,
         "details": evaluations,
     }
 

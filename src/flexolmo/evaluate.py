@@ -1,8 +1,17 @@
 """Held-out evaluation: the one path through which every model (anchor, dense expert, baseline, merged model
 with or without exclusions) is measured.
 
-Bits per byte is the headline because it is comparable across tokenizers: the summed next-token loss in bits
-divided by the UTF-8 bytes of the text those tokens encode. Sequences are scored in non-overlapping windows.
+How a number is computed. The text is tokenized into one stream (each document followed by EOS) and cut into
+non-overlapping windows of `seq_len + 1` tokens; in a window the model predicts tokens 1..seq_len from the ones
+before. The first `context_tokens` tokens of a window are context only: their predictions are not scored, so a
+method that decides from a window's first tokens (prompt routing) is never scored on what it has seen, and every
+method is scored on the same targets. Each scored target contributes its next-token loss; windows are capped
+at `max_sequences` per domain, in stream order.
+- loss: mean next-token cross-entropy (nats) over the scored targets; perplexity = exp(loss);
+- bits per byte = summed loss / ln 2 / the UTF-8 bytes of text that exactly the scored target tokens encode,
+  counted per token (`flexolmo.data` records each token's bytes at tokenization: exact for byte-level BPE,
+  from character offsets otherwise; EOS and other special tokens encode 0 bytes). It is comparable across
+  tokenizers. `tokens` and `bytes` in a Score are those exact counts.
 For mixture models, forward hooks on each MoE block count which experts every token is routed to.
 """
 
@@ -17,8 +26,12 @@ from pathlib import Path
 import torch
 
 from flexolmo.data import TokenStream, load_token_stream
+from flexolmo.errors import DataError
 from flexolmo.moe import moe_blocks
-from flexolmo.progress import progress_bar
+from flexolmo.progress import console, progress_bar
+
+# Fewer scored tokens than this give bits per byte too noisy to compare methods on; evaluate warns.
+MIN_RELIABLE_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -83,52 +96,69 @@ def score_stream(
     device: str = "cpu",
     description: str = "scoring",
     expert_names: Sequence[str] = (),
+    context_tokens: int = 0,
 ) -> Score:
-    """Mean next-token loss, perplexity, bits per byte (and routing shares, for MoE models) over `stream`."""
+    """Mean next-token loss, perplexity, bits per byte (and routing shares, for MoE models) over `stream`.
+
+    Targets `max(context_tokens, 1)..seq_len` of every window are scored (see the module docstring)."""
+    if not 0 <= context_tokens < seq_len:
+        raise DataError(f"context tokens must be in [0, seq_len) = [0, {seq_len}), got {context_tokens}")
     num_sequences = stream.num_sequences(seq_len)
     if max_sequences is not None:
         num_sequences = min(num_sequences, max_sequences)
     if num_sequences < 1:
-        raise ValueError(f"held-out data has {stream.num_tokens} tokens, fewer than one sequence of {seq_len}")
+        raise DataError(f"held-out data has {stream.num_tokens} tokens, fewer than one sequence of {seq_len}; "
+                        "give more held-out text or a smaller --seq-len")
+    seen = getattr(model, "routing_prefix_tokens", 0)
+    if seen > context_tokens:
+        raise DataError(f"this model decides from the first {seen} tokens of each window; score it with at least "
+                        f"{seen} context tokens (got {context_tokens}), so it is never scored on what it has seen")
+    first_target = max(context_tokens, 1)
     model.eval()
     counter = RoutingCounter(model)
-    total_nll = 0.0
+    total_nll, scored_tokens, scored_bytes = 0.0, 0, 0
     with progress_bar(description, total=num_sequences, unit="seqs") as advance, counter.recording():
         for first in range(0, num_sequences, batch_size):
             indices = range(first, min(first + batch_size, num_sequences))
             batch = torch.stack([torch.from_numpy(stream.sequence(i, seq_len)) for i in indices]).to(device)
-            logits = model(input_ids=batch[:, :-1]).logits.float()
+            logits = model(input_ids=batch[:, :-1]).logits[:, first_target - 1:].float()
+            targets = batch[:, first_target:]
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
             )
             total_nll += float(nll)
+            scored_tokens += targets.numel()
+            scored_bytes += int(sum(stream.sequence_bytes(i, seq_len)[first_target:].sum() for i in indices))
             advance(len(indices))
-    tokens = num_sequences * seq_len
-    # The bytes these tokens encode, assuming the split's average bytes per token.
-    scored_bytes = stream.num_bytes * tokens / max(stream.num_tokens - 1, 1)
-    loss = total_nll / tokens
+    if scored_bytes == 0:
+        raise DataError("the scored tokens encode no text (only special tokens); check the held-out data")
+    loss = total_nll / scored_tokens
     routing = counter.shares(expert_names or [str(i) for i in range(counter.counts.shape[1])]) \
         if counter.blocks else None
     return Score(
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         bits_per_byte=total_nll / math.log(2) / scored_bytes,
-        tokens=tokens,
-        bytes=round(scored_bytes),
+        tokens=scored_tokens,
+        bytes=scored_bytes,
         routing=routing,
     )
 
 
 @dataclass
 class EvalSettings:
-    """How held-out text is read and scored."""
+    """How held-out text is read and scored.
+
+    `split` "all" scores every document of the files given (what a user means by a held-out file); "heldout"
+    scores only the documents that `train-expert` holds out of a training file by its hash split."""
 
     seq_len: int = 256
     batch_size: int = 8
     max_sequences: int | None = None
-    split: str = "heldout"
+    split: str = "all"
     text_field: str = "text"
     device: str = "cpu"
+    context_tokens: int = 0
 
 
 @dataclass
@@ -157,9 +187,15 @@ def evaluate(
     result = EvalResult(label, list(excluded))
     for name, files in domains.items():
         stream = load_token_stream(list(files), tokenizer, settings.split, settings.text_field)
-        result.domains[name] = score_stream(model, stream, settings.seq_len, settings.batch_size,
-                                            settings.max_sequences, settings.device, f"{label} on {name}",
-                                            expert_names)
+        score = score_stream(model, stream, settings.seq_len, settings.batch_size, settings.max_sequences,
+                             settings.device, f"{label} on {name}", expert_names, settings.context_tokens)
+        if score.tokens < MIN_RELIABLE_TOKENS:
+            console.print(f"[yellow]warning:[/] {name}: only {score.tokens:,} tokens scored (split "
+                          f"'{settings.split}' of {', '.join(str(f) for f in files)}); bits per byte over fewer "
+                          f"than {MIN_RELIABLE_TOKENS:,} tokens are too noisy to compare models: give more text"
+                          + (" or use --split all for a file that is already held out"
+                             if settings.split == "heldout" else ""))
+        result.domains[name] = score
     return result
 
 

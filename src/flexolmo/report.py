@@ -54,7 +54,20 @@ def write_report(out: Path, results: dict) -> None:
         "Produced by `flexolmo demo" + (" --quick" if results["quick"] else "") + "` on the shipped anchor and "
         "corpora. Every model is scored by the same evaluation (`flexolmo.evaluate.evaluate`) on held-out "
         f"documents: at most {results['config']['eval_max_sequences']} windows of {results['config']['seq_len']} "
-        "tokens per domain. Bits per byte, lower is better.",
+        f"tokens per domain, the first {results['config']['context_tokens']} tokens of each window context only "
+        "(never scored, for every method). Bits per byte = summed loss in bits / the UTF-8 bytes that exactly the "
+        "scored tokens encode; lower is better.",
+        "",
+        "## What each method is and what it costs",
+        "",
+        "Training FLOPs are matmul FLOPs over all of a method's training runs (`flexolmo.compute`; the anchor's "
+        "pretraining, shared by all, is not counted). Owner tokens: tokens of the owners' private text among them.",
+        "",
+        markdown_table(["method", "members", "training PFLOPs", "training tokens", "owner tokens",
+                        "inference GFLOPs/token", "forward passes/token"],
+                       [[m, c["members"], f"{c['training_flops'] / 1e15:.3f}", f"{c['training_tokens']:,}",
+                         f"{c['owner_tokens']:,}", f"{c['inference_flops_per_token'] / 1e9:.4f}",
+                         c["forward_passes_per_token"]] for m, c in results["costs"].items()]),
         "",
         "## Bits per byte by method and domain",
         "",
@@ -99,8 +112,13 @@ def plot_all(out: Path, results: dict) -> None:
     domains, methods = results["domains"], results["methods"]
     figure, axis = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(methods)
+    palette = plt.get_cmap("tab20").colors
+    others = [method for method in methods if method != "flexolmo"]
     for index, (method, row) in enumerate(methods.items()):
-        axis.bar(np.arange(len(domains)) + index * width, [row[d] for d in domains], width, label=method)
+        # Every method its own colour; FlexOlmo in black with a thick edge so it stands out among the rest.
+        style = ({"color": "black", "edgecolor": "crimson", "linewidth": 1.5} if method == "flexolmo"
+                 else {"color": palette[others.index(method) % len(palette)]})
+        axis.bar(np.arange(len(domains)) + index * width, [row[d] for d in domains], width, label=method, **style)
     axis.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
     axis.set_ylabel("bits per byte (lower is better)")
     axis.set_title("Held-out bits per byte by method and domain" + (" (quick run)" if results["quick"] else ""))

@@ -24,6 +24,8 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--exclude", nargs="*", default=[], help="experts to mask (merged models)")
     parser.add_argument("--num-docs", type=int, default=10_000, help="documents sampled (default 10000)")
     parser.add_argument("--prefix-tokens", type=int, default=32, help="prompt length in tokens (default 32)")
+    parser.add_argument("--min-continuation-tokens", type=int, default=96,
+                        help="audit only documents with this many tokens after the prefix (paper: 128 in all)")
     parser.add_argument("--new-tokens", type=int, default=256,
                         help="tokens generated per sample (default 256)")
     parser.add_argument("--samples", type=int, default=10, help="samples per prompt (default 10)")
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = AuditConfig(
         model=Path(args.model), data=Path(args.data), exclude=args.exclude, num_docs=args.num_docs,
         prefix_tokens=args.prefix_tokens, new_tokens=args.new_tokens, samples=args.samples,
+        min_continuation_tokens=args.min_continuation_tokens,
         threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         device=args.device, show_text=args.show_text,
     )

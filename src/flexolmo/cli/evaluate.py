@@ -1,7 +1,8 @@
 """`flexolmo eval`: held-out bits per byte, loss and perplexity per domain, plus routing shares for MoE models.
 
-By default only the held-out documents of each file are scored (the same hash split that training uses);
-pass `--split all` for files that hold only held-out documents, such as the demo's `*.heldout.jsonl.gz`.
+Every document of each file is scored by default (`--split all`: you pass text that is already held out, such
+as the demo's `*.heldout.jsonl.gz`). `--split heldout` scores only the documents that `train-expert` held out of
+a training file (its 5% hash split). A domain with fewer than 4,096 scored tokens gets a warning.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--data", nargs="+", required=True, metavar="NAME=FILE",
                         help="domain name and file; repeat a name to give it several files")
     parser.add_argument("--exclude", nargs="*", default=[], help="experts to mask (merged models)")
-    parser.add_argument("--split", default="heldout", choices=["heldout", "all"], help="documents to score")
+    parser.add_argument("--split", default="all", choices=["all", "heldout"],
+                        help="all: every document of the files; heldout: only the hash-held-out documents of a "
+                             "training file")
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="leading tokens of each window given as context and not scored")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-sequences", type=int, default=None, help="cap on sequences per domain")
@@ -47,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.progress import print_table
 
     settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
-                            split=args.split, text_field=args.text_field, device=args.device)
+                            split=args.split, text_field=args.text_field, device=args.device,
+                            context_tokens=args.context_tokens)
     result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude)
     rows = [[name, s.bits_per_byte, s.loss, s.perplexity, f"{s.tokens:,}", f"{s.bytes:,}"]
             for name, s in result.domains.items()]

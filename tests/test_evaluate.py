@@ -1,0 +1,155 @@
+"""Evaluation counts exactly: bits per byte divide by the bytes of exactly the tokens scored, context tokens are
+never scored, and no baseline is scored on what it has seen."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexolmo.anchor import load_pretrained, load_tokenizer
+from flexolmo.data import load_token_stream, tokenize_file
+from flexolmo.errors import DataError
+from flexolmo.evaluate import score_stream
+
+from conftest import write_jsonl
+
+ASCII_DOC = "the river city music science language country people century war king water"
+# Multi-byte characters (2, 3 and 4 bytes in UTF-8) that the tiny tokenizer splits into byte tokens.
+UNICODE_DOC = "the café in Zürich — naïve 日本 music 🎵 river"
+
+
+def test_token_bytes_sum_to_each_documents_utf8_bytes(tiny_anchor, tmp_path):
+    tokenizer = load_tokenizer(tiny_anchor)
+    path = write_jsonl(tmp_path / "text.jsonl", [ASCII_DOC, UNICODE_DOC])
+    tokenized = tokenize_file(path, tokenizer, split="all", cache_dir=tmp_path / "cache")
+    eos = tokenizer.eos_token_id
+    tokens, counts = list(tokenized.tokens), list(tokenized.token_bytes)
+    assert len(tokens) == len(counts)
+    ends = [i for i, token in enumerate(tokens) if token == eos]
+    assert len(ends) == 2 and counts[ends[0]] == counts[ends[1]] == 0  # EOS encodes no text
+    assert sum(counts[: ends[0]]) == len(ASCII_DOC.encode("utf-8"))
+    assert sum(counts[ends[0] + 1: ends[1]]) == len(UNICODE_DOC.encode("utf-8"))
+
+
+def test_offsets_give_exact_bytes_for_a_tokenizer_that_is_not_byte_level(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set((ASCII_DOC + " " + UNICODE_DOC).split()))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>", *words])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    path = write_jsonl(tmp_path / "text.jsonl", [ASCII_DOC, "  " + UNICODE_DOC + "  \n"])
+    tokenized = tokenize_file(path, tokenizer, split="all", cache_dir=tmp_path / "cache")
+    counts = list(tokenized.token_bytes)
+    ends = [i for i, token in enumerate(tokenized.tokens) if token == tokenizer.eos_token_id]
+    assert counts[ends[0]] == counts[ends[1]] == 0
+    assert sum(counts[: ends[0]]) == len(ASCII_DOC.encode("utf-8"))
+    # Spaces between and after tokens are attributed to a neighbouring token: the document is counted whole.
+    assert sum(counts[ends[0] + 1: ends[1]]) == len(("  " + UNICODE_DOC + "  \n").encode("utf-8"))
+    # A word's bytes go to its own token (the space before it too): "café" is 5 bytes, " café" 6.
+    cafe = tokenized.tokens.tolist().index(tokenizer.convert_tokens_to_ids("café"))
+    assert counts[cafe] == len(" café".encode("utf-8"))
+
+
+@pytest.mark.parametrize("context_tokens", [0, 5])
+def test_bits_per_byte_divide_by_the_bytes_of_exactly_the_scored_tokens(tiny_anchor, tmp_path, context_tokens):
+    """A hand count: one window covering the whole stream; the targets are every token after the context, so
+    their bytes are the documents' bytes minus those of the (ASCII) context tokens."""
+    tokenizer, model = load_tokenizer(tiny_anchor), load_pretrained(tiny_anchor)
+    path = write_jsonl(tmp_path / "text.jsonl", [ASCII_DOC, UNICODE_DOC])
+    stream = load_token_stream([path], tokenizer, split="all", cache_dir=tmp_path / "cache")
+    ids = stream.tokens(0, stream.num_tokens).tolist()
+    seq_len = len(ids) - 1
+    first_target = max(context_tokens, 1)
+    unscored_text = tokenizer.decode(ids[:first_target])
+    assert unscored_text.isascii() and ASCII_DOC.startswith(unscored_text.lstrip())
+    expected_bytes = len(ASCII_DOC.encode()) + len(UNICODE_DOC.encode()) - len(unscored_text.encode())
+    score = score_stream(model, stream, seq_len, context_tokens=context_tokens)
+    assert score.bytes == expected_bytes
+    assert score.tokens == seq_len + 1 - first_target
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+    nll = torch.nn.functional.cross_entropy(logits[first_target - 1:], torch.tensor(ids[first_target:]),
+                                            reduction="sum")
+    assert score.loss == pytest.approx(float(nll) / score.tokens, rel=1e-5)
+    assert score.bits_per_byte == pytest.approx(float(nll) / math.log(2) / expected_bytes, rel=1e-5)
+
+
+def test_a_capped_evaluation_counts_only_the_windows_it_scored(tiny_anchor, corpora, tmp_path):
+    """Scoring the first windows of a file must not divide by the file's average bytes per token."""
+    tokenizer, model = load_tokenizer(tiny_anchor), load_pretrained(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], tokenizer, split="all", cache_dir=tmp_path / "cache")
+    score = score_stream(model, stream, seq_len=32, max_sequences=3)
+    assert score.tokens == 3 * 32
+    assert score.bytes == int(stream.byte_counts(1, 3 * 32 + 1).sum())
+
+
+def test_a_model_that_routes_by_a_prefix_is_never_scored_on_it(tiny_anchor, corpora, tmp_path):
+    tokenizer, model = load_tokenizer(tiny_anchor), load_pretrained(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], tokenizer, split="all", cache_dir=tmp_path / "cache")
+    model.routing_prefix_tokens = 8
+    with pytest.raises(DataError, match="first 8 tokens"):
+        score_stream(model, stream, seq_len=32, max_sequences=1, context_tokens=4)
+    assert score_stream(model, stream, seq_len=32, max_sequences=1, context_tokens=8).tokens == 32 - 8 + 1
+
+
+def test_btm_keeps_exactly_top_k_members_even_where_all_tie(tiny_anchor):
+    """At position 0 no member has seen any context: all tie, and exactly the first k (by member order) count."""
+    from flexolmo.baselines import BranchTrainMergeEnsemble
+
+    members = [load_pretrained(tiny_anchor) for _ in range(3)]
+    with torch.no_grad():
+        for index, member in enumerate(members):
+            member.lm_head.weight.mul_(1 + index)  # three different predictors
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    ensemble = BranchTrainMergeEnsemble(members, top_k=2)
+    with torch.no_grad():
+        mixed = ensemble(ids).logits[0, 0]
+        first_two = torch.stack([torch.log_softmax(m(input_ids=ids).logits[0, 0].float(), -1) for m in members[:2]])
+    assert torch.allclose(mixed, torch.logsumexp(first_two, 0) - math.log(2), atol=1e-5)
+
+
+def test_model_soup_averages_every_members_ffn_the_public_model_included(tiny_anchor, tmp_path):
+    from flexolmo.baselines import model_soup
+    from flexolmo.tensor_io import LazyReader
+
+    dense = load_pretrained(tiny_anchor)
+    with torch.no_grad():
+        dense.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    dense.save_pretrained(tmp_path / "dense")
+    soup = model_soup(tiny_anchor, [tiny_anchor, tmp_path / "dense"], tmp_path / "soup")
+    name = "model.layers.0.mlp.up_proj.weight"
+    anchor, averaged = LazyReader(tiny_anchor).get(name).float(), LazyReader(soup).get(name).float()
+    assert torch.allclose(averaged, anchor + 0.5, atol=1e-2)  # half of the +1: public and dense, 1/2 each
+
+
+def test_public_windows_hold_public_tokens_only(tiny_anchor, corpora, tmp_path):
+    """Owner text joined with public text: a canary at the end of the owner's file, in the tail that fills no
+    whole owner window, must never appear in a window drawn as public (it did: the first public window began
+    with the owner's last tokens, outside the DP sampling and accountant)."""
+    from flexolmo.expert import ExpertConfig, mix_public
+
+    tokenizer = load_tokenizer(tiny_anchor)
+    owner_docs = [line for line in corpora["code"].read_text().splitlines()[:40]]
+    owner_file = tmp_path / "owner.jsonl"
+    owner_file.write_text("\n".join(owner_docs) + '\n{"text": "canary zyxwvu canary"}\n')
+    owner = load_token_stream([owner_file], tokenizer, split="all", cache_dir=tmp_path / "cache")
+    canary = tokenizer("zyxwvu", add_special_tokens=False)["input_ids"]
+    # A window length whose last partial window holds the canary.
+    seq_len = next(n for n in range(16, 64) if (owner.num_tokens - 1) % n > len(canary) + 8)
+    config = ExpertConfig(anchor=tiny_anchor, data=[owner_file], name="code", out=Path("unused"),
+                          public_data=[corpora["public"]], public_share=0.5,
+                          optim=dict(steps=1, batch_size=4, seq_len=seq_len))
+    joined, sampler = mix_public(owner, config, tokenizer)
+    public = load_token_stream([corpora["public"]], tokenizer, split="all")
+    (owner_start, owner_stop), (public_start, public_stop) = sampler.ranges
+    assert (owner_start, owner_stop) == (0, owner.num_sequences(seq_len))
+    for index in range(public_start, public_stop):
+        window = joined.sequence(index, seq_len)
+        assert (window == public.sequence(index - public_start, seq_len)).all()
+        text = tokenizer.decode(window.tolist())
+        assert "zyxwvu" not in text
