@@ -1,22 +1,25 @@
 """How much held-out text also occurs in training text: the contamination check for an evaluation split.
 
-What is measured, exactly. Text is a sequence of Unicode code points (Python `str` characters, not bytes), taken
-as it is: no case folding and no whitespace normalisation, so a re-wrapped copy of a passage is not detected.
-A *window* is a run of N consecutive characters inside one document (windows never cross a document
-boundary). A held-out character is *shared* when it lies inside at least one held-out window whose exact string
-is also a window of some training document. The *share* of a document (or a file) is its shared characters
-over all its characters. A document shorter than N characters has no window, so it is never counted as shared.
+What is measured, exactly. Text is a sequence of Unicode code points (Python `str` characters, not bytes),
+taken as it is: no case folding and no whitespace normalisation, so a re-wrapped copy of a passage is not
+detected. A *window* is a run of N consecutive characters inside one document (windows never cross a document
+boundary). A held-out character is *shared* when it lies inside at least one held-out window whose exact
+string is also a window of some training document. Windows made of one repeated character (the indentation of
+deeply nested code, a line of dashes) are left out on both sides: they are no passage. The *share* of a
+document (or a file) is its shared characters over all its characters. A document shorter than N characters
+has no window, so it is never counted as shared.
 
 How. Every window is reduced to a 64-bit polynomial hash of its code points (arithmetic modulo 2**64, a fixed
 odd base), computed for all windows of a batch of documents at once with numpy: a running sum of
 `code point * base**position`, differenced over N positions and multiplied by the inverse power of the base.
 The training hashes are kept as one sorted array of unique values (8 bytes per distinct window: about 145 MB
-for the demo's 20 MB of training text, about twice that at the peak while it is built); held-out hashes are looked up in it with a binary search, and coverage is marked
-with a difference array over the held-out characters. A hash collision can only make a held-out window look
-shared when it is not, so the share can only be over-counted, never under-counted; with 64-bit hashes of
-natural text the expected number of collisions between ~15M training and ~1M held-out windows is about 1e-6.
-(Polynomial hashes modulo 2**64 can be made to collide by texts built for that purpose; a file crafted to
-collide can only inflate its own reported overlap.)
+for the demo's 20 MB of training text, about twice that while it is built); held-out hashes are looked up in
+it with a binary search, and coverage is marked with a difference array over the held-out characters.
+
+A hash collision can only make a held-out window look shared when it is not: the share can be over-counted,
+never under-counted. With 64-bit hashes of natural text the expected number of false matches between ~18M
+training and ~1M held-out windows is about 1e-6. (Texts built on purpose can make polynomial hashes modulo
+2**64 collide; such a file can only inflate its own reported overlap.)
 """
 
 from __future__ import annotations
@@ -93,15 +96,20 @@ def _batch_windows(texts: Sequence[str], chars: int) -> tuple[np.ndarray, np.nda
         running = np.concatenate([[np.uint64(0)], np.cumsum(points * _powers(_BASE, total), dtype=np.uint64)])
         count = total - chars + 1
         hashes = (running[chars:] - running[:count]) * _powers(_BASE_INVERSE, count)
-    # A window is kept only when its first and last characters belong to the same document.
+    # A window is kept only when its first and last characters belong to the same document ...
     document_of = np.repeat(np.arange(len(texts)), lengths)
-    starts = np.flatnonzero(document_of[:count] == document_of[chars - 1:])
+    keep = document_of[:count] == document_of[chars - 1:]
+    if chars > 1:
+        # ... and holds more than one distinct character: a run of spaces or dashes is no passage.
+        same = np.concatenate([[0], np.cumsum(points[1:] == points[:-1])])
+        keep &= (same[chars - 1:] - same[:count]) < chars - 1
+    starts = np.flatnonzero(keep)
     return hashes[starts], starts, bounds
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values, sorting `values` in place (np.unique copies, and numpy >= 2.3 hashes first, which
-    is tens of times slower on millions of 64-bit values)."""
+    """Sorted distinct values, sorting `values` in place (np.unique copies, and numpy >= 2.3 hashes first,
+    which is tens of times slower on millions of 64-bit values)."""
     values.sort()
     keep = np.ones(len(values), dtype=bool)
     keep[1:] = values[1:] != values[:-1]
@@ -138,7 +146,7 @@ def build_index(texts: Iterable[str], chars: int = DEFAULT_CHARS) -> WindowIndex
 
 
 def covered_masks(texts: Sequence[str], index: WindowIndex) -> list[np.ndarray]:
-    """For each text, a boolean array over its characters: True where a window shared with the index covers it."""
+    """For each text, a boolean array over its characters: True where a window found in the index covers it."""
     masks: list[np.ndarray] = []
     for batch in _batches(texts):
         hashes, starts, bounds = _batch_windows(batch, index.chars)
@@ -233,8 +241,13 @@ def file_overlap(path: Path | str, index: WindowIndex, top: int = DEFAULT_TOP,
     )
 
 
-def measure_overlap(train_files: Sequence[Path | str], heldout_files: Sequence[Path | str],
-                    chars: int = DEFAULT_CHARS, top: int = DEFAULT_TOP, text_field: str = "text") -> OverlapReport:
+def measure_overlap(
+    train_files: Sequence[Path | str],
+    heldout_files: Sequence[Path | str],
+    chars: int = DEFAULT_CHARS,
+    top: int = DEFAULT_TOP,
+    text_field: str = "text",
+) -> OverlapReport:
     """Share of each held-out file's characters covered by N-character strings found in the training files."""
     _check_chars(chars)
     if top < 0:
@@ -255,5 +268,6 @@ def measure_overlap(train_files: Sequence[Path | str], heldout_files: Sequence[P
     if index.characters == 0:
         raise DataError("the training files hold no text; check the paths or --text-field")
     files = [file_overlap(path, index, top, text_field) for path in heldout_files]
-    return OverlapReport(chars=chars, train_files=[str(p) for p in train_files], train_documents=index.documents,
-                         train_characters=index.characters, train_windows=len(index.hashes), files=files)
+    return OverlapReport(chars=chars, train_files=[str(p) for p in train_files],
+                         train_documents=index.documents, train_characters=index.characters,
+                         train_windows=len(index.hashes), files=files)

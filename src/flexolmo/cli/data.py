@@ -19,15 +19,18 @@ def register(subparsers, name: str) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     overlap = commands.add_parser(
         "overlap", help="share of held-out characters found in training text",
-        description="Share of each held-out file's characters that lie inside an N-character string which also "
-                    "occurs in a training document (exact code points; windows never cross documents).")
+        description="Share of each held-out file's characters that lie inside an N-character string which "
+                    "also occurs in a training document (exact code points; windows never cross documents; "
+                    "runs of one repeated character are ignored). See flexolmo.overlap for the details.")
     overlap.add_argument("--train", nargs="+", required=True, metavar="FILE",
                          help="training files (.jsonl/.jsonl.gz/.parquet/.txt)")
     overlap.add_argument("--heldout", nargs="+", required=True, metavar="FILE",
-                         help="held-out (or validation) files to check against all training files")
-    overlap.add_argument("--chars", type=int, default=50, help="length N of the strings compared, in characters")
+                         help="held-out (or validation) files, each checked against all training files")
+    overlap.add_argument("--chars", type=int, default=50,
+                         help="length N of the strings compared, in characters")
     overlap.add_argument("--top", type=int, default=10, help="worst documents to list per held-out file")
-    overlap.add_argument("--json", default=None, metavar="OUT", help="also write the full report as JSON here")
+    overlap.add_argument("--json", default=None, metavar="OUT",
+                         help="also write the full report (ids and counts, no text) as JSON here")
     add_data_flags(overlap)
     overlap.set_defaults(run=run_overlap)
 
@@ -43,10 +46,11 @@ def run_overlap(args: argparse.Namespace) -> int:
         f"held-out characters inside a {report.chars}-character string found in {len(report.train_files)} "
         f"training file(s) ({report.train_characters:,} characters)",
         ["held-out file", "documents", "characters", "share", "docs >50%"],
-        [[f.path, f"{f.documents:,}", f"{f.characters:,}", f"{100 * f.share:.2f}%", f"{f.documents_over_half:,}"]
-         for f in report.files],
+        [[f.path, f"{f.documents:,}", f"{f.characters:,}", f"{100 * f.share:.2f}%",
+          f"{f.documents_over_half:,}"] for f in report.files],
     )
-    worst = [[f.path, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"] for f in report.files for d in f.worst]
+    worst = [[f.path, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"]
+             for f in report.files for d in f.worst]
     if worst:
         print_table(f"most shared documents (up to {args.top} per file)",
                     ["held-out file", "id", "characters", "share"], worst)
