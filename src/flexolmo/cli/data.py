@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from flexolmo.cli.common import add_data_flags, path_list
 
@@ -40,17 +41,20 @@ def run_overlap(args: argparse.Namespace) -> int:
     from flexolmo.overlap import measure_overlap
     from flexolmo.progress import announce_output, print_table
 
-    report = measure_overlap(path_list(args.train), path_list(args.heldout), chars=args.chars, top=args.top,
+    heldout = path_list(args.heldout)
+    report = measure_overlap(path_list(args.train), heldout, chars=args.chars, top=args.top,
                              text_field=args.text_field)
+    folder, names = _short_names(heldout)
     print_table(
         f"held-out characters inside a {report.chars}-character string found in {len(report.train_files)} "
-        f"training file(s) ({report.train_characters:,} characters)",
+        f"training file(s) ({report.train_characters:,} characters)" + (f"; held-out files in {folder}/"
+                                                                         if folder else ""),
         ["held-out file", "documents", "characters", "share", "docs >50%"],
-        [[f.path, f"{f.documents:,}", f"{f.characters:,}", f"{100 * f.share:.2f}%",
-          f"{f.documents_over_half:,}"] for f in report.files],
+        [[name, f"{f.documents:,}", f"{f.characters:,}", f"{100 * f.share:.2f}%", f"{f.documents_over_half:,}"]
+         for name, f in zip(names, report.files)],
     )
-    worst = [[f.path, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"]
-             for f in report.files for d in f.worst]
+    worst = [[name, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"]
+             for name, f in zip(names, report.files) for d in f.worst]
     if worst:
         print_table(f"most shared documents (up to {args.top} per file)",
                     ["held-out file", "id", "characters", "share"], worst)
@@ -58,3 +62,12 @@ def run_overlap(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, report.as_dict())
         announce_output("overlap report", args.json)
     return 0
+
+
+def _short_names(paths: list[Path]) -> tuple[str | None, list[str]]:
+    """File names alone when all files sit in one other folder (so a table fits a terminal), else the paths."""
+    parents = {path.parent for path in paths}
+    names = [path.name for path in paths]
+    if len(parents) == 1 and len(set(names)) == len(names) and str(paths[0].parent) != ".":
+        return str(paths[0].parent), names
+    return None, [str(path) for path in paths]
