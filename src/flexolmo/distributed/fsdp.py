@@ -54,6 +54,9 @@ class FullyShardedStrategy:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if torch.__version__ < "2.7":
+            raise FlexOlmoError(f"--fsdp needs torch >= 2.7 (FSDP2's fully_shard with ignored_params); this is "
+                                f"torch {torch.__version__}: upgrade torch or train without --fsdp")
         if not dist.is_initialized():
             raise FlexOlmoError("--fsdp needs a torch.distributed process group; launch with torchrun")
         trained = {id(param) for _, param in named_params}
