@@ -181,3 +181,12 @@ def test_fsdp_leaves_public_expert_public_row_and_every_frozen_tensor_bit_unchan
                 assert not torch.equal(before[name].float(), after[name].float()), f"{name} did not train"
             else:
                 assert after[name].dtype == before[name].dtype and torch.equal(before[name], after[name]), name
+
+
+def test_fsdp_with_dp_sgd_is_refused_in_one_line(tiny_anchor, corpora, tmp_path, capsys):
+    args = [*fsdp_args(tiny_anchor, corpora, tmp_path / "dp"), "--fsdp", "--dp-epsilon", "8"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip() == (
+        "flexolmo train-expert: error: --fsdp cannot be combined with --dp-epsilon: DP-SGD (Opacus per-sample "
+        "gradients) runs in one process on an unsharded model; drop --fsdp")
+    assert not any(tmp_path.iterdir())
