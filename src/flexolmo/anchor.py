@@ -132,6 +132,15 @@ def compute_fingerprint(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def stored_dtype(path: Path | str) -> torch.dtype:
+    """The dtype the model's weights are stored in (that of its first tensor), read from the file header: the
+    dtype a merged model keeps by default."""
+    from flexolmo.tensor_io import LazyReader
+
+    reader = LazyReader(path)
+    return reader.dtype(reader.names()[0])
+
+
 def load_tokenizer(path: Path | str):
     """The fast tokenizer saved next to a model; it must have an EOS token to separate documents."""
     from transformers import AutoTokenizer

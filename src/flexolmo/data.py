@@ -199,6 +199,7 @@ class TokenizedFile:
     token_bytes: np.ndarray
     num_documents: int
     num_bytes: int
+    file_sha256: str = ""  # of the source file's bytes: the data's identity for resuming a run
 
 
 def default_cache_dir() -> Path:
@@ -206,10 +207,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FLEXOLMO_CACHE", Path.home() / ".cache" / "flexolmo"))
 
 
-def _cache_key(path: Path, tokenizer_hash: str, text_field: str, split: str, heldout_fraction: float) -> str:
+def _cache_key(file_sha256: str, tokenizer_hash: str, text_field: str, split: str, heldout_fraction: float) -> str:
     parts = [
         f"v{CACHE_FORMAT_VERSION}",
-        sha256_file(path),
+        file_sha256,
         tokenizer_hash,
         text_field,
         split,
@@ -321,8 +322,9 @@ def tokenize_file(
     path = Path(path)
     _check_readable(path)
     data_suffix(path)
+    file_sha256 = sha256_file(path)
     entry = (cache_dir or default_cache_dir()) / "tokens" / _cache_key(
-        path, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
+        file_sha256, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
     )
     if not (entry / "meta.json").exists():
         documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
@@ -339,7 +341,7 @@ def tokenize_file(
     meta = json.loads((entry / "meta.json").read_text())
     tokens = np.load(entry / "tokens.npy", mmap_mode="r")
     token_bytes = np.load(entry / "bytes.npy", mmap_mode="r")
-    return TokenizedFile(path, tokens, token_bytes, meta["num_documents"], meta["num_bytes"])
+    return TokenizedFile(path, tokens, token_bytes, meta["num_documents"], meta["num_bytes"], file_sha256)
 
 
 class TokenStream:

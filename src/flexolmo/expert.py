@@ -11,24 +11,30 @@ anchor, 8 windows of code: max |logit difference| 1.1e-5 in float32, 0.125 in bf
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
-from flexolmo.anchor import Anchor, load_anchor
-from flexolmo.data import DEFAULT_HELDOUT_FRACTION, JoinedStreams, TokenStream, load_token_stream
-from flexolmo.errors import CheckpointError, DataError, PackageError
-from flexolmo.evaluate import score_stream
+from flexolmo.anchor import Anchor, load_anchor, load_pretrained, stored_dtype
+from flexolmo.data import DEFAULT_HELDOUT_FRACTION, JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
+from flexolmo.distributed import ParallelConfig, make_strategy
+from flexolmo.errors import DataError, PackageError
+from flexolmo.evaluate import Score, score_stream
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
                                   load_public_rows)
-from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
-                               main_process_first, train)
+from flexolmo.precision import dtype_name
+from flexolmo.run_state import check_identity, check_work_dir, read_state, work_dir_for, work_directory
+from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, broadcast_from_main, causal_lm_loss,
+                               is_main_process, main_process_first, train)
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -54,6 +60,8 @@ class ExpertConfig(BaseModel):
     eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig,
+                                     description="sharding and activation checkpointing")
 
 
 def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool) -> torch.nn.Module:
@@ -75,17 +83,25 @@ def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.
     return trainable
 
 
-def package_tensors(model: torch.nn.Module, projections: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The owner's expert and router row of every layer, under package names."""
+def package_tensors(model: torch.nn.Module, projections: tuple[str, ...],
+                    gather: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The owner's expert and router row of every layer, under package names.
+
+    `gather` turns a (possibly sharded) trained tensor into a whole one; a training strategy's `gather` is
+    collective, so it is called on every rank in the same order, layer by layer, one tensor at a time, and
+    returns None except on rank 0 (which then holds the package and never the whole model)."""
     tensors = {}
     for layer_index, layer in enumerate(decoder_layers(model)):
         expert = layer.mlp.experts[OWNER_EXPERT]
-        for proj in projections:
-            tensors[PACKAGE_FFN.format(layer=layer_index, proj=proj)] = getattr(expert, proj).weight
         row = layer.mlp.gate.rows[OWNER_EXPERT]
-        tensors[PACKAGE_ROUTER.format(layer=layer_index)] = row.weight
+        owned = {PACKAGE_FFN.format(layer=layer_index, proj=proj): getattr(expert, proj).weight
+                 for proj in projections}
+        owned[PACKAGE_ROUTER.format(layer=layer_index)] = row.weight
         if row.bias is not None:
-            tensors[PACKAGE_BIAS.format(layer=layer_index)] = row.bias
+            owned[PACKAGE_BIAS.format(layer=layer_index)] = row.bias
+        for name, tensor in owned.items():
+            tensors[name] = gather(tensor)
     return tensors
 
 
@@ -157,27 +173,71 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig,
     return joined, MixedBatches(config.optim, joined.ranges(config.optim.seq_len), [batch - public_count, public_count])
 
 
-def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
-
-    Under torchrun every rank trains (data parallel, see `training.train`); rank 0 writes the package and
-    returns the manifest, the other ranks return an empty dict."""
+def _check_settings(config: ExpertConfig, router_init: str) -> None:
+    """Refuse combinations that cannot work, before anything is loaded."""
     check_name(config.name)
-    router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     if config.dp and router_init in READS_PRIVATE_DATA:
         raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
                            f"--router-init {DP_ROUTER_INIT}, public or random")
     if router_init == DP_ROUTER_INIT and not config.dp:
         raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
                            "--dp-epsilon (without DP use mean_hidden)")
+    if config.dp and config.parallel.fsdp:
+        raise PackageError("--fsdp cannot be combined with --dp-epsilon: DP-SGD (Opacus per-sample gradients) "
+                           "runs in one process on an unsharded model; drop --fsdp")
+    if config.dp and config.parallel.activation_checkpointing:
+        raise PackageError("--activation-checkpointing cannot be combined with --dp-epsilon: Opacus records "
+                           "activations in forward hooks, which a recomputed layer would run twice")
+    if config.parallel.replicate_frozen and not config.parallel.fsdp:
+        raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
-    work = config.out.with_name(config.out.name + ".ckpt")
-    if resume and not (work / "checkpoint").exists():
-        raise CheckpointError(f"nothing to resume: no checkpoint at {work}; run without --resume")
-    dtype = getattr(torch, config.optim.dtype)
-    anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
+
+
+def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,
+                 heldout: TokenStream) -> dict:
+    """What a checkpoint must share with the run that resumes it, besides the optimisation settings: every
+    setting that decides the expert, and the identity of the anchor, the tokenizer and each data file."""
+    settings = config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "public_data", "out", "optim",
+                                                       "parallel", "eval_max_sequences"})
+    return {"settings": settings, "anchor": anchor.fingerprint, "tokenizer": tokenizer_fingerprint(anchor.tokenizer),
+            "data": [file.file_sha256 for file in owner.files],
+            "public_data": [file.file_sha256 for file in public.files] if public else [],
+            "heldout": [file.file_sha256 for file in heldout.files]}
+
+
+def score_as_merged(anchor: Anchor, tensors: dict[str, torch.Tensor], heldout: TokenStream, dtype: torch.dtype,
+                    config: ExpertConfig) -> tuple[Score, Score]:
+    """Held-out scores of the anchor and of [public, owner] as a merged model in `dtype` computes them: the
+    anchor's weights in `dtype`, the package's tensors rounded to `dtype`, computed in `dtype`."""
     optim = config.optim
+    base = dataclasses.replace(anchor, model=load_pretrained(anchor.path, dtype, optim.device))
+    before = score_stream(base.model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                          device=optim.device, description=f"held-out (anchor, {dtype_name(dtype)})")
+    model = load_package_into_owner_model(base, tensors)
+    after = score_stream(model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                         device=optim.device, description=f"held-out (expert, {dtype_name(dtype)})")
+    return before, after
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
+
+    Under torchrun every rank trains (see `training.train` and `flexolmo.distributed`); rank 0 writes the
+    package and returns the manifest, the other ranks return an empty dict."""
+    router_init = config.router_init or ("public" if config.dp else "mean_hidden")
+    _check_settings(config, router_init)
+    work = work_dir_for(config.out)
+    check_work_dir(work, resume)
+    optim = config.optim
+    strategy = make_strategy(config.parallel, optim.dtype)
+    anchor = load_anchor(config.anchor, with_model=False)
     split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
     with main_process_first():  # one process fills the tokenization cache, the others read it
         owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
@@ -185,11 +245,11 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
         heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
                                            config.text_field, config.heldout_fraction)
-    main = is_main_process()  # under torchrun, rank 0 alone evaluates and writes the package
-    if main:
-        before = score_stream(anchor.model, heldout_stream, optim.seq_len,
-                              max_sequences=config.eval_max_sequences, device=optim.device,
-                              description="held-out (anchor)")
+    public_stream = train_stream.streams[1] if sampler else None
+    identity = run_identity(config, anchor, owner_stream, public_stream, heldout_stream)
+    if resume:  # refused before the model is loaded; `train` checks the optimisation settings too
+        check_identity(work, read_state(work), identity, only_given=True)
+    anchor.model = load_pretrained(anchor.path, strategy.precision.frozen, optim.device)
     prior_releases = []
     if router_init == DP_ROUTER_INIT:
         owner_rows, rate = dp_mean_direction_rows(anchor.model, owner_stream, optim.seq_len,
@@ -199,52 +259,62 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     else:
         owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
                                   optim.seed)
+    owner_rows = broadcast_from_main(owner_rows, optim.device)  # every rank starts from rank 0's rows
+    if config.parallel.fsdp:  # built in host memory; sharding moves one layer at a time to the device
+        anchor.model.to("cpu")
     torch.manual_seed(optim.seed)
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
+    anchor.model = None
     trainable = owner_trainable_parameters(model)
-    work.mkdir(parents=True, exist_ok=True)
     hooks = [_ClampBias(model)]
     private = None
-    if config.dp:
-        # Under DP the owner's sequences are Poisson sampled; the public ones stay a fixed draw per step.
-        public = MixedBatches(optim, sampler.ranges[1:], sampler.counts[1:]) if sampler else None
-        private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
-                                           optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public,
-                                           prior_releases)
-        hooks.append(private.accountant)
-    result: TrainResult = train(
-        private.model if private else model, trainable, train_stream, optim, work,
-        loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume, description=f"expert {config.name}",
-        make_optimizer=private.make_optimizer if private else None, sampler=private.sampler if private else sampler,
-        clip_grad_norm=private is None,
-    )
-    if private:
-        private.detach()
-    if not main:
-        return {}
-    after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
-                         device=optim.device, description="held-out (expert)")
-    manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {
-        "anchor": anchor_record(anchor),
-        "training": {
-            "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
-            "tokens": optim.steps * optim.tokens_per_step,
-            "token_stream_sha256": owner_stream.fingerprint(),
-            "train_documents": owner_stream.num_documents,
-            "public_share": config.public_share,
-            "final_train_loss": result.losses[-1],
-            "losses": result.losses,
-            "heldout_loss_before": before.loss,
-            "heldout_loss_after": after.loss,
-            "heldout_bits_per_byte_before": before.bits_per_byte,
-            "heldout_bits_per_byte_after": after.bits_per_byte,
-            "seconds": result.seconds,
-        },
-        "privacy": {"dp": private.record() if private else None,
-                    "router_init": router_init,
-                    "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
-        "created": utc_now(),
-        "versions": software_versions(),
-    })
+    with work_directory(work, resume):
+        if config.dp:
+            # Under DP the owner's sequences are Poisson sampled; the public ones stay a fixed draw per step.
+            public = MixedBatches(optim, sampler.ranges[1:], sampler.counts[1:]) if sampler else None
+            private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
+                                               optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public,
+                                               prior_releases)
+            hooks.append(private.accountant)
+        result: TrainResult = train(
+            private.model if private else model, trainable, train_stream, optim, work,
+            loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume,
+            description=f"expert {config.name}", make_optimizer=private.make_optimizer if private else None,
+            sampler=private.sampler if private else sampler, clip_grad_norm=private is None, strategy=strategy,
+            identity=identity,
+        )
+        if private:
+            private.detach()
+        tensors = package_tensors(model, anchor.family.ffn_projections, strategy.gather)
+        del model, trainable, hooks
+        result.trained = []
+        _free(optim.device)
+        if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the package
+            return {}
+        eval_dtype = stored_dtype(anchor.path)  # what `merge` keeps by default
+        before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
+        manifest = write_package(config.out, config.name, tensors, {
+            "anchor": anchor_record(anchor),
+            "training": {
+                "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
+                "tokens": optim.steps * optim.tokens_per_step,
+                "token_stream_sha256": owner_stream.fingerprint(),
+                "train_documents": owner_stream.num_documents,
+                "public_share": config.public_share,
+                "final_train_loss": result.losses[-1],
+                "losses": result.losses,
+                "heldout_dtype": dtype_name(eval_dtype),
+                "heldout_loss_before": before.loss,
+                "heldout_loss_after": after.loss,
+                "heldout_bits_per_byte_before": before.bits_per_byte,
+                "heldout_bits_per_byte_after": after.bits_per_byte,
+                "seconds": result.seconds,
+            },
+            "privacy": {"dp": private.record() if private else None,
+                        "router_init": router_init,
+                        "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
+            "created": utc_now(),
+            "versions": software_versions(),
+        })
     shutil.rmtree(work)
     return manifest

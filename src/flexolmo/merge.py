@@ -3,7 +3,14 @@
 Merge, add (a late joiner) and remove (an opt-out) are one operation: choose a base checkpoint for the shared
 tensors and an ordered list of expert sources, then stream them into a new directory. Experts are ordered
 `[public, e_1, ..., e_n]`; layer L's router is the sources' rows stacked; every other tensor is copied from the
-base bit for bit. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
+base bit for bit.
+
+Dtypes: the merged checkpoint has one dtype, by default the anchor's (`dtype="anchor"`). Experts trained with
+float32 master weights are rounded to it (to bf16 for a bf16 anchor: an owner's model and the merged
+[public, owner] model then differ by that rounding, about 1e-2 in logits); owners measure their held-out
+numbers in that same dtype, so the manifest's numbers are the merged model's. `dtype="float32"` keeps the
+experts exact and upcasts the anchor's tensors (exactly). The dtype is recorded in config.json and in the
+merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
 so peak memory is one shard plus one tensor, whatever the model's size. Every input is verified before anything
 is written, and the output directory appears only once it is complete.
 """
@@ -22,6 +29,7 @@ from flexolmo.anchor import PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, com
 from flexolmo.errors import MergeError
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
+from flexolmo.precision import DTYPES, dtype_name
 from flexolmo.progress import console, progress_bar
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import load_public_rows
@@ -147,7 +155,8 @@ def read_merged_info(path: Path | str) -> MergedModelInfo:
     return MergedModelInfo(path, config, metadata)
 
 
-def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, top_k: int) -> dict:
+def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, top_k: int,
+                  dtype: torch.dtype | None = None) -> dict:
     """The anchor's config with the MoE fields set; every architecture field is copied, never defaulted."""
     config = {key: value for key, value in anchor_config.items()
               if key not in ("architectures", "model_type", "transformers_version", "_name_or_path")}
@@ -159,6 +168,10 @@ def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, t
         norm_topk_prob=False,
         output_router_logits=False,
     )
+    if dtype is not None:  # what transformers loads it as with dtype="auto"
+        config["dtype"] = dtype_name(dtype)
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name(dtype)
     rope = config.get("rope_parameters") or {}
     rope_theta = config.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is not None:
@@ -185,10 +198,11 @@ def _write_merged(
     top_k: int,
     files_from: Path,
     shard_bytes: int,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     _check_names(experts)
     layers = anchor_config["num_hidden_layers"]
-    dtype = base.get(shared_names[0]).dtype
+    dtype = dtype or base.dtype(shared_names[0])
     dropped_bias = [e.name for e in experts if isinstance(e, PackageExpert)
                     and PACKAGE_BIAS.format(layer=0) in e.package.manifest["tensors"]]
     for name in dropped_bias:
@@ -199,6 +213,7 @@ def _write_merged(
         "format_version": 1,
         "anchor": {"fingerprint": anchor_fingerprint, "config": anchor_config},
         "top_k": top_k,
+        "dtype": dtype_name(dtype),
         "experts": [expert.record() for expert in experts],
         "router_bias_dropped": dropped_bias,
         "created": utc_now(),
@@ -208,7 +223,7 @@ def _write_merged(
         writer = ShardedWriter(staging, shard_bytes)
         with progress_bar("merging", total=len(shared_names) + layers, unit="tensors/layers") as advance:
             for name in shared_names:
-                writer.add(name, base.get(name))
+                writer.add(name, base.get(name).to(dtype))
                 advance()
             for layer in range(layers):
                 for index, expert in enumerate(experts):
@@ -219,7 +234,7 @@ def _write_merged(
                 writer.add(MERGED_ROUTER.format(layer=layer), rows)
                 advance()
             writer.finish()
-        atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k))
+        atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k, dtype))
         atomic_write_json(staging / MERGED_METADATA_FILE, metadata)
         for item in sorted(files_from.iterdir()):
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
@@ -243,12 +258,16 @@ def _refuse_existing(out: Path) -> None:
 
 
 def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int,
-          shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Merge the anchor and `package_paths` into a flex_olmo checkpoint at `out`; returns its metadata."""
+          shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str = "anchor") -> dict:
+    """Merge the anchor and `package_paths` into a flex_olmo checkpoint at `out`; returns its metadata.
+
+    `dtype` is the merged checkpoint's: "anchor" (the anchor's own), "float32" or "bfloat16"."""
     anchor_dir, out = Path(anchor_dir), Path(out)
     _refuse_existing(out)
     if top_k < 1:
         raise MergeError("--top-k must be at least 1")
+    if dtype != "anchor" and dtype not in DTYPES:
+        raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
     anchor_config = read_config(anchor_dir)
     family = anchor_family(anchor_config, anchor_dir)
     fingerprint = compute_fingerprint(anchor_dir)
@@ -257,7 +276,7 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     experts = [public, *_verified_packages(package_paths, fingerprint, anchor_config)]
     shared = [name for name in reader.names() if parse(ANCHOR_FFN, name) is None]
     return _write_merged(out, reader, shared, experts, anchor_config, fingerprint, family, top_k, anchor_dir,
-                         shard_bytes)
+                         shard_bytes, None if dtype == "anchor" else DTYPES[dtype])
 
 
 def _merged_sources(info: MergedModelInfo) -> tuple[LazyReader, list[MergedExpert], list[str]]:

@@ -3,7 +3,9 @@
 This is the coordinator's first step in the demo; real deployments start from a released OLMo-2 checkpoint.
 The output is a standard Hugging Face directory (`Olmo2ForCausalLM` + fast tokenizer) that transformers loads
 as it is. Work in progress lives in `<out>.ckpt/` (tokenizer, checkpoint) so an interrupted run resumes with
-`resume=True`; the output directory appears only once training and evaluation have finished.
+`resume=True`; the output directory appears only once training and evaluation have finished. The tokenizer in
+the work directory is reused only by a resumed run whose checkpoint matches (`run_state`): a run that failed
+before its first checkpoint leaves nothing, and a fresh run never picks up an earlier run's tokenizer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
 from flexolmo.router_init import mean_direction_rows, save_public_rows
+from flexolmo.run_state import check_work_dir, work_dir_for, work_directory
 from flexolmo.training import OptimConfig, train
 
 EOS_TOKEN = "<|endoftext|>"
@@ -116,42 +119,49 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
     """Train the anchor described by `config` and write it to `config.out`; return its summary."""
     if config.out.exists():
         raise DataError(f"{config.out} already exists: choose another --out or remove it")
-    work = config.out.with_name(config.out.name + ".ckpt")
-    work.mkdir(parents=True, exist_ok=True)
-    tokenizer = _load_or_train_tokenizer(config, work)
-    split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
-    heldout_files = config.heldout or config.data
-    train_stream = load_token_stream(config.data, tokenizer, split_train, config.text_field, config.heldout_fraction)
-    heldout_stream = load_token_stream(heldout_files, tokenizer, split_heldout, config.text_field,
-                                       config.heldout_fraction)
-    model = build_model(config.shape, tokenizer, config.optim.seed).to(config.optim.device)
-    named = [(name, param) for name, param in model.named_parameters()]
-    console.print(
-        f"anchor: {sum(p.numel() for _, p in named) / 1e6:.2f}M parameters, "
-        f"{train_stream.num_tokens:,} training tokens"
-    )
-    result = train(model, named, train_stream, config.optim, work, resume=resume, description="pretraining")
-    # Score what is shipped: weights rounded to the saved dtype, computed in float32.
-    model = model.to(getattr(torch, config.save_dtype)).float()
-    score = score_stream(model, heldout_stream, config.optim.seq_len, device=config.optim.device,
-                         description="held-out")
-    summary = {
-        "kind": "flexolmo-anchor",
-        "config": config.model_dump(mode="json"),
-        "parameters": sum(p.numel() for _, p in named),
-        "train_tokens_available": train_stream.num_tokens,
-        "tokens_trained": config.optim.steps * config.optim.tokens_per_step,
-        "final_train_loss": result.losses[-1],
-        "heldout": score.as_dict(),
-        "inputs": input_hashes([*config.data, *config.heldout]),
-        "versions": software_versions(),
-        "created": utc_now(),
-    }
-    public_rows = mean_direction_rows(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
-    with atomic_directory(config.out) as staging:
-        model.to(getattr(torch, config.save_dtype)).save_pretrained(str(staging))
-        save_public_rows(config.out, public_rows, staging=staging)
-        tokenizer.save_pretrained(str(staging))
-        atomic_write_json(staging / "flexolmo_pretrain.json", summary)
+    work = work_dir_for(config.out)
+    check_work_dir(work, resume)
+    inputs = input_hashes([*config.data, *config.heldout])
+    # The tokenizer is trained on the data, so the data's hashes also stand for it.
+    identity = {"settings": config.model_dump(mode="json", exclude={"data", "heldout", "out", "optim"}),
+                "data": list(inputs.values())}
+    with work_directory(work, resume):
+        tokenizer = _load_or_train_tokenizer(config, work)
+        split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
+        heldout_files = config.heldout or config.data
+        train_stream = load_token_stream(config.data, tokenizer, split_train, config.text_field,
+                                         config.heldout_fraction)
+        heldout_stream = load_token_stream(heldout_files, tokenizer, split_heldout, config.text_field,
+                                           config.heldout_fraction)
+        model = build_model(config.shape, tokenizer, config.optim.seed).to(config.optim.device)
+        named = [(name, param) for name, param in model.named_parameters()]
+        console.print(
+            f"anchor: {sum(p.numel() for _, p in named) / 1e6:.2f}M parameters, "
+            f"{train_stream.num_tokens:,} training tokens"
+        )
+        result = train(model, named, train_stream, config.optim, work, resume=resume, description="pretraining",
+                       identity=identity)
+        # Score what is shipped: weights rounded to the saved dtype, computed in float32.
+        model = model.to(getattr(torch, config.save_dtype)).float()
+        score = score_stream(model, heldout_stream, config.optim.seq_len, device=config.optim.device,
+                             description="held-out")
+        summary = {
+            "kind": "flexolmo-anchor",
+            "config": config.model_dump(mode="json"),
+            "parameters": sum(p.numel() for _, p in named),
+            "train_tokens_available": train_stream.num_tokens,
+            "tokens_trained": config.optim.steps * config.optim.tokens_per_step,
+            "final_train_loss": result.losses[-1],
+            "heldout": score.as_dict(),
+            "inputs": inputs,
+            "versions": software_versions(),
+            "created": utc_now(),
+        }
+        public_rows = mean_direction_rows(model, train_stream, config.optim.seq_len, PUBLIC_ROUTER_SEQUENCES)
+        with atomic_directory(config.out) as staging:
+            model.to(getattr(torch, config.save_dtype)).save_pretrained(str(staging))
+            save_public_rows(config.out, public_rows, staging=staging)
+            tokenizer.save_pretrained(str(staging))
+            atomic_write_json(staging / "flexolmo_pretrain.json", summary)
     shutil.rmtree(work)
     return summary

@@ -18,6 +18,8 @@ from flexolmo.errors import AnchorError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# safetensors header dtype codes of the floating-point dtypes a checkpoint may hold.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class LazyReader:
@@ -72,6 +74,13 @@ class LazyReader:
 
     def shape(self, name: str) -> list[int]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype from the file header, without reading the tensor."""
+        from safetensors import safe_open
+
+        with safe_open(self._location[name], framework="pt") as handle:
+            return getattr(torch, _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
 
 
 class ShardedWriter:

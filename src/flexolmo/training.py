@@ -8,10 +8,14 @@ Resumption is exact: the batch at step s depends only on (seed, s), the schedule
 checkpoint holds the trainable tensors, the optimizer state and the loss history. A run killed at any moment
 (SIGKILL included) and resumed produces the same losses as a run that was never interrupted.
 
-Data parallelism: launched under `torchrun`, the loop wraps the model in PyTorch's DistributedDataParallel and
-each rank takes every world-size-th sequence of the global batch, so N processes run the same optimisation as
-one process with the same `batch_size` (up to float summation order). Rank 0 alone shows progress and writes
-checkpoints. The model is replicated on every device (DDP, not FSDP).
+A checkpoint also records the run's identity (`run_state`): resuming with other settings or other data is
+refused, naming what differs.
+
+Several processes: launched under `torchrun`, each rank takes every world-size-th sequence of the global batch,
+so N processes run the same optimisation as one process with the same `batch_size` (up to float summation
+order). How the model is spread over them is a strategy object (`flexolmo.distributed`): replicated (one
+process, or DDP) or sharded (FSDP2). The strategy also applies the precision policy (`precision`) and writes
+and reads checkpoints; the loop is the same for all. Rank 0 alone shows progress.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field
 
 from flexolmo.data import TokenStream
-from flexolmo.errors import CheckpointError, DataError, FlexOlmoError
-from flexolmo.fileio import atomic_directory
+from flexolmo.distributed import ReplicatedStrategy, TrainingStrategy
+from flexolmo.errors import DataError, FlexOlmoError
+from flexolmo.precision import PrecisionPolicy
 from flexolmo.progress import progress_bar
-
-CHECKPOINT_DIRNAME = "checkpoint"
+from flexolmo.run_state import check_identity, check_work_dir, read_state
 
 
 class OptimConfig(BaseModel):
@@ -55,7 +59,8 @@ class OptimConfig(BaseModel):
     seed: int = Field(0, description="seed for initialisation and data order")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
-    dtype: str = Field("float32", description="parameter dtype: float32 or bfloat16")
+    dtype: str = Field("float32", description="compute dtype: float32, or bfloat16 for mixed precision (float32 "
+                       "master weights and optimizer state, bf16 matmuls, frozen weights stored in bf16)")
 
     @property
     def tokens_per_step(self) -> int:
@@ -164,6 +169,8 @@ class TrainResult:
     seconds: float
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
+    # The trained parameters as the strategy holds them (sharded ones under FSDP), under their names.
+    trained: list = field(default_factory=list)
 
 
 def world() -> tuple[int, int]:
@@ -178,20 +185,26 @@ def is_main_process() -> bool:
 
 
 @contextmanager
-def distributed_session(device: str) -> Iterator[str]:
+def distributed_session(device: str, always: bool = False) -> Iterator[str]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1) and yield this rank's device.
 
     NCCL on CUDA (one GPU per rank, by LOCAL_RANK), gloo on CPU. Without torchrun this yields `device` and does
-    nothing else, so every command runs unchanged in one process.
+    nothing else, so every command runs unchanged in one process; `always` (FSDP, which needs a process group
+    even alone) then starts a group of one.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (always and "MASTER_ADDR" in os.environ)
+    if dist.is_initialized() or not (launched or always):
         yield device
         return
     if device.startswith("cuda"):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if launched:
+        dist.init_process_group(backend=backend)
+    else:  # one process outside torchrun: an in-memory rendezvous
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield device
     finally:
@@ -210,6 +223,19 @@ def main_process_first() -> Iterator[None]:
         dist.barrier()
 
 
+def broadcast_from_main(tensors: list[torch.Tensor], device: str) -> list[torch.Tensor]:
+    """Rank 0's values of `tensors` on every rank (unchanged in one process): state computed on each rank that
+    must be identical before the model is sharded, since FSDP, unlike DDP, does not broadcast it."""
+    if world()[1] == 1:
+        return tensors
+    shared = []
+    for tensor in tensors:
+        tensor = tensor.detach().to(device).contiguous()
+        dist.broadcast(tensor, src=0)
+        shared.append(tensor)
+    return shared
+
+
 def _no_progress(*_args, **_kwargs) -> None:
     """The progress callback of ranks other than 0: one bar per run, not one per process."""
 
@@ -223,55 +249,31 @@ def _mean_across_ranks(value: float, device: str) -> float:
 
 
 def config_digest(payload: dict) -> str:
-    """Short hash of a run's configuration: a checkpoint may only be resumed by the same configuration."""
+    """Short hash of a run's configuration (the demo names its finished steps with it)."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Optimisation settings that do not change the trained tensors, so a resumed run may change them.
+_NOT_IDENTITY = {"device", "checkpoint_every"}
+
+
+def run_identity(config: OptimConfig, named_params: Sequence[tuple[str, torch.nn.Parameter]],
+                 strategy: TrainingStrategy, identity: dict) -> dict:
+    """Everything a checkpoint must share with the run that resumes it: the caller's settings and data
+    identity, the optimisation settings, the trained tensors and the checkpoint format."""
+    return {**identity, "optim": config.model_dump(exclude=_NOT_IDENTITY),
+            "trained_tensors": config_digest({"names": [name for name, _ in named_params]}),
+            "checkpoint_format": strategy.checkpoint_format}
 
 
 def _hook_states(hooks: Sequence[TrainHook]) -> list:
     return [hook.state() if hasattr(hook, "state") else None for hook in hooks]
 
 
-def _save_checkpoint(run_dir: Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer,
-                     losses: list[float], digest: str, hooks: Sequence[TrainHook]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_directory(run_dir / CHECKPOINT_DIRNAME, overwrite=True) as staging:
-        save_file({name: param.detach().cpu().contiguous() for name, param in named_params},
-                  str(staging / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(torch.get_rng_state(), staging / "rng.pt")
-        (staging / "state.json").write_text(json.dumps(
-            {"step": step, "losses": losses, "config": digest, "hooks": _hook_states(hooks)}))
-
-
-def _load_checkpoint(run_dir: Path, named_params, optimizer, digest: str,
-                     hooks: Sequence[TrainHook]) -> tuple[int, list[float]]:
-    from safetensors.torch import load_file
-
-    checkpoint = run_dir / CHECKPOINT_DIRNAME
-    if not (checkpoint / "state.json").exists():
-        return 0, []
-    try:
-        state = json.loads((checkpoint / "state.json").read_text())
-        tensors = load_file(str(checkpoint / "trainable.safetensors"))
-        optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-        rng_state = torch.load(checkpoint / "rng.pt", weights_only=True)
-    except Exception as error:  # any unreadable piece means the checkpoint cannot be trusted
-        raise CheckpointError(f"{checkpoint}: unreadable checkpoint ({error}); delete it to start over") from None
-    if state.get("config") != digest:
-        raise CheckpointError(
-            f"{checkpoint}: was written by a different configuration; resume with the same flags, "
-            "or delete the checkpoint to start over"
-        )
-    with torch.no_grad():
-        for name, param in named_params:
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(rng_state)
-    for hook, hook_state in zip(hooks, state.get("hooks", [])):
+def _restore_hooks(hooks: Sequence[TrainHook], states: list) -> None:
+    for hook, hook_state in zip(hooks, states):
         if hook_state is not None:
             hook.restore(hook_state)
-    return int(state["step"]), list(state["losses"])
 
 
 def train(
@@ -287,12 +289,16 @@ def train(
     make_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
     sampler: BatchSampler | None = None,
     clip_grad_norm: bool = True,
+    strategy: TrainingStrategy | None = None,
+    identity: dict | None = None,
 ) -> TrainResult:
     """Train `named_params` of `model` on `stream` for `config.steps` steps; only they get optimizer state.
 
     `make_optimizer` wraps or replaces AdamW (DP-SGD passes an Opacus optimizer), `sampler` replaces the
     shuffled batches (DP-SGD samples Poisson batches) and `clip_grad_norm=False` leaves clipping to the
-    optimizer (DP-SGD clips per sample).
+    optimizer (DP-SGD clips per sample). `strategy` spreads the model over processes (default: replicated, with
+    the precision of `config.dtype`); `identity` describes the caller's settings and data, so that a checkpoint
+    is resumed only by the same run. The trained tensors are float32 master weights after the call.
     """
     num_sequences = stream.num_sequences(config.seq_len)
     if num_sequences < 1:
@@ -304,28 +310,25 @@ def train(
     if config.batch_size % world_size:
         raise DataError(f"--batch-size {config.batch_size} does not split over {world_size} processes; use a "
                         "multiple of the number of processes")
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if make_optimizer is not None:
-            raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
-        # Frozen tensors (the anchor) get no gradient hooks; only the trained ones are all-reduced.
-        model = DistributedDataParallel(model, device_ids=[torch.device(config.device).index]
-                                        if config.device.startswith("cuda") else None)
+    if world_size > 1 and make_optimizer is not None:
+        raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
+    strategy = strategy or ReplicatedStrategy(PrecisionPolicy.from_name(config.dtype))
+    identity = run_identity(config, named_params, strategy, identity or {})
+    check_work_dir(run_dir, resume)
+    state = read_state(run_dir) if resume else None
+    if state is not None:
+        check_identity(run_dir, state, identity)
+    model, named_params = strategy.prepare(model, named_params, config.device)
     params = [param for _, param in named_params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     if make_optimizer is not None:
         optimizer = make_optimizer(optimizer)
     sampler = sampler or ShuffledBatches(config, num_sequences)
-    digest = config_digest({"optim": config.model_dump(), "params": [name for name, _ in named_params]})
     start, losses = (0, [])
-    if resume:
-        start, losses = _load_checkpoint(run_dir, named_params, optimizer, digest, hooks)
-    elif (run_dir / CHECKPOINT_DIRNAME).exists():
-        raise CheckpointError(
-            f"{run_dir / CHECKPOINT_DIRNAME}: a checkpoint of an earlier run exists; pass --resume to continue it "
-            "or delete it to start over"
-        )
+    if state is not None:
+        state = strategy.load_checkpoint(run_dir, model, named_params, optimizer)
+        _restore_hooks(hooks, state.get("hooks", []))
+        start, losses = int(state["step"]), list(state["losses"])
     model.train()
     began = time.perf_counter()
     tokens_this_process = 0
@@ -341,14 +344,15 @@ def train(
                 if len(indices) == 0:  # a Poisson batch can be empty: nothing to learn from this draw
                     continue
                 batch = make_batch(stream, indices, config.seq_len, config.device)
-                loss, lm_loss = loss_fn(model, batch)
+                with strategy.forward_context(config.device):
+                    loss, lm_loss = loss_fn(model, batch)
                 (loss / config.grad_accum).backward()
                 step_loss += float(lm_loss)
                 micro_batches += 1
             step_loss = _mean_across_ranks(step_loss / max(micro_batches, 1), config.device)
             if micro_batches:
                 if clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    strategy.clip_grad_norm(params, config.grad_clip)
                 optimizer.step()
             for hook in hooks:
                 hook.after_optimizer_step(step)
@@ -357,9 +361,8 @@ def train(
             rate = tokens_this_process / max(time.perf_counter() - began, 1e-9)
             advance(1, status=f"loss {step_loss:.3f}  {rate:,.0f} tok/s")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                if rank == 0:
-                    _save_checkpoint(run_dir, step + 1, named_params, optimizer, losses, digest, hooks)
-                if world_size > 1:
-                    dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
+                strategy.save_checkpoint(run_dir, model, named_params, optimizer, {
+                    "step": step + 1, "losses": losses, "identity": identity, "hooks": _hook_states(hooks)})
     model.eval()
-    return TrainResult(losses, tokens_this_process, time.perf_counter() - began, resumed_from=start)
+    return TrainResult(losses, tokens_this_process, time.perf_counter() - began, resumed_from=start,
+                       trained=named_params)

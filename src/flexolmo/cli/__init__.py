@@ -13,6 +13,7 @@ COMMANDS = {
     "pretrain": "pretrain",
     "init-router": "init_router",
     "train-expert": "train_expert",
+    "plan": "plan",
     "inspect": "inspect",
     "verify": "verify",
     "merge": "merge",
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"flexolmo {args.command}: error: {describe_validation_error(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"flexolmo {args.command}: interrupted; rerun the same command with --resume to continue",
-              file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # A training run says whether it kept a checkpoint to resume from; anything else was simply stopped.
+        print(f"flexolmo {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
         return 130

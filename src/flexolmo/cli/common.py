@@ -23,7 +23,9 @@ def add_optim_flags(
     group.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     group.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     group.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="compute dtype; bfloat16 is mixed precision (float32 master weights and optimizer "
+                       "state, bf16 matmuls, frozen weights stored in bf16)")
     group.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
 
 

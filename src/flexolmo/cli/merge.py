@@ -16,6 +16,9 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--top-k", type=int, required=True, help="experts used per token at inference")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    parser.add_argument("--dtype", default="anchor", choices=["anchor", "float32", "bfloat16"],
+                        help="dtype of the merged checkpoint: the anchor's own, or float32 to keep experts trained "
+                        "in float32 exact")
     parser.set_defaults(run=run)
 
 
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.merge import merge
 
     metadata = merge(Path(args.anchor), path_list(args.experts), Path(args.out), args.top_k,
-                     shard_bytes=int(args.shard_gb * 1024**3))
+                     shard_bytes=int(args.shard_gb * 1024**3), dtype=args.dtype)
     print_experts(Path(args.out), metadata)
     return 0
 

@@ -35,11 +35,20 @@ def register(subparsers, name: str) -> None:
     privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     privacy.add_argument("--dp-router-noise", type=float, default=4.0,
                          help="noise multiplier of the dp_mean_hidden router row (default 4.0)")
+    scale = parser.add_argument_group("several devices (launch with torchrun; see `flexolmo plan`)")
+    scale.add_argument("--fsdp", action="store_true",
+                       help="shard the model, gradients and optimizer state over the processes (FSDP2)")
+    scale.add_argument("--replicate-frozen", action="store_true",
+                       help="with --fsdp: keep a full copy of the frozen anchor weights on every device "
+                       "(less communication, more memory)")
+    scale.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each decoder layer in the backward pass instead of storing its activations")
     add_optim_flags(parser, steps=200, lr=1e-3, batch_size=8, seq_len=256)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexolmo.distributed import ParallelConfig
     from flexolmo.expert import ExpertConfig, train_expert
     from flexolmo.privacy import DPConfig
     from flexolmo.progress import print_table
@@ -55,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
                     router_noise_multiplier=args.dp_router_noise)
         if args.dp_epsilon is not None else None,
         optim=OptimConfig(**optim_kwargs(args)),
+        parallel=ParallelConfig(fsdp=args.fsdp, replicate_frozen=args.replicate_frozen,
+                                activation_checkpointing=args.activation_checkpointing),
     )
-    with distributed_session(config.optim.device) as device:
+    with distributed_session(config.optim.device, always=args.fsdp) as device:
         config.optim.device = device
         manifest = train_expert(config, resume=args.resume)
     if not manifest:  # a torchrun rank other than 0: rank 0 reports
