@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from flexolmo.anchor import Anchor, load_anchor
+from flexolmo.anchor import Anchor, check_context, load_anchor, read_config
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, TokenStream, load_token_stream
 from flexolmo.errors import CheckpointError, DataError, PackageError
 from flexolmo.evaluate import score_stream
+from flexolmo.fileio import atomic_write_json, make_directory, sha256_file
+from flexolmo.manifest import commit, owner_report_path, split_training_facts
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
@@ -27,6 +29,7 @@ from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_di
                                   load_public_rows)
 from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
                                main_process_first, train)
+from flexolmo.trust.signing import check_signing_key
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -154,12 +157,59 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tu
     return stream, MixedBatches(config.optim, ranges, [batch - public_count, public_count])
 
 
-def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
+def training_facts(config: ExpertConfig, owner_stream: TokenStream, result: TrainResult, before, after) -> dict:
+    """Every field of the manifest's training record, before privacy decides which of them a package releases."""
+    return {
+        "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out", "public_data"}),
+        "tokens": config.optim.steps * config.optim.tokens_per_step,
+        "public_share": config.public_share,
+        "public_data_sha256": [sha256_file(path) for path in config.public_data],
+        "train_documents": owner_stream.num_documents,
+        "final_train_loss": result.losses[-1],
+        "losses": result.losses,
+        "heldout_loss_before": before.loss,
+        "heldout_loss_after": after.loss,
+        "heldout_bits_per_byte_before": before.bits_per_byte,
+        "heldout_bits_per_byte_after": after.bits_per_byte,
+        "seconds": result.seconds,
+    }
+
+
+def write_owner_package(config: ExpertConfig, tensors: dict[str, torch.Tensor], facts: dict, stream_sha256: str,
+                        sign_key: Path | None, fields: dict) -> dict:
+    """Write the package (what the owner releases) and, beside it, the owner's report (everything, kept local).
+
+    The package carries a salted commitment to the token stream, never its hash; the salt, the hash and the
+    owner's paths go into the report alone. Under DP the package releases none of `manifest.OUTSIDE_DP`."""
+    commitment, salt = commit(stream_sha256)
+    facts = {**facts, "token_stream_commitment": commitment}
+    report_path = owner_report_path(config.out)
+    atomic_write_json(report_path, {
+        "note": "the owner's own record of this package: keep it, never send it (the package holds what is "
+                "released)",
+        "package": str(config.out), "name": config.name, "training": facts,
+        "token_stream_sha256": stream_sha256, "commitment_salt": salt,
+        "data": [str(path) for path in config.data], "heldout": [str(path) for path in config.heldout],
+        "public_data": [str(path) for path in config.public_data], "created": fields["created"],
+    })
+    try:
+        released = split_training_facts(facts, config.dp is not None)
+        return write_package(config.out, config.name, tensors,
+                             {"anchor": fields["anchor"], "training": released, **fields}, sign_key)
+    except BaseException:
+        report_path.unlink(missing_ok=True)
+        raise
+
+
+def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
+    given) and the owner's report beside it; return the package's manifest.
 
     Under torchrun every rank trains (data parallel, see `training.train`); rank 0 writes the package and
     returns the manifest, the other ranks return an empty dict."""
     check_name(config.name)
+    if sign_key is not None:
+        check_signing_key(sign_key, config.name)
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     if config.dp and router_init in READS_PRIVATE_DATA:
         raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
@@ -172,6 +222,7 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     work = config.out.with_name(config.out.name + ".ckpt")
     if resume and not (work / "checkpoint").exists():
         raise CheckpointError(f"nothing to resume: no checkpoint at {work}; run without --resume")
+    check_context(read_config(config.anchor).get("max_position_embeddings"), config.optim.seq_len, config.anchor)
     dtype = getattr(torch, config.optim.dtype)
     anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
     optim = config.optim
@@ -199,7 +250,7 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     torch.manual_seed(optim.seed)
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
     trainable = owner_trainable_parameters(model)
-    work.mkdir(parents=True, exist_ok=True)
+    make_directory(work)
     hooks = [_ClampBias(model)]
     private = None
     if config.dp:
@@ -221,22 +272,10 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         return {}
     after = score_stream(model, heldout_stream, optim.seq_len, max_sequences=config.eval_max_sequences,
                          device=optim.device, description="held-out (expert)")
-    manifest = write_package(config.out, config.name, package_tensors(model, anchor.family.ffn_projections), {
+    facts = training_facts(config, owner_stream, result, before, after)
+    manifest = write_owner_package(config, package_tensors(model, anchor.family.ffn_projections), facts,
+                                   owner_stream.fingerprint(), sign_key, {
         "anchor": anchor_record(anchor),
-        "training": {
-            "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
-            "tokens": optim.steps * optim.tokens_per_step,
-            "token_stream_sha256": owner_stream.fingerprint(),
-            "train_documents": owner_stream.num_documents,
-            "public_share": config.public_share,
-            "final_train_loss": result.losses[-1],
-            "losses": result.losses,
-            "heldout_loss_before": before.loss,
-            "heldout_loss_after": after.loss,
-            "heldout_bits_per_byte_before": before.bits_per_byte,
-            "heldout_bits_per_byte_after": after.bits_per_byte,
-            "seconds": result.seconds,
-        },
         "privacy": {"dp": private.record() if private else None,
                     "router_init": router_init,
                     "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
