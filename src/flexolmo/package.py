@@ -155,11 +155,12 @@ def read_manifest(path: Path) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PackageError(f"{path}: not a flexolmo expert package (format {found!r})")
     version = manifest.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise PackageError(f"{path}: package format version {version} is from an older flexolmo (this one reads "
+                           f"{FORMAT_VERSION}); ask the owner to train and package it again")
     if version != FORMAT_VERSION:
-        raise PackageError(f"{path}: package format version {version!r}; this flexolmo reads version "
-                           f"{FORMAT_VERSION} only: " + ("upgrade flexolmo" if isinstance(version, int) and
-                                                         version > FORMAT_VERSION else
-                                                         "ask the owner to train and package it again"))
+        raise PackageError(f"{path}: unknown package format version {version!r} (this flexolmo reads "
+                           f"{FORMAT_VERSION}); upgrade flexolmo")
     try:
         ExpertManifest.model_validate(manifest)
     except ValidationError as error:
@@ -228,9 +229,6 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
     """Checksums and finiteness, one tensor at a time; returns the tensors when `keep`."""
     from safetensors import safe_open
 
-    if sha256_file(tensor_file) != manifest["file_sha256"]:
-        raise PackageError(f"{tensor_file}: file bytes differ from the manifest's file_sha256; the package was "
-                           "altered")
     digest, kept = hashlib.sha256(), {}
     with safe_open(tensor_file, framework="pt") as handle:
         for name in sorted(handle.keys()):
@@ -244,6 +242,9 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
     if digest.hexdigest() != manifest["tensors_sha256"]:
         raise PackageError(f"{tensor_file}: tensor contents do not match the manifest checksum; the package was "
                            "modified after training")
+    if sha256_file(tensor_file) != manifest["file_sha256"]:
+        raise PackageError(f"{tensor_file}: file bytes differ from the manifest's file_sha256; the package was "
+                           "altered")
     return kept if keep else None
 
 

@@ -1,4 +1,4 @@
-"""The coordinator's trust flags, shared by `merge`, `add` and `remove`, and the admission table they print."""
+"""The coordinator's trust flags, shared by `merge`, `add` and `remove`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> Non
 def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     """The CoordinatorTrust the flags describe; warns once when packages will not be authenticated."""
     from flexolmo.progress import console
-    from flexolmo.trust.admission import AdmissionPolicy, recorded_public_heldout
+    from flexolmo.trust.admission import AdmissionPolicy, print_report, recorded_public_heldout
     from flexolmo.trust.publish import CoordinatorTrust
     from flexolmo.trust.signing import TrustedKeys, key_signer
 
@@ -62,22 +62,7 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     else:
         probe, reason = None, "a merged model does not say where its anchor's public text is; pass --probe-data"
     return CoordinatorTrust(trusted_keys=trusted, admission=policy, probe=probe, no_probe_reason=reason,
-                            sign_key=args.sign_key, on_admission=print_admission)
-
-
-def print_admission(report) -> None:
-    """One row per joining expert: the measured numbers and the verdict."""
-    from flexolmo.progress import print_table
-
-    def share(value):
-        return "-" if value is None else f"{value:.1%}"
-
-    rows = [[v.name, f"{v.row_norm_ratio:.2f}", share(v.public_top_share), share(v.public_selected_share),
-             "-" if v.public_bpb_change is None else f"{v.public_bpb_change:+.4f}",
-             "admitted" if v.admitted else "REFUSED"] for v in report.verdicts]
-    print_table(f"admission checks (probe: {report.probe}; {report.seconds:.0f} s)",
-                ["expert", "row norm / public", "top logit on public", "in top-k on public",
-                 "public bits/byte change", "verdict"], rows)
+                            sign_key=args.sign_key, on_admission=print_report)
 
 
 def shard_bytes(gigabytes: float) -> int:

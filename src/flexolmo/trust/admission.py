@@ -240,3 +240,18 @@ def enforce(report: AdmissionReport) -> None:
     for verdict in report.verdicts:
         if not verdict.admitted:
             raise TrustError(f"expert '{verdict.name}' refused at admission: {'; '.join(verdict.problems)}")
+
+
+def print_report(report: AdmissionReport) -> None:
+    """The admission table: one row per joining expert, its measured numbers and its verdict."""
+    from flexolmo.progress import print_table
+
+    def share(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    rows = [[v.name, f"{v.row_norm_ratio:.2f}", share(v.public_top_share), share(v.public_selected_share),
+             "-" if v.public_bpb_change is None else f"{v.public_bpb_change:+.4f}",
+             "admitted" if v.admitted else "REFUSED"] for v in report.verdicts]
+    print_table(f"admission checks (probe: {report.probe}; {report.seconds:.0f} s)",
+                ["expert", "row norm / public", "top logit on public", "in top-k on public",
+                 "public bits/byte change", "verdict"], rows)
