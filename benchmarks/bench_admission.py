@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/admission"))
     args = parser.parse_args()
     anchor, probe = args.data_dir / "anchor", args.data_dir / "public.heldout.jsonl.gz"
-    demo = Demo(DemoConfig(data_dir=args.data_dir, out=args.demo_dir))
+    demo = Demo(DemoConfig(data_dir=args.data_dir.resolve(), out=args.demo_dir))
     demo.check_inputs()
     honest = demo.train_experts()
     attacks = {

@@ -314,6 +314,10 @@ def test_merge_log_and_coordinator_signature_follow_every_version(signed, keys, 
     assert main(["history", str(tmp_path / "v3")]) == 0
     shown = capsys.readouterr().out
     assert "remove" in shown and "coordinator" in shown
+    remove_experts(tmp_path / "v3", ["math"], tmp_path / "public-only")  # one number for top-k, everywhere
+    config = read_config(tmp_path / "public-only")
+    record = json.loads((tmp_path / "public-only" / MERGED_METADATA_FILE).read_text())
+    assert config["num_experts_per_tok"] == record["top_k"] == read_history(tmp_path / "public-only")[-1]["top_k"] == 1
     tampered = copy(tmp_path / "v3", tmp_path / "tampered")
     (tampered / "generation_config.json").write_text("{}")
     assert main(["verify", str(tampered), "--trusted-keys", str(keys)]) == 1
@@ -333,7 +337,8 @@ def all_strings(value) -> list[str]:
     return [str(value)]
 
 
-def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, tmp_path):
+def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, tmp_path, capsys,
+                                                         monkeypatch):
     from flexolmo.privacy import DPConfig
 
     canary = tmp_path / "owner-data"
@@ -357,6 +362,10 @@ def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, t
     assert report["training"]["train_documents"] > 0 and len(report["training"]["losses"]) == 3
     assert not any(str(tmp_path) in s or s.startswith("/") for s in all_strings(manifest))
     assert not owner_report_path(out).is_relative_to(out)
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per line
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "withheld" in shown and "training.losses" not in shown and "covered by DP" in shown
 
 
 def test_no_owner_path_reaches_a_package_or_the_merged_record(signed, tiny_anchor, tmp_path):

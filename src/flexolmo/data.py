@@ -286,7 +286,10 @@ def tokenize_file(
     with atomic_directory(entry, overwrite=True) as staging:
         np.save(staging / "tokens.npy", tokens)
         (staging / "meta.json").write_text(json.dumps(meta))
-    return _read_cache_entry(entry, path)
+    written = _read_cache_entry(entry, path)
+    if written is None:
+        raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set $FLEXOLMO_CACHE")
+    return written
 
 
 def _read_cache_entry(entry: Path, path: Path) -> TokenizedFile | None:

@@ -180,8 +180,10 @@ def describe_disclosure(manifest: dict) -> list[tuple[str, str, str]]:
         rows.append(("training summary", "withheld", "losses, held-out scores, document count and token-stream "
                      "hash stay in the owner's report (not covered by DP)"))
     else:
+        documents = training["train_documents"]
         rows += [
-            ("training.train_documents", f"{training['train_documents']:,}", "how many documents the owner has"),
+            ("training.train_documents", "-" if documents is None else f"{documents:,}",
+             "how many documents the owner has"),
             ("training.losses", f"{len(training['losses'] or [])} values",
              "training loss per step on the owner's batches"),
             ("training.heldout_*", f"{_format_float(training['heldout_loss_before'])} -> "
