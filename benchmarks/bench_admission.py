@@ -10,7 +10,9 @@ functions: its router rows scaled by 5, 20 and 50, and its rows replaced by the 
 the public row's norm (under the norm limit). Each dishonest package is merged with the four honest ones and
 measured the same way. Reported per expert: the largest router-row norm over the public row's, the share of
 public tokens on which it has the top router logit, the share on which it is in the top-2, the change of public
-bits per byte with it against without it, and the probe's seconds per expert. Results: a table and
+bits per byte with it against without it, and the checks' seconds per expert (the whole admission of a merge
+over its 5 candidates: loading the merged model, 1 + 5 probe passes), also as a ratio to one pass of the dense
+anchor over the same probe windows timed just before in the same process. Results: a table and
 `benchmarks/results/admission.json`. The default limits of `flexolmo.trust.admission` are chosen from these
 numbers (honest maximum with margin, below every attack).
 """
@@ -22,13 +24,17 @@ import json
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
+from flexolmo.data import load_token_stream
 from flexolmo.demo import CLOSED_DOMAINS, Demo, DemoConfig
+from flexolmo.evaluate import score_stream
 from flexolmo.merge import merge
 from flexolmo.package import load_package, write_package
 from flexolmo.progress import console, print_table
 from flexolmo.router_init import load_public_rows
+from flexolmo.runtime import load_model
 from flexolmo.trust.admission import AdmissionPolicy
 from flexolmo.trust.publish import CoordinatorTrust
 
@@ -63,14 +69,25 @@ def public_aligned(anchor: Path, factor: float):
     return transform
 
 
+def anchor_pass_seconds(anchor: Path, probe: Path, policy: AdmissionPolicy) -> float:
+    """The baseline, timed in the same process: one pass of the dense anchor over the probe's windows."""
+    loaded = load_model(anchor, device=policy.device)
+    stream = load_token_stream([probe], loaded.tokenizer, "all")
+    start = time.perf_counter()
+    score_stream(loaded.model, stream, policy.seq_len, policy.batch_size, policy.probe_sequences, policy.device,
+                 "baseline: anchor pass")
+    return time.perf_counter() - start
+
+
 def measure(anchor: Path, packages: list[Path], probe: Path, out: Path) -> dict:
+    baseline = anchor_pass_seconds(anchor, probe, AdmissionPolicy())
     reports = []
     shutil.rmtree(out, ignore_errors=True)
     trust = CoordinatorTrust(admission=AdmissionPolicy(**NO_LIMITS), probe=([probe], "all"),
                              on_admission=reports.append)
     merge(anchor, packages, out, top_k=2, trust=trust)
     shutil.rmtree(out)
-    return reports[0].as_dict()
+    return {**reports[0].as_dict(), "anchor_pass_seconds": baseline}
 
 
 def main() -> None:
@@ -101,18 +118,18 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
-    def row(label, verdict, seconds):
+    def row(label, verdict, report):
+        per_expert = report["seconds"] / len(CLOSED_DOMAINS)
         return [label, verdict["row_norm_ratio"], verdict["public_top_share"], verdict["public_selected_share"],
-                verdict["public_bpb_change"], seconds]
+                verdict["public_bpb_change"], per_expert, per_expert / report["anchor_pass_seconds"]]
 
-    per_expert = results["honest"]["seconds"] / len(CLOSED_DOMAINS)
-    rows = [row(v["name"], v, per_expert) for v in results["honest"]["verdicts"]]
+    rows = [row(v["name"], v, results["honest"]) for v in results["honest"]["verdicts"]]
     for label, report in results["attacks"].items():
         verdict = next(v for v in report["verdicts"] if v["name"] == ATTACKER)
-        rows.append(row(f"{ATTACKER}, {label}", verdict, report["seconds"] / len(CLOSED_DOMAINS)))
+        rows.append(row(f"{ATTACKER}, {label}", verdict, report))
     print_table("admission measurements (top-2 merge of 5 experts, public held-out probe)",
                 ["expert", "row norm / public", "top logit on public", "in top-2 on public", "public bpb change",
-                 "probe s/expert"], rows)
+                 "checks s/expert", "/ anchor pass"], rows)
     console.print(f"results: {RESULTS}")
 
 

@@ -34,9 +34,12 @@ from flexolmo.fileio import sha256_file
 from flexolmo.tensor_io import LazyReader
 from flexolmo.weights import MERGED_ROUTER
 
-# Defaults measured on the demo's five honest experts (BENCHMARKS.md, "Admission checks"), with margin.
+# From the demo's five honest experts (BENCHMARKS.md, "Admission checks"): their largest row-norm ratio is 0.99,
+# top-logit share of public tokens 7.5% and public bits-per-byte rise 0.013; every hijacker measured 1.5-45,
+# 66-84% and 0.13-0.16. Each limit is about 3x the honest maximum and below every hijacker but the
+# public-aligned row for the norm (which the top-logit share catches).
 DEFAULT_MAX_ROW_NORM_RATIO = 3.0
-DEFAULT_MAX_PUBLIC_TOP_SHARE = 0.5
+DEFAULT_MAX_PUBLIC_TOP_SHARE = 0.25
 DEFAULT_MAX_PUBLIC_BPB_INCREASE = 0.05
 
 
