@@ -78,10 +78,11 @@ def test_untrained_owner_model_is_exactly_the_anchor(tiny_anchor, corpora):
 def test_package_contents_and_round_trip(code_expert, tiny_anchor):
     package = load_package(code_expert, compute_fingerprint(tiny_anchor), load_anchor(tiny_anchor).config)
     manifest = package.manifest
-    assert manifest["name"] == "code" and manifest["format_version"] == 1
+    assert manifest["name"] == "code" and manifest["format_version"] == 2
     training = manifest["training"]
     assert training["heldout_loss_after"] < training["heldout_loss_before"]
-    assert len(training["losses"]) == 20 and len(training["token_stream_sha256"]) == 64
+    assert len(training["losses"]) == 20 and len(training["token_stream_commitment"]) == 64
+    assert "token_stream_sha256" not in training  # the raw hash confirms a guessed dataset; the owner keeps it
     assert all(not name.startswith("model.") for name in package.tensors)  # nothing of the shared weights
     assert all(float(package.tensors[f"layers.{i}.router.bias"]) <= 0 for i in range(2))
     anchor_bytes = (tiny_anchor / "model.safetensors").stat().st_size
@@ -113,7 +114,7 @@ def test_verify_reports_each_problem_in_one_line(code_expert, tiny_anchor, tmp_p
     modified = damaged_copy(code_expert, tmp_path / "modified")
     tensors = load_file(modified / TENSOR_FILE)
     tensors["layers.0.up_proj.weight"][0, 0] += 1.0
-    save_file(tensors, modified / TENSOR_FILE)
+    save_file(tensors, modified / TENSOR_FILE, metadata={"format": "flexolmo-expert", "name": "code"})
 
     future = damaged_copy(code_expert, tmp_path / "future")
     manifest = json.loads((future / "manifest.json").read_text())

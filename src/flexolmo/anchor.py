@@ -89,6 +89,13 @@ def anchor_family(config: dict, path: Path | str) -> AnchorFamily:
     raise AnchorError(f"{path}: architecture '{model_type}' is not supported as an anchor (supported: {supported})")
 
 
+def check_context(max_positions: int | None, seq_len: int, path: Path | str) -> None:
+    """A window of `seq_len` tokens fits the model's context (its config's max_position_embeddings)."""
+    if max_positions is not None and seq_len > max_positions:
+        raise AnchorError(f"--seq-len {seq_len} is longer than the {max_positions} positions {path} was built for "
+                          f"(max_position_embeddings); use --seq-len {max_positions} or less")
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model directory, in index order when sharded."""
     index = path / "model.safetensors.index.json"
@@ -158,9 +165,11 @@ def load_pretrained(path: Path, dtype: torch.dtype = torch.float32, device: str 
     """`AutoModelForCausalLM.from_pretrained` with load failures turned into one-line errors."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AnchorError(f"{path}: cannot load the model ({first_line})") from None
     return model.to(device).eval()

@@ -29,7 +29,7 @@ from flexolmo.expert import anchor_record
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import write_package
 from flexolmo.provenance import software_versions, utc_now
-from flexolmo.router_init import initial_rows
+from flexolmo.router_init import READS_PRIVATE_DATA, initial_rows
 from flexolmo.tensor_io import LazyReader
 from flexolmo.training import OptimConfig, lm_loss_fn, train
 from flexolmo.weights import ANCHOR_FFN, PACKAGE_FFN, PACKAGE_ROUTER, parse
@@ -80,8 +80,10 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
         tensors[PACKAGE_ROUTER.format(layer=layer)] = row[None].float()
     return write_package(out, name, tensors, {
         "anchor": anchor_record(anchor),
-        "training": {"kind": "dense-ffn-finetune (uncoordinated)", "source": str(dense_dir)},
-        "privacy": {"dp": None, "router_row_from_private_data": router_init == "mean_hidden"},
+        "training": {"config": {"kind": "dense-ffn-finetune (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
+                     "public_data_sha256": []},
+        "privacy": {"dp": None, "router_init": router_init,
+                    "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
         "created": utc_now(), "versions": software_versions(),
     })
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from flexolmo.errors import DataError
 from flexolmo.fileio import atomic_directory, sha256_file
-from flexolmo.progress import progress_bar
+from flexolmo.progress import console, progress_bar
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
 DEFAULT_HELDOUT_FRACTION = 0.05
@@ -81,6 +81,16 @@ def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
         ) from None
 
 
+def _check_encodable(text: str, path: Path, line_number: int) -> None:
+    """JSON can escape half of a UTF-16 surrogate pair (`\\ud800`), which is no character and has no UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{path}:{line_number}: the text holds a lone surrogate escape "
+                        f"({text[error.start]!r} at character {error.start}), which is not a character; fix or "
+                        "drop that escape in the file") from None
+
+
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
@@ -102,6 +112,8 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 text = record[text_field]
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{line_number}: field '{text_field}' is not a string")
+                if not text.isascii():
+                    _check_encodable(text, path, line_number)
                 doc_id = str(record.get("id", f"{path.name}:{line_number}"))
                 yield Document(doc_id, text)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
@@ -326,22 +338,45 @@ def tokenize_file(
     entry = (cache_dir or default_cache_dir()) / "tokens" / _cache_key(
         file_sha256, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
     )
-    if not (entry / "meta.json").exists():
-        documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
-        tokens, token_bytes, num_documents, num_bytes = _tokenize_documents(documents, tokenizer,
-                                                                             f"{path.name} ({split})")
-        if num_documents == 0:
-            where = "" if split == "all" else f" in its {split} split"
-            raise DataError(f"{path}: no non-empty documents{where}; check the file and --text-field")
-        meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes}
-        with atomic_directory(entry, overwrite=True) as staging:
-            np.save(staging / "tokens.npy", tokens)
-            np.save(staging / "bytes.npy", token_bytes)
-            (staging / "meta.json").write_text(json.dumps(meta))
-    meta = json.loads((entry / "meta.json").read_text())
-    tokens = np.load(entry / "tokens.npy", mmap_mode="r")
-    token_bytes = np.load(entry / "bytes.npy", mmap_mode="r")
-    return TokenizedFile(path, tokens, token_bytes, meta["num_documents"], meta["num_bytes"], file_sha256)
+    cached = _read_cache_entry(entry, path, file_sha256)
+    if cached is not None:
+        return cached
+    if entry.exists():
+        console.print(f"[yellow]note:[/] the token cache entry of {path.name} ({entry}) is damaged; rebuilding it")
+    documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
+    tokens, token_bytes, num_documents, num_bytes = _tokenize_documents(documents, tokenizer,
+                                                                         f"{path.name} ({split})")
+    if num_documents == 0:
+        total = sum(1 for _ in iter_documents(path, text_field))
+        if total == 0 or split == "all":
+            raise DataError(f"{path}: no non-empty documents; check the file and --text-field")
+        raise DataError(f"{path}: none of its {total} document(s) falls in its {split} split (a hash of each "
+                        f"text puts {heldout_fraction:.0%} in the held-out split); add documents, or pass the "
+                        "held-out text as its own file (--heldout)")
+    meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes,
+            "num_tokens": len(tokens)}
+    with atomic_directory(entry, overwrite=True) as staging:
+        np.save(staging / "tokens.npy", tokens)
+        np.save(staging / "bytes.npy", token_bytes)
+        (staging / "meta.json").write_text(json.dumps(meta))
+    written = _read_cache_entry(entry, path, file_sha256)
+    if written is None:
+        raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set $FLEXOLMO_CACHE")
+    return written
+
+
+def _read_cache_entry(entry: Path, path: Path, file_sha256: str) -> TokenizedFile | None:
+    """A cached split, or None when the entry is absent or damaged (an interrupted copy, a disk error)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        tokens = np.load(entry / "tokens.npy", mmap_mode="r", allow_pickle=False)
+        token_bytes = np.load(entry / "bytes.npy", mmap_mode="r", allow_pickle=False)
+        if tokens.ndim != 1 or token_bytes.shape != tokens.shape or len(tokens) != meta["num_tokens"]:
+            return None
+        return TokenizedFile(path, tokens, token_bytes, int(meta["num_documents"]), int(meta["num_bytes"]),
+                             file_sha256)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
 
 
 class TokenStream:

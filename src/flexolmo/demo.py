@@ -36,6 +36,8 @@ from flexolmo.progress import console, print_table
 from flexolmo.report import write_report
 from flexolmo.runtime import load_model
 from flexolmo.training import OptimConfig, config_digest
+from flexolmo.trust.admission import AdmissionPolicy, print_report
+from flexolmo.trust.publish import CoordinatorTrust
 
 CLOSED_DOMAINS = ("code", "math", "legal", "biomedical", "literature")
 PUBLIC = "public"
@@ -146,8 +148,11 @@ class Demo:
                   "btx_uncoordinated": self.out / "models" / "btx_uncoordinated",
                   "model_soup": self.out / "models" / "model_soup"}
         if not models["flexolmo"].exists():
-            console.rule("coordinator merges the five experts")
-            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], models["flexolmo"], self.config.top_k)
+            console.rule("coordinator merges the five experts (admission checks on public held-out text)")
+            trust = CoordinatorTrust(admission=AdmissionPolicy(), probe=([self.heldout_file(PUBLIC)], "all"),
+                                     on_admission=self._show_admission)
+            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], models["flexolmo"], self.config.top_k,
+                  trust=trust)
         if not models["btx_uncoordinated"].exists():
             console.rule("baseline: BTX from uncoordinated dense experts")
             anchor = load_anchor(self.anchor_dir)
@@ -164,6 +169,10 @@ class Demo:
             console.rule("baseline: model soup")
             model_soup(self.anchor_dir, [self.anchor_dir, *[dense[d] for d in CLOSED_DOMAINS]], models["model_soup"])
         return models
+
+    def _show_admission(self, report) -> None:
+        print_report(report)
+        atomic_write_json(self.out / "admission.json", report.as_dict())
 
     # -- evaluation --------------------------------------------------------------------------------------
     def eval_domains(self) -> dict[str, list[Path]]:

@@ -27,3 +27,7 @@ class MergeError(FlexOlmoError):
 
 class CheckpointError(FlexOlmoError):
     """A training checkpoint cannot be resumed (missing, corrupt, or from a different configuration)."""
+
+
+class TrustError(FlexOlmoError):
+    """A key, signature, merged-model record or admission check refuses an input (see `flexolmo.trust`)."""

@@ -107,8 +107,8 @@ def score_stream(
     if max_sequences is not None:
         num_sequences = min(num_sequences, max_sequences)
     if num_sequences < 1:
-        raise DataError(f"held-out data has {stream.num_tokens} tokens, fewer than one sequence of {seq_len}; "
-                        "give more held-out text or a smaller --seq-len")
+        raise DataError(f"the text to score has {stream.num_tokens} tokens, fewer than one window of {seq_len} + 1; "
+                        "add held-out text or lower --seq-len")
     seen = getattr(model, "routing_prefix_tokens", 0)
     if seen > context_tokens:
         raise DataError(f"this model decides from the first {seen} tokens of each window; score it with at least "
@@ -202,7 +202,9 @@ def evaluate(
 def evaluate_path(path: Path, domains: Mapping[str, Sequence[Path]], settings: EvalSettings,
                   exclude: Sequence[str] = ()) -> EvalResult:
     """Load a dense or merged model directory (with `exclude` experts masked) and evaluate it."""
+    from flexolmo.anchor import check_context
     from flexolmo.runtime import load_model
 
     loaded = load_model(path, exclude=exclude, device=settings.device)
+    check_context(getattr(loaded.model.config, "max_position_embeddings", None), settings.seq_len, path)
     return evaluate(loaded.model, loaded.tokenizer, domains, settings, loaded.expert_names, str(path), exclude)

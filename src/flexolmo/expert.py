@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from flexolmo.anchor import Anchor, load_anchor, load_pretrained, stored_dtype
+from flexolmo.anchor import Anchor, check_context, load_anchor, load_pretrained, read_config, stored_dtype
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
 from flexolmo.distributed import ParallelConfig, make_strategy
 from flexolmo.errors import DataError, PackageError
 from flexolmo.evaluate import Score, score_stream
+from flexolmo.fileio import atomic_write_json, sha256_file
+from flexolmo.manifest import commit, owner_report_path, split_training_facts
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
@@ -35,6 +37,7 @@ from flexolmo.precision import dtype_name
 from flexolmo.run_state import check_identity, check_work_dir, read_state, work_dir_for, work_directory
 from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, broadcast_from_main, causal_lm_loss,
                                is_main_process, main_process_first, train)
+from flexolmo.trust.signing import check_signing_key
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -173,68 +176,65 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig,
     return joined, MixedBatches(config.optim, joined.ranges(config.optim.seq_len), [batch - public_count, public_count])
 
 
-def _check_settings(config: ExpertConfig, router_init: str) -> None:
-    """Refuse combinations that cannot work, before anything is loaded."""
-    check_name(config.name)
-    if config.dp and router_init in READS_PRIVATE_DATA:
-        raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
-                           f"--router-init {DP_ROUTER_INIT}, public or random")
-    if router_init == DP_ROUTER_INIT and not config.dp:
-        raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
-                           "--dp-epsilon (without DP use mean_hidden)")
-    if config.dp and config.parallel.fsdp:
-        raise PackageError("--fsdp cannot be combined with --dp-epsilon: DP-SGD (Opacus per-sample gradients) "
-                           "runs in one process on an unsharded model; drop --fsdp")
-    if config.dp and config.parallel.activation_checkpointing:
-        raise PackageError("--activation-checkpointing cannot be combined with --dp-epsilon: Opacus records "
-                           "activations in forward hooks, which a recomputed layer would run twice")
-    if config.parallel.replicate_frozen and not config.parallel.fsdp:
-        raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
-    if config.out.exists():
-        raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+def training_facts(config: ExpertConfig, owner_stream: TokenStream, result: TrainResult, before: Score, after: Score,
+                   heldout_dtype: torch.dtype) -> dict:
+    """Every field of the manifest's training record, before privacy decides which of them a package releases."""
+    return {
+        "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out", "public_data"}),
+        "tokens": config.optim.steps * config.optim.tokens_per_step,
+        "public_share": config.public_share,
+        "public_data_sha256": [sha256_file(path) for path in config.public_data],
+        "train_documents": owner_stream.num_documents,
+        "final_train_loss": result.losses[-1],
+        "losses": result.losses,
+        "heldout_loss_before": before.loss,
+        "heldout_loss_after": after.loss,
+        "heldout_bits_per_byte_before": before.bits_per_byte,
+        "heldout_bits_per_byte_after": after.bits_per_byte,
+        "heldout_dtype": dtype_name(heldout_dtype),
+        "seconds": result.seconds,
+    }
 
 
-def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,
-                 heldout: TokenStream) -> dict:
-    """What a checkpoint must share with the run that resumes it, besides the optimisation settings: every
-    setting that decides the expert, and the identity of the anchor, the tokenizer and each data file."""
-    settings = config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "public_data", "out", "optim",
-                                                       "parallel", "eval_max_sequences"})
-    return {"settings": settings, "anchor": anchor.fingerprint, "tokenizer": tokenizer_fingerprint(anchor.tokenizer),
-            "data": [file.file_sha256 for file in owner.files],
-            "public_data": [file.file_sha256 for file in public.files] if public else [],
-            "heldout": [file.file_sha256 for file in heldout.files]}
+def write_owner_package(config: ExpertConfig, tensors: dict[str, torch.Tensor], facts: dict, stream_sha256: str,
+                        sign_key: Path | None, fields: dict) -> dict:
+    """Write the package (what the owner releases) and, beside it, the owner's report (everything, kept local).
+
+    The package carries a salted commitment to the token stream, never its hash; the salt, the hash and the
+    owner's paths go into the report alone. Under DP the package releases none of `manifest.OUTSIDE_DP`."""
+    commitment, salt = commit(stream_sha256)
+    facts = {**facts, "token_stream_commitment": commitment}
+    report_path = owner_report_path(config.out)
+    atomic_write_json(report_path, {
+        "note": "the owner's own record of this package: keep it, never send it (the package holds what is "
+                "released)",
+        "package": str(config.out), "name": config.name, "training": facts,
+        "token_stream_sha256": stream_sha256, "commitment_salt": salt,
+        "data": [str(path) for path in config.data], "heldout": [str(path) for path in config.heldout],
+        "public_data": [str(path) for path in config.public_data], "created": fields["created"],
+    })
+    try:
+        released = split_training_facts(facts, config.dp is not None)
+        return write_package(config.out, config.name, tensors,
+                             {"anchor": fields["anchor"], "training": released, **fields}, sign_key)
+    except BaseException:
+        report_path.unlink(missing_ok=True)
+        raise
 
 
-def score_as_merged(anchor: Anchor, tensors: dict[str, torch.Tensor], heldout: TokenStream, dtype: torch.dtype,
-                    config: ExpertConfig) -> tuple[Score, Score]:
-    """Held-out scores of the anchor and of [public, owner] as a merged model in `dtype` computes them: the
-    anchor's weights in `dtype`, the package's tensors rounded to `dtype`, computed in `dtype`."""
-    optim = config.optim
-    base = dataclasses.replace(anchor, model=load_pretrained(anchor.path, dtype, optim.device))
-    before = score_stream(base.model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
-                          device=optim.device, description=f"held-out (anchor, {dtype_name(dtype)})")
-    model = load_package_into_owner_model(base, tensors)
-    after = score_stream(model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
-                         device=optim.device, description=f"held-out (expert, {dtype_name(dtype)})")
-    return before, after
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
+def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
+    given) and the owner's report beside it; return the package's manifest.
 
     Under torchrun every rank trains (see `training.train` and `flexolmo.distributed`); rank 0 writes the
     package and returns the manifest, the other ranks return an empty dict."""
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     _check_settings(config, router_init)
+    if sign_key is not None:
+        check_signing_key(sign_key, config.name)
     work = work_dir_for(config.out)
     check_work_dir(work, resume)
+    check_context(read_config(config.anchor).get("max_position_embeddings"), config.optim.seq_len, config.anchor)
     optim = config.optim
     strategy = make_strategy(config.parallel, optim.dtype)
     anchor = load_anchor(config.anchor, with_model=False)
@@ -293,23 +293,9 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
             return {}
         eval_dtype = stored_dtype(anchor.path)  # what `merge` keeps by default
         before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
-        manifest = write_package(config.out, config.name, tensors, {
+        facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
+        manifest = write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
             "anchor": anchor_record(anchor),
-            "training": {
-                "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out"}),
-                "tokens": optim.steps * optim.tokens_per_step,
-                "token_stream_sha256": owner_stream.fingerprint(),
-                "train_documents": owner_stream.num_documents,
-                "public_share": config.public_share,
-                "final_train_loss": result.losses[-1],
-                "losses": result.losses,
-                "heldout_dtype": dtype_name(eval_dtype),
-                "heldout_loss_before": before.loss,
-                "heldout_loss_after": after.loss,
-                "heldout_bits_per_byte_before": before.bits_per_byte,
-                "heldout_bits_per_byte_after": after.bits_per_byte,
-                "seconds": result.seconds,
-            },
             "privacy": {"dp": private.record() if private else None,
                         "router_init": router_init,
                         "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
@@ -318,3 +304,57 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
         })
     shutil.rmtree(work)
     return manifest
+
+
+def _check_settings(config: ExpertConfig, router_init: str) -> None:
+    """Refuse combinations that cannot work, before anything is loaded."""
+    check_name(config.name)
+    if config.dp and router_init in READS_PRIVATE_DATA:
+        raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
+                           f"--router-init {DP_ROUTER_INIT}, public or random")
+    if router_init == DP_ROUTER_INIT and not config.dp:
+        raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
+                           "--dp-epsilon (without DP use mean_hidden)")
+    if config.dp and config.parallel.fsdp:
+        raise PackageError("--fsdp cannot be combined with --dp-epsilon: DP-SGD (Opacus per-sample gradients) "
+                           "runs in one process on an unsharded model; drop --fsdp")
+    if config.dp and config.parallel.activation_checkpointing:
+        raise PackageError("--activation-checkpointing cannot be combined with --dp-epsilon: Opacus records "
+                           "activations in forward hooks, which a recomputed layer would run twice")
+    if config.parallel.replicate_frozen and not config.parallel.fsdp:
+        raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
+    if config.out.exists():
+        raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+
+
+def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,
+                 heldout: TokenStream) -> dict:
+    """What a checkpoint must share with the run that resumes it, besides the optimisation settings: every
+    setting that decides the expert, and the identity of the anchor, the tokenizer and each data file."""
+    settings = config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "public_data", "out", "optim",
+                                                       "parallel", "eval_max_sequences"})
+    return {"settings": settings, "anchor": anchor.fingerprint, "tokenizer": tokenizer_fingerprint(anchor.tokenizer),
+            "data": [file.file_sha256 for file in owner.files],
+            "public_data": [file.file_sha256 for file in public.files] if public else [],
+            "heldout": [file.file_sha256 for file in heldout.files]}
+
+
+def score_as_merged(anchor: Anchor, tensors: dict[str, torch.Tensor], heldout: TokenStream, dtype: torch.dtype,
+                    config: ExpertConfig) -> tuple[Score, Score]:
+    """Held-out scores of the anchor and of [public, owner] as a merged model in `dtype` computes them: the
+    anchor's weights in `dtype`, the package's tensors rounded to `dtype`, computed in `dtype`."""
+    optim = config.optim
+    base = dataclasses.replace(anchor, model=load_pretrained(anchor.path, dtype, optim.device))
+    before = score_stream(base.model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                          device=optim.device, description=f"held-out (anchor, {dtype_name(dtype)})")
+    model = load_package_into_owner_model(base, tensors)
+    after = score_stream(model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                         device=optim.device, description=f"held-out (expert, {dtype_name(dtype)})")
+    return before, after
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+

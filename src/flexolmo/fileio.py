@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from flexolmo.errors import FlexOlmoError
+
+from safetensors import SafetensorError
 
 
 def _describe_os_error(error: OSError, target: Path) -> str:
@@ -25,31 +29,110 @@ def _describe_os_error(error: OSError, target: Path) -> str:
         return f"disk full while writing {target}: free space on that filesystem and run the command again"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {target}: permission denied; choose a writable output path"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot write {target}: a part of that path is a file, not a directory; choose another output path"
     return f"cannot write {target}: {error.strerror or error}"
+
+
+def _describe_safetensors_error(error: Exception, target: Path) -> str:
+    """safetensors reports a failed write (disk full, read-only) as its own error, not as an OSError."""
+    text = str(error)
+    if "No space left" in text or "os error 28" in text:
+        return f"disk full while writing {target}: free space on that filesystem and run the command again"
+    if any(marker in text for marker in ("Permission denied", "Read-only file system", "os error 13", "os error 30")):
+        return f"cannot write {target}: permission denied; choose a writable output path"
+    return f"cannot write {target}: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+# A staging directory older than this without a lock file was left by a run killed before it could lock it.
+_UNLOCKED_STAGING_GRACE_SECONDS = 600.0
+_STAGING_LOCK = ".lock"
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _is_stale_staging(outer: Path) -> bool:
+    """Whether a staging directory's run is gone: its lock can be taken, or it never locked and is old."""
+    lock = outer / _STAGING_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - outer.stat().st_mtime > _UNLOCKED_STAGING_GRACE_SECONDS
+        except FileNotFoundError:
+            return False
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a live run holds it
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stale_staging(target: Path | str) -> list[Path]:
+    """Remove the hidden staging directories that killed runs left for `target`; returns what was removed.
+
+    Each run holds an exclusive lock on its staging directory while it writes, and the kernel drops the lock
+    when the process dies, so a directory whose lock can be taken belongs to no live run."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for outer in sorted(target.parent.glob(_staging_prefix(target) + "*")):
+        if outer.is_dir() and _is_stale_staging(outer):
+            shutil.rmtree(outer, ignore_errors=True)
+            removed.append(outer)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `target` only if the block finishes without error."""
+    """Yield a fresh temporary directory that becomes `target` only if the block finishes without error.
+
+    The temporary directory is `.NAME.tmp-XXXX/NAME` beside the target: it already has the target's name (a
+    signature records the directory's name), and the hidden parent holds a lock for as long as this run lives,
+    so that a later run can tell the leftovers of a killed run from a run in progress and remove them.
+    """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FlexOlmoError(f"{target} already exists: choose another output path or remove it first")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_stale_staging(target)
+        outer = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     except OSError as error:
         raise FlexOlmoError(_describe_os_error(error, target)) from error
+    lock = os.open(outer / _STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        staging = outer / target.name
+        staging.mkdir()
         yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
         raise FlexOlmoError(_describe_os_error(error, target)) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except SafetensorError as error:
+        if "serializing" not in str(error):
+            raise  # a damaged input read inside the block, not a failed write
+        raise FlexOlmoError(_describe_safetensors_error(error, target)) from error
+    finally:
+        os.close(lock)
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+def make_directory(path: Path | str) -> None:
+    """`mkdir -p`, with a failure (read-only, not a directory, disk full) as one readable line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, Path(path))) from error
 
 
 def atomic_write_bytes(target: Path | str, payload: bytes) -> None:

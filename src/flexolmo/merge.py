@@ -13,6 +13,11 @@ experts exact and upcasts the anchor's tensors (exactly). The dtype is recorded 
 merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
 so peak memory is one shard plus one tensor, whatever the model's size. Every input is verified before anything
 is written, and the output directory appears only once it is complete.
+
+Trust (`flexolmo.trust`): packages are verified against trusted keys when given; each expert's slot is
+digested as it is written and recorded in `flexolmo_experts.json`; kept experts are checked against their
+recorded digests while they are copied; and before the output is published, the joining experts pass the
+admission checks, the operation is appended to the merge log and the coordinator signs the files.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Protocol
 import torch
 
 from flexolmo.anchor import PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, compute_fingerprint, read_config
-from flexolmo.errors import MergeError
+from flexolmo.errors import MergeError, TrustError
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
 from flexolmo.precision import DTYPES, dtype_name
@@ -34,15 +39,20 @@ from flexolmo.progress import console, progress_bar
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import load_public_rows
 from flexolmo.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, LazyReader, ShardedWriter
+from flexolmo.trust.history import HISTORY_FILE, check_unchanged
+from flexolmo.trust.publish import CoordinatorTrust
+from flexolmo.trust.record import SlotRecorder, check_record, expert_entry, verify_slots
+from flexolmo.trust.signing import SIGNATURE_FILE
 from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER, PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
 
 MERGED_METADATA_FILE = "flexolmo_experts.json"
 MERGED_FORMAT = "flexolmo-merged"
+MERGED_FORMAT_VERSION = 2
 PUBLIC_EXPERT = "public"
 # Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
 # files, generation config) is copied into the merged checkpoint as it is.
 _NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
-               "flexolmo_pretrain.json"}
+               "flexolmo_pretrain.json", HISTORY_FILE, SIGNATURE_FILE}
 # Fields of a flex_olmo config that a dense anchor config does not have.
 _MOE_CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
                       "router_aux_loss_coef")
@@ -93,7 +103,7 @@ class PackageExpert:
         return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
 
     def record(self) -> dict:
-        return {"name": self.name, "source": "package", "manifest": self.package.manifest}
+        return expert_entry(self.package)
 
 
 @dataclass
@@ -150,8 +160,15 @@ def read_merged_info(path: Path | str) -> MergedModelInfo:
         metadata = json.loads(metadata_file.read_text())
     except json.JSONDecodeError as error:
         raise MergeError(f"{metadata_file}: corrupt ({error})") from None
-    if metadata.get("format") != MERGED_FORMAT or len(metadata.get("experts", [])) != config.get("num_experts"):
+    if not isinstance(metadata, dict) or metadata.get("format") != MERGED_FORMAT:
+        raise MergeError(f"{path}: {MERGED_METADATA_FILE} is not a flexolmo merged-model record")
+    if metadata.get("format_version") != MERGED_FORMAT_VERSION:
+        raise MergeError(f"{path}: written by another flexolmo version (record format "
+                         f"{metadata.get('format_version')!r}, this one reads {MERGED_FORMAT_VERSION}); merge it again")
+    if len(metadata.get("experts", [])) != config.get("num_experts") or \
+            metadata.get("top_k") != config.get("num_experts_per_tok"):
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} does not match config.json; the checkpoint was altered")
+    check_record(path, metadata)
     return MergedModelInfo(path, config, metadata)
 
 
@@ -164,7 +181,7 @@ def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, t
         model_type=family.moe_model_type,
         architectures=[family.moe_architecture],
         num_experts=num_experts,
-        num_experts_per_tok=min(top_k, num_experts),
+        num_experts_per_tok=top_k,
         norm_topk_prob=False,
         output_router_logits=False,
     )
@@ -187,6 +204,27 @@ def _check_names(experts: list[ExpertSource]) -> None:
         seen.add(expert.name)
 
 
+def check_top_k(top_k: int, num_experts: int) -> int:
+    """The one top-k of a merged model: config, record and tables all say this number."""
+    if not 1 <= top_k <= num_experts:
+        raise MergeError(f"--top-k {top_k} does not fit a model of {num_experts} experts (public + "
+                         f"{num_experts - 1}); choose 1 to {num_experts}")
+    return top_k
+
+
+def _public_anchor_config(anchor_config: dict) -> dict:
+    """The anchor's config as recorded in a merged model: no local path (`_name_or_path`)."""
+    return {key: value for key, value in anchor_config.items() if key != "_name_or_path"}
+
+
+def _check_kept_slots(experts: list[ExpertSource], digests: list[str]) -> None:
+    """Experts copied from a merged model must arrive with the weights their record named."""
+    for index, (expert, digest) in enumerate(zip(experts, digests)):
+        if isinstance(expert, MergedExpert) and expert.entry.get("slot_sha256") != digest:
+            raise TrustError(f"expert '{expert.name}' (slot {expert.index} of the source model) does not hold the "
+                             "weights its record names; the source model was altered")
+
+
 def _write_merged(
     out: Path,
     base: LazyReader,
@@ -198,9 +236,13 @@ def _write_merged(
     top_k: int,
     files_from: Path,
     shard_bytes: int,
+    seal=None,
     dtype: torch.dtype | None = None,
 ) -> dict:
+    """Write the merged checkpoint; `seal(staging, metadata)` runs inside the staging directory once every file
+    is written, before it is published (trust checks, log, signature)."""
     _check_names(experts)
+    check_top_k(top_k, len(experts))
     layers = anchor_config["num_hidden_layers"]
     dtype = dtype or base.dtype(shared_names[0])
     dropped_bias = [e.name for e in experts if isinstance(e, PackageExpert)
@@ -210,8 +252,8 @@ def _write_merged(
                       "router bias, so it is left out (the paper's released models also omit it)")
     metadata = {
         "format": MERGED_FORMAT,
-        "format_version": 1,
-        "anchor": {"fingerprint": anchor_fingerprint, "config": anchor_config},
+        "format_version": MERGED_FORMAT_VERSION,
+        "anchor": {"fingerprint": anchor_fingerprint, "config": _public_anchor_config(anchor_config)},
         "top_k": top_k,
         "dtype": dtype_name(dtype),
         "experts": [expert.record() for expert in experts],
@@ -220,7 +262,7 @@ def _write_merged(
         "versions": software_versions(),
     }
     with atomic_directory(out) as staging:
-        writer = ShardedWriter(staging, shard_bytes)
+        writer = SlotRecorder(ShardedWriter(staging, shard_bytes))
         with progress_bar("merging", total=len(shared_names) + layers, unit="tensors/layers") as advance:
             for name in shared_names:
                 writer.add(name, base.get(name).to(dtype))
@@ -234,18 +276,25 @@ def _write_merged(
                 writer.add(MERGED_ROUTER.format(layer=layer), rows)
                 advance()
             writer.finish()
+        digests = writer.digests([expert.name for expert in experts])
+        _check_kept_slots(experts, digests)
+        for entry, digest in zip(metadata["experts"], digests):
+            entry["slot_sha256"] = digest
         atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k, dtype))
         atomic_write_json(staging / MERGED_METADATA_FILE, metadata)
         for item in sorted(files_from.iterdir()):
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
                 shutil.copy2(item, staging / item.name)
+        if seal is not None:
+            seal(staging, metadata)
     return metadata
 
 
-def _verified_packages(paths: list[Path], fingerprint: str, anchor_config: dict) -> list[PackageExpert]:
+def _verified_packages(paths: list[Path], fingerprint: str, anchor_config: dict,
+                       trust: CoordinatorTrust) -> list[PackageExpert]:
     packages = []
     for path in paths:
-        package = load_package(path, fingerprint, anchor_config, with_tensors=False)
+        package = load_package(path, fingerprint, anchor_config, with_tensors=False, trusted_keys=trust.trusted_keys)
         if package.name == PUBLIC_EXPERT:
             raise MergeError(f"{path}: the name '{PUBLIC_EXPERT}' is reserved for the anchor's expert")
         packages.append(PackageExpert(package))
@@ -257,15 +306,34 @@ def _refuse_existing(out: Path) -> None:
         raise MergeError(f"{out} already exists: choose another --out or remove it")
 
 
+def _added(experts: list[PackageExpert]) -> list[dict]:
+    """How the merge log names added experts: by name, package digest and signer, never by manifest."""
+    return [{"name": e.name, "package_sha256": e.package.digest,
+             "signer": e.package.signer.as_dict() if e.package.signer else None} for e in experts]
+
+
+def _sealer(trust: CoordinatorTrust, source: Path | None, operation: str, joining: list[PackageExpert],
+            removed: list[dict]):
+    def seal(staging: Path, metadata: dict) -> None:
+        trust.seal(staging, source, operation, [e.name for e in joining], {
+            "anchor_fingerprint": metadata["anchor"]["fingerprint"], "added": _added(joining), "removed": removed,
+            "experts": [entry["name"] for entry in metadata["experts"]], "top_k": metadata["top_k"]})
+
+    return seal
+
+
 def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int,
-          shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str = "anchor") -> dict:
+          shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None,
+          dtype: str = "anchor") -> dict:
     """Merge the anchor and `package_paths` into a flex_olmo checkpoint at `out`; returns its metadata.
 
+    `trust` says which keys to trust, which admission checks to run and whether to sign; without it, packages
+    are verified but not authenticated, no admission check runs, and the model is logged but not signed.
     `dtype` is the merged checkpoint's: "anchor" (the anchor's own), "float32" or "bfloat16"."""
     anchor_dir, out = Path(anchor_dir), Path(out)
+    trust = trust or CoordinatorTrust()
     _refuse_existing(out)
-    if top_k < 1:
-        raise MergeError("--top-k must be at least 1")
+    check_top_k(top_k, len(package_paths) + 1)
     if dtype != "anchor" and dtype not in DTYPES:
         raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
     anchor_config = read_config(anchor_dir)
@@ -273,10 +341,11 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     fingerprint = compute_fingerprint(anchor_dir)
     reader = LazyReader(anchor_dir)
     public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]))
-    experts = [public, *_verified_packages(package_paths, fingerprint, anchor_config)]
+    joining = _verified_packages(package_paths, fingerprint, anchor_config, trust)
     shared = [name for name in reader.names() if parse(ANCHOR_FFN, name) is None]
-    return _write_merged(out, reader, shared, experts, anchor_config, fingerprint, family, top_k, anchor_dir,
-                         shard_bytes, None if dtype == "anchor" else DTYPES[dtype])
+    return _write_merged(out, reader, shared, [public, *joining], anchor_config, fingerprint, family, top_k,
+                         anchor_dir, shard_bytes, _sealer(trust, None, "merge", joining, []),
+                         None if dtype == "anchor" else DTYPES[dtype])
 
 
 def _merged_sources(info: MergedModelInfo) -> tuple[LazyReader, list[MergedExpert], list[str]]:
@@ -288,25 +357,35 @@ def _merged_sources(info: MergedModelInfo) -> tuple[LazyReader, list[MergedExper
 
 
 def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int | None = None,
-                shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
     """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor."""
     out = Path(out)
+    trust = trust or CoordinatorTrust()
     _refuse_existing(out)
     info = read_merged_info(model_dir)
+    top_k = info.metadata["top_k"] if top_k is None else top_k
+    check_top_k(top_k, len(info.expert_names) + len(package_paths))
     family = anchor_family(info.anchor_config, model_dir)
+    check_unchanged(info.path)
     reader, experts, shared = _merged_sources(info)
-    joining = _verified_packages(package_paths, info.anchor_fingerprint, info.anchor_config)
+    joining = _verified_packages(package_paths, info.anchor_fingerprint, info.anchor_config, trust)
     clashes = sorted(set(info.expert_names) & {package.name for package in joining})
     if clashes:
         raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
     return _write_merged(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint,
-                         family, top_k or info.metadata["top_k"], info.path, shard_bytes)
+                         family, top_k, info.path, shard_bytes, _sealer(trust, info.path, "add", joining, []))
 
 
 def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
-                   shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """An opt-out: a smaller checkpoint without the named experts (the public expert always stays)."""
+                   shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
+    """An opt-out: a smaller checkpoint without the named experts (the public expert always stays).
+
+    Names are resolved through the model's record and each removed slot is checked against its recorded
+    digest first, so a record with swapped names cannot make an opt-out remove another member's expert. The
+    top-k is lowered to the number of experts left when it exceeds it. The log records the removed experts by
+    name and package digest only."""
     out = Path(out)
+    trust = trust or CoordinatorTrust()
     _refuse_existing(out)
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
@@ -316,8 +395,15 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
                          f"(it has: {', '.join(info.expert_names)})")
     if PUBLIC_EXPERT in names:
         raise MergeError(f"the '{PUBLIC_EXPERT}' expert is the anchor's own FFN and cannot be removed")
+    check_unchanged(info.path)
+    verify_slots(info.path, info.metadata, names, family.ffn_projections)
     reader, experts, shared = _merged_sources(info)
     kept = [expert for expert in experts if expert.name not in names]
-    return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family,
-                         info.metadata["top_k"], info.path, shard_bytes)
+    removed = [{"name": e.name, "package_sha256": e.entry.get("package_sha256")} for e in experts if e.name in names]
+    top_k = min(info.metadata["top_k"], len(kept))
+    if top_k < info.metadata["top_k"]:
+        console.print(f"[yellow]note:[/] top-k lowered from {info.metadata['top_k']} to {top_k}: only {len(kept)} "
+                      "expert(s) are left")
+    return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
+                         info.path, shard_bytes, _sealer(trust, info.path, "remove", [], removed))
 

@@ -169,9 +169,10 @@ def compute_public_rows(
     anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str
 ) -> str:
     """Average public text into the anchor's public router rows, write them beside it, return the new fingerprint."""
-    from flexolmo.anchor import compute_fingerprint, load_anchor
+    from flexolmo.anchor import check_context, compute_fingerprint, load_anchor, read_config
     from flexolmo.data import load_token_stream
 
+    check_context(read_config(anchor_dir).get("max_position_embeddings"), seq_len, anchor_dir)
     anchor = load_anchor(anchor_dir, device=device)
     stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
     save_public_rows(anchor_dir, mean_direction_rows(anchor.model, stream, seq_len, max_sequences))

@@ -5,7 +5,9 @@ A merged checkpoint runs as transformers' OLMo-2 with each FFN replaced by our F
 norms and generation stay transformers' code, and the same block that owners trained is the one that serves.
 A test checks this runtime against transformers' own `FlexOlmoForCausalLM` on the same directory.
 Exclusion is a mask, not a rewrite: excluded experts get router logit -inf, which equals removing them; top-k
-is then capped at the number of experts left.
+is then capped at the number of experts left. Names are resolved through the merged model's record, and each
+excluded slot is checked against its recorded digest first, so an exclusion never masks another expert than
+the one named.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 
 from flexolmo.anchor import ANCHOR_FAMILIES, load_pretrained, load_tokenizer, read_config
 from flexolmo.errors import AnchorError, MergeError
-from flexolmo.merge import read_merged_info
+from flexolmo.merge import PUBLIC_EXPERT, read_merged_info
 from flexolmo.moe import convert_to_moe, set_active_experts
 from flexolmo.tensor_io import LazyReader
+from flexolmo.trust.record import verify_slots
 from flexolmo.weights import MERGED_ROUTER, RUNTIME_ROUTER_ROW, parse
 
 _MOE_TYPES = {family.moe_model_type: family for family in ANCHOR_FAMILIES.values()}
@@ -34,6 +37,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     expert_names: list[str] = field(default_factory=list)
+    record: dict | None = None  # a merged model's flexolmo_experts.json
 
     @property
     def is_moe(self) -> bool:
@@ -48,8 +52,11 @@ class LoadedModel:
             raise MergeError(f"{self.path} has no expert(s) {', '.join(unknown)} "
                              f"(it has: {', '.join(self.expert_names)})")
         if self.is_moe:
-            if set(self.expert_names) <= set(names):
-                raise MergeError("cannot exclude every expert; keep at least one")
+            if PUBLIC_EXPERT in names:
+                raise MergeError(f"cannot exclude '{PUBLIC_EXPERT}': it is the anchor's own FFN, which every other "
+                                 "expert was trained next to; exclude owners' experts only")
+            family = ANCHOR_FAMILIES[self.record["anchor"]["config"]["model_type"]]
+            verify_slots(self.path, self.record, list(names), family.ffn_projections)
             set_active_experts(self.model, [name not in names for name in self.expert_names])
 
 
@@ -79,7 +86,7 @@ def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
         convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts,
                        top_k=config["num_experts_per_tok"])
     _copy_weights(path, model, tied_head=bool(config.get("tie_word_embeddings")))
-    return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names)
+    return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names, info.metadata)
 
 
 def _runtime_tensors(name: str, reader: LazyReader) -> list[tuple[str, torch.Tensor]]:
@@ -139,6 +146,8 @@ def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, tempera
     """The prompt's continuation (greedy when temperature is 0)."""
     if max_new_tokens < 1:
         raise MergeError("--max-new-tokens must be at least 1")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise MergeError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
     torch.manual_seed(seed)
     device = next(loaded.model.parameters()).device
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)

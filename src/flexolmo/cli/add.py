@@ -1,4 +1,8 @@
-"""`flexolmo add`: a late joiner's expert is added to an existing merged model (written to a new directory)."""
+"""`flexolmo add`: a late joiner's expert is added to an existing merged model (written to a new directory).
+
+The new packages are verified, authenticated with --trusted-keys and pass the admission checks like at merge;
+the model's existing experts are checked against their recorded digests as they are copied.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import path_list
+from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
 
 
 def register(subparsers, name: str) -> None:
     parser = subparsers.add_parser(name, help="add expert packages to a merged model", description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
-    parser.add_argument("--experts", nargs="+", required=True, help="expert package directories")
+    parser.add_argument("--packages", nargs="+", required=True, metavar="DIR", help="expert package directories")
     parser.add_argument("--top-k", type=int, default=None, help="new top-k (default: keep the model's)")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    add_coordinator_flags(parser, joining=True)
     parser.set_defaults(run=run)
 
 
@@ -22,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.cli.merge import print_experts
     from flexolmo.merge import add_experts
 
-    metadata = add_experts(Path(args.model), path_list(args.experts), Path(args.out), args.top_k,
-                           shard_bytes=int(args.shard_gb * 1024**3))
+    metadata = add_experts(Path(args.model), path_list(args.packages), Path(args.out), args.top_k,
+                           shard_bytes=shard_bytes(args.shard_gb), trust=coordinator_trust(args))
     print_experts(Path(args.out), metadata)
     return 0

@@ -1,4 +1,9 @@
-"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one flex_olmo checkpoint."""
+"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one flex_olmo checkpoint.
+
+Every package is verified completely (and, with --trusted-keys, authenticated) before anything is written;
+the joining experts then pass the admission checks inside the merged model, the operation is logged in the
+model's merge log, and with --sign-key the coordinator signs every file.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +11,46 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import path_list
+from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
 
 
 def register(subparsers, name: str) -> None:
     parser = subparsers.add_parser(name, help="merge the anchor and expert packages into a FlexOlmo model",
                                    description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory")
-    parser.add_argument("--experts", nargs="*", default=[], help="expert package directories")
-    parser.add_argument("--top-k", type=int, required=True, help="experts used per token at inference")
+    parser.add_argument("--packages", nargs="+", required=True, metavar="DIR", help="expert package directories")
+    parser.add_argument("--top-k", type=int, required=True,
+                        help="experts used per token at inference (1 to the number of experts, public included)")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
     parser.add_argument("--dtype", default="anchor", choices=["anchor", "float32", "bfloat16"],
                         help="dtype of the merged checkpoint: the anchor's own, or float32 to keep experts trained "
                         "in float32 exact")
+    add_coordinator_flags(parser, joining=True)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.merge import merge
 
-    metadata = merge(Path(args.anchor), path_list(args.experts), Path(args.out), args.top_k,
-                     shard_bytes=int(args.shard_gb * 1024**3), dtype=args.dtype)
+    trust = coordinator_trust(args, anchor_dir=Path(args.anchor))
+    metadata = merge(Path(args.anchor), path_list(args.packages), Path(args.out), args.top_k,
+                     shard_bytes=shard_bytes(args.shard_gb), trust=trust, dtype=args.dtype)
     print_experts(Path(args.out), metadata)
     return 0
 
 
 def print_experts(out: Path, metadata: dict) -> None:
-    from flexolmo.progress import print_table
+    """The experts of a model just written, with their signers, then where it went."""
+    from flexolmo.progress import announce_output, print_table
 
-    rows = [[index, entry["name"], entry.get("source", "")] for index, entry in enumerate(metadata["experts"])]
-    print_table(f"{out} (top-k {metadata['top_k']})", ["expert", "name", "source"], rows)
+    def signer(entry: dict) -> str:
+        if entry.get("source") == "anchor":
+            return "(anchor)"
+        return entry["signer"]["name"] if entry.get("signer") else "not authenticated"
+
+    rows = [[index, entry["name"], entry.get("source", ""), signer(entry), entry["slot_sha256"][:12]]
+            for index, entry in enumerate(metadata["experts"])]
+    print_table(f"{out} (top-k {metadata['top_k']} of {len(metadata['experts'])} experts)",
+                ["expert", "name", "source", "signed by", "slot digest"], rows)
+    announce_output("merged model", out)

@@ -1,5 +1,8 @@
 """`flexolmo remove`: an owner opts out; writes a smaller checkpoint without its expert.
 
+Names are resolved through the model's record, and each removed slot is checked against its recorded digest,
+so a record with swapped names cannot remove another member's expert. The merge log keeps a line saying the
+expert was removed (name and package digest, no manifest).
 To withdraw an expert without rewriting the checkpoint, pass `--exclude NAME` to any command that runs a model.
 """
 
@@ -8,14 +11,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
+
 
 def register(subparsers, name: str) -> None:
     parser = subparsers.add_parser(name, help="write a merged model without the named experts",
                                    description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
-    parser.add_argument("--experts", nargs="+", required=True, help="names of the experts to remove")
+    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME", help="names of the experts to remove")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    add_coordinator_flags(parser, joining=False)
     parser.set_defaults(run=run)
 
 
@@ -23,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.cli.merge import print_experts
     from flexolmo.merge import remove_experts
 
-    metadata = remove_experts(Path(args.model), args.experts, Path(args.out), shard_bytes=int(args.shard_gb * 1024**3))
+    metadata = remove_experts(Path(args.model), args.experts, Path(args.out), shard_bytes=shard_bytes(args.shard_gb),
+                              trust=coordinator_trust(args))
     print_experts(Path(args.out), metadata)
     return 0

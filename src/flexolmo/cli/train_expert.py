@@ -17,7 +17,10 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--data", nargs="+", required=True, help="your training text files")
     parser.add_argument("--heldout", nargs="*", default=[], help="held-out files (default: hash split of --data)")
     parser.add_argument("--name", required=True, help="expert name (letters, digits, . _ -)")
-    parser.add_argument("--out", required=True, help="package directory to write (must not exist)")
+    parser.add_argument("--out", required=True, help="package directory to write (must not exist); your own "
+                                                     "report goes beside it as OUT.owner.json")
+    parser.add_argument("--sign-key", type=Path, default=None,
+                        help="your private key (NAME.key from `flexolmo keygen`): sign the package")
     add_data_flags(parser)
     method = parser.add_argument_group("method")
     method.add_argument("--router-init", default=None, choices=sorted([*ROUTER_INITS, DP_ROUTER_INIT]),
@@ -49,9 +52,12 @@ def register(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.distributed import ParallelConfig
+    import json
+
     from flexolmo.expert import ExpertConfig, train_expert
+    from flexolmo.manifest import owner_report_path
     from flexolmo.privacy import DPConfig
-    from flexolmo.progress import print_table
+    from flexolmo.progress import announce_output, print_table
     from flexolmo.training import OptimConfig, distributed_session
 
     config = ExpertConfig(
@@ -69,13 +75,15 @@ def run(args: argparse.Namespace) -> int:
     )
     with distributed_session(config.optim.device, always=args.fsdp) as device:
         config.optim.device = device
-        manifest = train_expert(config, resume=args.resume)
+        manifest = train_expert(config, resume=args.resume, sign_key=args.sign_key)
     if not manifest:  # a torchrun rank other than 0: rank 0 reports
         return 0
-    training = manifest["training"]
-    print_table(f"expert {manifest['name']}", ["package", "tokens", "seconds", "held-out loss before",
-                                                "held-out loss after", "bits/byte after"],
-                [[str(config.out), f"{training['tokens']:,}", f"{training['seconds']:.0f}",
-                  training["heldout_loss_before"], training["heldout_loss_after"],
-                  training["heldout_bits_per_byte_after"]]])
+    report = json.loads(owner_report_path(config.out).read_text())
+    training = report["training"]
+    print_table(f"expert {manifest['name']}", ["tokens", "seconds", "held-out loss before", "held-out loss after",
+                                                "bits/byte after"],
+                [[f"{training['tokens']:,}", f"{training['seconds']:.0f}", training["heldout_loss_before"],
+                  training["heldout_loss_after"], training["heldout_bits_per_byte_after"]]])
+    announce_output("expert package (send it to the coordinator)", config.out)
+    announce_output("your report (keep it: it is not part of the package)", owner_report_path(config.out))
     return 0

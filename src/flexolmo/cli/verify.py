@@ -1,4 +1,9 @@
-"""`flexolmo verify`: exit 0 when a package is intact and was trained on the given anchor, else 1 and why."""
+"""`flexolmo verify`: exit 0 when a package or merged model checks out, else 1 and one line saying why.
+
+A package (with --anchor): every file, tensor and manifest field, and that it was trained on that anchor; with
+--trusted-keys also that the key of its own name signed it. A merged model: every expert slot against the
+model's record, the files against its merge log, and with --trusted-keys the coordinator's signature.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,40 @@ from pathlib import Path
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="check a package is intact and trained on an anchor",
+    parser = subparsers.add_parser(name, help="check a package or merged model is intact and authentic",
                                    description=__doc__)
-    parser.add_argument("path", help="expert package directory")
-    parser.add_argument("--anchor", required=True, help="anchor directory the package should belong to")
+    parser.add_argument("path", type=Path, help="expert package or merged model directory")
+    parser.add_argument("--anchor", type=Path, default=None, help="anchor directory a package should belong to")
+    parser.add_argument("--trusted-keys", type=Path, default=None,
+                        help="directory of trusted public keys (NAME.pub): also check who signed it")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexolmo.trust.artefacts import is_merged_model, verify_merged_model
+    from flexolmo.trust.signing import TrustedKeys
+
+    trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
+    if is_merged_model(args.path):
+        result = verify_merged_model(args.path, trusted)
+        signed = f", signed by '{result['signer'].name}'" if result["signer"] else " (signature not checked: pass " \
+            "--trusted-keys)"
+        print(f"ok: {args.path} holds the {len(result['experts'])} experts its record names, unchanged since its "
+              f"last of {result['operations']} logged operations{signed}")
+        return 0
+    package = verify_package(args.path, args.anchor, trusted)
+    signed = f", signed by '{package.signer.name}'" if package.signer else " (not authenticated: pass --trusted-keys)"
+    print(f"ok: {package.name} is intact and was trained on {args.anchor}{signed}")
+    return 0
+
+
+def verify_package(path: Path, anchor: Path | None, trusted):
     from flexolmo.anchor import anchor_family, compute_fingerprint, read_config
+    from flexolmo.errors import PackageError
     from flexolmo.package import load_package
 
-    config = read_config(Path(args.anchor))
-    anchor_family(config, args.anchor)
-    package = load_package(Path(args.path), compute_fingerprint(args.anchor), config, with_tensors=False)
-    print(f"ok: {package.name} is intact and was trained on {args.anchor}")
-    return 0
+    if anchor is None:
+        raise PackageError("--anchor is required to verify a package: the anchor it should have been trained on")
+    config = read_config(anchor)
+    anchor_family(config, anchor)
+    return load_package(path, compute_fingerprint(anchor), config, with_tensors=False, trusted_keys=trusted)

@@ -1,0 +1,27 @@
+"""`flexolmo sign`: sign an existing expert package (its owner) or merged model (the coordinator).
+
+A package is verified completely first, and must carry the key's own name. A merged model must be the
+version its merge log last wrote. The signature goes to PATH/model.sig and covers every other file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(name, help="sign an expert package or merged model with your key",
+                                   description=__doc__)
+    parser.add_argument("path", type=Path, help="expert package or merged model directory")
+    parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexolmo.progress import announce_output
+    from flexolmo.trust.artefacts import sign_artefact
+
+    signer = sign_artefact(args.path, args.key)
+    announce_output(f"signature by '{signer.name}'", args.path / "model.sig")
+    return 0

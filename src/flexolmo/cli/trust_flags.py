@@ -1,0 +1,76 @@
+"""The coordinator's trust flags, shared by `merge`, `add` and `remove`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> None:
+    """`--sign-key` always; with `joining` (merge, add) also trusted keys and the admission checks."""
+    from flexolmo.trust.admission import AdmissionPolicy
+
+    group = parser.add_argument_group("trust")
+    group.add_argument("--sign-key", type=Path, default=None,
+                       help="the coordinator's private key (NAME.key): sign every file of the model written")
+    if not joining:
+        return
+    group.add_argument("--trusted-keys", type=Path, default=None,
+                       help="directory of members' public keys (NAME.pub); every package must then be signed by "
+                            "the key of its own name")
+    fields = AdmissionPolicy.model_fields
+    admission = parser.add_argument_group("admission checks of joining experts")
+    admission.add_argument("--probe-data", nargs="+", type=Path, default=None,
+                           help="public held-out text to probe the merged model with (merge defaults to the "
+                                "anchor's recorded public held-out file when it is present)")
+    admission.add_argument("--probe-sequences", type=int, default=fields["probe_sequences"].default,
+                           help=fields["probe_sequences"].description)
+    admission.add_argument("--max-row-norm-ratio", type=float, default=fields["max_row_norm_ratio"].default,
+                           help=fields["max_row_norm_ratio"].description)
+    admission.add_argument("--max-public-top-share", type=float, default=fields["max_public_top_share"].default,
+                           help=fields["max_public_top_share"].description)
+    admission.add_argument("--max-public-bpb-increase", type=float,
+                           default=fields["max_public_bpb_increase"].default,
+                           help=fields["max_public_bpb_increase"].description)
+    admission.add_argument("--device", default="cpu", help="torch device of the probe (cpu, cuda, cuda:1, ...)")
+
+
+def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
+    """The CoordinatorTrust the flags describe; warns once when packages will not be authenticated."""
+    from flexolmo.progress import console
+    from flexolmo.trust.admission import AdmissionPolicy, print_report, recorded_public_heldout
+    from flexolmo.trust.publish import CoordinatorTrust
+    from flexolmo.trust.signing import TrustedKeys, key_signer
+
+    if args.sign_key is not None:
+        key_signer(args.sign_key)  # a bad key fails now, not after the merge
+    if not hasattr(args, "trusted_keys"):
+        return CoordinatorTrust(sign_key=args.sign_key)
+    trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
+    if trusted is None:
+        console.print("[yellow]warning:[/] packages are not authenticated (no --trusted-keys): their names and "
+                      "contents are whatever whoever handed them over wrote")
+    policy = AdmissionPolicy(
+        max_row_norm_ratio=args.max_row_norm_ratio, max_public_top_share=args.max_public_top_share,
+        max_public_bpb_increase=args.max_public_bpb_increase, probe_sequences=args.probe_sequences,
+        device=args.device)
+    if args.probe_data:
+        probe, reason = (list(args.probe_data), "all"), ""
+    elif anchor_dir is not None:
+        probe = recorded_public_heldout(anchor_dir)
+        reason = f"{anchor_dir} records no public held-out file that is present and unchanged; pass --probe-data"
+    else:
+        probe, reason = None, "a merged model does not say where its anchor's public text is; pass --probe-data"
+    return CoordinatorTrust(trusted_keys=trusted, admission=policy, probe=probe, no_probe_reason=reason,
+                            sign_key=args.sign_key, on_admission=print_report)
+
+
+def shard_bytes(gigabytes: float) -> int:
+    """`--shard-gb` as bytes; a positive finite size only."""
+    import math
+
+    from flexolmo.errors import MergeError
+
+    if not math.isfinite(gigabytes) or gigabytes <= 0:
+        raise MergeError(f"--shard-gb must be a positive number of gigabytes, got {gigabytes}")
+    return max(1, int(gigabytes * 1024**3))

@@ -1,0 +1,74 @@
+"""The merge log: one JSON line per operation that produced a merged model, carried from version to version.
+
+`merge`, `add` and `remove` (and router tuning) write a new model directory; each copies the log of the model
+it started from into the new directory and appends one record: the operation, when, who (the coordinator's
+signing key, when it signed), the packages added by name, digest and signer, the experts removed (name and
+package digest only: an opt-out leaves no manifest behind), the resulting experts and top-k, and the digests
+of the model it started from and of the model it wrote. The model digest covers every file of the directory
+except this log and the signature, so a log entry can name the version it produced. The log sits inside the
+model directory, so the coordinator's signature covers it as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from flexolmo.errors import TrustError
+from flexolmo.fileio import atomic_write_bytes, sha256_file
+from flexolmo.provenance import utc_now
+from flexolmo.trust.signing import SIGNATURE_FILE
+
+HISTORY_FILE = "flexolmo_history.jsonl"
+
+
+def model_digest(path: Path | str) -> str:
+    """SHA-256 over (name, SHA-256) of every file of a model directory except the log and the signature."""
+    path = Path(path)
+    files = sorted(item for item in path.rglob("*") if item.is_file()
+                   and item.relative_to(path).as_posix() not in (HISTORY_FILE, SIGNATURE_FILE))
+    digest = hashlib.sha256()
+    for item in files:
+        digest.update(f"{item.relative_to(path).as_posix()}|{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
+
+
+def read_history(path: Path | str) -> list[dict]:
+    """The records of a model's log, oldest first (empty when it has none)."""
+    log = Path(path) / HISTORY_FILE
+    if not log.exists():
+        return []
+    records = []
+    for number, line in enumerate(log.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise TrustError(f"{log}:{number}: not a JSON record; the log was altered") from None
+        if not isinstance(record, dict) or "operation" not in record:
+            raise TrustError(f"{log}:{number}: not a merge-log record; the log was altered")
+        records.append(record)
+    return records
+
+
+def check_unchanged(path: Path | str) -> None:
+    """The model is the version its log's last record wrote: nothing was edited outside flexolmo since."""
+    records = read_history(path)
+    if not records:
+        raise TrustError(f"{path}: has no merge log ({HISTORY_FILE}); it was not written by this flexolmo's "
+                         "merge, or the log was removed")
+    if model_digest(path) != records[-1]["model_sha256"]:
+        raise TrustError(f"{path}: its files differ from the version its merge log recorded (last operation: "
+                         f"{records[-1]['operation']} at {records[-1]['when']}); it was edited outside flexolmo")
+
+
+def append_record(staging: Path, source: Path | None, record: dict) -> dict:
+    """Copy `source`'s log into the new model at `staging` and append `record`, completed with the time and
+    the digests of both versions; returns the full record."""
+    previous = read_history(source) if source is not None else []
+    full = {"operation": record["operation"], "when": utc_now(), **record,
+            "from_model_sha256": previous[-1]["model_sha256"] if previous else None,
+            "model_sha256": model_digest(staging)}
+    lines = [json.dumps(entry, sort_keys=False) for entry in [*previous, full]]
+    atomic_write_bytes(staging / HISTORY_FILE, ("\n".join(lines) + "\n").encode())
+    return full

@@ -1,0 +1,471 @@
+"""Consortium trust: signed packages, complete verification, admission checks, the authenticated merged record
+and the merge log. Every attack is played as a dishonest member would, with flexolmo's own functions
+recomputing checksums, and must be refused in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexolmo.anchor import compute_fingerprint, read_config
+from flexolmo.cli import main
+from flexolmo.errors import FlexOlmoError, PackageError, TrustError
+from flexolmo.expert import ExpertConfig, train_expert
+from flexolmo.manifest import owner_report_path
+from flexolmo.merge import MERGED_METADATA_FILE, add_experts, merge, remove_experts
+from flexolmo.package import MANIFEST_FILE, TENSOR_FILE, load_package, tensors_checksum
+from flexolmo.router_init import load_public_rows
+from flexolmo.runtime import load_model
+from flexolmo.trust.admission import AdmissionPolicy
+from flexolmo.trust.artefacts import verify_merged_model
+from flexolmo.trust.history import HISTORY_FILE, read_history
+from flexolmo.trust.publish import CoordinatorTrust
+from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory
+
+from conftest import tiny_optim
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    for name in ("code", "math", "coordinator"):
+        generate_key_pair(name, directory / "private")
+        shutil.copy(directory / "private" / f"{name}.pub", directory / f"{name}.pub")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory, tiny_anchor, corpora, keys) -> dict[str, Path]:
+    """Two honest experts, trained with public text in their batches, each signed by its owner."""
+    root = tmp_path_factory.mktemp("signed")
+    packages = {}
+    for domain in ("code", "math"):
+        packages[domain] = root / domain
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora[domain]], name=domain, out=packages[domain],
+                                  public_data=[corpora["public"]], public_share=0.5, eval_max_sequences=8,
+                                  optim=tiny_optim(steps=10, lr=5e-3)),
+                     sign_key=keys / "private" / f"{domain}.key")
+    return packages
+
+
+def anchor_args(anchor: Path) -> tuple[str, dict]:
+    return compute_fingerprint(anchor), read_config(anchor)
+
+
+def copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def rewrite(package: Path, tensors: dict[str, torch.Tensor] | None = None, sign_key: Path | None = None,
+            header_name: str | None = None, **manifest_changes) -> Path:
+    """What a dishonest member does: change tensors or manifest fields and recompute every checksum with
+    flexolmo's own functions (and, given its key, sign again)."""
+    manifest = json.loads((package / MANIFEST_FILE).read_text())
+    tensors = tensors if tensors is not None else load_file(package / TENSOR_FILE)
+    save_file(tensors, package / TENSOR_FILE,
+              metadata={"format": "flexolmo-expert", "name": header_name or manifest["name"]})
+    from flexolmo.fileio import sha256_file
+
+    manifest.update(manifest_changes)
+    manifest["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                           for k, v in sorted(tensors.items())}
+    manifest["tensors_sha256"] = tensors_checksum(tensors)
+    manifest["file_sha256"] = sha256_file(package / TENSOR_FILE)
+    (package / MANIFEST_FILE).write_text(json.dumps(manifest))
+    if sign_key is not None:
+        sign_directory(package, sign_key)
+    return package
+
+
+def nothing_written(out: Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+# -- keys and signatures -----------------------------------------------------------------------------------
+
+def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path, capsys):
+    assert main(["keygen", "--name", "legal", "--out", str(tmp_path)]) == 0
+    assert stat.S_IMODE(os.stat(tmp_path / "legal.key").st_mode) == 0o600
+    assert b"PUBLIC KEY" in (tmp_path / "legal.pub").read_bytes()
+    assert main(["keygen", "--name", "legal", "--out", str(tmp_path)]) == 1
+    assert "never overwritten" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_signed_packages_verify_and_every_forgery_is_refused(signed, keys, tiny_anchor, tmp_path):
+    trusted = TrustedKeys(keys)
+    fingerprint, config = anchor_args(tiny_anchor)
+    package = load_package(signed["code"], fingerprint, config, with_tensors=False, trusted_keys=trusted)
+    assert package.signer.name == "code" and len(package.digest) == 64
+
+    renamed = copy(signed["code"], tmp_path / "renamed")  # forged name: code's package relabelled "math"
+    rewrite(renamed, name="math", header_name="math")
+    with pytest.raises(TrustError, match="signature by 'code' does not match the files .*manifest.json"):
+        load_package(renamed, fingerprint, config, trusted_keys=trusted)
+    rewrite(renamed, sign_key=keys / "private" / "code.key")  # and signed again by its real author
+    with pytest.raises(TrustError, match="package 'math' is signed by 'code'"):
+        load_package(renamed, fingerprint, config, trusted_keys=trusted)
+
+    swapped = copy(signed["code"], tmp_path / "swapped")  # math's weights under code's manifest
+    rewrite(swapped, tensors=load_file(signed["math"] / TENSOR_FILE), header_name="code")
+    with pytest.raises(TrustError, match="does not match the files .*expert.safetensors"):
+        load_package(swapped, fingerprint, config, trusted_keys=trusted)
+    shutil.copy(signed["math"] / TENSOR_FILE, swapped / TENSOR_FILE)
+    rewrite(swapped, tensors=load_file(signed["math"] / TENSOR_FILE), header_name="math")
+    with pytest.raises(PackageError, match="header names expert 'math', the manifest 'code'"):
+        load_package(swapped)  # even unsigned, the weights carry their own name
+
+    forged = copy(signed["code"], tmp_path / "fingerprint")
+    manifest = json.loads((forged / MANIFEST_FILE).read_text())
+    rewrite(forged, anchor={**manifest["anchor"], "fingerprint": "0" * 64})
+    with pytest.raises(TrustError, match="does not match the files"):
+        load_package(forged, trusted_keys=trusted)
+
+    unsigned = copy(signed["code"], tmp_path / "unsigned")
+    (unsigned / SIGNATURE_FILE).unlink()
+    with pytest.raises(TrustError, match="not signed"):
+        load_package(unsigned, trusted_keys=trusted)
+    stranger = tmp_path / "stranger-keys"
+    generate_key_pair("code", stranger)  # a key of the right name that nobody trusts
+    rewrite(unsigned, sign_key=stranger / "code.key")
+    with pytest.raises(TrustError, match="signed by a key that is not in"):
+        load_package(unsigned, trusted_keys=trusted)
+
+
+def test_a_false_dp_claim_is_refused(signed, keys, tmp_path):
+    dp = {"mechanism": "DP-SGD", "epsilon": 1.0, "epsilon_target": 1.0, "delta": 1e-5, "noise_multiplier": 0.1,
+          "max_grad_norm": 1.0, "sample_rate": 0.5, "steps": 10, "prior_releases": [], "accountant": "rdp",
+          "opacus": "1"}
+    manifest = json.loads((signed["code"] / MANIFEST_FILE).read_text())
+    private_fields = {key: None for key in ("train_documents", "final_train_loss", "losses", "heldout_loss_before",
+                                            "heldout_loss_after", "heldout_bits_per_byte_before",
+                                            "heldout_bits_per_byte_after", "token_stream_commitment", "seconds")}
+    claim = copy(signed["code"], tmp_path / "claim")
+    rewrite(claim, privacy={**manifest["privacy"], "dp": dp, "router_row_from_private_data": False},
+            training={**manifest["training"], **private_fields})
+    with pytest.raises(PackageError, match="claims epsilon 1, but its noise multiplier, sample rate and steps spend"):
+        load_package(claim)
+    with pytest.raises(TrustError, match="does not match the files"):
+        load_package(claim, trusted_keys=TrustedKeys(keys))
+    leaky = copy(signed["code"], tmp_path / "leaky")  # a DP package that also releases its training losses
+    rewrite(leaky, privacy={**manifest["privacy"], "dp": dp, "router_row_from_private_data": False})
+    with pytest.raises(PackageError, match="a DP package must not release train_documents"):
+        load_package(leaky)
+
+
+# -- complete verification ---------------------------------------------------------------------------------
+
+def malformed_cases(source: Path, root: Path, hidden: int) -> dict[str, tuple[Path, str]]:
+    tensors = load_file(source / TENSOR_FILE)
+    cases = {}
+
+    def case(label: str, reason: str, **kwargs) -> None:
+        cases[label] = (rewrite(copy(source, root / label), **kwargs), reason)
+
+    case("missing tensor", "missing layers.1.up_proj.weight",
+         tensors={k: v for k, v in tensors.items() if k != "layers.1.up_proj.weight"})
+    case("wrong shape", "layers.0.down_proj.weight has shape",
+         tensors={**tensors, "layers.0.down_proj.weight": tensors["layers.0.down_proj.weight"][:, :-1].contiguous()})
+    case("int64 tensor", "dtype: input should be 'float32', 'bfloat16' or 'float16'",
+         tensors={**tensors, "layers.0.gate_proj.weight": tensors["layers.0.gate_proj.weight"].long()})
+    hidden_int = copy(cases["int64 tensor"][0], root / "int64 tensor, manifest says float32")
+    manifest = json.loads((hidden_int / MANIFEST_FILE).read_text())
+    manifest["tensors"]["layers.0.gate_proj.weight"]["dtype"] = "float32"
+    (hidden_int / MANIFEST_FILE).write_text(json.dumps(manifest))
+    cases[hidden_int.name] = (hidden_int, "has dtype I64")
+    case("two-row router", "layers.1.router.weight has shape [2,",
+         tensors={**tensors, "layers.1.router.weight": torch.zeros(2, hidden)})
+    case("extra tensor", "unexpected layers.9.up_proj.weight",
+         tensors={**tensors, "layers.9.up_proj.weight": torch.zeros(2, 2)})
+    case("NaN router row", "layers.0.router.weight holds NaN",
+         tensors={**tensors, "layers.0.router.weight": torch.full((1, hidden), float("nan"))})
+    wrong_sum = copy(source, root / "wrong tensors_sha256")
+    manifest = json.loads((wrong_sum / MANIFEST_FILE).read_text())
+    (wrong_sum / MANIFEST_FILE).write_text(json.dumps({**manifest, "tensors_sha256": "0" * 64}))
+    cases["wrong tensors_sha256"] = (wrong_sum, "do not match the manifest checksum")
+    pickled = copy(source, root / "pickle")  # a pickle under the safetensors name, its checksum recomputed
+    (pickled / TENSOR_FILE).write_bytes(pickle.dumps(dict(tensors)))
+    from flexolmo.fileio import sha256_file
+
+    (pickled / MANIFEST_FILE).write_text(json.dumps({**manifest, "file_sha256": sha256_file(pickled / TENSOR_FILE)}))
+    cases["pickle"] = (pickled, "not a safetensors file")
+    for label, change, reason in [
+        ("manifest not JSON", "{not json", "corrupt manifest"),
+        ("manifest without tensors", json.dumps({k: v for k, v in manifest.items() if k != "tensors"}),
+         "malformed manifest (tensors: field required)"),
+        ("manifest with a string for tokens", json.dumps({**manifest, "training": {**manifest["training"],
+                                                                                   "tokens": "many"}}),
+         "malformed manifest (training.tokens: input should be a valid integer"),
+        ("manifest with an unknown field", json.dumps({**manifest, "note": "hi"}),
+         "malformed manifest (note: extra inputs are not permitted)"),
+    ]:
+        target = copy(source, root / label)
+        (target / MANIFEST_FILE).write_text(change)
+        cases[label] = (target, reason)
+    extra_file = copy(source, root / "extra file")
+    (extra_file / "notes.txt").write_text("hello")
+    cases["extra file"] = (extra_file, "unexpected notes.txt")
+    return cases
+
+
+def test_every_malformed_package_is_refused_in_one_line_and_merges_nothing(signed, tiny_anchor, tmp_path, capsys):
+    unsigned = copy(signed["code"], tmp_path / "source")
+    (unsigned / SIGNATURE_FILE).unlink()
+    hidden = read_config(tiny_anchor)["hidden_size"]
+    out = tmp_path / "merged"
+    for label, (path, reason) in malformed_cases(unsigned, tmp_path / "cases", hidden).items():
+        assert main(["verify", str(path), "--anchor", str(tiny_anchor)]) == 1, label
+        error = capsys.readouterr().err
+        assert reason in error and len(error.strip().splitlines()) == 1, (label, error)
+        with pytest.raises(FlexOlmoError):
+            merge(tiny_anchor, [signed["math"], path], out, top_k=2)
+        assert nothing_written(out), label
+
+
+# -- admission ---------------------------------------------------------------------------------------------
+
+def attacked(source: Path, target: Path, anchor: Path, attack: str) -> Path:
+    tensors = load_file(source / TENSOR_FILE)
+    routers = [k for k in tensors if k.endswith("router.weight")]
+    if attack.startswith("x"):
+        changed = {k: tensors[k] * float(attack[1:]) for k in routers}
+    else:  # the public row's direction at 1.5x its norm: under the norm limit, ahead of public everywhere
+        public = load_public_rows(anchor, len(routers))
+        changed = {k: public[int(k.split(".")[1])][None] * 1.5 for k in routers}
+    return rewrite(copy(source, target), tensors={**tensors, **changed})
+
+
+def test_admission_admits_honest_experts_and_refuses_router_hijackers(signed, tiny_anchor, corpora, tmp_path,
+                                                                       capsys):
+    probe = ([corpora["public"]], "heldout")
+    reports = []
+    trust = CoordinatorTrust(admission=AdmissionPolicy(), probe=probe, on_admission=reports.append)
+    merge(tiny_anchor, [signed["code"], signed["math"]], tmp_path / "honest", top_k=2, trust=trust)
+    assert all(verdict.admitted for verdict in reports[0].verdicts)
+    honest = reports[0].verdicts[1]
+    for attack, refusal in [("x5", "router rows are"), ("x20", "router rows are"), ("x50", "router rows are"),
+                            ("aligned", "top router logit on")]:
+        package = attacked(signed["math"], tmp_path / attack, tiny_anchor, attack)
+        out = tmp_path / f"merged-{attack}"
+        with pytest.raises(TrustError, match=f"expert 'math' refused at admission: .*{refusal}"):
+            merge(tiny_anchor, [signed["code"], package], out, top_k=2, trust=trust)
+        assert nothing_written(out)
+        hijacker = reports[-1].verdicts[1]
+        assert hijacker.public_top_share > honest.public_top_share + 0.4, attack
+    # The CLI prints the per-expert table, then refuses in one line naming the number and the limit.
+    out = tmp_path / "cli"
+    assert main(["merge", "--anchor", str(tiny_anchor), "--packages", str(signed["code"]), str(tmp_path / "x20"),
+                 "--top-k", "2", "--out", str(out), "--probe-data", str(corpora["public"])]) == 1
+    captured = capsys.readouterr()
+    assert "admission checks" in captured.out and "REFUSED" in captured.out
+    error = captured.err.strip().splitlines()[-1]
+    assert "router rows are" in error and "above the limit 3.00 (change it with --max-row-norm-ratio)" in error
+    assert nothing_written(out)
+
+
+# -- the merged model's record and its log -----------------------------------------------------------------
+
+def test_swapped_names_in_the_merged_record_are_detected(signed, tiny_anchor, tmp_path):
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"], signed["math"]], model, top_k=2)
+    record = json.loads((model / MERGED_METADATA_FILE).read_text())
+    code, math = record["experts"][1], record["experts"][2]
+    swapped = copy(model, tmp_path / "swapped")
+    code["name"], math["name"] = "math", "code"  # names swapped, manifests left where they were
+    code["manifest"]["name"], math["manifest"]["name"] = "math", "code"
+    (swapped / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    with pytest.raises(TrustError, match="slot 2, recorded as expert 'code', does not hold that expert's weights"):
+        load_model(swapped, exclude=["code"])
+    with pytest.raises(TrustError, match="edited outside flexolmo"):
+        remove_experts(swapped, ["code"], tmp_path / "removed")
+    with pytest.raises(TrustError):
+        verify_merged_model(swapped)
+    assert nothing_written(tmp_path / "removed")
+    assert load_model(model, exclude=["code"]).expert_names == ["public", "code", "math"]  # the honest record
+
+
+def test_merge_log_and_coordinator_signature_follow_every_version(signed, keys, tiny_anchor, tmp_path, capsys):
+    trusted = TrustedKeys(keys)
+    coordinator = keys / "private" / "coordinator.key"
+    trust = CoordinatorTrust(trusted_keys=trusted, sign_key=coordinator)
+    merge(tiny_anchor, [signed["code"]], tmp_path / "v1", top_k=2, trust=trust)
+    add_experts(tmp_path / "v1", [signed["math"]], tmp_path / "v2", trust=trust)
+    remove_experts(tmp_path / "v2", ["code"], tmp_path / "v3", trust=CoordinatorTrust(sign_key=coordinator))
+    log = read_history(tmp_path / "v3")
+    assert [entry["operation"] for entry in log] == ["merge", "add", "remove"]
+    assert log[0]["added"][0]["signer"]["name"] == "code" and log[1]["by"]["name"] == "coordinator"
+    assert log[1]["from_model_sha256"] == log[0]["model_sha256"]
+    assert log[2]["removed"] == [{"name": "code", "package_sha256": log[0]["added"][0]["package_sha256"]}]
+    v3 = (tmp_path / "v3" / MERGED_METADATA_FILE).read_text() + (tmp_path / "v3" / HISTORY_FILE).read_text()
+    assert '"manifest"' not in (tmp_path / "v3" / HISTORY_FILE).read_text()
+    assert json.loads((tmp_path / "v3" / MERGED_METADATA_FILE).read_text())["experts"][1]["name"] == "math"
+    assert "token_stream_commitment" in v3  # math's manifest stays; code's left with its expert
+    assert verify_merged_model(tmp_path / "v3", trusted)["signer"].name == "coordinator"
+    assert main(["verify", str(tmp_path / "v3"), "--trusted-keys", str(keys)]) == 0
+    assert main(["history", str(tmp_path / "v3")]) == 0
+    shown = capsys.readouterr().out
+    assert "remove" in shown and "coordinator" in shown
+    remove_experts(tmp_path / "v3", ["math"], tmp_path / "public-only")  # one number for top-k, everywhere
+    config = read_config(tmp_path / "public-only")
+    record = json.loads((tmp_path / "public-only" / MERGED_METADATA_FILE).read_text())
+    assert config["num_experts_per_tok"] == record["top_k"] == read_history(tmp_path / "public-only")[-1]["top_k"] == 1
+    tampered = copy(tmp_path / "v3", tmp_path / "tampered")
+    (tampered / "generation_config.json").write_text("{}")
+    assert main(["verify", str(tampered), "--trusted-keys", str(keys)]) == 1
+    assert "edited outside flexolmo" in capsys.readouterr().err
+    assert main(["add", "--model", str(tampered), "--packages", str(signed["code"]), "--out",
+                 str(tmp_path / "v4")]) == 1
+    assert nothing_written(tmp_path / "v4")
+
+
+# -- what a package releases -------------------------------------------------------------------------------
+
+def all_strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in [str(key), *all_strings(item)]]
+    if isinstance(value, list):
+        return [s for item in value for s in all_strings(item)]
+    return [str(value)]
+
+
+def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, tmp_path, capsys,
+                                                         monkeypatch):
+    from flexolmo.privacy import DPConfig
+
+    canary = tmp_path / "owner-data"
+    canary.mkdir()
+    data = shutil.copy(corpora["code"], canary / "secret-code.jsonl")
+    out = tmp_path / "dp-expert"
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[data], name="code", out=out, eval_max_sequences=4,
+                              public_data=[corpora["public"]], public_share=0.5,
+                              dp=DPConfig(epsilon=8, delta=1e-4), optim=tiny_optim(steps=3, batch_size=8)))
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    report = json.loads(owner_report_path(out).read_text())
+    training = manifest["training"]
+    released = {key for key, value in training.items() if value is not None}
+    assert released == {"config", "tokens", "public_share", "public_data_sha256"}
+    assert manifest["privacy"]["dp"]["epsilon"] <= 8 and not manifest["privacy"]["router_row_from_private_data"]
+    # Canary: no number computed from the owner's data outside DP appears anywhere in the package.
+    text = (out / MANIFEST_FILE).read_text()
+    secrets = [report["token_stream_sha256"], report["training"]["token_stream_commitment"],
+               repr(report["training"]["final_train_loss"]), repr(report["training"]["heldout_loss_after"])]
+    assert not [secret for secret in secrets if secret in text]
+    assert report["training"]["train_documents"] > 0 and len(report["training"]["losses"]) == 3
+    assert not any(str(tmp_path) in s or s.startswith("/") for s in all_strings(manifest))
+    assert not owner_report_path(out).is_relative_to(out)
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per line
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "withheld" in shown and "training.losses" not in shown and "covered by DP" in shown
+
+
+def test_no_owner_path_reaches_a_package_or_the_merged_record(signed, tiny_anchor, tmp_path):
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    for document in [json.loads((signed["code"] / MANIFEST_FILE).read_text()),
+                     json.loads((model / MERGED_METADATA_FILE).read_text()),
+                     *read_history(model)]:
+        leaked = [s for s in all_strings(document) if s.startswith("/") or str(tmp_path.parent) in s]
+        assert not leaked, leaked
+    report = json.loads(owner_report_path(signed["code"]).read_text())
+    assert len(report["token_stream_sha256"]) == 64 and len(report["commitment_salt"]) == 64
+
+
+# -- one-line errors, nothing half-written -----------------------------------------------------------------
+
+def one_line_error(capsys, argv: list[str], reason: str, status: int = 1) -> None:
+    assert main(argv) == status, argv
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if ": error: " in line]  # progress bars share stderr
+    assert len(errors) == 1 and reason in errors[0] and "Traceback" not in stderr, stderr
+
+
+def test_bad_arguments_and_inputs_end_in_one_line(signed, tiny_anchor, corpora, tmp_path, capsys, monkeypatch):
+    anchor, code, math = str(tiny_anchor), str(signed["code"]), str(signed["math"])
+    model = tmp_path / "model"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "half a pair \\ud800 here"}\n')
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text('{"text": "one document only"}\n')
+    one_line_error(capsys, ["train-expert", "--anchor", anchor, "--data", str(surrogate), "--name", "x", "--out",
+                            str(tmp_path / "x"), "--seq-len", "32"], "lone surrogate escape")
+    one_line_error(capsys, ["eval", "--model", anchor, "--data", f"x={lone}", "--seq-len", "32"],
+                   "none of its 1 document(s) falls in its heldout split")
+    one_line_error(capsys, ["train-expert", "--anchor", anchor, "--data", str(corpora["code"]), "--name", "public",
+                            "--out", str(tmp_path / "x")], "the name 'public' is reserved")
+    one_line_error(capsys, ["eval", "--model", anchor, "--data", f"x={corpora['code']}", "--seq-len", "4096"],
+                   "--seq-len 4096 is longer than the 128 positions")
+    one_line_error(capsys, ["generate", "--model", anchor, "--prompt", "the", "--temperature", "-1"],
+                   "--temperature must be 0 (greedy) or a positive number")
+    one_line_error(capsys, ["eval", "--model", str(model), "--data", f"x={corpora['code']}", "--exclude", "public"],
+                   "cannot exclude 'public'")
+    one_line_error(capsys, ["merge", "--anchor", anchor, "--packages", code, math, "--top-k", "10", "--out",
+                            str(tmp_path / "o")], "--top-k 10 does not fit a model of 3 experts")
+    one_line_error(capsys, ["add", "--model", str(model), "--packages", math, "--top-k", "-1", "--out",
+                            str(tmp_path / "o")], "--top-k -1 does not fit")
+    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--shard-gb", "nan", "--out",
+                            str(tmp_path / "o")], "--shard-gb must be a positive number")
+    with pytest.raises(SystemExit) as exit_:  # merge with no experts: argparse names the missing flag
+        main(["merge", "--anchor", anchor, "--top-k", "1", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "required: --packages" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--out", str(blocker / "o")],
+                   "is a file, not a directory")
+    truncated = copy(tiny_anchor, tmp_path / "truncated-anchor")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    one_line_error(capsys, ["eval", "--model", str(truncated), "--data", f"x={corpora['code']}"],
+                   "cannot load the model")
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--out", str(tmp_path / "full")],
+                   "disk full while writing")
+    assert nothing_written(tmp_path / "full") and nothing_written(tmp_path / "o")
+
+
+def test_a_damaged_token_cache_entry_is_rebuilt(tiny_anchor, corpora, tmp_path):
+    from flexolmo.anchor import load_tokenizer
+    from flexolmo.data import tokenize_file
+
+    tokenizer = load_tokenizer(tiny_anchor)
+    first = tokenize_file(corpora["math"], tokenizer, cache_dir=tmp_path)
+    expected = (first.tokens.tolist(), first.num_documents)
+    del first  # its tokens are a map of the file damaged below
+    (entry,) = (tmp_path / "tokens").iterdir()
+    (entry / "tokens.npy").unlink()
+    (entry / "tokens.npy").write_bytes(b"not an array")
+    again = tokenize_file(corpora["math"], tokenizer, cache_dir=tmp_path)
+    assert (again.tokens.tolist(), again.num_documents) == expected
+
+
+def test_a_rerun_removes_the_staging_directories_of_killed_runs_only(signed, tiny_anchor, tmp_path):
+    import fcntl
+
+    out = tmp_path / "merged"
+    killed = tmp_path / ".merged.tmp-killed"  # left by a run killed mid-write: its lock is free
+    (killed / "merged").mkdir(parents=True)
+    (killed / ".lock").write_text("")
+    running = tmp_path / ".merged.tmp-running"  # a run still writing holds its lock
+    (running / "merged").mkdir(parents=True)
+    handle = open(running / ".lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        merge(tiny_anchor, [signed["code"]], out, top_k=2)
+        assert out.exists() and not killed.exists() and running.exists()
+    finally:
+        handle.close()
