@@ -168,6 +168,8 @@ REFUSED = [
     ("llama", {"mlp_bias": True}, "mlp_bias is true"),
     ("llama", {"head_dim": 12}, "head_dim 12 differs from hidden_size / num_attention_heads = 8"),
     ("mistral", {"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+    # No sliding_window in config.json: Mistral's default window (4096) applies, and is shorter than the context.
+    ("mistral", {"max_position_embeddings": 32768}, "window 4096, context 32768"),
 ]
 
 
@@ -179,3 +181,43 @@ def test_features_a_format_cannot_hold_are_refused_in_one_line(model_type, field
     assert "\n" not in str(error.value)
     allowed = {"model_type": model_type, **SHAPE, "hidden_act": "silu", "sliding_window": None}
     assert anchor_family(allowed, "anchor").model_type == model_type
+
+
+def test_the_papers_baselines_build_on_every_family(family_run, corpora):
+    """Dense experts, model soup, BTM and BTX (dense experts merged) assume nothing of OLMo-2."""
+    from transformers import AutoModelForCausalLM
+
+    from flexolmo.baselines import BranchTrainMergeEnsemble, dense_expert_package, model_soup, train_dense_expert
+    from flexolmo.data import load_token_stream
+
+    root, anchor_dir = family_run["root"], family_run["anchor"]
+    dense = [train_dense_expert(anchor_dir, [corpora[d]], root / f"dense-{d}", tiny_optim(steps=2, lr=2e-2))
+             for d in ("code", "math")]
+    soup = model_soup(anchor_dir, dense, root / "soup")
+    members = [load_model(path).model for path in dense]
+    averaged = {name: (a + b) / 2 for (name, a), (_, b) in zip(members[0].state_dict().items(),
+                                                               members[1].state_dict().items())}
+    assert all(torch.allclose(load_model(soup).model.state_dict()[name], value) for name, value in averaged.items())
+    btm = BranchTrainMergeEnsemble(members, top_k=2)(input_ids=IDS).logits
+    assert torch.isfinite(btm).all() and btm.shape == logits(members[0]).shape
+    anchor = load_anchor(anchor_dir)
+    stream = load_token_stream([corpora["code"]], anchor.tokenizer, "all")
+    dense_expert_package(anchor, dense[0], stream, "code", root / "btx-code", "mean_hidden", 32, 4, 0)
+    merge(anchor_dir, [root / "btx-code"], root / "btx", top_k=2)
+    assert (logits(AutoModelForCausalLM.from_pretrained(root / "btx")) - logits(load_model(root / "btx").model)) \
+        .abs().max() <= TOLERANCE
+
+
+def test_fields_an_anchor_config_leaves_out_take_the_anchor_familys_defaults(tiny_anchor, tmp_path):
+    """An OLMo-2 config.json without rope_parameters means theta 1e4; flex_olmo's own default is 5e5."""
+    from transformers import AutoModelForCausalLM
+
+    terse = tmp_path / "terse-anchor"
+    shutil.copytree(tiny_anchor, terse)
+    config = json.loads((terse / "config.json").read_text())
+    assert config.pop("rope_parameters")["rope_theta"] == 10000.0
+    (terse / "config.json").write_text(json.dumps(config))
+    merge(terse, [], tmp_path / "merged", top_k=1)
+    reference = logits(load_anchor(terse).model)
+    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) - reference).abs().max() <= TOLERANCE
+    assert (logits(load_model(tmp_path / "merged").model) - reference).abs().max() <= TOLERANCE

@@ -110,13 +110,27 @@ def read_config(path: Path | str) -> dict:
         raise AnchorError(f"{config_file}: corrupt config.json ({error})") from None
 
 
+def complete_config(config: dict, path: Path | str) -> dict:
+    """A dense config with every field its transformers class would default filled in.
+
+    A hand-written or older config.json may leave fields out (Mistral's sliding window, Llama's key/value head
+    count); copied as it is into a merged format, the merged format's own defaults would silently apply."""
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    try:
+        return json.loads(AutoConfig.for_model(config["model_type"], **fields).to_json_string(use_diff=True))
+    except (TypeError, ValueError) as error:
+        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({error})") from None
+
+
 def anchor_family(config: dict, path: Path | str) -> AnchorFamily:
     """The family of a dense anchor config, or an error that lists the supported ones or says which feature of
     this anchor its merged format cannot hold."""
     model_type = config.get("model_type")
     if model_type in ANCHOR_FAMILIES:
         family = ANCHOR_FAMILIES[model_type]
-        reason = family.refusal(config)
+        reason = family.refusal(complete_config(config, path))
         if reason is not None:
             raise AnchorError(f"{path}: this {model_type} anchor cannot be merged into {family.moe_model_type} "
                               f"exactly: {reason}")

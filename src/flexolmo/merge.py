@@ -20,7 +20,8 @@ from typing import Protocol
 
 import torch
 
-from flexolmo.anchor import PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, compute_fingerprint, read_config
+from flexolmo.anchor import (PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, complete_config, compute_fingerprint,
+                             read_config)
 from flexolmo.errors import MergeError
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
@@ -261,8 +262,8 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     _refuse_existing(out)
     if top_k < 1:
         raise MergeError("--top-k must be at least 1")
-    anchor_config = read_config(anchor_dir)
-    family = anchor_family(anchor_config, anchor_dir)
+    family = anchor_family(read_config(anchor_dir), anchor_dir)
+    anchor_config = complete_config(read_config(anchor_dir), anchor_dir)
     fingerprint = compute_fingerprint(anchor_dir)
     reader = LazyReader(anchor_dir)
     public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]), family)
