@@ -49,8 +49,8 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-def build_family_anchor(model_type: str, out: Path, tokenizer_dir: Path, public: Path) -> Path:
-    """A random dense anchor of `model_type` with the test tokenizer and public router rows."""
+def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
+    """A random dense transformers model of `model_type` with the test tokenizer (a checkpoint, not yet an anchor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexolmo.anchor import load_tokenizer
@@ -66,6 +66,12 @@ def build_family_anchor(model_type: str, out: Path, tokenizer_dir: Path, public:
                 param.normal_(0.0, 0.2)  # biases too: transformers initialises them to zero
     model.save_pretrained(out)
     load_tokenizer(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def build_family_anchor(model_type: str, out: Path, tokenizer_dir: Path, public: Path) -> Path:
+    """A random dense anchor of `model_type` with the test tokenizer and public router rows."""
+    save_random_dense(model_type, out, tokenizer_dir)
     compute_public_rows(out, [public], seq_len=32, max_sequences=8, text_field="text", device="cpu")
     return out
 

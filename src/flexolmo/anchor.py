@@ -193,6 +193,11 @@ def load_tokenizer(path: Path | str):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
         raise AnchorError(f"{path}: cannot load the tokenizer ({error})") from None
+    return check_tokenizer(tokenizer, path)
+
+
+def check_tokenizer(tokenizer, path: Path | str):
+    """The tokenizer, if it is a fast tokenizer with an EOS token (documents are separated by EOS)."""
     if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
         raise AnchorError(f"{path}: the tokenizer must be a fast tokenizer with an EOS token")
     return tokenizer

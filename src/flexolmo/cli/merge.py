@@ -1,4 +1,5 @@
-"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one flex_olmo checkpoint."""
+"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one mixture-of-experts
+checkpoint, in the format of the anchor's family (flex_olmo, qwen2_moe or qwen3_moe)."""
 
 from __future__ import annotations
 
