@@ -50,7 +50,7 @@ def logits(model) -> torch.Tensor:
 
 
 def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
-    """A random dense transformers model of `model_type` with the test tokenizer (a checkpoint, not yet an anchor)."""
+    """A random dense transformers model of `model_type` with the test tokenizer (not yet an anchor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexolmo.anchor import load_tokenizer
@@ -141,7 +141,8 @@ def test_removing_equals_masking_and_removing_all_is_the_anchor(family_run, tmp_
     remove_experts(merged, ["math", "code"], tmp_path / "public-only")
     anchor = logits(load_anchor(family_run["anchor"]).model)
     assert (logits(load_model(merged, exclude=["math", "code"]).model) - anchor).abs().max() <= TOLERANCE
-    assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "public-only")) - anchor).abs().max() <= TOLERANCE
+    public_only = AutoModelForCausalLM.from_pretrained(tmp_path / "public-only")
+    assert (logits(public_only) - anchor).abs().max() <= TOLERANCE
 
 
 def test_runtime_refuses_a_merged_checkpoint_whose_format_tensors_or_config_were_altered(family_run, tmp_path):

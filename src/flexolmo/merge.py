@@ -228,7 +228,8 @@ def _write_merged(
                 rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
                 writer.add(family.merged_router.format(layer=layer), rows)
                 for extra in family.extra_tensors:
-                    writer.add(extra.template.format(layer=layer), torch.zeros(extra.shape(anchor_config), dtype=dtype))
+                    zeros = torch.zeros(extra.shape(anchor_config), dtype=dtype)
+                    writer.add(extra.template.format(layer=layer), zeros)
                 advance()
             writer.finish()
         atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k))
@@ -278,7 +279,8 @@ def is_extra_tensor(family: AnchorFamily, name: str) -> bool:
     return any(parse(extra.template, name) is not None for extra in family.extra_tensors)
 
 
-def _merged_sources(info: MergedModelInfo, family: AnchorFamily) -> tuple[LazyReader, list[MergedExpert], list[str]]:
+def _merged_sources(info: MergedModelInfo,
+                    family: AnchorFamily) -> tuple[LazyReader, list[MergedExpert], list[str]]:
     reader = LazyReader(info.path)
     experts = [MergedExpert(reader, index, entry, family) for index, entry in enumerate(info.metadata["experts"])]
     # Extra zero tensors are written anew from the table, so whatever a modified checkpoint holds there is dropped.

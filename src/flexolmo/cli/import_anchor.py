@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.importer import IMPORT_FILE, ImportConfig, import_anchor
     from flexolmo.progress import announce_output, print_table
 
-    config = ImportConfig(source=Path(args.source), gguf_file=args.gguf_file, public_data=path_list(args.public_data),
-                          out=Path(args.out), seq_len=args.seq_len, sequences=args.sequences,
+    config = ImportConfig(source=Path(args.source), gguf_file=args.gguf_file,
+                          public_data=path_list(args.public_data), out=Path(args.out), seq_len=args.seq_len,
+                          sequences=args.sequences,
                           text_field=args.text_field, save_dtype=args.save_dtype, device=args.device)
     summary = import_anchor(config)
     print_table("imported anchor", ["family", "merged format", "parameters", "public sequences", "fingerprint"],

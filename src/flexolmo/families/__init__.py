@@ -67,7 +67,7 @@ def standard_head_dim(config: dict) -> str | None:
 
 def silu_activation(config: dict) -> str | None:
     if config.get("hidden_act", "silu") != "silu":
-        return f"hidden_act is {config.get('hidden_act')!r}: vLLM's mixture-of-experts kernels only run SiLU experts"
+        return f"hidden_act is {config.get('hidden_act')!r}: vLLM's mixture-of-experts kernels run SiLU experts only"
     return None
 
 
