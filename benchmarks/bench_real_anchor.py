@@ -55,16 +55,16 @@ class BenchConfig(BaseModel):
     source: Path = Field(description="the anchor checkpoint: a GGUF file or a Hugging Face directory")
     data_dir: Path = Field(Path("data/demo"), description="{domain}.train.jsonl.gz and {domain}.heldout.jsonl.gz")
     smoke: bool = Field(False, description="a few steps and sequences: proves the pipeline, numbers meaningless")
-    expert_steps: int = Field(150, ge=1, description="optimizer steps per expert and per dense expert")
-    batch_size: int = Field(8, ge=1)
+    expert_steps: int = Field(20, ge=1, description="optimizer steps per expert and per dense expert")
+    batch_size: int = Field(4, ge=1)
     seq_len: int = Field(256, ge=16)
-    lr: float = Field(2e-4, gt=0, description="peak learning rate of expert and dense fine-tuning")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate of expert and dense fine-tuning")
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each owner batch drawn from public text")
     top_k: int = Field(2, ge=1, description="experts per token in the merged model and in BTM")
-    router_sequences: int = Field(128, ge=1, description="public sequences averaged into the public router rows")
-    eval_max_sequences: int = Field(48, ge=1, description="held-out windows of seq_len tokens scored per domain")
-    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "sciq", "piqa"], description="lm-eval tasks")
-    task_limit: int = Field(200, ge=1, description="validation documents per task")
+    router_sequences: int = Field(64, ge=1, description="public sequences averaged into the public router rows")
+    eval_max_sequences: int = Field(16, ge=1, description="held-out windows of seq_len tokens scored per domain")
+    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"], description="lm-eval tasks")
+    task_limit: int = Field(100, ge=1, description="validation documents per task")
     seed: int = 0
 
     def optim(self) -> OptimConfig:

@@ -1,9 +1,10 @@
 """Train a small dense OLMo-2 anchor from scratch, with a byte-level BPE tokenizer trained on the same data.
 
-This is the coordinator's first step in the demo; real deployments start from a released OLMo-2 checkpoint.
-The output is a standard Hugging Face directory (`Olmo2ForCausalLM` + fast tokenizer) that transformers loads
-as it is. Work in progress lives in `<out>.ckpt/` (tokenizer, checkpoint) so an interrupted run resumes with
-`resume=True`; the output directory appears only once training and evaluation have finished.
+This is the coordinator's first step in the demo; real deployments start from a released checkpoint
+(`flexolmo import-anchor`). The output is a standard Hugging Face directory (`Olmo2ForCausalLM` + fast
+tokenizer) that transformers loads as it is. Work in progress lives in `<out>.ckpt/` (tokenizer, checkpoint)
+so an interrupted run resumes with `resume=True`; the output directory appears only once training and
+evaluation have finished.
 """
 
 from __future__ import annotations
