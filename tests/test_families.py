@@ -228,3 +228,16 @@ def test_fields_an_anchor_config_leaves_out_take_the_anchor_familys_defaults(tin
     reference = logits(load_anchor(terse).model)
     assert (logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")) - reference).abs().max() <= TOLERANCE
     assert (logits(load_model(tmp_path / "merged").model) - reference).abs().max() <= TOLERANCE
+
+
+def test_dp_expert_trains_and_merges_on_every_family(family_run, corpora):
+    """DP-SGD wraps only the FlexOlmo block's linear layers, so any family's attention is no concern to Opacus."""
+    from flexolmo.privacy import DPConfig
+
+    package = family_run["root"] / "code-dp"
+    manifest = train_expert(ExpertConfig(anchor=family_run["anchor"], data=[corpora["code"]], name="code-dp",
+                                         out=package, eval_max_sequences=2, dp=DPConfig(epsilon=8.0, delta=1e-4),
+                                         optim=tiny_optim(steps=2, batch_size=8)))
+    assert manifest["privacy"]["dp"]["epsilon"] <= 8.0 + 1e-6
+    merge(family_run["anchor"], [package], family_run["root"] / "dp-merged", top_k=1)
+    assert load_model(family_run["root"] / "dp-merged").expert_names == ["public", "code-dp"]
