@@ -197,7 +197,8 @@ def summarise(config: BenchConfig, evals: dict[str, dict], tasks: dict[str, dict
                             "samples": accuracy[t]["samples"]} for t in config.tasks if t in accuracy}
         row["tasks_skipped"] = tasks[method].get("skipped")
         rows[method] = row
-    routing = {d: s["routing"]["mean_share"] for d, s in evals["flexolmo"]["domains"].items()}
+    routing = {method: {d: s["routing"]["mean_share"] for d, s in result["domains"].items()}
+               for method, result in evals.items() if method == "flexolmo" or method.startswith("flexolmo_top")}
     return {"smoke": config.smoke, "note": "SMOKE RUN: numbers are not meaningful" if config.smoke else "full run",
             "config": config.model_dump(mode="json"), "methods": rows, "flexolmo_routing": routing}
 
@@ -225,9 +226,11 @@ def markdown(results: dict) -> str:
         lines.append("| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in row) + " |")
     skipped = {m: r["tasks_skipped"] for m, r in results["methods"].items() if r["tasks_skipped"]}
     lines += ["", *[f"- {m}: no task accuracy ({why})" for m, why in skipped.items()]]
-    lines += ["", "FlexOlmo routing (mean share of tokens per expert, over layers; shares sum to top-k):", ""]
-    for domain, shares in results["flexolmo_routing"].items():
-        lines.append(f"- {domain}: " + ", ".join(f"{e} {s:.2f}" for e, s in shares.items()))
+    lines += ["", "Routing: share of each domain's tokens sent to each expert (mean over layers; shares sum to "
+              "top-k, so at top-k = all experts every share is 1):", ""]
+    for method, by_domain in results["flexolmo_routing"].items():
+        for domain, shares in by_domain.items():
+            lines.append(f"- {method}, {domain}: " + ", ".join(f"{e} {s:.2f}" for e, s in shares.items()))
     return "\n".join(lines) + "\n"
 
 
