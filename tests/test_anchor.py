@@ -48,11 +48,12 @@ def test_anchor_errors_are_one_line(tiny_anchor, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AnchorError, match="no config.json"):
         load_anchor(tmp_path / "empty")
-    foreign = tmp_path / "llama"
+    foreign = tmp_path / "gpt2"
     shutil.copytree(tiny_anchor, foreign)
     config = json.loads((foreign / "config.json").read_text())
-    (foreign / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(AnchorError, match="'llama' is not supported as an anchor \\(supported: olmo2\\)"):
+    (foreign / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(AnchorError, match="'gpt2' is not supported as an anchor "
+                                          "\\(supported: llama, mistral, olmo2, qwen2, qwen3\\)"):
         load_anchor(foreign)
     (foreign / "config.json").write_text(json.dumps({**config, "model_type": "flex_olmo"}))
     with pytest.raises(AnchorError, match="merged FlexOlmo model"):

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 
 from flexolmo.errors import AnchorError
+from flexolmo.families import (MergedFormat, Refusal, ZeroTensor, flex_olmo, no_attention_output_bias, no_mlp_bias,
+                               no_sliding_window, qwen2_moe, qwen3_moe, silu_activation, standard_head_dim)
 from flexolmo.fileio import digest_tensor
+from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER
 
 # The coordinator's public router rows, shipped beside the weights; part of the fingerprint because every
 # expert is trained against them.
@@ -30,22 +33,53 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 
 @dataclass(frozen=True)
 class AnchorFamily:
-    """How one dense architecture maps onto FlexOlmo's mixture of experts."""
+    """How one dense architecture maps onto FlexOlmo's mixture of experts: the merged format it is written in,
+    tensor-name templates, extra zero tensors the format needs, and what it refuses (one line each)."""
 
     model_type: str
-    moe_model_type: str
-    moe_architecture: str
-    ffn_projections: tuple[str, ...]
+    merged: MergedFormat
+    ffn_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    anchor_ffn: str = ANCHOR_FFN
+    merged_expert: str = MERGED_EXPERT
+    merged_router: str = MERGED_ROUTER
+    # Zero tensors this family needs in the merged format on top of the format's own (e.g. q/k/v biases).
+    zero_tensors: tuple[ZeroTensor, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
 
+    @property
+    def moe_model_type(self) -> str:
+        return self.merged.model_type
+
+    @property
+    def moe_architecture(self) -> str:
+        return self.merged.architecture
+
+    @property
+    def extra_tensors(self) -> tuple[ZeroTensor, ...]:
+        """Every zero tensor a merged checkpoint of this family holds, per decoder layer."""
+        return self.merged.extra_tensors + self.zero_tensors
+
+    def refusal(self, config: dict) -> str | None:
+        """Why an anchor of this family cannot be merged exactly, or None."""
+        return next((reason for check in self.refusals if (reason := check(config)) is not None), None)
+
+
+# vLLM's MoE formats run SiLU experts only and would drop an FFN bias; every non-OLMo family refuses both.
+_MOE_REFUSALS = (silu_activation, no_mlp_bias)
 
 ANCHOR_FAMILIES: dict[str, AnchorFamily] = {
-    "olmo2": AnchorFamily(
-        model_type="olmo2",
-        moe_model_type="flex_olmo",
-        moe_architecture="FlexOlmoForCausalLM",
-        ffn_projections=("gate_proj", "up_proj", "down_proj"),
-    ),
+    "olmo2": AnchorFamily(model_type="olmo2", merged=flex_olmo.FORMAT),
+    "llama": AnchorFamily(model_type="llama", merged=qwen2_moe.FORMAT, zero_tensors=qwen2_moe.ZERO_QKV_BIAS,
+                          refusals=(*_MOE_REFUSALS, no_attention_output_bias, standard_head_dim)),
+    "mistral": AnchorFamily(model_type="mistral", merged=qwen2_moe.FORMAT, zero_tensors=qwen2_moe.ZERO_QKV_BIAS,
+                            refusals=(*_MOE_REFUSALS, no_sliding_window, standard_head_dim)),
+    "qwen2": AnchorFamily(model_type="qwen2", merged=qwen2_moe.FORMAT,
+                          refusals=(*_MOE_REFUSALS, no_sliding_window, standard_head_dim)),
+    "qwen3": AnchorFamily(model_type="qwen3", merged=qwen3_moe.FORMAT,
+                          refusals=(*_MOE_REFUSALS, no_sliding_window, no_attention_output_bias)),
 }
+# The merged model types (several families share qwen2_moe).
+MERGED_MODEL_TYPES = frozenset(family.moe_model_type for family in ANCHOR_FAMILIES.values())
 
 
 @dataclass
@@ -76,16 +110,35 @@ def read_config(path: Path | str) -> dict:
         raise AnchorError(f"{config_file}: corrupt config.json ({error})") from None
 
 
+def complete_config(config: dict, path: Path | str) -> dict:
+    """A dense config with every field its transformers class would default filled in.
+
+    A hand-written or older config.json may leave fields out (Mistral's sliding window, Llama's key/value head
+    count); copied as it is into a merged format, the merged format's own defaults would silently apply."""
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config.items() if key != "model_type"}
+    try:
+        return json.loads(AutoConfig.for_model(config["model_type"], **fields).to_json_string(use_diff=True))
+    except (TypeError, ValueError) as error:
+        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({error})") from None
+
+
 def anchor_family(config: dict, path: Path | str) -> AnchorFamily:
-    """The family of a dense anchor config, or an error that lists the supported ones."""
+    """The family of a dense anchor config, or an error that lists the supported ones or says which feature of
+    this anchor its merged format cannot hold."""
     model_type = config.get("model_type")
     if model_type in ANCHOR_FAMILIES:
-        return ANCHOR_FAMILIES[model_type]
+        family = ANCHOR_FAMILIES[model_type]
+        reason = family.refusal(complete_config(config, path))
+        if reason is not None:
+            raise AnchorError(f"{path}: this {model_type} anchor cannot be merged into {family.moe_model_type} "
+                              f"exactly: {reason}")
+        return family
     supported = ", ".join(sorted(ANCHOR_FAMILIES))
-    if any(model_type == family.moe_model_type for family in ANCHOR_FAMILIES.values()):
-        raise AnchorError(
-            f"{path}: is a merged FlexOlmo model ({model_type}), not a dense anchor; pass the anchor directory"
-        )
+    if model_type in MERGED_MODEL_TYPES:
+        raise AnchorError(f"{path}: is a mixture of experts ({model_type}), such as a merged FlexOlmo model, not "
+                          "a dense anchor; pass the anchor directory")
     raise AnchorError(f"{path}: architecture '{model_type}' is not supported as an anchor (supported: {supported})")
 
 
@@ -156,6 +209,11 @@ def load_tokenizer(path: Path | str):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
         raise AnchorError(f"{path}: cannot load the tokenizer ({error})") from None
+    return check_tokenizer(tokenizer, path)
+
+
+def check_tokenizer(tokenizer, path: Path | str):
+    """The tokenizer, if it is a fast tokenizer with an EOS token (documents are separated by EOS)."""
     if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
         raise AnchorError(f"{path}: the tokenizer must be a fast tokenizer with an EOS token")
     return tokenizer

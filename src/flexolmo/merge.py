@@ -1,4 +1,5 @@
-"""The coordinator's merge: anchor + expert packages -> one transformers/vLLM `flex_olmo` checkpoint.
+"""The coordinator's merge: anchor + expert packages -> one transformers/vLLM mixture-of-experts checkpoint in
+the anchor family's merged format (`flex_olmo`, `qwen2_moe` or `qwen3_moe`, see `anchor.ANCHOR_FAMILIES`).
 
 Merge, add (a late joiner) and remove (an opt-out) are one operation: choose a base checkpoint for the shared
 tensors and an ordered list of expert sources, then stream them into a new directory. Experts are ordered
@@ -12,7 +13,8 @@ numbers in that same dtype, so the manifest's numbers are the merged model's. `d
 experts exact and upcasts the anchor's tensors (exactly). The dtype is recorded in config.json and in the
 merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
 so peak memory is one shard plus one tensor, whatever the model's size. Every input is verified before anything
-is written, and the output directory appears only once it is complete.
+is written, and the output directory appears only once it is complete. Tensors a format requires but no anchor
+has (a zero shared expert, zero q/k/v biases) are written from the family's table, never copied.
 
 Trust (`flexolmo.trust`): packages are verified against trusted keys when given; each expert's slot is
 digested as it is written and recorded in `flexolmo_experts.json`; kept experts are checked against their
@@ -30,7 +32,8 @@ from typing import Protocol
 
 import torch
 
-from flexolmo.anchor import PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, compute_fingerprint, read_config
+from flexolmo.anchor import (PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, complete_config, compute_fingerprint,
+                             read_config)
 from flexolmo.errors import MergeError, TrustError
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
@@ -43,7 +46,7 @@ from flexolmo.trust.history import HISTORY_FILE, check_unchanged
 from flexolmo.trust.publish import CoordinatorTrust
 from flexolmo.trust.record import SlotRecorder, check_record, expert_entry, verify_slots
 from flexolmo.trust.signing import SIGNATURE_FILE
-from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER, PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
+from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
 
 MERGED_METADATA_FILE = "flexolmo_experts.json"
 MERGED_FORMAT = "flexolmo-merged"
@@ -52,7 +55,7 @@ PUBLIC_EXPERT = "public"
 # Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
 # files, generation config) is copied into the merged checkpoint as it is.
 _NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
-               "flexolmo_pretrain.json", HISTORY_FILE, SIGNATURE_FILE}
+               "flexolmo_pretrain.json", "flexolmo_import.json", HISTORY_FILE, SIGNATURE_FILE}
 # Fields of a flex_olmo config that a dense anchor config does not have.
 _MOE_CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
                       "router_aux_loss_coef")
@@ -76,10 +79,11 @@ class AnchorExpert:
 
     reader: LazyReader
     rows: list[torch.Tensor]
+    family: AnchorFamily
     name: str = PUBLIC_EXPERT
 
     def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self.reader.get(ANCHOR_FFN.format(layer=layer, proj=proj))
+        return self.reader.get(self.family.anchor_ffn.format(layer=layer, proj=proj))
 
     def router_row(self, layer: int) -> torch.Tensor:
         return self.rows[layer]
@@ -113,16 +117,17 @@ class MergedExpert:
     reader: LazyReader
     index: int
     entry: dict
+    family: AnchorFamily
 
     @property
     def name(self) -> str:
         return self.entry["name"]
 
     def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self.reader.get(MERGED_EXPERT.format(layer=layer, expert=self.index, proj=proj))
+        return self.reader.get(self.family.merged_expert.format(layer=layer, expert=self.index, proj=proj))
 
     def router_row(self, layer: int) -> torch.Tensor:
-        return self.reader.get(MERGED_ROUTER.format(layer=layer))[self.index]
+        return self.reader.get(self.family.merged_router.format(layer=layer))[self.index]
 
     def record(self) -> dict:
         return self.entry
@@ -177,6 +182,7 @@ def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, t
     """The anchor's config with the MoE fields set; every architecture field is copied, never defaulted."""
     config = {key: value for key, value in anchor_config.items()
               if key not in ("architectures", "model_type", "transformers_version", "_name_or_path")}
+    config.update(family.merged.config_fields(anchor_config))
     config.update(
         model_type=family.moe_model_type,
         architectures=[family.moe_architecture],
@@ -243,13 +249,17 @@ def _write_merged(
     is written, before it is published (trust checks, log, signature)."""
     _check_names(experts)
     check_top_k(top_k, len(experts))
+    clashes = [name for name in shared_names if is_extra_tensor(family, name)]
+    if clashes:
+        raise MergeError(f"the anchor has {clashes[0]}, which the {family.moe_model_type} format reserves for a "
+                         "zero tensor; this anchor is not supported")
     layers = anchor_config["num_hidden_layers"]
     dtype = dtype or base.dtype(shared_names[0])
     dropped_bias = [e.name for e in experts if isinstance(e, PackageExpert)
                     and PACKAGE_BIAS.format(layer=0) in e.package.manifest["tensors"]]
     for name in dropped_bias:
-        console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the flex_olmo format has no "
-                      "router bias, so it is left out (the paper's released models also omit it)")
+        console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {family.moe_model_type} format "
+                      "has no router bias, so it is left out (the paper's released models also omit it)")
     metadata = {
         "format": MERGED_FORMAT,
         "format_version": MERGED_FORMAT_VERSION,
@@ -270,10 +280,13 @@ def _write_merged(
             for layer in range(layers):
                 for index, expert in enumerate(experts):
                     for proj in family.ffn_projections:
-                        writer.add(MERGED_EXPERT.format(layer=layer, expert=index, proj=proj),
+                        writer.add(family.merged_expert.format(layer=layer, expert=index, proj=proj),
                                    expert.ffn(layer, proj).to(dtype))
                 rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
-                writer.add(MERGED_ROUTER.format(layer=layer), rows)
+                writer.add(family.merged_router.format(layer=layer), rows)
+                for extra in family.extra_tensors:
+                    zeros = torch.zeros(extra.shape(anchor_config), dtype=dtype)
+                    writer.add(extra.template.format(layer=layer), zeros)
                 advance()
             writer.finish()
         digests = writer.digests([expert.name for expert in experts])
@@ -325,7 +338,8 @@ def _sealer(trust: CoordinatorTrust, source: Path | None, operation: str, joinin
 def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int,
           shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None,
           dtype: str = "anchor") -> dict:
-    """Merge the anchor and `package_paths` into a flex_olmo checkpoint at `out`; returns its metadata.
+    """Merge the anchor and `package_paths` into a checkpoint of the anchor family's format at `out`;
+    returns its metadata.
 
     `trust` says which keys to trust, which admission checks to run and whether to sign; without it, packages
     are verified but not authenticated, no admission check runs, and the model is logged but not signed.
@@ -336,23 +350,31 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     check_top_k(top_k, len(package_paths) + 1)
     if dtype != "anchor" and dtype not in DTYPES:
         raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
-    anchor_config = read_config(anchor_dir)
-    family = anchor_family(anchor_config, anchor_dir)
+    family = anchor_family(read_config(anchor_dir), anchor_dir)
+    anchor_config = complete_config(read_config(anchor_dir), anchor_dir)
     fingerprint = compute_fingerprint(anchor_dir)
     reader = LazyReader(anchor_dir)
-    public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]))
+    public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]), family)
     joining = _verified_packages(package_paths, fingerprint, anchor_config, trust)
-    shared = [name for name in reader.names() if parse(ANCHOR_FFN, name) is None]
+    shared = [name for name in reader.names() if parse(family.anchor_ffn, name) is None]
     return _write_merged(out, reader, shared, [public, *joining], anchor_config, fingerprint, family, top_k,
                          anchor_dir, shard_bytes, _sealer(trust, None, "merge", joining, []),
                          None if dtype == "anchor" else DTYPES[dtype])
 
 
-def _merged_sources(info: MergedModelInfo) -> tuple[LazyReader, list[MergedExpert], list[str]]:
+def is_extra_tensor(family: AnchorFamily, name: str) -> bool:
+    """Whether `name` is one of the zero tensors the family's merged format holds in every layer."""
+    return any(parse(extra.template, name) is not None for extra in family.extra_tensors)
+
+
+def _merged_sources(info: MergedModelInfo,
+                    family: AnchorFamily) -> tuple[LazyReader, list[MergedExpert], list[str]]:
     reader = LazyReader(info.path)
-    experts = [MergedExpert(reader, index, entry) for index, entry in enumerate(info.metadata["experts"])]
+    experts = [MergedExpert(reader, index, entry, family) for index, entry in enumerate(info.metadata["experts"])]
+    # Extra zero tensors are written anew from the table, so whatever a modified checkpoint holds there is dropped.
     shared = [name for name in reader.names()
-              if parse(MERGED_EXPERT, name) is None and parse(MERGED_ROUTER, name) is None]
+              if parse(family.merged_expert, name) is None and parse(family.merged_router, name) is None
+              and not is_extra_tensor(family, name)]
     return reader, experts, shared
 
 
@@ -367,7 +389,7 @@ def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | st
     check_top_k(top_k, len(info.expert_names) + len(package_paths))
     family = anchor_family(info.anchor_config, model_dir)
     check_unchanged(info.path)
-    reader, experts, shared = _merged_sources(info)
+    reader, experts, shared = _merged_sources(info, family)
     joining = _verified_packages(package_paths, info.anchor_fingerprint, info.anchor_config, trust)
     clashes = sorted(set(info.expert_names) & {package.name for package in joining})
     if clashes:
@@ -397,7 +419,7 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
         raise MergeError(f"the '{PUBLIC_EXPERT}' expert is the anchor's own FFN and cannot be removed")
     check_unchanged(info.path)
     verify_slots(info.path, info.metadata, names, family.ffn_projections)
-    reader, experts, shared = _merged_sources(info)
+    reader, experts, shared = _merged_sources(info, family)
     kept = [expert for expert in experts if expert.name not in names]
     removed = [{"name": e.name, "package_sha256": e.entry.get("package_sha256")} for e in experts if e.name in names]
     top_k = min(info.metadata["top_k"], len(kept))

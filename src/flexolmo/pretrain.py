@@ -1,11 +1,12 @@
 """Train a small dense OLMo-2 anchor from scratch, with a byte-level BPE tokenizer trained on the same data.
 
-This is the coordinator's first step in the demo; real deployments start from a released OLMo-2 checkpoint.
-The output is a standard Hugging Face directory (`Olmo2ForCausalLM` + fast tokenizer) that transformers loads
-as it is. Work in progress lives in `<out>.ckpt/` (tokenizer, checkpoint) so an interrupted run resumes with
-`resume=True`; the output directory appears only once training and evaluation have finished. The tokenizer in
-the work directory is reused only by a resumed run whose checkpoint matches (`run_state`): a run that failed
-before its first checkpoint leaves nothing, and a fresh run never picks up an earlier run's tokenizer.
+This is the coordinator's first step in the demo; real deployments start from a released checkpoint
+(`flexolmo import-anchor`). The output is a standard Hugging Face directory (`Olmo2ForCausalLM` + fast
+tokenizer) that transformers loads as it is. Work in progress lives in `<out>.ckpt/` (tokenizer, checkpoint)
+so an interrupted run resumes with `resume=True`; the output directory appears only once training and
+evaluation have finished. The tokenizer in the work directory is reused only by a resumed run whose checkpoint
+matches (`run_state`): a run that failed before its first checkpoint leaves nothing, and a fresh run never picks
+up an earlier run's tokenizer.
 """
 
 from __future__ import annotations

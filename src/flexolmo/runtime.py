@@ -1,9 +1,12 @@
 """Load any model flexolmo works with (a dense anchor or dense expert, or a merged FlexOlmo checkpoint) into
 one runtime, and mask experts on it.
 
-A merged checkpoint runs as transformers' OLMo-2 with each FFN replaced by our FlexMoEBlock, so attention,
-norms and generation stay transformers' code, and the same block that owners trained is the one that serves.
-A test checks this runtime against transformers' own `FlexOlmoForCausalLM` on the same directory.
+A merged checkpoint runs as the anchor's own dense transformers model (OLMo-2, Llama, Mistral, Qwen2, Qwen3:
+the architecture recorded in its metadata) with each FFN replaced by our FlexMoEBlock, so attention, norms and
+generation stay transformers' code, and the same block that owners trained is the one that serves. The merged
+format's extra tensors (a zero shared expert, zero q/k/v biases) have no place in the dense model; they are
+checked to be zero instead. Tests check this runtime against transformers' own class for the merged format
+(`FlexOlmoForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM`) on the same directory.
 Exclusion is a mask, not a rewrite: excluded experts get router logit -inf, which equals removing them; top-k
 is then capped at the number of experts left. Names are resolved through the merged model's record, and each
 excluded slot is checked against its recorded digest first, so an exclusion never masks another expert than
@@ -18,15 +21,17 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.anchor import ANCHOR_FAMILIES, load_pretrained, load_tokenizer, read_config
+from flexolmo.anchor import (ANCHOR_FAMILIES, MERGED_MODEL_TYPES, AnchorFamily, anchor_family, load_pretrained,
+                             load_tokenizer, read_config)
 from flexolmo.errors import AnchorError, MergeError
-from flexolmo.merge import PUBLIC_EXPERT, read_merged_info
+from flexolmo.merge import PUBLIC_EXPERT, MergedModelInfo, is_extra_tensor, merged_config, read_merged_info
 from flexolmo.moe import convert_to_moe, set_active_experts
 from flexolmo.tensor_io import LazyReader
 from flexolmo.trust.record import verify_slots
-from flexolmo.weights import MERGED_ROUTER, RUNTIME_ROUTER_ROW, parse
+from flexolmo.weights import RUNTIME_ROUTER_ROW, parse
 
-_MOE_TYPES = {family.moe_model_type: family for family in ANCHOR_FAMILIES.values()}
+# Written by transformers or by hand without changing what the model computes.
+_FREE_CONFIG_KEYS = frozenset({"transformers_version", "num_experts_per_tok", "torch_dtype", "dtype", "use_cache"})
 
 
 @dataclass
@@ -60,15 +65,24 @@ class LoadedModel:
             set_active_experts(self.model, [name not in names for name in self.expert_names])
 
 
-def _dense_config(config: dict):
+def _dense_config(anchor_config: dict):
     from transformers import AutoConfig
 
-    family = _MOE_TYPES[config["model_type"]]
-    fields = {key: value for key, value in config.items()
-              if key not in ("model_type", "architectures", "transformers_version", "rope_theta",
-                             "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
-                             "router_aux_loss_coef")}
-    return AutoConfig.for_model(family.model_type, **fields)
+    fields = {key: value for key, value in anchor_config.items()
+              if key not in ("model_type", "architectures", "transformers_version")}
+    return AutoConfig.for_model(anchor_config["model_type"], **fields)
+
+
+def _check_config(info: MergedModelInfo, family: AnchorFamily) -> None:
+    """config.json must be what the merge wrote from the recorded anchor config (top-k aside): transformers reads
+    config.json, this runtime the anchor config, and they must describe the same model."""
+    config = info.config
+    expected = merged_config(info.anchor_config, family, config["num_experts"], config["num_experts_per_tok"])
+    changed = sorted(key for key in set(config) | set(expected)
+                     if key not in _FREE_CONFIG_KEYS and config.get(key) != expected.get(key))
+    if changed:
+        raise MergeError(f"{info.path}: config.json differs from the anchor config the merge recorded (field "
+                         f"{changed[0]}); the checkpoint was altered: merge it again")
 
 
 def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
@@ -76,22 +90,30 @@ def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
     from transformers.initialization import no_init_weights
 
     info = read_merged_info(path)
+    family = anchor_family(info.anchor_config, path)
+    _check_config(info, family)
     config = info.config
     num_layers, hidden = config["num_hidden_layers"], config["hidden_size"]
     experts = config["num_experts"]
     # Every weight is overwritten from the checkpoint, so random initialisation would only cost time (minutes
     # at 7B); building on the target device avoids a second copy of the model in host memory.
     with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(_dense_config(config), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(_dense_config(info.anchor_config), dtype=dtype)
         convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts,
                        top_k=config["num_experts_per_tok"])
-    _copy_weights(path, model, tied_head=bool(config.get("tie_word_embeddings")))
+    _copy_weights(path, model, family, tied_head=bool(config.get("tie_word_embeddings")))
     return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names, info.metadata)
 
 
-def _runtime_tensors(name: str, reader: LazyReader) -> list[tuple[str, torch.Tensor]]:
-    """A checkpoint tensor under its runtime name(s): the stacked router matrix becomes one row per expert."""
-    router = parse(MERGED_ROUTER, name)
+def _runtime_tensors(name: str, reader: LazyReader, family: AnchorFamily) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint tensor under its runtime name(s): the stacked router matrix becomes one row per expert, and
+    the format's extra zero tensors have none (after checking they are zero)."""
+    if is_extra_tensor(family, name):
+        if reader.get(name).any():
+            raise AnchorError(f"{reader.path}: tensor {name} must be all zeros (it only fills the "
+                              f"{family.moe_model_type} format); the checkpoint was altered: merge it again")
+        return []
+    router = parse(family.merged_router, name)
     if router is None:
         return [(name, reader.get(name))]
     return [(RUNTIME_ROUTER_ROW.format(layer=router["layer"], expert=expert), row[None])
@@ -99,13 +121,13 @@ def _runtime_tensors(name: str, reader: LazyReader) -> list[tuple[str, torch.Ten
 
 
 @torch.no_grad()
-def _copy_weights(path: Path, model: torch.nn.Module, tied_head: bool) -> None:
+def _copy_weights(path: Path, model: torch.nn.Module, family: AnchorFamily, tied_head: bool) -> None:
     """Copy the checkpoint into `model` one tensor at a time, so that memory is the model plus one tensor."""
     targets = model.state_dict()
     reader = LazyReader(path)
     loaded, unexpected = set(), []
     for name in reader.names():
-        for target_name, tensor in _runtime_tensors(name, reader):
+        for target_name, tensor in _runtime_tensors(name, reader, family):
             target = targets.get(target_name)
             if target is None:
                 unexpected.append(target_name)
@@ -129,12 +151,12 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
     path = Path(path)
     config = read_config(path)
     model_type = config.get("model_type")
-    if model_type in _MOE_TYPES:
+    if model_type in MERGED_MODEL_TYPES:
         loaded = _load_merged(path, dtype, device)
     elif model_type in ANCHOR_FAMILIES:
         loaded = LoadedModel(path, load_pretrained(path, dtype, device), load_tokenizer(path))
     else:
-        supported = ", ".join(sorted([*ANCHOR_FAMILIES, *_MOE_TYPES]))
+        supported = ", ".join(sorted([*ANCHOR_FAMILIES, *MERGED_MODEL_TYPES]))
         raise AnchorError(f"{path}: architecture '{model_type}' is not supported (supported: {supported})")
     loaded.exclude(list(exclude))
     return loaded

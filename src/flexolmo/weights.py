@@ -1,10 +1,10 @@
 """Tensor names as declarative templates, so a new anchor family is a table row, not new code paths.
 
 Three layouts meet here:
-- the dense anchor (transformers OLMo-2): `model.layers.{layer}.mlp.{proj}.weight`;
+- the dense anchor (transformers OLMo-2, Llama, Mistral, Qwen2, Qwen3): `model.layers.{layer}.mlp.{proj}.weight`;
 - the expert package: `layers.{layer}.{proj}.weight`, `layers.{layer}.router.weight` (1, H) and, when trained
   with a negative bias, `layers.{layer}.router.bias` (1,);
-- the merged checkpoint (transformers/vLLM `flex_olmo`, per-expert names on disk):
+- the merged checkpoint (transformers/vLLM `flex_olmo`, `qwen2_moe`, `qwen3_moe`; per-expert names on disk):
   `model.layers.{layer}.mlp.experts.{expert}.{proj}.weight` and `model.layers.{layer}.mlp.gate.weight` (E, H).
 Our runtime keeps the merged names for experts and splits the router into rows:
 `model.layers.{layer}.mlp.gate.rows.{expert}.weight`.

@@ -11,6 +11,7 @@ import sys
 # Subcommand name -> module in this package; the order is the order `--help` lists them.
 COMMANDS = {
     "pretrain": "pretrain",
+    "import-anchor": "import_anchor",
     "init-router": "init_router",
     "train-expert": "train_expert",
     "plan": "plan",

@@ -1,6 +1,6 @@
 """`flexolmo init-router`: the coordinator computes the anchor's public router rows from public text.
 
-Anchors made by `flexolmo pretrain` already have them; run this once on any other OLMo-2 checkpoint before
+Anchors made by `flexolmo pretrain` already have them; run this once on any other supported checkpoint before
 publishing it. It changes the anchor's fingerprint, so do it before owners start training.
 """
 

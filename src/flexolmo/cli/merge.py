@@ -1,4 +1,5 @@
-"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one flex_olmo checkpoint.
+"""`flexolmo merge`: the coordinator merges the anchor and expert packages into one mixture-of-experts
+checkpoint, in the format of the anchor's family (flex_olmo, qwen2_moe or qwen3_moe).
 
 Every package is verified completely (and, with --trusted-keys, authenticated) before anything is written;
 the joining experts then pass the admission checks inside the merged model, the operation is logged in the
