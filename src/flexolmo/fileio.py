@@ -1,7 +1,9 @@
 """Writing outputs so that an interrupted or failed run never leaves something that looks complete.
 
 Every artefact (anchor, checkpoint, expert package, merged model, cache entry) is written under a temporary
-sibling name and renamed into place only once it is whole; rename is atomic on one filesystem.
+sibling name and renamed into place only once it is whole; rename is atomic on one filesystem. Artefacts get
+the permissions the user's umask gives any new file (a package is handed to another party, a model is served
+by another user), unless a write asks to be private (a key file: owner read/write only).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,22 @@ def _describe_os_error(error: OSError, target: Path) -> str:
     return f"cannot write {target}: {error.strerror or error}"
 
 
+def _staging_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+
+
+def _staging_directory(target: Path) -> Path:
+    """A new hidden sibling directory of `target`. Not `tempfile.mkdtemp`, which makes it 0700 whatever the
+    umask: `mkdir` applies the umask like any directory the user creates."""
+    while True:
+        staging = _staging_name(target)
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:  # a name collision: 48 random bits make a second one vanishingly unlikely
+            continue
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `target` only if the block finishes without error."""
@@ -36,11 +55,16 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
         raise FlexOlmoError(f"{target} already exists: choose another output path or remove it first")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging = _staging_directory(target)
+        file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666  # mkdir gave it 0777 minus the umask
     except OSError as error:
         raise FlexOlmoError(_describe_os_error(error, target)) from error
     try:
         yield staging
+        # safetensors writes its files 0600 whatever the umask (through its own temporary file); give them
+        # the mode any other new file gets. Other files were created with open() and already have it.
+        for path in staging.rglob("*.safetensors"):
+            path.chmod(file_mode)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -52,20 +76,24 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
-def atomic_write_bytes(target: Path | str, payload: bytes) -> None:
-    """Write `payload` to `target` through a temporary file and a rename."""
+def atomic_write_bytes(target: Path | str, payload: bytes, private: bool = False) -> None:
+    """Write `payload` to `target` through a temporary file and a rename. The file gets the umask's permissions,
+    or owner read/write only (0600) when `private` (a secret key)."""
     target = Path(target)
+    staging, created = _staging_name(target), False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        created = True
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
     except OSError as error:
-        with contextlib.suppress(Exception):
-            os.unlink(staging)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
         raise FlexOlmoError(_describe_os_error(error, target)) from error
 
 
