@@ -36,12 +36,15 @@ class LazyReader:
             files = self._weight_files()
         self._location: dict[str, Path] = {}
         self._shapes: dict[str, list[int]] = {}
+        self._dtypes: dict[str, str] = {}
         for file in files:
             try:
                 with safe_open(self.path / file, framework="pt") as handle:
                     for name in handle.keys():
                         self._location[name] = self.path / file
-                        self._shapes[name] = list(handle.get_slice(name).get_shape())
+                        header = handle.get_slice(name)
+                        self._shapes[name] = list(header.get_shape())
+                        self._dtypes[name] = header.get_dtype()
             except (SafetensorError, OSError) as error:
                 raise AnchorError(f"{self.path / file}: missing or corrupt weights ({error})") from None
 
@@ -59,6 +62,10 @@ class LazyReader:
     def names(self) -> list[str]:
         return list(self._location)
 
+    def files(self) -> list[Path]:
+        """The safetensors files the tensors come from."""
+        return sorted(set(self._location.values()))
+
     def __contains__(self, name: str) -> bool:
         return name in self._location
 
@@ -72,6 +79,10 @@ class LazyReader:
 
     def shape(self, name: str) -> list[int]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors names it (F32, BF16, ...), read from the header."""
+        return self._dtypes[name]
 
 
 class ShardedWriter:
