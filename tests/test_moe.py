@@ -84,3 +84,17 @@ def test_grouped_dispatch_equals_dense_weighted_sum(anchor, tokens):
             expected = sum(weights[..., e : e + 1] * expert(hidden) for e, expert in enumerate(block.experts))
             assert ((weights > 0).sum(-1) == 2).all() and (weights[..., 2] == 0).all() != active[2]
             assert torch.allclose(block(hidden), expected, atol=1e-6)
+
+
+def test_the_router_gives_the_same_logits_in_training_and_at_inference(anchor):
+    """Training calls each row's nn.Linear (for Opacus' per-sample gradients), inference one stacked matmul."""
+    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, top_k=2,
+                           bias_experts=[2])
+    router = decoder_layers(model)[0].mlp.gate
+    with torch.no_grad():
+        router.rows[2].bias.fill_(-0.5)
+    hidden = torch.randn(2, 5, anchor.model.config.hidden_size)
+    with torch.no_grad():
+        training = router.train()(hidden)
+        inference = router.eval()(hidden)
+    assert torch.allclose(training, inference, atol=1e-6) and (training[..., 2] != 0).all()

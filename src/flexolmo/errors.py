@@ -27,3 +27,7 @@ class MergeError(FlexOlmoError):
 
 class CheckpointError(FlexOlmoError):
     """A training checkpoint cannot be resumed (missing, corrupt, or from a different configuration)."""
+
+
+class DeviceError(FlexOlmoError):
+    """The requested torch device is not a device, or not available on this machine or torch build."""

@@ -17,16 +17,16 @@ from pydantic import BaseModel, Field
 
 from flexolmo.anchor import Anchor, load_anchor
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, TokenStream, load_token_stream
-from flexolmo.errors import CheckpointError, DataError, PackageError
-from flexolmo.evaluate import score_stream
+from flexolmo.errors import DataError, PackageError
+from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, score_stream
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
-from flexolmo.privacy import DPConfig, prepare_private_training
+from flexolmo.privacy import DPConfig, check_dp_settings, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
                                   load_public_rows)
-from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
-                               main_process_first, train)
+from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, check_resume,
+                               is_main_process, main_process_first, train)
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
 OWNER_EXPERT = 1
@@ -49,7 +49,8 @@ class ExpertConfig(BaseModel):
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches")
     public_share: float = Field(0.0, ge=0, lt=1, description="share of each batch's sequences from public_data")
-    eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
+    eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1, description="held-out sequences scored "
+                                    "before and after training (the first ones)")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
 
@@ -140,25 +141,18 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig, tokenizer) -> tu
     """
     if config.public_share == 0:
         return owner_stream, None
-    if not config.public_data:
-        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
     public = load_token_stream(config.public_data, tokenizer, "all", config.text_field)
     stream = TokenStream([*owner_stream.files, *public.files])
     seq_len, batch = config.optim.seq_len, config.optim.batch_size
-    public_count = round(batch * config.public_share)
-    if not 0 < public_count < batch:
-        raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
-                        "sequence; change --batch-size or --public-share")
+    public_count = round(batch * config.public_share)  # 0 < public_count < batch: checked by _check_settings
     owner_sequences = owner_stream.num_sequences(seq_len)
     ranges = [(0, owner_sequences), (owner_sequences, stream.num_sequences(seq_len))]
     return stream, MixedBatches(config.optim, ranges, [batch - public_count, public_count])
 
 
-def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
-
-    Under torchrun every rank trains (data parallel, see `training.train`); rank 0 writes the package and
-    returns the manifest, the other ranks return an empty dict."""
+def _check_settings(config: ExpertConfig) -> str:
+    """Every refusal that needs no model or data, so that it comes before the anchor is loaded and scored;
+    returns the router initialisation to use."""
     check_name(config.name)
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     if config.dp and router_init in READS_PRIVATE_DATA:
@@ -167,11 +161,27 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
     if router_init == DP_ROUTER_INIT and not config.dp:
         raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
                            "--dp-epsilon (without DP use mean_hidden)")
+    if config.dp:
+        check_dp_settings(config.optim)
+    if config.public_share and not config.public_data:
+        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
+    batch = config.optim.batch_size
+    if config.public_share and not 0 < round(batch * config.public_share) < batch:
+        raise DataError(f"--public-share {config.public_share} of a batch of {config.optim.batch_size} leaves no "
+                        "owner or no public sequence; change --batch-size or --public-share")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+    return router_init
+
+
+def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out`, return the manifest.
+
+    Under torchrun every rank trains (data parallel, see `training.train`); rank 0 writes the package and
+    returns the manifest, the other ranks return an empty dict."""
+    router_init = _check_settings(config)
     work = config.out.with_name(config.out.name + ".ckpt")
-    if resume and not (work / "checkpoint").exists():
-        raise CheckpointError(f"nothing to resume: no checkpoint at {work}; run without --resume")
+    check_resume(work, resume)
     dtype = getattr(torch, config.optim.dtype)
     anchor = load_anchor(config.anchor, dtype=dtype, device=config.optim.device)
     optim = config.optim

@@ -16,12 +16,12 @@ from pydantic import BaseModel, Field
 
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, iter_documents, load_token_stream, select_split
 from flexolmo.errors import DataError
-from flexolmo.evaluate import score_stream
+from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, score_stream
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
 from flexolmo.router_init import mean_direction_rows, save_public_rows
-from flexolmo.training import OptimConfig, train
+from flexolmo.training import OptimConfig, check_resume, train
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -50,6 +50,8 @@ class PretrainConfig(BaseModel):
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
     shape: AnchorShape = Field(default_factory=AnchorShape)
     save_dtype: str = Field("float32", description="dtype of the written weights (bfloat16 halves the size)")
+    eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1,
+                                    description="held-out sequences scored after training (the first ones)")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
 
 
@@ -117,6 +119,7 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
     if config.out.exists():
         raise DataError(f"{config.out} already exists: choose another --out or remove it")
     work = config.out.with_name(config.out.name + ".ckpt")
+    check_resume(work, resume)  # before the tokenizer is trained and the data read
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = _load_or_train_tokenizer(config, work)
     split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
@@ -133,8 +136,8 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
     result = train(model, named, train_stream, config.optim, work, resume=resume, description="pretraining")
     # Score what is shipped: weights rounded to the saved dtype, computed in float32.
     model = model.to(getattr(torch, config.save_dtype)).float()
-    score = score_stream(model, heldout_stream, config.optim.seq_len, device=config.optim.device,
-                         description="held-out")
+    score = score_stream(model, heldout_stream, config.optim.seq_len, max_sequences=config.eval_max_sequences,
+                         device=config.optim.device, description="held-out")
     summary = {
         "kind": "flexolmo-anchor",
         "config": config.model_dump(mode="json"),

@@ -58,3 +58,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
     for row in rows:
         table.add_row(*[f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row])
     Console().print(table)
+
+
+def print_generation(prompt: str, continuation: str) -> None:
+    """A prompt and the model's continuation, each under a label, the continuation highlighted on a terminal."""
+    out = Console(soft_wrap=True, highlight=False)
+    out.print("[bold]prompt:[/]")
+    out.print(prompt, markup=False)
+    out.print("[bold]continuation:[/]")
+    out.print(continuation, markup=False, style="green")

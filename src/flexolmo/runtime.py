@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flexolmo.anchor import ANCHOR_FAMILIES, load_pretrained, load_tokenizer, read_config
+from flexolmo.devices import check_device
 from flexolmo.errors import AnchorError, MergeError
 from flexolmo.merge import read_merged_info
 from flexolmo.moe import convert_to_moe, set_active_experts
@@ -120,6 +121,7 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
                device: str = "cpu") -> LoadedModel:
     """Load a dense or merged model directory, with `exclude` experts masked."""
     path = Path(path)
+    check_device(device)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type in _MOE_TYPES:

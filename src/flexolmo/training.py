@@ -231,6 +231,19 @@ def _hook_states(hooks: Sequence[TrainHook]) -> list:
     return [hook.state() if hasattr(hook, "state") else None for hook in hooks]
 
 
+def check_resume(run_dir: Path, resume: bool) -> None:
+    """Refuse a `--resume` with nothing to resume, or a fresh run over an earlier run's checkpoint. Callers run
+    this before loading any model, so that a wrong flag costs nothing."""
+    exists = (run_dir / CHECKPOINT_DIRNAME).exists()
+    if resume and not exists:
+        raise CheckpointError(f"nothing to resume: no checkpoint at {run_dir}; run without --resume")
+    if not resume and exists:
+        raise CheckpointError(
+            f"{run_dir / CHECKPOINT_DIRNAME}: a checkpoint of an earlier run exists; pass --resume to continue it "
+            "or delete it to start over"
+        )
+
+
 def _save_checkpoint(run_dir: Path, step: int, named_params: Sequence[tuple[str, torch.nn.Parameter]], optimizer,
                      losses: list[float], digest: str, hooks: Sequence[TrainHook]) -> None:
     from safetensors.torch import save_file
@@ -321,11 +334,8 @@ def train(
     start, losses = (0, [])
     if resume:
         start, losses = _load_checkpoint(run_dir, named_params, optimizer, digest, hooks)
-    elif (run_dir / CHECKPOINT_DIRNAME).exists():
-        raise CheckpointError(
-            f"{run_dir / CHECKPOINT_DIRNAME}: a checkpoint of an earlier run exists; pass --resume to continue it "
-            "or delete it to start over"
-        )
+    else:
+        check_resume(run_dir, resume=False)
     model.train()
     began = time.perf_counter()
     tokens_this_process = 0

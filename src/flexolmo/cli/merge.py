@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import path_list
+from flexolmo.cli.common import add_command, path_list
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="merge the anchor and expert packages into a FlexOlmo model",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="merge the anchor and expert packages into a FlexOlmo model",
+                         description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory")
     parser.add_argument("--experts", nargs="*", default=[], help="expert package directories")
     parser.add_argument("--top-k", type=int, required=True, help="experts used per token at inference")
@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_experts(out: Path, metadata: dict) -> None:
-    from flexolmo.progress import print_table
+    from flexolmo.progress import announce_output, print_table
 
     rows = [[index, entry["name"], entry.get("source", "")] for index, entry in enumerate(metadata["experts"])]
-    print_table(f"{out} (top-k {metadata['top_k']})", ["expert", "name", "source"], rows)
+    print_table(f"experts of the merged model (top-k {metadata['top_k']})", ["expert", "name", "source"], rows)
+    announce_output("merged model", out)
