@@ -69,14 +69,14 @@ def test_top_k_is_capped_by_active_experts_and_never_renormalised(anchor):
     assert torch.equal(weights[..., 0], torch.ones(2, 5)) and weights[..., 1:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_grouped_dispatch_equals_dense_weighted_sum(anchor, tokens):
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (2, 1), (2, 3), (2, 40)])
+def test_grouped_dispatch_equals_dense_weighted_sum(anchor, batch, tokens):
     """Each expert on its own tokens gives the weighted sum of every expert's output with zeros outside the top-k,
     for a single decoded token as for a long batch, and with an expert masked."""
     model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 4), 4, top_k=2)
     perturb_experts(model)
     block: FlexMoEBlock = decoder_layers(model)[0].mlp
-    hidden = torch.randn(2, tokens, anchor.model.config.hidden_size)
+    hidden = torch.randn(batch, tokens, anchor.model.config.hidden_size)
     with torch.no_grad():
         for active in ([True] * 4, [True, True, False, True]):
             block.active.copy_(torch.tensor(active))

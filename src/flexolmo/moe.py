@@ -12,9 +12,9 @@ The block is batch-first and, when every active expert is selected (owner traini
 expert as plain `nn.Linear` calls on the (batch, seq, hidden) tensor. That is what lets Opacus compute exact
 per-sample gradients. When top-k < active experts (merged inference), each expert sees only its tokens: the
 (token, slot) pairs are sorted by expert, each expert runs once on its contiguous group, and the results go
-back to (token, slot) order and are summed over the k slots. That costs one host sync per layer (the group
-sizes) and no scatter-add, whose CPU kernel dominated one-token decoding, and whose CUDA kernel is not
-deterministic.
+back to (token, slot) order and are summed over the k slots (a single token, as in batch-1 decoding, just runs
+its k experts in turn). That costs one host sync per layer (the group sizes) and no scatter-add, whose CPU
+kernel dominated one-token decoding, and whose CUDA kernel is not deterministic.
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ class FlexMoEBlock(nn.Module):
                          top_index: torch.Tensor) -> torch.Tensor:
         """Each expert on its own tokens only; `top_weights`/`top_index` are (..., k) from the router's top-k."""
         k = top_index.shape[-1]
+        if top_index.numel() == k:  # one token (batch-1 decoding): its k experts in turn, nothing to group
+            slot_weights = top_weights.reshape(k, 1)
+            return sum(slot_weights[slot] * self.experts[expert](hidden)
+                       for slot, expert in enumerate(top_index.reshape(k).tolist()))
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         slots = top_index.reshape(-1)  # expert of each (token, slot) pair, token-major
         order = slots.argsort(stable=True)  # the pairs grouped by expert
