@@ -21,13 +21,13 @@ def register(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.inspection import describe
-    from flexolmo.progress import print_table
+    from flexolmo.progress import print_fields, print_table
 
     description = describe(Path(args.path))
     if args.json:
         print(json.dumps(description.record, indent=2))
         return 0
-    print_table(f"{description.kind}: {description.path}", ["field", "value"], description.fields)
+    print_fields(f"{description.kind}: {description.path}", description.fields)
     for table in description.tables:
         print_table(table.title, table.columns, table.rows)
     return 0
