@@ -169,3 +169,11 @@ def test_wilson_interval_and_summary():
     summary = similarity_summary([0.0, 0.05, 0.5, 0.95, 1.0])
     assert summary["histogram"]["counts"] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 2]
     assert summary["quantiles"]["p50"] == 0.5 and summary["quantiles"]["max"] == 1.0
+
+
+def test_several_files_are_audited_as_one_with_ids_naming_their_file(tiny_anchor, corpora, secret):
+    config = AuditConfig(model=tiny_anchor, data=[secret, corpora["code"]], num_docs=30, **FAST)
+    result = audit_extraction(config)
+    assert result.documents_in_file == 8 + 200 and result.audited == 30
+    assert {score.doc_id.split(":")[0] for score in result.scores} == {"secret.jsonl", "code.jsonl"}
+    assert list(result.data_sha256) == [str(secret), str(corpora["code"])]

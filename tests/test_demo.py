@@ -105,3 +105,13 @@ def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick"))
     assert results["quick"] and len(results["methods"]) == 12
     assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()
+
+
+def test_device_is_not_part_of_the_demo_settings_and_float32_keeps_earlier_runs_resumable():
+    from flexolmo.demo import DemoConfig
+    from flexolmo.training import config_digest
+
+    default = DemoConfig()
+    before_dtype_existed = config_digest(default.model_dump(mode="json", exclude={"out", "device", "dtype"}))
+    assert default.digest() == before_dtype_existed == DemoConfig(device="cuda").digest()
+    assert DemoConfig(dtype="bfloat16").digest() != default.digest()

@@ -69,12 +69,32 @@ def test_top_k_is_capped_by_active_experts_and_never_renormalised(anchor):
     assert torch.equal(weights[..., 0], torch.ones(2, 5)) and weights[..., 1:].abs().sum() == 0
 
 
-def test_sparse_dispatch_equals_dense_weighted_sum(anchor):
-    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, top_k=2)
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (2, 1), (2, 3), (2, 40)])
+def test_grouped_dispatch_equals_dense_weighted_sum(anchor, batch, tokens):
+    """Each expert on its own tokens gives the weighted sum of every expert's output with zeros outside the top-k,
+    for a single decoded token as for a long batch, and with an expert masked."""
+    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 4), 4, top_k=2)
     perturb_experts(model)
     block: FlexMoEBlock = decoder_layers(model)[0].mlp
-    hidden = torch.randn(2, 7, anchor.model.config.hidden_size)
+    hidden = torch.randn(batch, tokens, anchor.model.config.hidden_size)
     with torch.no_grad():
-        weights, _ = block.routing_weights(hidden)
-        assert torch.allclose(block._dispatch_forward(hidden, weights), block._dense_forward(hidden, weights),
-                              atol=1e-6)
+        for active in ([True] * 4, [True, True, False, True]):
+            block.active.copy_(torch.tensor(active))
+            weights, _ = block.routing_weights(hidden)
+            expected = sum(weights[..., e : e + 1] * expert(hidden) for e, expert in enumerate(block.experts))
+            assert ((weights > 0).sum(-1) == 2).all() and (weights[..., 2] == 0).all() != active[2]
+            assert torch.allclose(block(hidden), expected, atol=1e-6)
+
+
+def test_the_router_gives_the_same_logits_in_training_and_at_inference(anchor):
+    """Training calls each row's nn.Linear (for Opacus' per-sample gradients), inference one stacked matmul."""
+    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 3), 3, top_k=2,
+                           bias_experts=[2])
+    router = decoder_layers(model)[0].mlp.gate
+    with torch.no_grad():
+        router.rows[2].bias.fill_(-0.5)
+    hidden = torch.randn(2, 5, anchor.model.config.hidden_size)
+    with torch.no_grad():
+        training = router.train()(hidden)
+        inference = router.eval()(hidden)
+    assert torch.allclose(training, inference, atol=1e-6) and (training[..., 2] != 0).all()

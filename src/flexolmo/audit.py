@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from flexolmo.data import iter_documents
+from flexolmo.data import Document, iter_documents
 from flexolmo.errors import DataError
-from flexolmo.fileio import sha256_file
 from flexolmo.progress import progress_bar
+from flexolmo.provenance import input_hashes
 
 if TYPE_CHECKING:
     from flexolmo.runtime import LoadedModel
@@ -53,7 +53,8 @@ class AuditConfig(BaseModel):
     """`flexolmo audit-extraction`: what to audit and how (defaults are the paper's protocol)."""
 
     model: Path = Field(description="model directory (dense, or merged)")
-    data: Path = Field(description="training file whose documents are probed (all of it, no held-out split)")
+    data: list[Path] = Field(min_length=1, description="training files whose documents are probed (all of them, "
+                             "no held-out split)")
     exclude: list[str] = Field(default_factory=list, description="experts to mask (merged models)")
     num_docs: int = Field(10_000, ge=1, description="documents sampled (all long-enough ones if fewer)")
     prefix_tokens: int = Field(32, ge=1, description="tokens of each document given as the prompt")
@@ -69,8 +70,14 @@ class AuditConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="prompts per generate call (each with `samples` sequences)")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16)$", description="dtype the model is loaded in")
     show_text: bool = Field(False, description="keep prefix, true continuation and best sample in results")
     top_examples: int = Field(10, ge=0, description="most-extracted documents listed in the result")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value):
+        return [value] if isinstance(value, (str, Path)) else value
 
 
 @dataclass
@@ -104,7 +111,7 @@ class AuditResult:
     expert_names: list[str]
     documents_in_file: int
     documents_too_short: int
-    data_sha256: str
+    data_sha256: dict[str, str]
     scores: list[DocumentScore] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -185,12 +192,20 @@ class _Target:
     truth: list[int]
 
 
+def _documents(config: AuditConfig) -> Iterator[Document]:
+    """The documents of every file in order; with several files, an id names its file too."""
+    for path in config.data:
+        for document in iter_documents(path, config.text_field):
+            yield document if len(config.data) == 1 else Document(f"{path.name}:{document.doc_id}", document.text)
+
+
 def _token_lengths(config: AuditConfig, tokenizer) -> np.ndarray:
-    """Token count of every document of the file, in file order (the same tokenization training uses)."""
+    """Token count of every document, in file order (the same tokenization training uses)."""
     lengths: list[int] = []
     batch: list[str] = []
-    with progress_bar(f"reading {config.data.name}", total=None, unit="docs") as advance:
-        for document in iter_documents(config.data, config.text_field):
+    names = ", ".join(path.name for path in config.data)
+    with progress_bar(f"reading {names}", total=None, unit="docs") as advance:
+        for document in _documents(config):
             batch.append(document.text)
             if len(batch) == _TOKENIZE_BATCH_DOCUMENTS:
                 lengths += [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
@@ -213,15 +228,15 @@ def sample_targets(config: AuditConfig, tokenizer) -> tuple[list[_Target], int, 
     too_short = len(lengths) - len(eligible)
     if len(eligible) == 0:
         raise DataError(
-            f"{config.data}: none of its {len(lengths)} documents has the {needed} tokens needed (--prefix-tokens "
-            f"{config.prefix_tokens} + --min-continuation-tokens {config.min_continuation_tokens}); lower them or "
-            "audit a file with longer documents"
+            f"{', '.join(map(str, config.data))}: none of its {len(lengths)} documents has the {needed} tokens "
+            f"needed (--prefix-tokens {config.prefix_tokens} + --min-continuation-tokens "
+            f"{config.min_continuation_tokens}); lower them or audit a file with longer documents"
         )
     rng = np.random.default_rng(config.seed)
     chosen = set(rng.choice(eligible, size=min(config.num_docs, len(eligible)), replace=False).tolist())
     keep = config.prefix_tokens + config.new_tokens
     targets = []
-    for index, document in enumerate(iter_documents(config.data, config.text_field)):
+    for index, document in enumerate(_documents(config)):
         if index in chosen:
             ids = tokenizer(document.text, add_special_tokens=False)["input_ids"][:keep]
             targets.append(_Target(document.doc_id, ids[: config.prefix_tokens], ids[config.prefix_tokens :]))
@@ -274,7 +289,7 @@ def audit_loaded(loaded: LoadedModel, config: AuditConfig) -> AuditResult:
     began = time.perf_counter()
     _check_context(loaded.model, config)
     targets, in_file, too_short = sample_targets(config, loaded.tokenizer)
-    result = AuditResult(config, list(loaded.expert_names), in_file, too_short, sha256_file(config.data))
+    result = AuditResult(config, list(loaded.expert_names), in_file, too_short, input_hashes(config.data))
     loaded.model.eval()
     torch.manual_seed(config.seed)
     extracted = 0
@@ -294,5 +309,6 @@ def audit_extraction(config: AuditConfig) -> AuditResult:
     """Load `config.model` (with `config.exclude` masked) and run the extraction audit on `config.data`."""
     from flexolmo.runtime import load_model
 
-    loaded = load_model(config.model, exclude=config.exclude, device=config.device)
+    loaded = load_model(config.model, exclude=config.exclude, dtype=getattr(torch, config.dtype),
+                        device=config.device)
     return audit_loaded(loaded, config)

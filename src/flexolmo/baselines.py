@@ -50,7 +50,7 @@ def ffn_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim: OptimConfig,
                        text_field: str = "text", split: str = "all", resume: bool = True) -> Path:
     """Fine-tune the anchor's FFNs on `data` and save a dense transformers model at `out`."""
-    anchor = load_anchor(anchor_dir, device=optim.device)
+    anchor = load_anchor(anchor_dir, dtype=getattr(torch, optim.dtype), device=optim.device)
     stream = load_token_stream(list(data), anchor.tokenizer, split, text_field)
     work = out.with_name(out.name + ".ckpt")
     work.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,8 @@ from flexolmo.fileio import atomic_directory, sha256_file
 from flexolmo.progress import console, progress_bar
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
+# Split names that end a data file's name before its suffix (`code.heldout.jsonl.gz`), left out of its domain name.
+SPLIT_SUFFIXES = (".heldout", ".train", ".test", ".validation", ".valid", ".dev")
 DEFAULT_HELDOUT_FRACTION = 0.05
 CACHE_FORMAT_VERSION = 2
 _TOKENIZE_BATCH_DOCUMENTS = 512
@@ -52,6 +54,15 @@ class Document:
 
     doc_id: str
     text: str
+
+
+def domain_name(path: Path) -> str:
+    """A data file's name without its data suffix and its split suffix: `code.heldout.jsonl.gz` -> `code`."""
+    name = path.name[: -len(data_suffix(path))]
+    for split in SPLIT_SUFFIXES:
+        if name.lower().endswith(split) and len(name) > len(split):
+            return name[: -len(split)]
+    return name or path.name
 
 
 def data_suffix(path: Path) -> str:

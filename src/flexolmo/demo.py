@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from flexolmo.fileio import atomic_write_bytes, atomic_write_json
 from flexolmo.merge import merge
 from flexolmo.progress import console, print_table
 from flexolmo.report import write_report
-from flexolmo.runtime import load_model
+from flexolmo.runtime import LoadedModel, load_model
 from flexolmo.training import OptimConfig, config_digest
 from flexolmo.trust.admission import AdmissionPolicy, print_report
 from flexolmo.trust.publish import CoordinatorTrust
@@ -68,6 +69,9 @@ class DemoConfig(BaseModel):
     router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
     seed: int = 0
+    device: str = Field("cpu", description="torch device every model trains and runs on")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
+                       description="dtype every model trains and runs in")
 
     @classmethod
     def quick_run(cls, **overrides) -> "DemoConfig":
@@ -77,7 +81,14 @@ class DemoConfig(BaseModel):
 
     def optim(self, steps: int) -> OptimConfig:
         return OptimConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                           warmup_steps=max(1, steps // 10), checkpoint_every=max(1, steps // 3), seed=self.seed)
+                           warmup_steps=max(1, steps // 10), checkpoint_every=max(1, steps // 3), seed=self.seed,
+                           device=self.device, dtype=self.dtype)
+
+    def digest(self) -> str:
+        """What decides the demo's numbers. The device only places the work; float32, the dtype of runs made
+        before --dtype existed, is left out so that those runs keep their digest and resume."""
+        excluded = {"out", "device"} | ({"dtype"} if self.dtype == "float32" else set())
+        return config_digest(self.model_dump(mode="json", exclude=excluded))
 
 
 class Demo:
@@ -88,7 +99,13 @@ class Demo:
         self.out = config.out
         self.anchor_dir = config.data_dir / "anchor"
         self.settings = EvalSettings(seq_len=config.seq_len, batch_size=8, max_sequences=config.eval_max_sequences,
-                                     split="all", context_tokens=config.context_tokens)
+                                      split="all", context_tokens=config.context_tokens, device=config.device,
+                                      dtype=config.dtype)
+
+    def load(self, path: Path, exclude: Sequence[str] = ()) -> LoadedModel:
+        """A model of the demo, on the demo's device and in its dtype."""
+        return load_model(path, exclude=list(exclude), dtype=getattr(torch, self.config.dtype),
+                          device=self.config.device)
 
     def train_file(self, domain: str) -> Path:
         return self.config.data_dir / f"{domain}.train.jsonl.gz"
@@ -104,7 +121,7 @@ class Demo:
                             f"({', '.join(missing) or 'anchor'}); run from a full clone of the repository")
         self.out.mkdir(parents=True, exist_ok=True)
         settings_file = self.out / "demo_config.json"
-        digest = config_digest(self.config.model_dump(mode="json", exclude={"out"}))
+        digest = self.config.digest()
         if settings_file.exists() and json.loads(settings_file.read_text()).get("digest") != digest:
             raise DataError(f"{self.out} holds a demo run with other settings; pass another --out or delete it")
         atomic_write_json(settings_file, {"digest": digest, "config": self.config.model_dump(mode="json")})
@@ -155,7 +172,8 @@ class Demo:
                   trust=trust)
         if not models["btx_uncoordinated"].exists():
             console.rule("baseline: BTX from uncoordinated dense experts")
-            anchor = load_anchor(self.anchor_dir)
+            anchor = load_anchor(self.anchor_dir, dtype=getattr(torch, self.config.dtype),
+                                 device=self.config.device)
             dense_packages = []
             for domain in CLOSED_DOMAINS:
                 target = self.out / "dense_packages" / domain
@@ -211,7 +229,7 @@ class Demo:
 
         def from_path(path: Path, exclude=()):
             def build():
-                loaded = load_model(path, exclude=list(exclude))
+                loaded = self.load(path, exclude)
                 return loaded.model, loaded.tokenizer, loaded.expert_names, list(exclude)
             return build
 
@@ -228,8 +246,8 @@ class Demo:
 
     def _btm(self, dense: dict[str, Path]):
         def build():
-            anchor = load_model(self.anchor_dir)
-            members = [anchor.model, *[load_model(dense[d]).model for d in CLOSED_DOMAINS]]
+            anchor = self.load(self.anchor_dir)
+            members = [anchor.model, *[self.load(dense[d]).model for d in CLOSED_DOMAINS]]
             return BranchTrainMergeEnsemble(members, self.config.btm_top_k), anchor.tokenizer, [], []
         return build
 
@@ -238,8 +256,8 @@ class Demo:
             router = PromptRouter({PUBLIC: [self.train_file(PUBLIC)],
                                    **{d: [self.train_file(d)] for d in CLOSED_DOMAINS}},
                                   self.config.router_samples, self.config.seed)
-            anchor = load_model(self.anchor_dir)
-            members = {PUBLIC: anchor.model, **{d: load_model(dense[d]).model for d in CLOSED_DOMAINS}}
+            anchor = self.load(self.anchor_dir)
+            members = {PUBLIC: anchor.model, **{d: self.load(dense[d]).model for d in CLOSED_DOMAINS}}
             routed = PromptRoutedModel(members, router, anchor.tokenizer, prompt_tokens=self.config.context_tokens)
             return routed, anchor.tokenizer, [], []
         return build
@@ -248,7 +266,7 @@ class Demo:
         results = {}
         for domain in CLOSED_DOMAINS:
             def build(domain=domain):
-                loaded = load_model(merged, exclude=[domain])
+                loaded = self.load(merged, exclude=[domain])
                 return loaded.model, loaded.tokenizer, loaded.expert_names, [domain]
             results[domain] = self.evaluated(f"flexolmo_without_{domain}", build)
         return results

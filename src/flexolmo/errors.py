@@ -31,3 +31,7 @@ class CheckpointError(FlexOlmoError):
 
 class TrustError(FlexOlmoError):
     """A key, signature, merged-model record or admission check refuses an input (see `flexolmo.trust`)."""
+
+
+class DeviceError(FlexOlmoError):
+    """The requested torch device is not a device, or not available on this machine or torch build."""

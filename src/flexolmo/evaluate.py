@@ -22,16 +22,22 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, Field
 
-from flexolmo.data import TokenStream, load_token_stream
+from flexolmo.data import TokenStream, domain_name, load_token_stream
 from flexolmo.errors import DataError
 from flexolmo.moe import moe_blocks
 from flexolmo.progress import console, progress_bar
 
 # Fewer scored tokens than this give bits per byte too noisy to compare methods on; evaluate warns.
 MIN_RELIABLE_TOKENS = 4096
+
+# Held-out sequences that training commands (pretrain, train-expert) score before and after training: scoring a
+# whole held-out split can take longer than the training itself.
+DEFAULT_EVAL_MAX_SEQUENCES = 256
 
 
 @dataclass(frozen=True)
@@ -145,20 +151,19 @@ def score_stream(
     )
 
 
-@dataclass
-class EvalSettings:
-    """How held-out text is read and scored.
+class EvalSettings(BaseModel):
+    """How held-out text is read and scored."""
 
-    `split` "all" scores every document of the files given (what a user means by a held-out file); "heldout"
-    scores only the documents that `train-expert` holds out of a training file by its hash split."""
-
-    seq_len: int = 256
-    batch_size: int = 8
-    max_sequences: int | None = None
-    split: str = "all"
-    text_field: str = "text"
-    device: str = "cpu"
-    context_tokens: int = 0
+    seq_len: int = Field(256, ge=1, description="tokens per scored window")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    max_sequences: int | None = Field(None, ge=1, description="cap on windows scored per domain (the first ones)")
+    split: Literal["all", "heldout"] = Field("all", description="all: every document of the files given (what a "
+                                             "user means by a held-out file); heldout: only the documents "
+                                             "`train-expert` holds out of a training file by its hash split")
+    text_field: str = Field("text", description="JSONL/parquet field with the text")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the model is loaded in")
+    context_tokens: int = Field(0, ge=0, description="leading tokens of each window given as context, not scored")
 
 
 @dataclass
@@ -199,12 +204,26 @@ def evaluate(
     return result
 
 
+def parse_domains(values: Sequence[str]) -> dict[str, list[Path]]:
+    """Domains from `--data` values: `FILE` is a domain named after the file (`code.heldout.jsonl.gz` -> `code`),
+    `NAME=FILE` names it; files under one name are scored together as one domain."""
+    domains: dict[str, list[Path]] = {}
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep or Path(value).exists():  # a file whose own path holds a "=" is a file
+            name, file = domain_name(Path(value)), value
+        elif not name or not file:
+            raise DataError(f"--data {value!r}: expected FILE or NAME=FILE")
+        domains.setdefault(name, []).append(Path(file))
+    return domains
+
+
 def evaluate_path(path: Path, domains: Mapping[str, Sequence[Path]], settings: EvalSettings,
                   exclude: Sequence[str] = ()) -> EvalResult:
     """Load a dense or merged model directory (with `exclude` experts masked) and evaluate it."""
     from flexolmo.anchor import check_context
     from flexolmo.runtime import load_model
 
-    loaded = load_model(path, exclude=exclude, device=settings.device)
+    loaded = load_model(path, exclude=exclude, dtype=getattr(torch, settings.dtype), device=settings.device)
     check_context(getattr(loaded.model.config, "max_position_embeddings", None), settings.seq_len, path)
     return evaluate(loaded.model, loaded.tokenizer, domains, settings, loaded.expert_names, str(path), exclude)

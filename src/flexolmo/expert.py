@@ -24,12 +24,12 @@ from flexolmo.anchor import Anchor, check_context, load_anchor, load_pretrained,
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
 from flexolmo.distributed import ParallelConfig, make_strategy
 from flexolmo.errors import DataError, PackageError
-from flexolmo.evaluate import Score, score_stream
+from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, Score, score_stream
 from flexolmo.fileio import atomic_write_json, sha256_file
 from flexolmo.manifest import commit, owner_report_path, split_training_facts
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
-from flexolmo.privacy import DPConfig, prepare_private_training
+from flexolmo.privacy import DPConfig, check_dp_settings, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
 from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
                                   load_public_rows)
@@ -60,7 +60,8 @@ class ExpertConfig(BaseModel):
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches")
     public_share: float = Field(0.0, ge=0, lt=1, description="share of each batch's sequences from public_data")
-    eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
+    eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1, description="held-out sequences scored "
+                                    "before and after training (the first ones)")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     parallel: ParallelConfig = Field(default_factory=ParallelConfig,
@@ -164,15 +165,10 @@ def mix_public(owner_stream: TokenStream, config: ExpertConfig,
     """
     if config.public_share == 0:
         return owner_stream, None
-    if not config.public_data:
-        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
     public = load_token_stream(config.public_data, tokenizer, "all", config.text_field)
     joined = JoinedStreams([owner_stream, public])
     batch = config.optim.batch_size
-    public_count = round(batch * config.public_share)
-    if not 0 < public_count < batch:
-        raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
-                        "sequence; change --batch-size or --public-share")
+    public_count = round(batch * config.public_share)  # 0 < public_count < batch: checked by _check_settings
     return joined, MixedBatches(config.optim, joined.ranges(config.optim.seq_len), [batch - public_count, public_count])
 
 
@@ -323,6 +319,14 @@ def _check_settings(config: ExpertConfig, router_init: str) -> None:
                            "activations in forward hooks, which a recomputed layer would run twice")
     if config.parallel.replicate_frozen and not config.parallel.fsdp:
         raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
+    if config.dp:
+        check_dp_settings(config.optim)
+    if config.public_share and not config.public_data:
+        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
+    batch = config.optim.batch_size
+    if config.public_share and not 0 < round(batch * config.public_share) < batch:
+        raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
+                        "sequence; change --batch-size or --public-share")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
 

@@ -1,7 +1,9 @@
 """Writing outputs so that an interrupted or failed run never leaves something that looks complete.
 
 Every artefact (anchor, checkpoint, expert package, merged model, cache entry) is written under a temporary
-sibling name and renamed into place only once it is whole; rename is atomic on one filesystem.
+sibling name and renamed into place only once it is whole; rename is atomic on one filesystem. Artefacts get
+the permissions the user's umask gives any new file (a package is handed to another party, a model is served
+by another user), unless a write asks to be private (a key file: owner read/write only).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -90,6 +94,10 @@ def remove_stale_staging(target: Path | str) -> list[Path]:
     return removed
 
 
+def _staging_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `target` only if the block finishes without error.
@@ -111,8 +119,13 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         staging = outer / target.name
-        staging.mkdir()
+        staging.mkdir()  # not mkdtemp's 0700: mkdir applies the umask like any directory the user creates
+        file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666
         yield staging
+        # safetensors writes its files 0600 whatever the umask (through its own temporary file); give them
+        # the mode any other new file gets. Other files were created with open() and already have it.
+        for path in staging.rglob("*.safetensors"):
+            path.chmod(file_mode)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -135,20 +148,24 @@ def make_directory(path: Path | str) -> None:
         raise FlexOlmoError(_describe_os_error(error, Path(path))) from error
 
 
-def atomic_write_bytes(target: Path | str, payload: bytes) -> None:
-    """Write `payload` to `target` through a temporary file and a rename."""
+def atomic_write_bytes(target: Path | str, payload: bytes, private: bool = False) -> None:
+    """Write `payload` to `target` through a temporary file and a rename. The file gets the umask's permissions,
+    or owner read/write only (0600) when `private` (a secret key)."""
     target = Path(target)
+    staging, created = _staging_name(target), False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        created = True
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
     except OSError as error:
-        with contextlib.suppress(Exception):
-            os.unlink(staging)
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
         raise FlexOlmoError(_describe_os_error(error, target)) from error
 
 

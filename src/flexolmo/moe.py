@@ -10,7 +10,11 @@ renormalisation of the kept weights; masking an expert (logit -inf) is exactly r
 
 The block is batch-first and, when every active expert is selected (owner training: top-2 of 2), runs each
 expert as plain `nn.Linear` calls on the (batch, seq, hidden) tensor. That is what lets Opacus compute exact
-per-sample gradients. When top-k < active experts (merged inference), each expert sees only its tokens.
+per-sample gradients. When top-k < active experts (merged inference), each expert sees only its tokens: the
+(token, slot) pairs are sorted by expert, each expert runs once on its contiguous group, and the results go
+back to (token, slot) order and are summed over the k slots (a single token, as in batch-1 decoding, just runs
+its k experts in turn). That costs one host sync per layer (the group sizes) and no scatter-add, whose CPU
+kernel dominated one-token decoding, and whose CUDA kernel is not deterministic.
 """
 
 from __future__ import annotations
@@ -43,11 +47,20 @@ class ExpertRouter(nn.Module):
         return len(self.rows)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([row(hidden) for row in self.rows], dim=-1)
+        if self.training:
+            # One nn.Linear call per row, so that Opacus computes each row's per-sample gradients by its hooks.
+            return torch.cat([row(hidden) for row in self.rows], dim=-1)
+        return nn.functional.linear(hidden, self.weight(), self.bias())  # one matmul instead of E
 
     def weight(self) -> torch.Tensor:
         """The rows stacked, (E, H): the transformers `gate.weight` layout."""
         return torch.cat([row.weight for row in self.rows], dim=0)
+
+    def bias(self) -> torch.Tensor | None:
+        """The biases stacked, (E,), zero for rows without one; None when no row has a bias."""
+        if all(row.bias is None for row in self.rows):
+            return None
+        return torch.cat([row.weight.new_zeros(1) if row.bias is None else row.bias for row in self.rows])
 
     @torch.no_grad()
     def clamp_bias_(self) -> None:
@@ -73,25 +86,32 @@ class FlexMoEBlock(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def _active_count(self) -> int:
+        return int(self.active.sum())
+
+    def _router_probs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax over the active experts, masked logits); both (..., E) float32."""
+        logits = self.gate(hidden).float().masked_fill(~self.active, float("-inf"))
+        return torch.softmax(logits, dim=-1), logits
+
     def routing_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights per expert with zeros outside the top-k, masked logits); both (..., E), weights float32."""
-        logits = self.gate(hidden).float().masked_fill(~self.active, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        k = min(self.top_k, int(self.active.sum()))
-        if k == int(self.active.sum()):
+        probs, logits = self._router_probs(hidden)
+        active = self._active_count()
+        if self.top_k >= active:
             return probs, logits  # every active expert is kept; masked ones already have weight 0
-        top_weights, top_index = probs.topk(k, dim=-1)
+        top_weights, top_index = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, top_index, top_weights), logits
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weights, logits = self.routing_weights(hidden)
+        probs, logits = self._router_probs(hidden)
         if self.training:
             active_logits = logits[..., self.active]
             self.last_z_loss = torch.logsumexp(active_logits, dim=-1).pow(2).mean()
-        weights = weights.to(hidden.dtype)
-        if self.top_k >= int(self.active.sum()):
-            return self._dense_forward(hidden, weights)
-        return self._dispatch_forward(hidden, weights)
+        if self.top_k >= self._active_count():
+            return self._dense_forward(hidden, probs.to(hidden.dtype))
+        top_weights, top_index = probs.topk(self.top_k, dim=-1)
+        return self._grouped_forward(hidden, top_weights.to(hidden.dtype), top_index)
 
     def _dense_forward(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         output = torch.zeros_like(hidden)
@@ -100,16 +120,25 @@ class FlexMoEBlock(nn.Module):
                 output = output + weights[..., index : index + 1] * expert(hidden)
         return output
 
-    def _dispatch_forward(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _grouped_forward(self, hidden: torch.Tensor, top_weights: torch.Tensor,
+                         top_index: torch.Tensor) -> torch.Tensor:
+        """Each expert on its own tokens only; `top_weights`/`top_index` are (..., k) from the router's top-k."""
+        k = top_index.shape[-1]
+        if top_index.numel() == k:  # one token (batch-1 decoding): its k experts in turn, nothing to group
+            slot_weights = top_weights.reshape(k, 1)
+            return sum(slot_weights[slot] * self.experts[expert](hidden)
+                       for slot, expert in enumerate(top_index.reshape(k).tolist()))
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        flat_weights = weights.reshape(-1, self.num_experts)
-        output = torch.zeros_like(flat_hidden)
-        for index, expert in enumerate(self.experts):
-            tokens = flat_weights[:, index].nonzero(as_tuple=True)[0]
-            if tokens.numel():
-                contribution = expert(flat_hidden[tokens]) * flat_weights[tokens, index : index + 1]
-                output.index_add_(0, tokens, contribution)
-        return output.reshape(hidden.shape)
+        slots = top_index.reshape(-1)  # expert of each (token, slot) pair, token-major
+        order = slots.argsort(stable=True)  # the pairs grouped by expert
+        sizes = torch.bincount(slots, minlength=self.num_experts).tolist()  # the one host sync
+        grouped_hidden = flat_hidden[order // k]
+        outputs = [expert(group) for expert, group, size in zip(self.experts, grouped_hidden.split(sizes), sizes)
+                   if size]
+        per_slot = torch.empty_like(grouped_hidden)
+        per_slot[order] = torch.cat(outputs)  # back to (token, slot) order
+        weighted = per_slot.view(-1, k, hidden.shape[-1]) * top_weights.reshape(-1, k, 1)
+        return weighted.sum(dim=1).reshape(hidden.shape)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

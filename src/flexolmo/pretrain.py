@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from flexolmo.data import DEFAULT_HELDOUT_FRACTION, iter_documents, load_token_stream, select_split
 from flexolmo.errors import DataError
-from flexolmo.evaluate import score_stream
+from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, score_stream
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
@@ -54,6 +54,8 @@ class PretrainConfig(BaseModel):
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
     shape: AnchorShape = Field(default_factory=AnchorShape)
     save_dtype: str = Field("float32", description="dtype of the written weights (bfloat16 halves the size)")
+    eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1,
+                                    description="held-out sequences scored after training (the first ones)")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1))
 
 
@@ -144,7 +146,8 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
                        identity=identity)
         # Score what is shipped: weights rounded to the saved dtype, computed in float32.
         model = model.to(getattr(torch, config.save_dtype)).float()
-        score = score_stream(model, heldout_stream, config.optim.seq_len, device=config.optim.device,
+        score = score_stream(model, heldout_stream, config.optim.seq_len,
+                             max_sequences=config.eval_max_sequences, device=config.optim.device,
                              description="held-out")
         summary = {
             "kind": "flexolmo-anchor",

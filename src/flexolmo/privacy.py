@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.errors import FlexOlmoError
-from flexolmo.training import MixedBatches
+from flexolmo.training import MixedBatches, world
 
 ACCOUNTANT = "rdp"
 
@@ -174,6 +174,15 @@ class PrivateTraining:
         }
 
 
+def check_dp_settings(grad_accum: int) -> None:
+    """The refusals of DP training that need no model or data, so that callers can check them first."""
+    if grad_accum != 1:
+        raise FlexOlmoError("DP training takes --grad-accum 1; raise --batch-size instead (batches are Poisson "
+                            "sampled, so accumulation would change the privacy analysis)")
+    if world()[1] > 1:
+        raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
+
+
 def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_sequences: int, batch_size: int,
                              steps: int, grad_accum: int, seed: int,
                              public: MixedBatches | None = None, prior: Sequence[Release] = ()) -> PrivateTraining:
@@ -189,9 +198,7 @@ def prepare_private_training(model: torch.nn.Module, config: DPConfig, num_seque
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
-    if grad_accum != 1:
-        raise FlexOlmoError("DP training takes --grad-accum 1; raise --batch-size instead (batches are Poisson "
-                            "sampled, so accumulation would change the privacy analysis)")
+    check_dp_settings(grad_accum)
     private_batch = batch_size - (sum(public.counts) if public else 0)
     if private_batch >= num_sequences:
         raise FlexOlmoError(f"DP training needs more training sequences ({num_sequences}) than the {private_batch} "

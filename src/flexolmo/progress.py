@@ -53,8 +53,26 @@ def announce_output(what: str, path: object) -> None:
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print a results table to stdout."""
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right" if column != columns[0] else "left")
+    for column in columns:  # a long cell wraps rather than losing its end (a path, a fingerprint)
+        table.add_column(column, justify="right" if column != columns[0] else "left", overflow="fold")
     for row in rows:
         table.add_row(*[f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row])
     Console().print(table)
+
+
+def print_generation(prompt: str, continuation: str) -> None:
+    """A prompt and the model's continuation, each under a label, the continuation highlighted on a terminal."""
+    out = Console(soft_wrap=True, highlight=False)
+    out.print("[bold]prompt:[/]")
+    out.print(prompt, markup=False)
+    out.print("[bold]continuation:[/]")
+    out.print(continuation, markup=False, style="green")
+
+
+def print_fields(title: str, fields: Sequence[tuple[str, object]]) -> None:
+    """Named values, one per line and never cut (a fingerprint is copied from here), under a title."""
+    out = Console(soft_wrap=True, highlight=False)
+    out.print(f"[bold]{title}[/]")
+    width = max((len(name) for name, _ in fields), default=0)
+    for name, value in fields:
+        out.print(f"  {name:<{width}}  {value}", markup=False)

@@ -18,6 +18,7 @@ import torch
 from flexolmo.anchor import PUBLIC_ROUTER_FILE
 from flexolmo.data import TokenStream
 from flexolmo.errors import AnchorError, DataError
+from flexolmo.fileio import atomic_write_bytes
 from flexolmo.moe import decoder_layers
 
 RANDOM_ROW_STD = 0.02
@@ -142,10 +143,11 @@ def initial_rows(name: str, anchor, stream: TokenStream, seq_len: int, max_seque
 
 def save_public_rows(anchor_dir: Path, rows: list[torch.Tensor], staging: Path | None = None) -> None:
     """Write the public router rows next to the anchor weights (into `staging` while it is being built)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     target = (staging or anchor_dir) / PUBLIC_ROUTER_FILE
-    save_file({f"layers.{i}": row.float().contiguous() for i, row in enumerate(rows)}, str(target))
+    # Atomically: rows are replaced in a published anchor, where a half-written file must never be seen.
+    atomic_write_bytes(target, save({f"layers.{i}": row.float().contiguous() for i, row in enumerate(rows)}))
 
 
 def load_public_rows(anchor_dir: Path, num_layers: int) -> list[torch.Tensor]:
@@ -166,14 +168,26 @@ def load_public_rows(anchor_dir: Path, num_layers: int) -> list[torch.Tensor]:
 
 
 def compute_public_rows(
-    anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str
-) -> str:
-    """Average public text into the anchor's public router rows, write them beside it, return the new fingerprint."""
+    anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str,
+    dtype: torch.dtype = torch.float32, force: bool = False,
+) -> tuple[str | None, str]:
+    """Average public text into the anchor's public router rows and write them beside it.
+
+    Returns the fingerprint before (None when the anchor had no rows) and after. Rows that exist are replaced
+    only with `force`: the fingerprint changes, and every package trained on the old one stops verifying."""
     from flexolmo.anchor import check_context, compute_fingerprint, load_anchor, read_config
     from flexolmo.data import load_token_stream
 
+    if seq_len < 1 or max_sequences < 1:
+        raise DataError(f"--seq-len ({seq_len}) and --sequences ({max_sequences}) must be at least 1")
+    anchor_dir = Path(anchor_dir)
     check_context(read_config(anchor_dir).get("max_position_embeddings"), seq_len, anchor_dir)
-    anchor = load_anchor(anchor_dir, device=device)
+    had_rows = (anchor_dir / PUBLIC_ROUTER_FILE).exists()
+    anchor = load_anchor(anchor_dir, dtype=dtype, device=device)
+    if had_rows and not force:
+        raise AnchorError(f"{anchor_dir}: already has public router rows (fingerprint {anchor.fingerprint[:16]}); "
+                          "recomputing them changes the fingerprint, and every expert package trained on this "
+                          "anchor would then fail verification and merge; pass --force to recompute them anyway")
     stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
     save_public_rows(anchor_dir, mean_direction_rows(anchor.model, stream, seq_len, max_sequences))
-    return compute_fingerprint(anchor_dir)
+    return (anchor.fingerprint if had_rows else None), compute_fingerprint(anchor_dir)

@@ -23,6 +23,7 @@ import torch
 
 from flexolmo.anchor import (ANCHOR_FAMILIES, MERGED_MODEL_TYPES, AnchorFamily, anchor_family, load_pretrained,
                              load_tokenizer, read_config)
+from flexolmo.devices import check_device
 from flexolmo.errors import AnchorError, MergeError
 from flexolmo.merge import PUBLIC_EXPERT, MergedModelInfo, is_extra_tensor, merged_config, read_merged_info
 from flexolmo.moe import convert_to_moe, set_active_experts
@@ -149,6 +150,7 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
                device: str = "cpu") -> LoadedModel:
     """Load a dense or merged model directory, with `exclude` experts masked."""
     path = Path(path)
+    check_device(device)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type in MERGED_MODEL_TYPES:

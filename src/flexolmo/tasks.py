@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
+from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,44 @@ def _scores(results: dict, samples: dict) -> list[TaskScore]:
     return scores
 
 
+def hub_is_offline() -> bool:
+    """Whether the Hugging Face hub is off for this process (the flexolmo command line turns it off)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _refuse_hub_tasks(tasks: Sequence[str], task_dirs: Sequence[Path]) -> None:
+    """Offline, a task whose data lm-eval would download ends in one line, before any work."""
+    if not hub_is_offline():
+        return
+    from lm_eval.tasks import TaskManager
+
+    own = set(TaskManager(include_path=[str(d) for d in task_dirs], include_defaults=False).all_tasks) \
+        if task_dirs else set()
+    needs_hub = [task for task in tasks if task not in OFFLINE_TASKS and task not in own]
+    if needs_hub:
+        raise FlexOlmoError(f"task(s) {', '.join(needs_hub)} need the Hugging Face hub for their data, and it is "
+                            f"off (HF_HUB_OFFLINE=1); offline tasks: {', '.join(OFFLINE_TASKS)}; set HF_HUB_OFFLINE=0 "
+                            "where the hub is reachable, or pass --task-dir with YAMLs of local data")
+
+
+def _quiet_lm(loaded: LoadedModel, device: str, batch_size: int):
+    """lm-eval's HFLM on our module, without lm-eval's tqdm bars: its evaluator calls the request methods without
+    their `disable_tqdm` argument, so the bars would interleave with flexolmo's own output."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=device, batch_size=batch_size)
+
+
 def evaluate_tasks(loaded: LoadedModel, tasks: Sequence[str], task_dirs: Sequence[Path] = (),
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                    seed: int = 0) -> list[TaskScore]:
@@ -116,8 +156,9 @@ def evaluate_tasks(loaded: LoadedModel, tasks: Sequence[str], task_dirs: Sequenc
     if limit is not None and limit < 1:
         raise FlexOlmoError("--limit must be at least 1")
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from flexolmo.progress import console
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task override notices are expected here
     device = str(next(loaded.model.parameters()).device)
@@ -130,9 +171,19 @@ def evaluate_tasks(loaded: LoadedModel, tasks: Sequence[str], task_dirs: Sequenc
         if unknown:
             raise FlexOlmoError(f"unknown task(s) {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}; "
                                 "or pass --task-dir with your own lm-eval YAMLs")
-        model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=device, batch_size=batch_size)
-        output = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
-                                 num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-                                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                 fewshot_random_seed=seed)
+        _refuse_hub_tasks(tasks, task_dirs)
+        model = _quiet_lm(loaded, device, batch_size)
+        # lm-eval records the git commit of the working directory by running `git describe`, which prints
+        # "fatal: not a git repository" outside one; that commit says nothing about the model, so it is skipped.
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None), \
+                console.status(f"lm-eval: {', '.join(tasks)}"):
+            try:
+                output = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
+                                         num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+                                         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                         fewshot_random_seed=seed)
+            except OSError as error:  # the hub or a data file could not be reached (ConnectionError is one)
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise FlexOlmoError(f"lm-eval could not load the task data ({first_line}); offline tasks: "
+                                    f"{', '.join(OFFLINE_TASKS)}") from None
     return _scores(output["results"], output.get("n-samples", {}))

@@ -38,12 +38,15 @@ class LazyReader:
             files = self._weight_files()
         self._location: dict[str, Path] = {}
         self._shapes: dict[str, list[int]] = {}
+        self._dtypes: dict[str, str] = {}
         for file in files:
             try:
                 with safe_open(self.path / file, framework="pt") as handle:
                     for name in handle.keys():
                         self._location[name] = self.path / file
-                        self._shapes[name] = list(handle.get_slice(name).get_shape())
+                        header = handle.get_slice(name)
+                        self._shapes[name] = list(header.get_shape())
+                        self._dtypes[name] = header.get_dtype()
             except (SafetensorError, OSError) as error:
                 raise AnchorError(f"{self.path / file}: missing or corrupt weights ({error})") from None
 
@@ -61,6 +64,10 @@ class LazyReader:
     def names(self) -> list[str]:
         return list(self._location)
 
+    def files(self) -> list[Path]:
+        """The safetensors files the tensors come from."""
+        return sorted(set(self._location.values()))
+
     def __contains__(self, name: str) -> bool:
         return name in self._location
 
@@ -76,11 +83,12 @@ class LazyReader:
         return self._shapes[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        """A tensor's dtype from the file header, without reading the tensor."""
-        from safetensors import safe_open
-
-        with safe_open(self._location[name], framework="pt") as handle:
-            return getattr(torch, _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
+        """A tensor's dtype, read from the file header (no tensor is read)."""
+        stored = self._dtypes[name]
+        if stored not in _SAFETENSORS_DTYPES:
+            raise AnchorError(f"{self._location[name]}: tensor {name} is stored as {stored}, which flexolmo does not "
+                              "read; convert the checkpoint to float32, float16 or bfloat16")
+        return getattr(torch, _SAFETENSORS_DTYPES[stored])
 
 
 class ShardedWriter:

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"flexolmo.cli.{module_name}")
         module.register(subparsers, name)
+    parser.commands = subparsers.choices  # name -> that subcommand's parser
     return parser
 
 
@@ -66,15 +67,34 @@ def describe_validation_error(error) -> str:
     return "; ".join(problems)
 
 
+# Set before any third-party library is imported (tqdm reads its settings at import): their progress bars and
+# advisory notices would interleave with flexolmo's own progress and results. A user's own setting wins.
+QUIET_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",  # flexolmo never downloads; a task or model needing the hub fails with one line
+    "TQDM_DISABLE": "1",  # the tqdm bars of transformers (loading, saving weights), lm-eval and datasets
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # else the tokenizers library warns when a process forks
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     from pydantic import ValidationError
 
+    from flexolmo.devices import check_device
     from flexolmo.errors import FlexOlmoError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse hands a subcommand's unknown flags up to the top level, which would show its usage
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if getattr(args, "device", None):
+            check_device(args.device)
         return int(args.run(args) or 0)
     except FlexOlmoError as error:
         print(f"flexolmo {args.command}: error: {error}", file=sys.stderr)

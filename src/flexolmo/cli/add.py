@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import path_list
+from flexolmo.cli.common import add_command, path_list
 from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="add expert packages to a merged model", description=__doc__)
+    parser = add_command(subparsers, name, help="add expert packages to a merged model", description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
     parser.add_argument("--packages", nargs="+", required=True, metavar="DIR", help="expert package directories")
-    parser.add_argument("--top-k", type=int, default=None, help="new top-k (default: keep the model's)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token in the new model; when not given, the model's")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
     add_coordinator_flags(parser, joining=True)

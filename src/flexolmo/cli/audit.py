@@ -13,28 +13,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_device_flags,
+    add_exclude_flag,
+    path_list,
+)
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="measure how much training text a model regurgitates",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(subparsers, name, help="measure how much training text a model regurgitates",
+                         description=__doc__)
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
-    parser.add_argument("--data", required=True, help="training file whose documents are probed")
-    parser.add_argument("--exclude", nargs="*", default=[], help="experts to mask (merged models)")
-    parser.add_argument("--num-docs", type=int, default=10_000, help="documents sampled (default 10000)")
-    parser.add_argument("--prefix-tokens", type=int, default=32, help="prompt length in tokens (default 32)")
+    add_data_flag(parser, help="training text files whose documents are probed")
+    add_exclude_flag(parser)
+    parser.add_argument("--num-docs", type=int, default=10_000, help="documents sampled")
+    parser.add_argument("--prefix-tokens", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--min-continuation-tokens", type=int, default=96,
                         help="audit only documents with this many tokens after the prefix (paper: 128 in all)")
-    parser.add_argument("--new-tokens", type=int, default=256,
-                        help="tokens generated per sample (default 256)")
-    parser.add_argument("--samples", type=int, default=10, help="samples per prompt (default 10)")
-    parser.add_argument("--threshold", type=float, default=0.9,
-                        help="similarity that counts as extracted (default 0.9)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample")
+    parser.add_argument("--samples", type=int, default=10, help="samples per prompt")
+    parser.add_argument("--threshold", type=float, default=0.9, help="similarity that counts as extracted")
     parser.add_argument("--seed", type=int, default=0, help="seed for the document sample and generation")
     parser.add_argument("--batch-size", type=int, default=8,
-                        help="prompts per generate call, each with --samples sequences (default 8)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+                        help="prompts per generate call, each with --samples sequences")
+    add_device_flags(parser)
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     parser.add_argument("--show-text", action="store_true",
                         help="also print (and write) prefix, true continuation and best sample of the top "
@@ -46,18 +51,20 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexolmo.audit import AuditConfig, audit_extraction
     from flexolmo.fileio import atomic_write_json
+    from flexolmo.progress import announce_output
 
     config = AuditConfig(
-        model=Path(args.model), data=Path(args.data), exclude=args.exclude, num_docs=args.num_docs,
+        model=Path(args.model), data=path_list(args.data), exclude=args.exclude, num_docs=args.num_docs,
         prefix_tokens=args.prefix_tokens, new_tokens=args.new_tokens, samples=args.samples,
         min_continuation_tokens=args.min_continuation_tokens,
         threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
-        device=args.device, show_text=args.show_text,
+        device=args.device, dtype=args.dtype, show_text=args.show_text,
     )
     result = audit_extraction(config)
     print_result(result)
     if args.json:
         atomic_write_json(args.json, result.as_dict())
+        announce_output("audit result", args.json)
     return 0
 
 
@@ -72,7 +79,7 @@ def print_result(result) -> None:
     if config.exclude:
         title += f" without {', '.join(config.exclude)}"
     print_table(title, ["measure", "value"], [
-        ["documents in file", f"{result.documents_in_file:,}"],
+        ["documents in the files", f"{result.documents_in_file:,}"],
         [f"too short (<= {config.prefix_tokens} tokens, skipped)", f"{result.documents_too_short:,}"],
         ["documents audited", f"{result.audited:,}"],
         [f"extracted (similarity >= {config.threshold:g})", f"{result.extracted:,}"],

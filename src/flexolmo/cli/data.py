@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags, path_list
+from flexolmo.cli.common import HelpFormatter, add_command, add_data_flags, path_list
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="check data files (overlap between held-out and training text)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(subparsers, name, help="check data files (overlap between held-out and training text)",
+                         description=__doc__)
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     overlap = commands.add_parser(
-        "overlap", help="share of held-out characters found in training text",
+        "overlap", formatter_class=HelpFormatter, help="share of held-out characters found in training text",
         description="Share of each held-out file's characters that lie inside an N-character string which "
                     "also occurs in a training document (exact code points; windows never cross documents; "
                     "runs of one repeated character are ignored). See flexolmo.overlap for the details.")

@@ -6,26 +6,34 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command, add_device_flags
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="run the whole FlexOlmo story on the shipped anchor and corpora",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="run the whole FlexOlmo story on the shipped anchor and corpora",
+                         description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3-minute smoke run (numbers not meaningful)")
-    parser.add_argument("--out", default=None, help="output directory (default runs/demo or runs/demo-quick)")
-    parser.add_argument("--data-dir", default=None, help="shipped data directory (default: data/demo)")
-    parser.add_argument("--expert-steps", type=int, default=None, help="override steps per expert")
+    parser.add_argument("--out", default=None,
+                        help="output directory; when not given, runs/demo (runs/demo-quick with --quick)")
+    parser.add_argument("--data-dir", default=None, help="shipped data directory; when not given, data/demo")
+    parser.add_argument("--expert-steps", type=int, default=None,
+                        help="optimizer steps per expert; when not given, the demo's own (60, or 3 with --quick)")
+    add_device_flags(parser, dtype_help="dtype every model trains and runs in")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.demo import DemoConfig, run_demo
+    from flexolmo.progress import announce_output
 
     overrides = {key: value for key, value in {
         "out": Path(args.out) if args.out else None,
         "data_dir": Path(args.data_dir) if args.data_dir else None,
         "expert_steps": args.expert_steps,
     }.items() if value is not None}
+    overrides.update(device=args.device, dtype=args.dtype)
     config = DemoConfig.quick_run(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(config)
-    print(f"report: {config.out / 'report.md'}")
+    announce_output("report", config.out / "report.md")
+    announce_output("results", config.out / "results.json")
     return 0

@@ -1,26 +1,33 @@
-"""`flexolmo generate`: continue a prompt with any model flexolmo writes, optionally without some experts."""
+"""`flexolmo generate`: continue a prompt with any model flexolmo writes, optionally without some experts.
+
+Prints the prompt, then the continuation, each under its own label.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="generate text from a model", description=__doc__)
+    parser = add_command(subparsers, name, help="generate text from a model", description=__doc__)
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--exclude", nargs="*", default=[], help="experts to mask (merged models)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    add_exclude_flag(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    add_device_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexolmo.progress import print_generation
     from flexolmo.runtime import generate_text, load_model
 
-    loaded = load_model(Path(args.model), exclude=args.exclude, device=args.device)
-    print(generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
+    continuation = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    print_generation(args.prompt, continuation)
     return 0

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="show a merged model's merge log", description=__doc__)
+    parser = add_command(subparsers, name, help="show a merged model's merge log", description=__doc__)
     parser.add_argument("model", type=Path, help="merged model directory")
     parser.set_defaults(run=run)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags, path_list
+from flexolmo.cli.common import add_command, add_data_flags, path_list
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="turn a local checkpoint (HF directory or GGUF) into an anchor",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(subparsers, name, help="turn a local checkpoint (HF directory or GGUF) into an anchor",
+                         description=__doc__)
     parser.add_argument("--source", required=True, help="Hugging Face model directory, or a .gguf file")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside a --source directory")
     parser.add_argument("--public-data", nargs="+", required=True,

@@ -1,7 +1,10 @@
 """`flexolmo init-router`: the coordinator computes the anchor's public router rows from public text.
 
 Anchors made by `flexolmo pretrain` already have them; run this once on any other supported checkpoint before
-publishing it. It changes the anchor's fingerprint, so do it before owners start training.
+publishing it. flexolmo never downloads: fetch a released checkpoint first, for example with
+`huggingface-cli download allenai/OLMo-2-0425-1B --local-dir OLMo-2-0425-1B`. The rows are part of the
+anchor's fingerprint, so do this before owners start training: recomputing them later (`--force`) orphans
+every expert package trained on the anchor.
 """
 
 from __future__ import annotations
@@ -9,25 +12,39 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags, path_list
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_device_flags,
+    path_list,
+    torch_dtype,
+)
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="add public router rows to an anchor (coordinator, once)",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="add public router rows to an anchor (coordinator, once)",
+                         description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory (modified in place)")
-    parser.add_argument("--data", nargs="+", required=True, help="public text files")
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_data_flag(parser, help="public text files")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per averaged sequence")
     parser.add_argument("--sequences", type=int, default=256, help="public sequences to average")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing rows (changes the fingerprint: packages trained on the anchor stop "
+                             "verifying)")
+    add_device_flags(parser)
     add_data_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexolmo.progress import console
     from flexolmo.router_init import compute_public_rows
 
-    fingerprint = compute_public_rows(Path(args.anchor), path_list(args.data), args.seq_len, args.sequences,
-                                      args.text_field, args.device)
-    print(f"public router rows written; anchor fingerprint is now {fingerprint}")
+    before, after = compute_public_rows(Path(args.anchor), path_list(args.data), args.seq_len, args.sequences,
+                                        args.text_field, args.device, torch_dtype(args.dtype), args.force)
+    print(f"public router rows written to {args.anchor}; its fingerprint is now {after}")
+    if before is not None and before != after:
+        console.print(f"[yellow]note:[/] the fingerprint was {before}; expert packages trained on that one no "
+                      "longer verify or merge against this anchor", soft_wrap=True, highlight=False)
     return 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="create a signing key pair (NAME.key private, NAME.pub public)",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="create a signing key pair (NAME.key private, NAME.pub public)",
+                         description=__doc__)
     parser.add_argument("--name", required=True, help="the member's name (an owner's expert name)")
     parser.add_argument("--out", required=True, type=Path, help="directory for NAME.key and NAME.pub")
     parser.set_defaults(run=run)

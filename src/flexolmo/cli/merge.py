@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import path_list
+from flexolmo.cli.common import add_command, path_list
 from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="merge the anchor and expert packages into a FlexOlmo model",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="merge the anchor and expert packages into a FlexOlmo model",
+                         description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory")
     parser.add_argument("--packages", nargs="+", required=True, metavar="DIR", help="expert package directories")
     parser.add_argument("--top-k", type=int, required=True,

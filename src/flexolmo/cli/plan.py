@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="per-device memory plan for training an expert (reads only config.json)",
-                                   description=__doc__)
+    parser = add_command(subparsers, name,
+                         help="per-device memory plan for training an expert (reads only config.json)",
+                         description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory (only its config.json is read)")
     parser.add_argument("--world-size", type=int, default=1, help="processes (devices) training together")
     parser.add_argument("--batch-size", type=int, default=8,

@@ -5,31 +5,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags, add_optim_flags, optim_kwargs, path_list
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_optim_flags,
+    optim_kwargs,
+    path_list,
+)
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="train a small dense OLMo-2 anchor (and tokenizer) from scratch",
-                                   description=__doc__)
-    parser.add_argument("--data", nargs="+", required=True, help="training text files")
-    parser.add_argument("--heldout", nargs="*", default=[], help="held-out files (default: hash split of --data)")
+    from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES
+
+    parser = add_command(subparsers, name, help="train a small dense OLMo-2 anchor (and tokenizer) from scratch",
+                         description=__doc__)
+    add_data_flag(parser, help="public training text files")
+    parser.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
+                        help="held-out text files; when not given, a hash split of --data")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the written weights (bfloat16 halves the size)")
+    parser.add_argument("--eval-max-sequences", type=int, default=DEFAULT_EVAL_MAX_SEQUENCES,
+                        help="held-out sequences scored after training (the first ones of the held-out split)")
     add_data_flags(parser)
     shape = parser.add_argument_group("model shape")
-    shape.add_argument("--vocab-size", type=int, default=8192)
-    shape.add_argument("--hidden-size", type=int, default=256)
-    shape.add_argument("--layers", type=int, default=6)
-    shape.add_argument("--heads", type=int, default=8)
-    shape.add_argument("--intermediate-size", type=int, default=1024)
+    shape.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size, special tokens included")
+    shape.add_argument("--hidden-size", type=int, default=256, help="model width (d_model)")
+    shape.add_argument("--layers", type=int, default=6, help="decoder layers")
+    shape.add_argument("--heads", type=int, default=8, help="attention heads (must divide --hidden-size)")
+    shape.add_argument("--intermediate-size", type=int, default=1024, help="SwiGLU hidden width of each FFN")
     add_optim_flags(parser, steps=1000, lr=3e-3, batch_size=16, seq_len=256, weight_decay=0.1)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
-    from flexolmo.progress import print_table
+    from flexolmo.progress import announce_output, print_table
     from flexolmo.training import OptimConfig
 
     config = PretrainConfig(
@@ -38,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out),
         text_field=args.text_field,
         save_dtype=args.save_dtype,
+        eval_max_sequences=args.eval_max_sequences,
         shape=AnchorShape(
             vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
             num_heads=args.heads, intermediate_size=args.intermediate_size,
@@ -46,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = pretrain(config, resume=args.resume)
     held = summary["heldout"]
-    print_table("anchor", ["output", "parameters", "final train loss", "held-out loss", "held-out bits/byte"],
-                [[str(config.out), f"{summary['parameters']:,}", summary["final_train_loss"], held["loss"],
-                  held["bits_per_byte"]]])
+    print_table("anchor", ["parameters", "final train loss", "held-out loss", "held-out bits/byte",
+                           "held-out tokens"],
+                [[f"{summary['parameters']:,}", summary["final_train_loss"], held["loss"], held["bits_per_byte"],
+                  f"{held['tokens']:,}"]])
+    announce_output("anchor", config.out)
     return 0

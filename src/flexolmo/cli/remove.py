@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
 from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
 
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="write a merged model without the named experts",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="write a merged model without the named experts",
+                         description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
-    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME", help="names of the experts to remove")
+    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME",
+                        help="names of the experts to remove")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
     add_coordinator_flags(parser, joining=False)

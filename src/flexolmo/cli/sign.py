@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="sign an expert package or merged model with your key",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="sign an expert package or merged model with your key",
+                         description=__doc__)
     parser.add_argument("path", type=Path, help="expert package or merged model directory")
     parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
     parser.set_defaults(run=run)

@@ -5,17 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_data_flags, add_optim_flags, optim_kwargs, path_list
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_optim_flags,
+    optim_kwargs,
+    path_list,
+)
 
 
 def register(subparsers, name: str) -> None:
+    from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES
     from flexolmo.router_init import DP_ROUTER_INIT, ROUTER_INITS
 
-    parser = subparsers.add_parser(name, help="train an expert on your own data and write its package",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="train an expert on your own data and write its package",
+                         description=__doc__)
     parser.add_argument("--anchor", required=True, help="the coordinator's anchor directory")
-    parser.add_argument("--data", nargs="+", required=True, help="your training text files")
-    parser.add_argument("--heldout", nargs="*", default=[], help="held-out files (default: hash split of --data)")
+    add_data_flag(parser, help="your training text files")
+    parser.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
+                        help="held-out text files; when not given, a hash split of --data")
     parser.add_argument("--name", required=True, help="expert name (letters, digits, . _ -)")
     parser.add_argument("--out", required=True, help="package directory to write (must not exist); your own "
                                                      "report goes beside it as OUT.owner.json")
@@ -24,20 +33,22 @@ def register(subparsers, name: str) -> None:
     add_data_flags(parser)
     method = parser.add_argument_group("method")
     method.add_argument("--router-init", default=None, choices=sorted([*ROUTER_INITS, DP_ROUTER_INIT]),
-                        help="initialisation of your router row (default: mean_hidden; public under DP)")
+                        help="initialisation of your router row; when not given, mean_hidden (public under DP)")
     method.add_argument("--router-init-sequences", type=int, default=64, help="sequences averaged for the row")
-    method.add_argument("--public-data", nargs="*", default=[], help="public text mixed into your batches")
+    method.add_argument("--public-data", nargs="*", default=[], metavar="FILE",
+                        help="public text files mixed into your batches")
     method.add_argument("--public-share", type=float, default=0.0,
                         help="share of each batch from --public-data (teaches your router row where not to win)")
     method.add_argument("--negative-bias", action="store_true", help="learn a router bias <= 0 for the expert")
     method.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss coefficient")
-    method.add_argument("--eval-max-sequences", type=int, default=None, help="cap on held-out sequences scored")
+    method.add_argument("--eval-max-sequences", type=int, default=DEFAULT_EVAL_MAX_SEQUENCES,
+                        help="held-out sequences scored before and after training (the first ones)")
     privacy = parser.add_argument_group("differential privacy (DP-SGD via Opacus)")
     privacy.add_argument("--dp-epsilon", type=float, default=None, help="train with DP-SGD to this epsilon")
-    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta (default 1e-5)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta")
     privacy.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     privacy.add_argument("--dp-router-noise", type=float, default=4.0,
-                         help="noise multiplier of the dp_mean_hidden router row (default 4.0)")
+                         help="noise multiplier of the dp_mean_hidden router row")
     scale = parser.add_argument_group("several devices (launch with torchrun; see `flexolmo plan`)")
     scale.add_argument("--fsdp", action="store_true",
                        help="shard the model, gradients and optimizer state over the processes (FSDP2)")
@@ -51,9 +62,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.distributed import ParallelConfig
     import json
 
+    from flexolmo.distributed import ParallelConfig
     from flexolmo.expert import ExpertConfig, train_expert
     from flexolmo.manifest import owner_report_path
     from flexolmo.privacy import DPConfig

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_command
+
 
 def register(subparsers, name: str) -> None:
-    parser = subparsers.add_parser(name, help="check a package or merged model is intact and authentic",
-                                   description=__doc__)
+    parser = add_command(subparsers, name, help="check a package or merged model is intact and authentic",
+                         description=__doc__)
     parser.add_argument("path", type=Path, help="expert package or merged model directory")
     parser.add_argument("--anchor", type=Path, default=None, help="anchor directory a package should belong to")
     parser.add_argument("--trusted-keys", type=Path, default=None,
@@ -42,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
 def verify_package(path: Path, anchor: Path | None, trusted):
     from flexolmo.anchor import anchor_family, compute_fingerprint, read_config
     from flexolmo.errors import PackageError
+    from flexolmo.inspection import check_is_package
     from flexolmo.package import load_package
 
+    check_is_package(path)
     if anchor is None:
         raise PackageError("--anchor is required to verify a package: the anchor it should have been trained on")
     config = read_config(anchor)
