@@ -23,6 +23,7 @@ from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, 
 from flexolmo.package import check_name, write_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
+from flexolmo.public_sample import describe_files, resolve_public_mix
 from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
                                   load_public_rows)
 from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, causal_lm_loss, is_main_process,
@@ -47,8 +48,10 @@ class ExpertConfig(BaseModel):
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
-    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches")
-    public_share: float = Field(0.0, ge=0, lt=1, description="share of each batch's sequences from public_data")
+    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches "
+                                    "(if empty: the anchor's published public sample)")
+    public_share: float | None = Field(None, ge=0, lt=1, description="share of each batch's sequences from public "
+                                       "text; None: 0.5 when public text is available, else 0 with a warning")
     eval_max_sequences: int | None = Field(None, ge=1, description="cap on held-out sequences scored")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
@@ -169,6 +172,8 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
                            "--dp-epsilon (without DP use mean_hidden)")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+    public_data, public_share = resolve_public_mix(config.public_data, config.public_share, config.anchor)
+    config = config.model_copy(update={"public_data": public_data, "public_share": public_share})
     work = config.out.with_name(config.out.name + ".ckpt")
     if resume and not (work / "checkpoint").exists():
         raise CheckpointError(f"nothing to resume: no checkpoint at {work}; run without --resume")
@@ -229,6 +234,7 @@ def train_expert(config: ExpertConfig, resume: bool = False) -> dict:
             "token_stream_sha256": owner_stream.fingerprint(),
             "train_documents": owner_stream.num_documents,
             "public_share": config.public_share,
+            "public_data": describe_files(config.public_data),
             "final_train_loss": result.losses[-1],
             "losses": result.losses,
             "heldout_loss_before": before.loss,

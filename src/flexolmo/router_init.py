@@ -168,11 +168,14 @@ def load_public_rows(anchor_dir: Path, num_layers: int) -> list[torch.Tensor]:
 def compute_public_rows(
     anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str
 ) -> str:
-    """Average public text into the anchor's public router rows, write them beside it, return the new fingerprint."""
+    """Average public text into the anchor's public router rows, write them beside it together with the public
+    text sample owners mix into their training (`public_sample`), return the new fingerprint."""
     from flexolmo.anchor import compute_fingerprint, load_anchor
     from flexolmo.data import load_token_stream
+    from flexolmo.public_sample import write_public_sample
 
     anchor = load_anchor(anchor_dir, device=device)
     stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
     save_public_rows(anchor_dir, mean_direction_rows(anchor.model, stream, seq_len, max_sequences))
+    write_public_sample(anchor_dir, data, "all", text_field)
     return compute_fingerprint(anchor_dir)
