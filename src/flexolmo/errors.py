@@ -27,3 +27,7 @@ class MergeError(FlexOlmoError):
 
 class CheckpointError(FlexOlmoError):
     """A training checkpoint cannot be resumed (missing, corrupt, or from a different configuration)."""
+
+
+class ProxyError(FlexOlmoError):
+    """A proxy file is missing or malformed, or cannot be used to tune this model's router."""

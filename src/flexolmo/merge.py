@@ -24,17 +24,20 @@ from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
 from flexolmo.progress import console, progress_bar
 from flexolmo.provenance import software_versions, utc_now
+from flexolmo.public_sample import PUBLIC_SAMPLE_FILE
 from flexolmo.router_init import load_public_rows
 from flexolmo.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, LazyReader, ShardedWriter
 from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER, PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
 
 MERGED_METADATA_FILE = "flexolmo_experts.json"
 MERGED_FORMAT = "flexolmo-merged"
+# Metadata key: the history of router tunings of a checkpoint (`router_tuning.tune_router`).
+ROUTER_TUNING_KEY = "router_tuning"
 PUBLIC_EXPERT = "public"
 # Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
 # files, generation config) is copied into the merged checkpoint as it is.
 _NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
-               "flexolmo_pretrain.json"}
+               "flexolmo_pretrain.json", PUBLIC_SAMPLE_FILE}
 # Fields of a flex_olmo config that a dense anchor config does not have.
 _MOE_CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
                       "router_aux_loss_coef")
@@ -85,7 +88,13 @@ class PackageExpert:
         return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
 
     def record(self) -> dict:
-        return {"name": self.name, "source": "package", "manifest": self.package.manifest}
+        entry = {"name": self.name, "source": "package", "manifest": self.package.manifest}
+        layers = sum(1 for name in self.package.manifest["tensors"] if parse(PACKAGE_ROUTER, name) is not None)
+        if PACKAGE_BIAS.format(layer=0) in self.package.manifest["tensors"]:
+            # flex_olmo has no router bias: kept here for flexolmo's runtime (`load_model(router_bias=True)`) only.
+            entry["router_bias"] = [float(self._reader.get(PACKAGE_BIAS.format(layer=layer)))
+                                    for layer in range(layers)]
+        return entry
 
 
 @dataclass
@@ -185,22 +194,28 @@ def _write_merged(
     top_k: int,
     files_from: Path,
     shard_bytes: int,
+    router_rows: list[torch.Tensor] | None = None,
+    extra_metadata: dict | None = None,
 ) -> dict:
+    """Write the merged checkpoint. `router_rows` (one (E, H) matrix per layer) replaces the experts' own rows
+    (router tuning); `extra_metadata` adds keys to the metadata (records of later steps such as tuning)."""
     _check_names(experts)
     layers = anchor_config["num_hidden_layers"]
     dtype = base.get(shared_names[0]).dtype
-    dropped_bias = [e.name for e in experts if isinstance(e, PackageExpert)
-                    and PACKAGE_BIAS.format(layer=0) in e.package.manifest["tensors"]]
+    records = [expert.record() for expert in experts]
+    dropped_bias = [record["name"] for record in records if "router_bias" in record]
     for name in dropped_bias:
         console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the flex_olmo format has no "
-                      "router bias, so it is left out (the paper's released models also omit it)")
+                      f"router bias, so transformers and vLLM run without it (kept in {MERGED_METADATA_FILE} "
+                      "for flexolmo's runtime only)")
     metadata = {
         "format": MERGED_FORMAT,
         "format_version": 1,
         "anchor": {"fingerprint": anchor_fingerprint, "config": anchor_config},
         "top_k": top_k,
-        "experts": [expert.record() for expert in experts],
+        "experts": records,
         "router_bias_dropped": dropped_bias,
+        **(extra_metadata or {}),
         "created": utc_now(),
         "versions": software_versions(),
     }
@@ -215,7 +230,10 @@ def _write_merged(
                     for proj in family.ffn_projections:
                         writer.add(MERGED_EXPERT.format(layer=layer, expert=index, proj=proj),
                                    expert.ffn(layer, proj).to(dtype))
-                rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
+                if router_rows is None:
+                    rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
+                else:
+                    rows = router_rows[layer].to(dtype)
                 writer.add(MERGED_ROUTER.format(layer=layer), rows)
                 advance()
             writer.finish()
@@ -281,7 +299,8 @@ def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | st
     if clashes:
         raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
     return _write_merged(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint,
-                         family, top_k or info.metadata["top_k"], info.path, shard_bytes)
+                         family, top_k or info.metadata["top_k"], info.path, shard_bytes,
+                         extra_metadata=_carried_records(info))
 
 
 def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
@@ -300,5 +319,29 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
     reader, experts, shared = _merged_sources(info)
     kept = [expert for expert in experts if expert.name not in names]
     return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family,
-                         info.metadata["top_k"], info.path, shard_bytes)
+                         info.metadata["top_k"], info.path, shard_bytes, extra_metadata=_carried_records(info))
+
+
+def _carried_records(info: MergedModelInfo) -> dict:
+    """Records of earlier steps that still describe the tensors kept (the tuned router rows stay tuned)."""
+    return {key: info.metadata[key] for key in (ROUTER_TUNING_KEY,) if key in info.metadata}
+
+
+def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Path | str, record: dict,
+                        shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """A copy of a merged checkpoint with new router rows (one (E, H) matrix per layer, router tuning), every
+    other tensor bit for bit; `record` says what produced the rows and is appended to the tuning history."""
+    out = Path(out)
+    _refuse_existing(out)
+    info = read_merged_info(model_dir)
+    family = anchor_family(info.anchor_config, model_dir)
+    reader, experts, shared = _merged_sources(info)
+    expected = (len(experts), info.anchor_config["hidden_size"])
+    if len(rows) != info.anchor_config["num_hidden_layers"] or any(tuple(r.shape) != expected for r in rows):
+        raise MergeError(f"replacement router rows do not fit {model_dir}: need "
+                         f"{info.anchor_config['num_hidden_layers']} matrices of shape {expected}")
+    history = [*info.metadata.get(ROUTER_TUNING_KEY, []), record]
+    return _write_merged(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
+                         info.metadata["top_k"], info.path, shard_bytes, router_rows=rows,
+                         extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
 

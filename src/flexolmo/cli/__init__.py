@@ -18,6 +18,8 @@ COMMANDS = {
     "merge": "merge",
     "add": "add",
     "remove": "remove",
+    "select-proxy": "select_proxy",
+    "tune-router": "tune_router",
     "generate": "generate",
     "eval": "evaluate",
     "eval-tasks": "eval_tasks",
