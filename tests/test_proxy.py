@@ -98,3 +98,21 @@ def test_cli_select_proxy_writes_once(tiny_anchor, corpora, public_pool, tmp_pat
                  str(tmp_path / "x.json")]
     assert main(no_anchor) == 1 and not (tmp_path / "x.json").exists()
     assert "needs --anchor" in capsys.readouterr().err
+
+
+def test_public_embeddings_are_cached_by_content_and_embedder():
+    from flexolmo.proxy import _cached_public_features
+
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return np.array([[len(text), 1.0] for text in texts])
+
+    texts = ["a public text", "another one"]
+    first = _cached_public_features(texts, embed, {"anchor_fingerprint": "f1"}, "anchor")
+    again = _cached_public_features(texts, embed, {"anchor_fingerprint": "f1"}, "anchor")
+    assert calls == [2] and np.array_equal(first, again)
+    _cached_public_features(texts, embed, {"anchor_fingerprint": "f2"}, "anchor")  # another anchor
+    _cached_public_features([*texts, "a third"], embed, {"anchor_fingerprint": "f1"}, "anchor")  # other text
+    assert calls == [2, 2, 3]

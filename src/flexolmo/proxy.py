@@ -22,6 +22,7 @@ Output (`--out PROXY.json`, format `flexolmo-proxies` version 1):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ class ProxyConfig(BaseModel):
     max_documents: int = Field(1000, ge=10, description="owner and public documents each, to fit the classifier")
     fraction: float = Field(DEFAULT_FRACTION, gt=0, le=0.1, description="proxies' bytes / owner training bytes")
     folds: int = Field(5, ge=2, le=20, description="cross-fitting folds")
-    max_tokens: int = Field(256, ge=8, description="tokens of each document the anchor embedder reads")
+    max_tokens: int = Field(128, ge=8, description="tokens of each document the embedder reads")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1,
                                     description="hash-split share of --data held out, as in train-expert")
@@ -115,7 +116,7 @@ def anchor_embedder(config: ProxyConfig) -> tuple[Embedder, dict]:
                     tokens = torch.tensor([ids[i] + [tokenizer.eos_token_id] * (width - len(ids[i])) for i in batch])
                     mask = torch.tensor([[1.0] * len(ids[i]) + [0.0] * (width - len(ids[i])) for i in batch])
                     captured.clear()
-                    model(input_ids=tokens.to(config.device))
+                    model.model(input_ids=tokens.to(config.device))  # the decoder alone: no LM head needed
                     means = [(hidden.cpu() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
                              for hidden in captured]
                     units = [mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12) for mean in means]
@@ -130,17 +131,18 @@ def anchor_embedder(config: ProxyConfig) -> tuple[Embedder, dict]:
 
 
 def minilm_embedder(config: ProxyConfig) -> tuple[Embedder, dict]:
-    """all-MiniLM-L6-v2 sentence embeddings (its own 256-word-piece truncation), unit length."""
+    """all-MiniLM-L6-v2 sentence embeddings of a document's first `max_tokens` word pieces, unit length."""
     from flexolmo.baselines import _load_minilm
 
     model = _load_minilm()
+    model.max_seq_length = min(config.max_tokens, model.max_seq_length)
 
     def embed(texts: Sequence[str]) -> np.ndarray:
-        # MiniLM reads at most 256 word pieces; cutting the text first saves tokenizing the rest.
-        return model.encode([text[:2000] for text in texts], normalize_embeddings=True, batch_size=32,
-                            show_progress_bar=False)
+        # Cutting the text first saves tokenizing what the truncation drops anyway.
+        return model.encode([text[: 8 * config.max_tokens] for text in texts], normalize_embeddings=True,
+                            batch_size=32, show_progress_bar=False)
 
-    return embed, {"model": "all-MiniLM-L6-v2"}
+    return embed, {"model": "all-MiniLM-L6-v2", "max_tokens": model.max_seq_length}
 
 
 EMBEDDERS: dict[str, Callable[[ProxyConfig], tuple[Embedder, dict]]] = {
@@ -198,6 +200,26 @@ def cross_fitted_scores(owner: np.ndarray, public_fit: np.ndarray, owner_folds: 
     return scores, {"heldout_accuracy": accuracy, "heldout_roc_auc": auc, "heldout_documents": int(len(truth))}
 
 
+def _cached_public_features(texts: list[str], embed: Embedder, embedder_record: dict, embedder: str) -> np.ndarray:
+    """Embeddings of public documents, cached on disk like tokenized text: keyed by every text's hash and the
+    embedder's settings (the anchor's fingerprint included), so a cache entry can never be stale. Public text
+    only; the owner's documents are embedded afresh and never written anywhere."""
+    from flexolmo.data import default_cache_dir
+    from flexolmo.fileio import atomic_write_bytes
+
+    digest = hashlib.sha256(json.dumps({"embedder": embedder, **embedder_record}, sort_keys=True).encode())
+    for text in texts:
+        digest.update(bytes.fromhex(text_sha256(text)))
+    entry = default_cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
+    if entry.exists():
+        return np.load(entry)
+    features = np.asarray(embed(texts), dtype=np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, features)
+    atomic_write_bytes(entry, buffer.getvalue())
+    return features
+
+
 def choose_within_budget(scores: np.ndarray, sizes: Sequence[int], budget: int) -> list[int]:
     """Candidates in decreasing score, as long as their bytes fit in `budget` (at least one)."""
     chosen, used = [], 0
@@ -229,7 +251,7 @@ def select_proxies(config: ProxyConfig) -> dict:
     embed, embedder_record = EMBEDDERS[config.embedder](config)
     owner_fit = [owner_texts[i] for i in _sample(owner_texts, config.max_documents)]
     public_fit_index = _sample(candidates, config.max_documents)
-    candidate_features = embed(candidates)
+    candidate_features = _cached_public_features(candidates, embed, embedder_record, config.embedder)
     owner_features = embed(owner_fit)
 
     def folds_of(texts: Sequence[str]) -> np.ndarray:

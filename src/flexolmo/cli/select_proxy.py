@@ -27,6 +27,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--anchor", default=None, help="anchor directory (needed by --embedder anchor)")
     parser.add_argument("--max-documents", type=int, default=1000,
                         help="documents of yours, and as many public ones, to fit the classifier")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens of each document the embedder reads")
     parser.add_argument("--fraction", type=float, default=DEFAULT_FRACTION,
                         help="size of the proxy set as a share of your training text's bytes")
     parser.add_argument("--device", default="cpu", help="torch device for the embedder (cpu, cuda, ...)")
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     config = ProxyConfig(data=path_list(args.data), public=path_list(args.public), name=args.name,
                          out=Path(args.out), embedder=args.embedder,
                          anchor=Path(args.anchor) if args.anchor else None, max_documents=args.max_documents,
-                         fraction=args.fraction, device=args.device, seed=args.seed, text_field=args.text_field)
+                         max_tokens=args.max_tokens, fraction=args.fraction, device=args.device, seed=args.seed,
+                         text_field=args.text_field)
     record = select_proxies(config)
     selection = record["selection"]
     print_table(f"proxies for '{record['name']}'", ["embedder", "held-out accuracy", "ROC AUC", "candidates",
