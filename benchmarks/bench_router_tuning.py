@@ -149,6 +149,15 @@ def tuned(model: Path, data: dict, proxy_files: list[Path], out: Path, demo: Dem
     return out
 
 
+def refuse_other_settings(work: Path, script: str, settings: dict) -> None:
+    """One --work directory holds the outputs of one setting: its cached steps are reused only by the same one."""
+    path = work / f"{script}.settings.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"{work} holds a run with other settings ({path}); pass another --work")
+    atomic_write_json(path, settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/router-tuning"))
@@ -163,12 +172,17 @@ def main() -> None:
     demo = DemoConfig()
     began = time.perf_counter()
     work = args.work
+    refuse_other_settings(work, "bench_router_tuning", {k: v for k, v in vars(args).items()
+                                                                  if k not in ("out", "lrs", "steps")})
     data = prepare_data(demo, work)
     packages = ({d: args.packages / d for d in CLOSED_DOMAINS} if args.packages
                 else train_experts(demo, work / "experts"))
     base = merged(demo, packages, work / "models" / "untuned")
     evals = work / "evals"
-    results = {"untuned": {"validation": scored(base, data["validation"], evals / "untuned.validation.json", demo)}}
+    anchor = demo.data_dir / "anchor"
+    results = {"anchor": {split: scored(anchor, data[split], evals / f"anchor.{split}.json", demo)
+                          for split in ("validation", "heldout")},
+               "untuned": {"validation": scored(base, data["validation"], evals / "untuned.validation.json", demo)}}
     proxy_files, quality = {}, {}
     for embedder in EMBEDDERS:
         proxy_files[embedder], quality[embedder] = proxies(demo, data, work, embedder, args.fraction,

@@ -34,6 +34,9 @@ from flexolmo.proxy import read_proxies, text_sha256
 from flexolmo.public_sample import describe_files
 from flexolmo.training import MixedBatches, OptimConfig, config_digest, train
 
+# Chosen on the demo's validation text (BENCHMARKS.md, router tuning).
+DEFAULT_STEPS = 40
+DEFAULT_LR = 1e-3
 SETTINGS_FILE = "tune_settings.json"
 PROXY_TEXT_FILE = "proxies.jsonl.gz"
 
@@ -49,7 +52,8 @@ class TuneConfig(BaseModel):
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each batch's sequences from public text")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=100, lr=1e-3, warmup_steps=10))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=DEFAULT_STEPS, lr=DEFAULT_LR,
+                                                                   warmup_steps=DEFAULT_STEPS // 10))
 
 
 def check_proxies(info: MergedModelInfo, paths: list[Path]) -> list[dict]:

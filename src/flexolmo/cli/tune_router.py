@@ -14,6 +14,8 @@ from flexolmo.cli.common import add_data_flags, add_optim_flags, optim_kwargs, p
 
 
 def register(subparsers, name: str) -> None:
+    from flexolmo.router_tuning import DEFAULT_LR, DEFAULT_STEPS
+
     parser = subparsers.add_parser(name, help="tune a merged model's router rows on the owners' proxy documents",
                                    description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
@@ -25,7 +27,7 @@ def register(subparsers, name: str) -> None:
                         help="share of each batch that is public text; the rest is proxy text")
     parser.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss coefficient")
     add_data_flags(parser)
-    add_optim_flags(parser, steps=100, lr=1e-3, batch_size=8, seq_len=256)
+    add_optim_flags(parser, steps=DEFAULT_STEPS, lr=DEFAULT_LR, batch_size=8, seq_len=256)
     parser.set_defaults(run=run)
 
 
