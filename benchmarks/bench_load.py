@@ -53,9 +53,9 @@ def child_main(spec: dict) -> None:
     sys.path.insert(0, str(REPO / "src"))
     from transformers import AutoModelForCausalLM
 
-    from flexolmo.runtime import _dense_config, load_model
     from flexolmo.merge import read_merged_info
     from flexolmo.moe import convert_to_moe
+    from flexolmo.runtime import _dense_config, load_model
 
     path, dtype = Path(spec["model"]), torch.bfloat16
     before = read_status()

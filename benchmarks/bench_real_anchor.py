@@ -34,7 +34,7 @@ from flexolmo.baselines import BranchTrainMergeEnsemble, model_soup, train_dense
 from flexolmo.errors import FlexOlmoError
 from flexolmo.evaluate import EvalSettings, evaluate
 from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.fileio import atomic_write_json, atomic_write_bytes
+from flexolmo.fileio import atomic_write_bytes, atomic_write_json
 from flexolmo.importer import ImportConfig, import_anchor
 from flexolmo.merge import merge
 from flexolmo.progress import console, print_table

@@ -25,7 +25,13 @@ from flexolmo.demo import CLOSED_DOMAINS
 from flexolmo.fileio import sha256_file
 from flexolmo.merge import merge
 from flexolmo.progress import print_table
-from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory, verify_directory
+from flexolmo.trust.signing import (
+    SIGNATURE_FILE,
+    TrustedKeys,
+    generate_key_pair,
+    sign_directory,
+    verify_directory,
+)
 
 RESULTS = Path(__file__).parent / "results" / "signing.json"
 ROUNDS = 3

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 
 from flexolmo.audit import AuditConfig, audit_extraction, similarity_summary, wilson_interval
 from flexolmo.errors import MergeError
-
-from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 
 # Small enough to run in seconds: 8 documents, an 8-token prompt, 16 tokens compared, 4 samples.
 FAST = dict(prefix_tokens=8, new_tokens=16, min_continuation_tokens=16, samples=4, batch_size=8)

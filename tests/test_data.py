@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flexolmo import data
-from flexolmo.data import iter_documents, is_heldout, load_token_stream, select_split, tokenize_file
+from flexolmo.data import is_heldout, iter_documents, load_token_stream, select_split, tokenize_file
 from flexolmo.errors import DataError
 
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim
 
 DOMAIN_VOCAB = {
@@ -88,7 +87,7 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
 
 
 def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
-    from flexolmo.demo import DemoConfig, Demo
+    from flexolmo.demo import Demo, DemoConfig
     from flexolmo.errors import DataError
 
     Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)).check_inputs()

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 from safetensors.torch import load_file
 
 from flexolmo.cli import main
 from flexolmo.package import TENSOR_FILE
-
-from conftest import tiny_optim
 
 
 def expert_args(tiny_anchor, corpora, out) -> list[str]:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from flexolmo.anchor import load_pretrained, load_tokenizer
 from flexolmo.data import load_token_stream, tokenize_file
 from flexolmo.errors import DataError
 from flexolmo.evaluate import score_stream
-
-from conftest import write_jsonl
 
 ASCII_DOC = "the river city music science language country people century war king water"
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8) that the tiny tokenizer splits into byte tokens.

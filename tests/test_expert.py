@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
 from flexolmo.anchor import compute_fingerprint, load_anchor
@@ -26,8 +27,6 @@ from flexolmo.expert import (
 from flexolmo.package import TENSOR_FILE, load_package
 from flexolmo.router_init import initial_rows
 from flexolmo.training import train
-
-from conftest import tiny_optim
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
 from flexolmo.anchor import ANCHOR_FAMILIES, anchor_family, load_anchor
@@ -23,8 +24,6 @@ from flexolmo.merge import merge, remove_experts
 from flexolmo.package import load_package
 from flexolmo.router_init import compute_public_rows
 from flexolmo.runtime import load_model
-
-from conftest import tiny_optim
 
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
 TOLERANCE = 1e-5
@@ -194,7 +193,12 @@ def test_the_papers_baselines_build_on_every_family(family_run, corpora):
     """Dense experts, model soup, BTM and BTX (dense experts merged) assume nothing of OLMo-2."""
     from transformers import AutoModelForCausalLM
 
-    from flexolmo.baselines import BranchTrainMergeEnsemble, dense_expert_package, model_soup, train_dense_expert
+    from flexolmo.baselines import (
+        BranchTrainMergeEnsemble,
+        dense_expert_package,
+        model_soup,
+        train_dense_expert,
+    )
     from flexolmo.data import load_token_stream
 
     root, anchor_dir = family_run["root"], family_run["anchor"]

@@ -8,13 +8,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import tiny_optim
 
 from flexolmo.errors import FlexOlmoError
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
 from flexolmo.merge import merge
-
-from conftest import tiny_optim
 
 
 @contextlib.contextmanager

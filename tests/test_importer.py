@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_families import TOLERANCE, logits, save_random_dense
 
 from flexolmo.anchor import compute_fingerprint, load_anchor
 from flexolmo.errors import AnchorError
 from flexolmo.fileio import sha256_file
 from flexolmo.importer import IMPORT_FILE, ImportConfig, import_anchor
 from flexolmo.merge import merge
-
-from test_families import TOLERANCE, logits, save_random_dense
 
 
 def write_tiny_gguf(path: Path, tokenizer_dir: Path, hidden: int = 32, layers: int = 2, heads: int = 4,

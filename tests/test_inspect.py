@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import tiny_optim
 
 from flexolmo.anchor import compute_fingerprint
 from flexolmo.cli import main
@@ -13,8 +14,6 @@ from flexolmo.errors import FlexOlmoError
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.inspection import ANCHOR, DENSE, MERGED, PACKAGE, describe
 from flexolmo.merge import merge
-
-from conftest import tiny_optim
 
 
 @pytest.fixture(scope="module")

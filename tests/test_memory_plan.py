@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from flexolmo.cli import main
-from flexolmo.memory_plan import (GIB, PlanSettings, activation_bytes_per_token, anchor_shape, plan_memory,
-                                  saved_activation_bytes)
+from flexolmo.memory_plan import (
+    GIB,
+    PlanSettings,
+    activation_bytes_per_token,
+    anchor_shape,
+    plan_memory,
+    saved_activation_bytes,
+)
 
 # Grouped-query attention and an odd vocabulary, so no width can stand in for another.
 TINY = {"model_type": "olmo2", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 80, "num_hidden_layers": 3,

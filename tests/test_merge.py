@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 from safetensors.torch import load_file
 
 from flexolmo.anchor import load_anchor
@@ -16,8 +17,6 @@ from flexolmo.expert import ExpertConfig, load_package_into_owner_model, train_e
 from flexolmo.merge import add_experts, merge, remove_experts
 from flexolmo.package import TENSOR_FILE, load_package
 from flexolmo.runtime import load_model
-
-from conftest import tiny_optim
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -7,20 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 
 from flexolmo.anchor import load_anchor
 from flexolmo.data import load_token_stream
 from flexolmo.evaluate import score_stream
-from flexolmo.expert import (ExpertConfig, build_owner_model, load_package_into_owner_model, owner_loss,
-                             owner_trainable_parameters, train_expert)
+from flexolmo.expert import (
+    ExpertConfig,
+    build_owner_model,
+    load_package_into_owner_model,
+    owner_loss,
+    owner_trainable_parameters,
+    train_expert,
+)
 from flexolmo.merge import merge
 from flexolmo.package import load_package
 from flexolmo.router_init import initial_rows
 from flexolmo.runtime import load_model
 from flexolmo.tensor_io import LazyReader
 from flexolmo.training import train
-
-from conftest import tiny_optim
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 

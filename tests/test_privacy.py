@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_optim
 
 from flexolmo.anchor import load_anchor
 from flexolmo.data import load_token_stream
 from flexolmo.errors import FlexOlmoError, PackageError
-from flexolmo.expert import ExpertConfig, build_owner_model, owner_loss, owner_trainable_parameters, train_expert
+from flexolmo.expert import (
+    ExpertConfig,
+    build_owner_model,
+    owner_loss,
+    owner_trainable_parameters,
+    train_expert,
+)
 from flexolmo.package import load_package
 from flexolmo.privacy import DPConfig, prepare_private_training
 from flexolmo.router_init import initial_rows
 from flexolmo.training import train
-
-from conftest import tiny_optim
 
 
 def owner_model(tiny_anchor, corpora):

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import tiny_optim
 
 from flexolmo.cli import main
 from flexolmo.errors import CheckpointError
-
-from conftest import tiny_optim
 
 
 def interrupt_at(monkeypatch, step: int, error: BaseException) -> None:

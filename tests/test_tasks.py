@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_optim
 
 from flexolmo.cli import main
 from flexolmo.errors import FlexOlmoError
@@ -13,8 +14,6 @@ from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.merge import merge
 from flexolmo.runtime import load_model
 from flexolmo.tasks import evaluate_tasks
-
-from conftest import tiny_optim
 
 TOY_QUESTIONS = [("The sky is", [" blue", " loud", " salty"]), ("One plus one is", [" two", " green", " ten"]),
                  ("Fish live in", [" water", " books", " fire"]), ("Snow is", [" cold", " purple", " fast"]),

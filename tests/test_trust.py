@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
 from flexolmo.anchor import compute_fingerprint, read_config
@@ -29,8 +30,6 @@ from flexolmo.trust.artefacts import verify_merged_model
 from flexolmo.trust.history import HISTORY_FILE, read_history
 from flexolmo.trust.publish import CoordinatorTrust
 from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory
-
-from conftest import tiny_optim
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +351,7 @@ def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, t
     report = json.loads(owner_report_path(out).read_text())
     training = manifest["training"]
     released = {key for key, value in training.items() if value is not None}
-    assert released == {"config", "tokens", "public_share", "public_data_sha256"}
+    assert released == {"config", "tokens", "public_share", "public_data"}
     assert manifest["privacy"]["dp"]["epsilon"] <= 8 and not manifest["privacy"]["router_row_from_private_data"]
     # Canary: no number computed from the owner's data outside DP appears anywhere in the package.
     text = (out / MANIFEST_FILE).read_text()

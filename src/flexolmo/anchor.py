@@ -16,8 +16,19 @@ from typing import Any
 import torch
 
 from flexolmo.errors import AnchorError
-from flexolmo.families import (MergedFormat, Refusal, ZeroTensor, flex_olmo, no_attention_output_bias, no_mlp_bias,
-                               no_sliding_window, qwen2_moe, qwen3_moe, silu_activation, standard_head_dim)
+from flexolmo.families import (
+    MergedFormat,
+    Refusal,
+    ZeroTensor,
+    flex_olmo,
+    no_attention_output_bias,
+    no_mlp_bias,
+    no_sliding_window,
+    qwen2_moe,
+    qwen3_moe,
+    silu_activation,
+    standard_head_dim,
+)
 from flexolmo.fileio import digest_tensor
 from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER
 
@@ -221,9 +232,8 @@ def check_tokenizer(tokenizer, path: Path | str):
 
 def load_pretrained(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """`AutoModelForCausalLM.from_pretrained` with load failures turned into one-line errors."""
-    from transformers import AutoModelForCausalLM
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

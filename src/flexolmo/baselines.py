@@ -81,7 +81,7 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
     return write_package(out, name, tensors, {
         "anchor": anchor_record(anchor),
         "training": {"config": {"kind": "dense-ffn-finetune (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
-                     "public_data_sha256": []},
+                     "public_data": []},
         "privacy": {"dp": None, "router_init": router_init,
                     "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
         "created": utc_now(), "versions": software_versions(),

@@ -35,3 +35,7 @@ class TrustError(FlexOlmoError):
 
 class DeviceError(FlexOlmoError):
     """The requested torch device is not a device, or not available on this machine or torch build."""
+
+
+class ProxyError(FlexOlmoError):
+    """A proxy file is missing or malformed, or cannot be used to tune this model's router."""

@@ -21,22 +21,42 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.anchor import Anchor, check_context, load_anchor, load_pretrained, read_config, stored_dtype
-from flexolmo.data import DEFAULT_HELDOUT_FRACTION, JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
+from flexolmo.data import (
+    DEFAULT_HELDOUT_FRACTION,
+    JoinedStreams,
+    TokenStream,
+    load_token_stream,
+    tokenizer_fingerprint,
+)
 from flexolmo.distributed import ParallelConfig, make_strategy
 from flexolmo.errors import DataError, PackageError
 from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, Score, score_stream
-from flexolmo.fileio import atomic_write_json, sha256_file
+from flexolmo.fileio import atomic_write_json
 from flexolmo.manifest import commit, owner_report_path, split_training_facts
 from flexolmo.moe import ROUTER_Z_LOSS_COEF, clamp_router_bias, convert_to_moe, decoder_layers, router_z_loss
 from flexolmo.package import check_name, write_package
+from flexolmo.precision import dtype_name
 from flexolmo.privacy import DPConfig, check_dp_settings, prepare_private_training
 from flexolmo.provenance import software_versions, utc_now
-from flexolmo.router_init import (DP_ROUTER_INIT, READS_PRIVATE_DATA, dp_mean_direction_rows, initial_rows,
-                                  load_public_rows)
-from flexolmo.precision import dtype_name
+from flexolmo.public_sample import describe_files, resolve_public_mix
+from flexolmo.router_init import (
+    DP_ROUTER_INIT,
+    READS_PRIVATE_DATA,
+    dp_mean_direction_rows,
+    initial_rows,
+    load_public_rows,
+)
 from flexolmo.run_state import check_identity, check_work_dir, read_state, work_dir_for, work_directory
-from flexolmo.training import (MixedBatches, OptimConfig, TrainResult, broadcast_from_main, causal_lm_loss,
-                               is_main_process, main_process_first, train)
+from flexolmo.training import (
+    MixedBatches,
+    OptimConfig,
+    TrainResult,
+    broadcast_from_main,
+    causal_lm_loss,
+    is_main_process,
+    main_process_first,
+    train,
+)
 from flexolmo.trust.signing import check_signing_key
 from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 
@@ -58,8 +78,10 @@ class ExpertConfig(BaseModel):
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
-    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches")
-    public_share: float = Field(0.0, ge=0, lt=1, description="share of each batch's sequences from public_data")
+    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches "
+                                    "(if empty: the anchor's published public sample)")
+    public_share: float | None = Field(None, ge=0, lt=1, description="share of each batch's sequences from public "
+                                       "text; None: 0.5 when public text is available, else 0 with a warning")
     eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1, description="held-out sequences scored "
                                     "before and after training (the first ones)")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
@@ -179,7 +201,7 @@ def training_facts(config: ExpertConfig, owner_stream: TokenStream, result: Trai
         "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out", "public_data"}),
         "tokens": config.optim.steps * config.optim.tokens_per_step,
         "public_share": config.public_share,
-        "public_data_sha256": [sha256_file(path) for path in config.public_data],
+        "public_data": describe_files(config.public_data),
         "train_documents": owner_stream.num_documents,
         "final_train_loss": result.losses[-1],
         "losses": result.losses,
@@ -225,6 +247,8 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
     Under torchrun every rank trains (see `training.train` and `flexolmo.distributed`); rank 0 writes the
     package and returns the manifest, the other ranks return an empty dict."""
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
+    public_data, public_share = resolve_public_mix(config.public_data, config.public_share, config.anchor)
+    config = config.model_copy(update={"public_data": public_data, "public_share": public_share})
     _check_settings(config, router_init)
     if sign_key is not None:
         check_signing_key(sign_key, config.name)

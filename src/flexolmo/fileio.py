@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flexolmo.errors import FlexOlmoError
-
 from safetensors import SafetensorError
+
+from flexolmo.errors import FlexOlmoError
 
 
 def _describe_os_error(error: OSError, target: Path) -> str:

@@ -22,6 +22,7 @@ from flexolmo.errors import AnchorError
 from flexolmo.fileio import atomic_directory, atomic_write_json, sha256_file
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
+from flexolmo.public_sample import write_public_sample
 from flexolmo.router_init import mean_direction_rows, save_public_rows
 
 IMPORT_FILE = "flexolmo_import.json"
@@ -137,6 +138,7 @@ def import_anchor(config: ImportConfig) -> dict:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         save_public_rows(config.out, rows, staging=staging)
+        write_public_sample(staging, config.public_data, "all", config.text_field)  # owners mix it in by default
         summary["fingerprint"] = compute_fingerprint(staging)
         atomic_write_json(staging / IMPORT_FILE, summary)
     return summary

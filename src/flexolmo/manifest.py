@@ -80,13 +80,20 @@ class PrivacyRecord(_Strict):
     router_row_from_private_data: bool = Field(description="whether that start read private data outside DP")
 
 
+class PublicFile(_Strict):
+    """A public text file mixed into an owner's batches, named without copying it."""
+
+    name: str = Field(description="the file's name (no directory)")
+    sha256: str = Field(pattern=_HEX64, description="SHA-256 of the file's bytes")
+
+
 class TrainingRecord(_Strict):
     """The training summary; the fields of OUTSIDE_DP are null under DP."""
 
     config: dict[str, Any] = Field(description="hyperparameters (no paths)")
     tokens: int = Field(ge=0, description="planned tokens: steps x batch x sequence length")
     public_share: float = Field(ge=0, lt=1, description="share of each batch from public text")
-    public_data_sha256: list[str] = Field(description="SHA-256 of each public file mixed into training")
+    public_data: list[PublicFile] = Field(description="each public file mixed into training, by name and SHA-256")
     train_documents: int | None = Field(None, ge=0, description="the owner's training documents")
     final_train_loss: float | None = Field(None, description="last step's training loss")
     losses: list[float] | None = Field(None, description="training loss of every step")
@@ -174,7 +181,7 @@ def describe_disclosure(manifest: dict) -> list[tuple[str, str, str]]:
         ("name, anchor", manifest["name"], "chosen by the owner; nothing about the data"),
         ("training.config", f"{len(training['config'])} settings", "hyperparameters chosen by the owner"),
         ("training.tokens", f"{training['tokens']:,}", "steps x batch x sequence length (planned, not counted)"),
-        ("public data", f"{len(training['public_data_sha256'])} file(s) by SHA-256", "public text only"),
+        ("public data", f"{len(training['public_data'])} file(s) by name and SHA-256", "public text only"),
     ]
     if dp:
         rows.append(("privacy.dp", f"epsilon {dp['epsilon']:.3g}", "the mechanism's parameters; the sample rate "

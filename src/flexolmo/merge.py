@@ -32,14 +32,21 @@ from typing import Protocol
 
 import torch
 
-from flexolmo.anchor import (PUBLIC_ROUTER_FILE, AnchorFamily, anchor_family, complete_config, compute_fingerprint,
-                             read_config)
+from flexolmo.anchor import (
+    PUBLIC_ROUTER_FILE,
+    AnchorFamily,
+    anchor_family,
+    complete_config,
+    compute_fingerprint,
+    read_config,
+)
 from flexolmo.errors import MergeError, TrustError
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.package import TENSOR_FILE, ExpertPackage, load_package
 from flexolmo.precision import DTYPES, dtype_name
 from flexolmo.progress import console, progress_bar
 from flexolmo.provenance import software_versions, utc_now
+from flexolmo.public_sample import PUBLIC_SAMPLE_FILE
 from flexolmo.router_init import load_public_rows
 from flexolmo.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, LazyReader, ShardedWriter
 from flexolmo.trust.history import HISTORY_FILE, check_unchanged
@@ -51,11 +58,13 @@ from flexolmo.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
 MERGED_METADATA_FILE = "flexolmo_experts.json"
 MERGED_FORMAT = "flexolmo-merged"
 MERGED_FORMAT_VERSION = 2
+# Metadata key: the history of router tunings of a checkpoint (`router_tuning.tune_router`).
+ROUTER_TUNING_KEY = "router_tuning"
 PUBLIC_EXPERT = "public"
 # Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
 # files, generation config) is copied into the merged checkpoint as it is.
 _NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
-               "flexolmo_pretrain.json", "flexolmo_import.json", HISTORY_FILE, SIGNATURE_FILE}
+               "flexolmo_pretrain.json", "flexolmo_import.json", HISTORY_FILE, SIGNATURE_FILE, PUBLIC_SAMPLE_FILE}
 # Fields of a flex_olmo config that a dense anchor config does not have.
 _MOE_CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
                       "router_aux_loss_coef")
@@ -107,7 +116,13 @@ class PackageExpert:
         return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
 
     def record(self) -> dict:
-        return expert_entry(self.package)
+        entry = expert_entry(self.package)
+        layers = sum(1 for name in self.package.manifest["tensors"] if parse(PACKAGE_ROUTER, name) is not None)
+        if PACKAGE_BIAS.format(layer=0) in self.package.manifest["tensors"]:
+            # No merged format has a router bias: kept here for flexolmo's runtime (`load_model(router_bias=True)`).
+            entry["router_bias"] = [float(self._reader.get(PACKAGE_BIAS.format(layer=layer)))
+                                    for layer in range(layers)]
+        return entry
 
 
 @dataclass
@@ -244,9 +259,13 @@ def _write_merged(
     shard_bytes: int,
     seal=None,
     dtype: torch.dtype | None = None,
+    router_rows: list[torch.Tensor] | None = None,
+    extra_metadata: dict | None = None,
 ) -> dict:
     """Write the merged checkpoint; `seal(staging, metadata)` runs inside the staging directory once every file
-    is written, before it is published (trust checks, log, signature)."""
+    is written, before it is published (trust checks, log, signature). `router_rows` (one (E, H) matrix per
+    layer) replaces the experts' own rows (router tuning); `extra_metadata` adds keys to the metadata (records
+    of later steps such as tuning)."""
     _check_names(experts)
     check_top_k(top_k, len(experts))
     clashes = [name for name in shared_names if is_extra_tensor(family, name)]
@@ -255,19 +274,21 @@ def _write_merged(
                          "zero tensor; this anchor is not supported")
     layers = anchor_config["num_hidden_layers"]
     dtype = dtype or base.dtype(shared_names[0])
-    dropped_bias = [e.name for e in experts if isinstance(e, PackageExpert)
-                    and PACKAGE_BIAS.format(layer=0) in e.package.manifest["tensors"]]
+    records = [expert.record() for expert in experts]
+    dropped_bias = [record["name"] for record in records if "router_bias" in record]
     for name in dropped_bias:
         console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {family.moe_model_type} format "
-                      "has no router bias, so it is left out (the paper's released models also omit it)")
+                      f"has no router bias, so transformers and vLLM run without it (kept in {MERGED_METADATA_FILE} "
+                      "for flexolmo's runtime only)")
     metadata = {
         "format": MERGED_FORMAT,
         "format_version": MERGED_FORMAT_VERSION,
         "anchor": {"fingerprint": anchor_fingerprint, "config": _public_anchor_config(anchor_config)},
         "top_k": top_k,
         "dtype": dtype_name(dtype),
-        "experts": [expert.record() for expert in experts],
+        "experts": records,
         "router_bias_dropped": dropped_bias,
+        **(extra_metadata or {}),
         "created": utc_now(),
         "versions": software_versions(),
     }
@@ -282,7 +303,10 @@ def _write_merged(
                     for proj in family.ffn_projections:
                         writer.add(family.merged_expert.format(layer=layer, expert=index, proj=proj),
                                    expert.ffn(layer, proj).to(dtype))
-                rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
+                if router_rows is None:
+                    rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
+                else:
+                    rows = router_rows[layer].to(dtype)
                 writer.add(family.merged_router.format(layer=layer), rows)
                 for extra in family.extra_tensors:
                     zeros = torch.zeros(extra.shape(anchor_config), dtype=dtype)
@@ -290,7 +314,8 @@ def _write_merged(
                 advance()
             writer.finish()
         digests = writer.digests([expert.name for expert in experts])
-        _check_kept_slots(experts, digests)
+        if router_rows is None:  # new rows change the digests on purpose; the source was verified instead
+            _check_kept_slots(experts, digests)
         for entry, digest in zip(metadata["experts"], digests):
             entry["slot_sha256"] = digest
         atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k, dtype))
@@ -395,7 +420,8 @@ def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | st
     if clashes:
         raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
     return _write_merged(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint,
-                         family, top_k, info.path, shard_bytes, _sealer(trust, info.path, "add", joining, []))
+                         family, top_k, info.path, shard_bytes, _sealer(trust, info.path, "add", joining, []),
+                         extra_metadata=_carried_records(info))
 
 
 def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
@@ -427,5 +453,37 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
         console.print(f"[yellow]note:[/] top-k lowered from {info.metadata['top_k']} to {top_k}: only {len(kept)} "
                       "expert(s) are left")
     return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
-                         info.path, shard_bytes, _sealer(trust, info.path, "remove", [], removed))
+                         info.path, shard_bytes, _sealer(trust, info.path, "remove", [], removed),
+                         extra_metadata=_carried_records(info))
+
+
+def _carried_records(info: MergedModelInfo) -> dict:
+    """Records of earlier steps that still describe the tensors kept (the tuned router rows stay tuned)."""
+    return {key: info.metadata[key] for key in (ROUTER_TUNING_KEY,) if key in info.metadata}
+
+
+def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Path | str, record: dict,
+                        shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
+    """A copy of a merged checkpoint with new router rows (one (E, H) matrix per layer, router tuning), every
+    other tensor bit for bit; `record` says what produced the rows and is appended to the tuning history.
+
+    The source's slots are checked against their digests first; the copy records new slot digests (a slot's
+    digest covers its router row), logs the operation and, with `trust.sign_key`, is signed."""
+    out = Path(out)
+    trust = trust or CoordinatorTrust()
+    _refuse_existing(out)
+    info = read_merged_info(model_dir)
+    family = anchor_family(info.anchor_config, model_dir)
+    check_unchanged(info.path)
+    verify_slots(info.path, info.metadata, info.expert_names, family.ffn_projections)
+    reader, experts, shared = _merged_sources(info, family)
+    expected = (len(experts), info.anchor_config["hidden_size"])
+    if len(rows) != info.anchor_config["num_hidden_layers"] or any(tuple(r.shape) != expected for r in rows):
+        raise MergeError(f"replacement router rows do not fit {model_dir}: need "
+                         f"{info.anchor_config['num_hidden_layers']} matrices of shape {expected}")
+    history = [*info.metadata.get(ROUTER_TUNING_KEY, []), record]
+    return _write_merged(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
+                         info.metadata["top_k"], info.path, shard_bytes,
+                         _sealer(trust, info.path, "tune-router", [], []), router_rows=rows,
+                         extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
 

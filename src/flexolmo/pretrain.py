@@ -23,6 +23,7 @@ from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES, score_stream
 from flexolmo.fileio import atomic_directory, atomic_write_json
 from flexolmo.progress import console
 from flexolmo.provenance import input_hashes, software_versions, utc_now
+from flexolmo.public_sample import write_public_sample
 from flexolmo.router_init import mean_direction_rows, save_public_rows
 from flexolmo.run_state import check_work_dir, work_dir_for, work_directory
 from flexolmo.training import OptimConfig, train
@@ -165,6 +166,8 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> dict:
         with atomic_directory(config.out) as staging:
             model.to(getattr(torch, config.save_dtype)).save_pretrained(str(staging))
             save_public_rows(config.out, public_rows, staging=staging)
+            # Owners mix this sample of the anchor's own training text into their batches by default.
+            write_public_sample(staging, config.data, split_train, config.text_field, config.heldout_fraction)
             tokenizer.save_pretrained(str(staging))
             atomic_write_json(staging / "flexolmo_pretrain.json", summary)
     shutil.rmtree(work)

@@ -171,12 +171,14 @@ def compute_public_rows(
     anchor_dir: Path, data: list[Path], seq_len: int, max_sequences: int, text_field: str, device: str,
     dtype: torch.dtype = torch.float32, force: bool = False,
 ) -> tuple[str | None, str]:
-    """Average public text into the anchor's public router rows and write them beside it.
+    """Average public text into the anchor's public router rows and write them beside it, together with the
+    public text sample owners mix into their training (`public_sample`).
 
     Returns the fingerprint before (None when the anchor had no rows) and after. Rows that exist are replaced
     only with `force`: the fingerprint changes, and every package trained on the old one stops verifying."""
     from flexolmo.anchor import check_context, compute_fingerprint, load_anchor, read_config
     from flexolmo.data import load_token_stream
+    from flexolmo.public_sample import write_public_sample
 
     if seq_len < 1 or max_sequences < 1:
         raise DataError(f"--seq-len ({seq_len}) and --sequences ({max_sequences}) must be at least 1")
@@ -190,4 +192,5 @@ def compute_public_rows(
                           "anchor would then fail verification and merge; pass --force to recompute them anyway")
     stream = load_token_stream(data, anchor.tokenizer, "all", text_field)
     save_public_rows(anchor_dir, mean_direction_rows(anchor.model, stream, seq_len, max_sequences))
+    write_public_sample(anchor_dir, data, "all", text_field)
     return (anchor.fingerprint if had_rows else None), compute_fingerprint(anchor_dir)

@@ -21,12 +21,19 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.anchor import (ANCHOR_FAMILIES, MERGED_MODEL_TYPES, AnchorFamily, anchor_family, load_pretrained,
-                             load_tokenizer, read_config)
+from flexolmo.anchor import (
+    ANCHOR_FAMILIES,
+    MERGED_MODEL_TYPES,
+    AnchorFamily,
+    anchor_family,
+    load_pretrained,
+    load_tokenizer,
+    read_config,
+)
 from flexolmo.devices import check_device
 from flexolmo.errors import AnchorError, MergeError
 from flexolmo.merge import PUBLIC_EXPERT, MergedModelInfo, is_extra_tensor, merged_config, read_merged_info
-from flexolmo.moe import convert_to_moe, set_active_experts
+from flexolmo.moe import convert_to_moe, moe_blocks, set_active_experts
 from flexolmo.tensor_io import LazyReader
 from flexolmo.trust.record import verify_slots
 from flexolmo.weights import RUNTIME_ROUTER_ROW, parse
@@ -86,7 +93,7 @@ def _check_config(info: MergedModelInfo, family: AnchorFamily) -> None:
                          f"{changed[0]}); the checkpoint was altered: merge it again")
 
 
-def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+def _load_merged(path: Path, dtype: torch.dtype, device: str, router_bias: bool = False) -> LoadedModel:
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -103,7 +110,23 @@ def _load_merged(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
         convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts,
                        top_k=config["num_experts_per_tok"])
     _copy_weights(path, model, family, tied_head=bool(config.get("tie_word_embeddings")))
+    if router_bias:
+        _install_router_bias(model, info.metadata["experts"])
     return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names, info.metadata)
+
+
+@torch.no_grad()
+def _install_router_bias(model: torch.nn.Module, entries: list[dict]) -> None:
+    """Give each expert with a learned router bias (kept by the merge in its metadata entry) that bias again.
+
+    flexolmo's runtime only: the flex_olmo format has no router bias, so transformers and vLLM compute the
+    checkpoint without it. Used to measure what the bias is worth at inference."""
+    for layer, block in enumerate(moe_blocks(model)):
+        for index, entry in enumerate(entries):
+            if "router_bias" in entry:
+                row = block.gate.rows[index]
+                row.bias = torch.nn.Parameter(row.weight.new_tensor([entry["router_bias"][layer]]),
+                                              requires_grad=False)
 
 
 def _runtime_tensors(name: str, reader: LazyReader, family: AnchorFamily) -> list[tuple[str, torch.Tensor]]:
@@ -147,14 +170,16 @@ def _copy_weights(path: Path, model: torch.nn.Module, family: AnchorFamily, tied
 
 
 def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> LoadedModel:
-    """Load a dense or merged model directory, with `exclude` experts masked."""
+               device: str = "cpu", router_bias: bool = False) -> LoadedModel:
+    """Load a dense or merged model directory, with `exclude` experts masked. `router_bias=True` applies the
+    owners' learned router biases that a merged checkpoint keeps in its metadata (not read by transformers or
+    vLLM, so the result is then a model only flexolmo runs)."""
     path = Path(path)
     check_device(device)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type in MERGED_MODEL_TYPES:
-        loaded = _load_merged(path, dtype, device)
+        loaded = _load_merged(path, dtype, device, router_bias)
     elif model_type in ANCHOR_FAMILIES:
         loaded = LoadedModel(path, load_pretrained(path, dtype, device), load_tokenizer(path))
     else:

@@ -17,9 +17,9 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from flexolmo.errors import FlexOlmoError
 from flexolmo.runtime import LoadedModel

@@ -23,6 +23,8 @@ COMMANDS = {
     "add": "add",
     "remove": "remove",
     "history": "history",
+    "select-proxy": "select_proxy",
+    "tune-router": "tune_router",
     "generate": "generate",
     "eval": "evaluate",
     "eval-tasks": "eval_tasks",

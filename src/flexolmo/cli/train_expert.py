@@ -35,10 +35,11 @@ def register(subparsers, name: str) -> None:
     method.add_argument("--router-init", default=None, choices=sorted([*ROUTER_INITS, DP_ROUTER_INIT]),
                         help="initialisation of your router row; when not given, mean_hidden (public under DP)")
     method.add_argument("--router-init-sequences", type=int, default=64, help="sequences averaged for the row")
-    method.add_argument("--public-data", nargs="*", default=[], metavar="FILE",
-                        help="public text files mixed into your batches")
-    method.add_argument("--public-share", type=float, default=0.0,
-                        help="share of each batch from --public-data (teaches your router row where not to win)")
+    method.add_argument("--public-data", nargs="*", default=[],
+                        help="public text mixed into your batches, instead of the anchor's public sample")
+    method.add_argument("--public-share", type=float, default=None,
+                        help="share of each batch that is public text, which teaches your router row where not to "
+                             "win; unset: 0.5 when public text is available; 0 turns mixing off")
     method.add_argument("--negative-bias", action="store_true", help="learn a router bias <= 0 for the expert")
     method.add_argument("--z-loss", type=float, default=1e-3, help="router z-loss coefficient")
     method.add_argument("--eval-max-sequences", type=int, default=DEFAULT_EVAL_MAX_SEQUENCES,

@@ -16,7 +16,14 @@ from flexolmo.merge import MERGED_METADATA_FILE, read_merged_info
 from flexolmo.package import load_package
 from flexolmo.trust.history import check_unchanged, read_history
 from flexolmo.trust.record import verify_slots
-from flexolmo.trust.signing import Signer, TrustedKeys, check_signing_key, key_signer, sign_directory, verify_directory
+from flexolmo.trust.signing import (
+    Signer,
+    TrustedKeys,
+    check_signing_key,
+    key_signer,
+    sign_directory,
+    verify_directory,
+)
 
 
 def is_merged_model(path: Path | str) -> bool:

@@ -1,0 +1,58 @@
+"""The owners' negative router bias: kept by the merge beside the checkpoint, applied only by flexolmo's runtime."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import tiny_optim
+
+from flexolmo.anchor import load_anchor
+from flexolmo.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.merge import MERGED_METADATA_FILE, merge, remove_experts
+from flexolmo.package import load_package, write_package
+from flexolmo.runtime import load_model
+
+IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+BIAS = [-0.75, -1.5]
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_merge_keeps_the_bias_and_the_runtime_applies_it_on_request(tiny_anchor, corpora, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=tmp_path / "trained",
+                              negative_bias=True, optim=tiny_optim(steps=4, lr=2e-2)))
+    # The same expert with a bias far from zero, so that applying it or not visibly changes the outputs.
+    package = load_package(tmp_path / "trained")
+    tensors = {**package.tensors, **{f"layers.{i}.router.bias": torch.tensor([b]) for i, b in enumerate(BIAS)}}
+    fields = {k: v for k, v in package.manifest.items() if k not in ("format", "format_version", "name", "tensors",
+                                                                    "tensors_sha256", "file_sha256")}
+    write_package(tmp_path / "code", "code", tensors, fields)
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["math"]], name="math", out=tmp_path / "math",
+                              optim=tiny_optim(steps=4, lr=2e-2)))
+
+    merge(tiny_anchor, [tmp_path / "code"], tmp_path / "pair", top_k=2)
+    metadata = json.loads((tmp_path / "pair" / MERGED_METADATA_FILE).read_text())
+    assert metadata["router_bias_dropped"] == ["code"] and metadata["experts"][1]["router_bias"] == BIAS
+    owner = load_package_into_owner_model(load_anchor(tiny_anchor), load_package(tmp_path / "code").tensors)
+    with_bias = load_model(tmp_path / "pair", router_bias=True)
+    without = load_model(tmp_path / "pair")
+    # With the bias the merged pair is exactly the owner's training model; without it, what transformers computes.
+    assert (logits(with_bias.model) - logits(owner)).abs().max() <= 1e-5
+    assert (logits(without.model) - logits(owner)).abs().max() > 1e-3
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "pair")
+    assert (logits(hf) - logits(without.model)).abs().max() <= 1e-5
+
+    # The record follows its expert through add and remove, and leaves with it.
+    merge(tiny_anchor, [tmp_path / "math", tmp_path / "code"], tmp_path / "three", top_k=2)
+    remove_experts(tmp_path / "three", ["math"], tmp_path / "code-left")
+    assert (logits(load_model(tmp_path / "code-left", router_bias=True).model) -
+            logits(load_model(tmp_path / "three", router_bias=True, exclude=["math"]).model)).abs().max() <= 1e-5
+    remove_experts(tmp_path / "three", ["code"], tmp_path / "math-left")
+    left = json.loads((tmp_path / "math-left" / MERGED_METADATA_FILE).read_text())
+    assert left["router_bias_dropped"] == [] and all("router_bias" not in e for e in left["experts"])
