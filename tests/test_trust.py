@@ -351,7 +351,7 @@ def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, t
     report = json.loads(owner_report_path(out).read_text())
     training = manifest["training"]
     released = {key for key, value in training.items() if value is not None}
-    assert released == {"config", "tokens", "public_share", "public_data"}
+    assert released == {"config", "tokens", "public_share", "public_data", "heldout_dtype"}
     assert manifest["privacy"]["dp"]["epsilon"] <= 8 and not manifest["privacy"]["router_row_from_private_data"]
     # Canary: no number computed from the owner's data outside DP appears anywhere in the package.
     text = (out / MANIFEST_FILE).read_text()
@@ -398,7 +398,7 @@ def test_bad_arguments_and_inputs_end_in_one_line(signed, tiny_anchor, corpora, 
     lone.write_text('{"text": "one document only"}\n')
     one_line_error(capsys, ["train-expert", "--anchor", anchor, "--data", str(surrogate), "--name", "x", "--out",
                             str(tmp_path / "x"), "--seq-len", "32"], "lone surrogate escape")
-    one_line_error(capsys, ["eval", "--model", anchor, "--data", f"x={lone}", "--seq-len", "32"],
+    one_line_error(capsys, ["eval", "--model", anchor, "--data", f"x={lone}", "--split", "heldout", "--seq-len", "32"],
                    "none of its 1 document(s) falls in its heldout split")
     one_line_error(capsys, ["train-expert", "--anchor", anchor, "--data", str(corpora["code"]), "--name", "public",
                             "--out", str(tmp_path / "x")], "the name 'public' is reserved")
