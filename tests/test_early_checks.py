@@ -10,7 +10,7 @@ from flexolmo.errors import CheckpointError, DataError, FlexOlmoError
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
 from flexolmo.privacy import DPConfig
-from flexolmo.training import CHECKPOINT_DIRNAME
+from flexolmo.run_state import CHECKPOINT_DIRNAME
 
 SHAPE = AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                     max_position_embeddings=128)
