@@ -31,8 +31,9 @@ def demo_data(tmp_path_factory) -> Path:
     vocab = {"public": PUBLIC_WORDS, **{d: words + PUBLIC_WORDS[:6] for d, words in DOMAIN_VOCAB.items()}}
     for seed, (domain, words) in enumerate(vocab.items()):
         docs = synthetic_documents(words, 90, seed=seed)
-        write_gz(root / f"{domain}.train.jsonl.gz", docs[:75])
-        write_gz(root / f"{domain}.heldout.jsonl.gz", docs[75:])
+        write_gz(root / f"{domain}.train.jsonl.gz", docs[:70])
+        write_gz(root / f"{domain}.validation.jsonl.gz", docs[70:80])
+        write_gz(root / f"{domain}.heldout.jsonl.gz", docs[80:])
     pretrain(PretrainConfig(data=[root / "public.train.jsonl.gz"], heldout=[root / "public.heldout.jsonl.gz"],
                             out=root / "anchor", optim=tiny_optim(steps=30),
                             shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
@@ -56,8 +57,8 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "BranchTrainMergeEnsemble", CountingBTM)
     results = run_demo(config)
     monkeypatch.undo()
-    expected = {"public", "model_soup", "btm", "btx_uncoordinated", "prompt_routing", "unrestricted", "flexolmo",
-                *(f"dense_{d}" for d in CLOSED_DOMAINS)}
+    expected = {"public", "model_soup", "btm", "prompt_routing", "unrestricted", "btx_untuned", "btx",
+                "flexolmo_untuned", "flexolmo", *(f"dense_{d}" for d in CLOSED_DOMAINS)}
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(saved["methods"]) == expected and saved["quick"] is True
     for method, row in saved["methods"].items():
@@ -68,8 +69,21 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     assert soup["members"] == ["anchor", *CLOSED_DOMAINS] and ensembles == [1 + len(CLOSED_DOMAINS)]
     costs = saved["costs"]
     assert costs["btm"]["forward_passes_per_token"] == 1 + len(CLOSED_DOMAINS)
-    assert costs["flexolmo"]["owner_tokens"] < costs["btx_uncoordinated"]["owner_tokens"]
-    assert costs["flexolmo"]["training_flops"] > costs["btx_uncoordinated"]["training_flops"]
+    # Every dense baseline gets at least FlexOlmo's training compute; FlexOlmo's owners spend half on public text.
+    assert costs["flexolmo"]["owner_tokens"] < costs["btx_untuned"]["owner_tokens"]
+    for method in ("model_soup", "btm", "prompt_routing", "btx_untuned", "btx", "unrestricted"):
+        assert costs[method]["training_flops"] >= costs["flexolmo"]["training_flops"], method
+    assert costs["flexolmo"]["training_flops"] > costs["flexolmo_untuned"]["training_flops"]
+    # Router tuning: each method keeps the learning rate with the best validation closed average, and the
+    # reported model is that tuned checkpoint (its metadata records the tuning).
+    for method in ("flexolmo", "btx"):
+        selection = saved["router_tuning"][method]
+        best = min(selection["validation"], key=lambda lr: selection["validation"][lr]["closed_average"])
+        assert selection["chosen_lr"] == float(best) and len(selection["validation"]) == len(config.tune_lrs)
+        chosen = tmp_path / "demo" / "models" / f"{method}_tuned_lr{best}" / "flexolmo_experts.json"
+        assert json.loads(chosen.read_text())["router_tuning"][-1]["optim"]["lr"] == float(best)
+    assert saved["details"]["flexolmo"]["model"] == "flexolmo" and saved["methods"]["flexolmo"] != \
+        saved["methods"]["flexolmo_untuned"]
     assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "not meaningful" in report and "| flexolmo |" in report
@@ -83,6 +97,8 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "train_expert", refuse)
     monkeypatch.setattr(demo_module, "train_dense_expert", refuse)
     monkeypatch.setattr(demo_module, "evaluate", refuse)
+    monkeypatch.setattr(demo_module, "tune_router", refuse)
+    monkeypatch.setattr(demo_module, "select_proxies", refuse)
     assert run_demo(config)["methods"] == results["methods"]
 
 
@@ -102,15 +118,29 @@ def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     if not (shipped_data_dir() / "anchor" / "config.json").exists():
         pytest.fail("the shipped demo anchor is missing from data/demo/anchor")
     results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick"))
-    assert results["quick"] and len(results["methods"]) == 12
+    assert results["quick"] and len(results["methods"]) == 14
     assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()
 
 
-def test_device_is_not_part_of_the_demo_settings_and_float32_keeps_earlier_runs_resumable():
+def test_device_is_not_part_of_the_demo_settings_but_dtype_is():
     from flexolmo.demo import DemoConfig
-    from flexolmo.training import config_digest
 
     default = DemoConfig()
-    before_dtype_existed = config_digest(default.model_dump(mode="json", exclude={"out", "device", "dtype"}))
-    assert default.digest() == before_dtype_existed == DemoConfig(device="cuda").digest()
+    assert default.digest() == DemoConfig(device="cuda").digest()
     assert DemoConfig(dtype="bfloat16").digest() != default.digest()
+
+
+def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
+    from flexolmo.compute import training_flops_per_token
+    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, flexolmo_runs
+
+    anchor = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "vocab_size": 4096}
+    config = DemoConfig()
+    flexolmo = sum(run.flops(anchor, config.seq_len) for run in flexolmo_runs(config))
+    step = config.batch_size * config.seq_len * training_flops_per_token(anchor, config.seq_len, "dense_ffn")
+    steps = config.dense_steps(anchor)
+    assert len(CLOSED_DOMAINS) * steps * step >= flexolmo > len(CLOSED_DOMAINS) * (steps - 1) * step
+    assert steps > config.expert_steps  # a coordinated step costs more than a dense one
+    # More tuning learning rates tried is more FlexOlmo compute, so more dense steps.
+    assert DemoConfig(tune_lrs=(1e-3, 3e-3, 1e-2)).dense_steps(anchor) >= steps

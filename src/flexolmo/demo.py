@@ -1,10 +1,14 @@
 """The demo: the whole FlexOlmo story on the shipped anchor and corpora, with every baseline.
 
-Five owners (code, math, legal, biomedical, literature) each train an expert alone; the coordinator merges
-them; every baseline is built from the same anchor and token budget; every model is scored by the same
-evaluation on the held-out public, closed and mixed-domain text; each expert is then withdrawn in turn.
-Every step writes its output under `out/` atomically and is skipped when that output exists, so an interrupted
-demo resumes where it stopped.
+Five owners (code, math, legal, biomedical, literature) each train an expert alone (half of every batch is the
+anchor's public sample, train-expert's default) and choose public proxy documents like their data; the
+coordinator merges the experts and tunes the router rows on the proxies (the paper's full method). Every
+baseline merges the same members (the public anchor and five owners' dense experts) and gets at least
+FlexOlmo's training compute (dense steps are matched by FLOPs, `flexolmo.compute`). Every choice (the router
+tuning's learning rate, for FlexOlmo and for BTX alike) is made on the `*.validation` text; every reported
+number is on the `*.heldout` text, which nothing trains on or is chosen by. Each expert is then withdrawn in
+turn. Every step writes its output under `out/` atomically and is skipped when that output exists, so an
+interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.fileio import atomic_write_bytes, atomic_write_json
 from flexolmo.merge import merge
 from flexolmo.progress import console, print_table
+from flexolmo.proxy import ProxyConfig, select_proxies
+from flexolmo.public_sample import anchor_public_sample
 from flexolmo.report import write_report
+from flexolmo.router_tuning import DEFAULT_STEPS as TUNE_STEPS
+from flexolmo.router_tuning import TuneConfig, tune_router
 from flexolmo.runtime import LoadedModel, load_model
 from flexolmo.training import OptimConfig, config_digest
 from flexolmo.trust.admission import AdmissionPolicy, print_report
@@ -56,12 +64,16 @@ class DemoConfig(BaseModel):
     data_dir: Path = Field(default_factory=shipped_data_dir, description="shipped corpora and anchor")
     out: Path = Field(Path("runs/demo"), description="where every artefact and the report go")
     quick: bool = Field(False, description="a smoke run: a few steps and sequences; numbers not meaningful")
-    expert_steps: int = Field(60, ge=1, description="optimizer steps per expert (and per dense expert)")
+    expert_steps: int = Field(60, ge=1, description="optimizer steps per owner's expert")
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=16)
     lr: float = Field(2e-3, gt=0, description="peak learning rate of expert and dense fine-tuning")
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each owner batch drawn from public text")
     top_k: int = Field(2, ge=1, description="experts per token in the merged model")
+    tune_steps: int = Field(TUNE_STEPS, ge=1, description="router tuning steps")
+    tune_lrs: tuple[float, ...] = Field((1e-3, 3e-3), min_length=1,
+                                        description="router tuning learning rates tried; the best closed-domain "
+                                                    "average on validation text is kept")
     btm_top_k: int = Field(2, ge=1, description="experts per position in the BTM ensemble")
     eval_max_sequences: int = Field(48, ge=1, description="held-out sequences scored per domain")
     context_tokens: int = Field(32, ge=0, description="leading tokens of each held-out window given as context "
@@ -76,7 +88,7 @@ class DemoConfig(BaseModel):
     @classmethod
     def quick_run(cls, **overrides) -> "DemoConfig":
         settings = dict(quick=True, expert_steps=3, batch_size=2, eval_max_sequences=3, router_samples=8,
-                        mixed_documents=12, context_tokens=8, out=Path("runs/demo-quick"))
+                        mixed_documents=12, context_tokens=8, tune_steps=2, out=Path("runs/demo-quick"))
         return cls(**{**settings, **overrides})
 
     def optim(self, steps: int) -> OptimConfig:
@@ -85,10 +97,29 @@ class DemoConfig(BaseModel):
                            device=self.device, dtype=self.dtype)
 
     def digest(self) -> str:
-        """What decides the demo's numbers. The device only places the work; float32, the dtype of runs made
-        before --dtype existed, is left out so that those runs keep their digest and resume."""
-        excluded = {"out", "device"} | ({"dtype"} if self.dtype == "float32" else set())
-        return config_digest(self.model_dump(mode="json", exclude=excluded))
+        """What decides the demo's numbers (the device only places the work)."""
+        return config_digest(self.model_dump(mode="json", exclude={"out", "device"}))
+
+    def dense_steps(self, anchor_config: dict) -> int:
+        """Steps of each dense expert so that five of them cost at least FlexOlmo's training: five coordinated
+        experts and every router tuning run (`flexolmo.compute`); never fewer than the owners' steps."""
+        from flexolmo.compute import training_flops_per_token
+
+        flexolmo = sum(run.flops(anchor_config, self.seq_len) for run in flexolmo_runs(self))
+        per_dense_step = self.batch_size * self.seq_len * training_flops_per_token(anchor_config, self.seq_len,
+                                                                                    "dense_ffn")
+        steps = -(-flexolmo // (len(CLOSED_DOMAINS) * per_dense_step))  # ceiling
+        return max(self.expert_steps, int(steps))
+
+
+def flexolmo_runs(config: DemoConfig) -> list:
+    """FlexOlmo's training runs: five coordinated experts, then one router tuning per learning rate tried."""
+    from flexolmo.compute import TrainingRun
+
+    owner_sequences = config.batch_size - round(config.batch_size * config.public_share)
+    owners = [TrainingRun("coordinated", config.expert_steps, config.batch_size, owner_sequences)]
+    tunings = [TrainingRun("router_only", config.tune_steps, config.batch_size, 0, top_k=config.top_k)]
+    return owners * len(CLOSED_DOMAINS) + tunings * len(config.tune_lrs)
 
 
 class Demo:
@@ -113,9 +144,18 @@ class Demo:
     def heldout_file(self, domain: str) -> Path:
         return self.config.data_dir / f"{domain}.heldout.jsonl.gz"
 
+    def validation_file(self, domain: str) -> Path:
+        return self.config.data_dir / f"{domain}.validation.jsonl.gz"
+
+    def public_pool(self) -> Path:
+        """The coordinator's public text: the anchor's published sample, where owners pick proxies."""
+        return self.anchor_dir / "flexolmo_public_sample.jsonl.gz"
+
     def check_inputs(self) -> None:
-        missing = [str(p) for d in (PUBLIC, *CLOSED_DOMAINS) for p in (self.train_file(d), self.heldout_file(d))
-                   if not p.exists()]
+        missing = [str(p) for d in (PUBLIC, *CLOSED_DOMAINS)
+                   for p in (self.train_file(d), self.validation_file(d), self.heldout_file(d)) if not p.exists()]
+        if anchor_public_sample(self.anchor_dir) is None:
+            missing.append(str(self.public_pool()))
         if missing or not (self.anchor_dir / "config.json").exists():
             raise DataError(f"shipped demo data is missing under {self.config.data_dir} "
                             f"({', '.join(missing) or 'anchor'}); run from a full clone of the repository")
@@ -136,23 +176,43 @@ class Demo:
                 train_expert(ExpertConfig(
                     anchor=self.anchor_dir, data=[self.train_file(domain)], heldout=[self.heldout_file(domain)],
                     name=domain, out=packages[domain], eval_max_sequences=self.config.eval_max_sequences,
-                    public_data=[self.train_file(PUBLIC)], public_share=self.config.public_share,
+                    public_share=self.config.public_share,  # of the anchor's public sample, the default
                     optim=self.config.optim(self.config.expert_steps)), resume=self._resumable(packages[domain]))
         return packages
 
+    def select_proxies(self) -> list[Path]:
+        """Each owner, alone, names the public documents most like its data (content hashes, no text)."""
+        files = []
+        for domain in CLOSED_DOMAINS:
+            out = self.out / "proxies" / f"{domain}.json"
+            if not out.exists():
+                console.rule(f"owner '{domain}' selects public proxy documents")
+                select_proxies(ProxyConfig(data=[self.train_file(domain)], public=[self.public_pool()], name=domain,
+                                           out=out, anchor=self.anchor_dir, device=self.config.device,
+                                           seed=self.config.seed, **self._proxy_sizes()))
+            files.append(out)
+        return files
+
+    def _proxy_sizes(self) -> dict:
+        return {"max_documents": 24, "fraction": 0.05} if self.config.quick else {}
+
+    def dense_steps(self) -> int:
+        from flexolmo.anchor import read_config
+
+        return self.config.dense_steps(read_config(self.anchor_dir))
+
     def train_dense(self) -> dict[str, Path]:
-        dense = {}
+        dense, steps = {}, self.dense_steps()
         for domain in CLOSED_DOMAINS:
             dense[domain] = self.out / "dense" / domain
             if not dense[domain].exists():
-                console.rule(f"baseline: dense expert '{domain}'")
-                train_dense_expert(self.anchor_dir, [self.train_file(domain)], dense[domain],
-                                   self.config.optim(self.config.expert_steps))
+                console.rule(f"baseline: dense expert '{domain}' ({steps} steps, FLOP-matched to FlexOlmo)")
+                train_dense_expert(self.anchor_dir, [self.train_file(domain)], dense[domain], self.config.optim(steps))
         pooled = self.out / "dense" / "unrestricted"
         if not pooled.exists():
-            console.rule("baseline: unrestricted (all closed data pooled, same total tokens)")
+            console.rule("baseline: unrestricted (all closed data pooled, the five dense experts' compute)")
             train_dense_expert(self.anchor_dir, [self.train_file(d) for d in CLOSED_DOMAINS], pooled,
-                               self.config.optim(self.config.expert_steps * len(CLOSED_DOMAINS)))
+                               self.config.optim(steps * len(CLOSED_DOMAINS)))
         dense["unrestricted"] = pooled
         return dense
 
@@ -161,16 +221,16 @@ class Demo:
 
     # -- coordinator -------------------------------------------------------------------------------------
     def build_models(self, packages: dict[str, Path], dense: dict[str, Path]) -> dict[str, Path]:
-        models = {"flexolmo": self.out / "models" / "flexolmo",
-                  "btx_uncoordinated": self.out / "models" / "btx_uncoordinated",
+        models = {"flexolmo_untuned": self.out / "models" / "flexolmo_untuned",
+                  "btx_untuned": self.out / "models" / "btx_untuned",
                   "model_soup": self.out / "models" / "model_soup"}
-        if not models["flexolmo"].exists():
-            console.rule("coordinator merges the five experts (admission checks on public held-out text)")
-            trust = CoordinatorTrust(admission=AdmissionPolicy(), probe=([self.heldout_file(PUBLIC)], "all"),
+        if not models["flexolmo_untuned"].exists():
+            console.rule("coordinator merges the five experts (admission checks on public validation text)")
+            trust = CoordinatorTrust(admission=AdmissionPolicy(), probe=([self.validation_file(PUBLIC)], "all"),
                                      on_admission=self._show_admission)
-            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], models["flexolmo"], self.config.top_k,
-                  trust=trust)
-        if not models["btx_uncoordinated"].exists():
+            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], models["flexolmo_untuned"],
+                  self.config.top_k, trust=trust)
+        if not models["btx_untuned"].exists():
             console.rule("baseline: BTX from uncoordinated dense experts")
             anchor = load_anchor(self.anchor_dir, dtype=getattr(torch, self.config.dtype),
                                  device=self.config.device)
@@ -182,11 +242,44 @@ class Demo:
                     dense_expert_package(anchor, dense[domain], stream, domain, target, "mean_hidden",
                                          self.config.seq_len, 64, self.config.seed)
                 dense_packages.append(target)
-            merge(self.anchor_dir, dense_packages, models["btx_uncoordinated"], self.config.top_k)
+            merge(self.anchor_dir, dense_packages, models["btx_untuned"], self.config.top_k)
         if not models["model_soup"].exists():
             console.rule("baseline: model soup")
             model_soup(self.anchor_dir, [self.anchor_dir, *[dense[d] for d in CLOSED_DOMAINS]], models["model_soup"])
         return models
+
+    def tune(self, models: dict[str, Path], proxies: list[Path]) -> tuple[dict[str, Path], dict]:
+        """Router tuning of FlexOlmo and of BTX at every learning rate tried; each keeps the one whose closed-domain
+        average on validation text is best. Returns the chosen models and every validation score."""
+        chosen, selection = {}, {}
+        for method, untuned in (("flexolmo", models["flexolmo_untuned"]), ("btx", models["btx_untuned"])):
+            scores = {}
+            for lr in self.config.tune_lrs:
+                tuned = self.out / "models" / f"{method}_tuned_lr{lr:g}"
+                if not tuned.exists():
+                    console.rule(f"coordinator tunes the router of {method} (lr {lr:g}, {self.config.tune_steps} "
+                                 "steps) on the owners' proxies and public text")
+                    optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
+                    tune_router(TuneConfig(model=untuned, public=[self.public_pool()], proxies=proxies, out=tuned,
+                                           optim=optim), resume=self._resumable(tuned))
+                scores[f"{lr:g}"] = self.validated(f"{method}_tuned_lr{lr:g}", tuned)
+            best = min(scores, key=lambda lr: scores[lr]["closed_average"])
+            chosen[method] = self.out / "models" / f"{method}_tuned_lr{best}"
+            selection[method] = {"chosen_lr": float(best), "validation": scores}
+        return chosen, selection
+
+    def validated(self, name: str, model: Path) -> dict:
+        """Bits per byte of `model` on the validation text of every domain (cached), for choices only."""
+        cache = self.out / "validation" / f"{name}.json"
+        if not cache.exists():
+            console.rule(f"validation score of {name}")
+            loaded = self.load(model)
+            files = {d: [self.validation_file(d)] for d in (PUBLIC, *CLOSED_DOMAINS)}
+            result = evaluate(loaded.model, loaded.tokenizer, files, self.settings, loaded.expert_names, name)
+            scores = {d: score.bits_per_byte for d, score in result.domains.items()}
+            scores["closed_average"] = sum(scores[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
+            atomic_write_json(cache, scores)
+        return json.loads(cache.read_text())
 
     def _show_admission(self, report) -> None:
         print_report(report)
@@ -238,9 +331,11 @@ class Demo:
             results[f"dense_{domain}"] = self.evaluated(f"dense_{domain}", from_path(dense[domain]))
         results["model_soup"] = self.evaluated("model_soup", from_path(models["model_soup"]))
         results["btm"] = self.evaluated("btm", self._btm(dense))
-        results["btx_uncoordinated"] = self.evaluated("btx_uncoordinated", from_path(models["btx_uncoordinated"]))
         results["prompt_routing"] = self.evaluated("prompt_routing", self._prompt_routing(dense))
         results["unrestricted"] = self.evaluated("unrestricted", from_path(dense["unrestricted"]))
+        results["btx_untuned"] = self.evaluated("btx_untuned", from_path(models["btx_untuned"]))
+        results["btx"] = self.evaluated("btx", from_path(models["btx"]))
+        results["flexolmo_untuned"] = self.evaluated("flexolmo_untuned", from_path(models["flexolmo_untuned"]))
         results["flexolmo"] = self.evaluated("flexolmo", from_path(models["flexolmo"]))
         return results
 
@@ -278,11 +373,15 @@ def run_demo(config: DemoConfig) -> dict:
     demo = Demo(config)
     demo.check_inputs()
     packages = demo.train_experts()
+    proxies = demo.select_proxies()
     dense = demo.train_dense()
     models = demo.build_models(packages, dense)
+    tuned, selection = demo.tune(models, proxies)
+    models.update(tuned)
     evaluations = demo.evaluate_all(dense, models)
     opt_out = demo.opt_out(models["flexolmo"])
     results = summarise(config, evaluations, opt_out, method_costs(config, demo.anchor_dir))
+    results["router_tuning"] = selection
     atomic_write_json(config.out / "results.json", results)
     write_report(config.out, results)
     show(results)
@@ -297,25 +396,29 @@ def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
     from flexolmo.compute import TrainingRun, method_cost
 
     anchor_config = read_config(anchor_dir)
-    steps, batch, owners = config.expert_steps, config.batch_size, len(CLOSED_DOMAINS)
-    dense_run = TrainingRun("dense_ffn", steps, batch, batch)
-    owner_share = batch - round(batch * config.public_share)
-    coordinated_run = TrainingRun("coordinated", steps, batch, owner_share)
-    k, members = config.top_k, len(CLOSED_DOMAINS) + 1
+    batch, owners, k, members = config.batch_size, len(CLOSED_DOMAINS), config.top_k, len(CLOSED_DOMAINS) + 1
+    dense_steps = config.dense_steps(anchor_config)
+    dense_run = TrainingRun("dense_ffn", dense_steps, batch, batch)
+    flexolmo = flexolmo_runs(config)
+    coordinated, tunings = flexolmo[:owners], flexolmo[owners:]
+    tuned = f"router tuned on the owners' proxies ({len(tunings)} learning rates tried on validation)"
     specs = {
         "public": ("the anchor", [], {}),
         **{f"dense_{d}": (f"anchor FFNs fine-tuned on {d}", [dense_run], {}) for d in CLOSED_DOMAINS},
         "model_soup": ("public + 5 dense experts, FFNs averaged", [dense_run] * owners, {}),
         "btm": (f"public + 5 dense experts, ensemble of top-{config.btm_top_k} per position",
                 [dense_run] * owners, {"forward_passes": members}),
-        "btx_uncoordinated": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}", [dense_run] * owners,
-                              {"experts_per_token": k}),
         "prompt_routing": ("public + 5 dense experts, one per window (MiniLM classifier)", [dense_run] * owners,
                            {}),
         "unrestricted": ("anchor FFNs fine-tuned on all closed data pooled",
-                         [TrainingRun("dense_ffn", steps * owners, batch, batch)], {}),
-        "flexolmo": (f"public + 5 coordinated experts, MoE top-{k}", [coordinated_run] * owners,
-                     {"experts_per_token": k}),
+                         [TrainingRun("dense_ffn", dense_steps * owners, batch, batch)], {}),
+        "btx_untuned": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}, router rows from mean hidden states",
+                        [dense_run] * owners, {"experts_per_token": k}),
+        "btx": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}, {tuned}", [dense_run] * owners + tunings,
+                {"experts_per_token": k}),
+        "flexolmo_untuned": (f"public + 5 coordinated experts, MoE top-{k}, no router tuning", coordinated,
+                             {"experts_per_token": k}),
+        "flexolmo": (f"public + 5 coordinated experts, MoE top-{k}, {tuned}", flexolmo, {"experts_per_token": k}),
     }
     return {method: {"members": members_text, **method_cost(anchor_config, config.seq_len, runs, **inference)}
             for method, (members_text, runs, inference) in specs.items()}
