@@ -10,7 +10,7 @@ from flexolmo.errors import CheckpointError, DataError, FlexOlmoError
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
 from flexolmo.privacy import DPConfig
-from flexolmo.run_state import CHECKPOINT_DIRNAME
+from flexolmo.run_state import CHECKPOINT_DIRNAME, STATE_FILE
 
 SHAPE = AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                     max_position_embeddings=128)
@@ -26,6 +26,7 @@ def expert_config(tmp_path, **overrides) -> ExpertConfig:
 
 def test_train_expert_refuses_flag_errors_before_loading_the_anchor(tmp_path):
     (tmp_path / "code.expert.ckpt" / CHECKPOINT_DIRNAME).mkdir(parents=True)
+    (tmp_path / "code.expert.ckpt" / CHECKPOINT_DIRNAME / STATE_FILE).write_text("{}")
     with pytest.raises(CheckpointError, match="pass --resume to continue it"):
         train_expert(expert_config(tmp_path))
     with pytest.raises(CheckpointError, match="nothing to resume"):
@@ -41,6 +42,7 @@ def test_train_expert_refuses_flag_errors_before_loading_the_anchor(tmp_path):
 def test_pretrain_refuses_a_rerun_over_a_checkpoint_before_training_a_tokenizer(tmp_path, corpora):
     work = tmp_path / "anchor.ckpt"
     (work / CHECKPOINT_DIRNAME).mkdir(parents=True)
+    (work / CHECKPOINT_DIRNAME / STATE_FILE).write_text("{}")
     config = PretrainConfig(data=[corpora["public"]], out=tmp_path / "anchor", shape=SHAPE, optim=tiny_optim())
     with pytest.raises(CheckpointError, match="pass --resume"):
         pretrain(config)

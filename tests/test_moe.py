@@ -82,7 +82,8 @@ def test_grouped_dispatch_equals_dense_weighted_sum(anchor, batch, tokens):
             block.active.copy_(torch.tensor(active))
             weights, _ = block.routing_weights(hidden)
             expected = sum(weights[..., e : e + 1] * expert(hidden) for e, expert in enumerate(block.experts))
-            assert ((weights > 0).sum(-1) == 2).all() and (weights[..., 2] == 0).all() != active[2]
+            assert ((weights > 0).sum(-1) == 2).all()
+            assert active[2] or (weights[..., 2] == 0).all()  # a masked expert gets no token
             assert torch.allclose(block(hidden), expected, atol=1e-6)
 
 

@@ -90,7 +90,8 @@ def test_default_merge_keeps_the_anchor_dtype_and_is_the_owners_model_in_it(bf16
     assert {reader.dtype(name) for name in reader.names()} == {torch.bfloat16}
     merged = load_model(tmp_path / "merged", dtype=torch.bfloat16).model
     owner = load_package_into_owner_model(load_anchor(bf16_anchor, dtype=torch.bfloat16), package.tensors)
-    assert torch.equal(logits(merged), logits(owner))
+    # The weights are bit-identical (above); the two model builds may sum in another order (measured 3.6e-7).
+    assert (logits(merged) - logits(owner)).abs().max() < 1e-5
     # The package's held-out number is the merged model's.
     heldout = load_token_stream([corpora["code"]], load_anchor(bf16_anchor, with_model=False).tokenizer, "heldout")
     score = score_stream(merged, heldout, 32, max_sequences=16)
@@ -109,7 +110,8 @@ def test_float32_merge_keeps_the_expert_exact_and_differs_from_the_bf16_merge(bf
     assert torch.equal(reader.get("model.embed_tokens.weight"), anchor.get("model.embed_tokens.weight").float())
     merged = load_model(tmp_path / "f32", dtype=torch.float32).model
     owner = load_package_into_owner_model(load_anchor(bf16_anchor, dtype=torch.float32), package.tensors)
-    assert torch.equal(logits(merged), logits(owner))
+    # The weights are bit-identical (above); the two model builds may sum in another order (measured 3.6e-7).
+    assert (logits(merged) - logits(owner)).abs().max() < 1e-5
     merge(bf16_anchor, [bf16_package], tmp_path / "bf16", top_k=2)
     rounded = load_model(tmp_path / "bf16", dtype=torch.bfloat16).model
     assert (logits(merged) - logits(rounded)).abs().max() > 1e-3  # what every float32-only test cannot see

@@ -344,7 +344,7 @@ def _check_settings(config: ExpertConfig, router_init: str) -> None:
     if config.parallel.replicate_frozen and not config.parallel.fsdp:
         raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
     if config.dp:
-        check_dp_settings(config.optim)
+        check_dp_settings(config.optim.grad_accum)
     if config.public_share and not config.public_data:
         raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
     batch = config.optim.batch_size

@@ -185,8 +185,7 @@ def read_merged_info(path: Path | str) -> MergedModelInfo:
     if metadata.get("format_version") != MERGED_FORMAT_VERSION:
         raise MergeError(f"{path}: written by another flexolmo version (record format "
                          f"{metadata.get('format_version')!r}, this one reads {MERGED_FORMAT_VERSION}); merge it again")
-    if len(metadata.get("experts", [])) != config.get("num_experts") or \
-            metadata.get("top_k") != config.get("num_experts_per_tok"):
+    if len(metadata.get("experts", [])) != config.get("num_experts"):  # top-k is the user's to change
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} does not match config.json; the checkpoint was altered")
     check_record(path, metadata)
     return MergedModelInfo(path, config, metadata)

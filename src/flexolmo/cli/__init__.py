@@ -85,6 +85,10 @@ QUIET_ENVIRONMENT = {
 def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if "transformers" in sys.modules:  # imported before (by the caller): its bars read the setting at import
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     from pydantic import ValidationError
 
     from flexolmo.devices import check_device

@@ -17,7 +17,8 @@ from flexolmo.cli.common import HelpFormatter, add_command, add_data_flags, path
 def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="check data files (overlap between held-out and training text)",
                          description=__doc__)
-    commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True,
+                                     help="what to check")
     overlap = commands.add_parser(
         "overlap", formatter_class=HelpFormatter, help="share of held-out characters found in training text",
         description="Share of each held-out file's characters that lie inside an N-character string which "
