@@ -67,7 +67,7 @@ def check_is_package(path: Path | str) -> None:
         return
     kind = artefact_kind(path)
     hint = {ANCHOR: f"check a package against it with `flexolmo verify PACKAGE --anchor {path}`",
-            MERGED: "its experts were verified when it was merged",
+            MERGED: f"check a merged model with `flexolmo verify {path}`",
             DENSE: "packages are verified against an anchor"}[kind]
     raise PackageError(f"{path} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not an expert package: {hint}; "
                        f"`flexolmo inspect {path}` describes it")
@@ -84,27 +84,38 @@ def describe(path: Path | str) -> Description:
 # -- expert package -----------------------------------------------------------------------------------------
 
 def describe_package(path: Path) -> Description:
-    """A package's manifest (verified first: a damaged package is refused, not described)."""
+    """A package's manifest (verified first: a damaged package is refused, not described), with what each of its
+    fields reveals about the owner's data."""
+    from flexolmo.manifest import describe_disclosure
+    from flexolmo.trust.signing import SIGNATURE_FILE
+
     manifest = load_package(path, with_tensors=False).manifest
-    training = manifest.get("training", {})
-    dp = (manifest.get("privacy") or {}).get("dp")
+    training = manifest["training"]
+    dp = manifest["privacy"]["dp"]
     values = sum(_numel(tensor["shape"]) for tensor in manifest["tensors"].values())
+    if training.get("heldout_loss_before") is None:
+        heldout = "withheld (not covered by DP; in the owner's report)"
+    else:
+        heldout = (f"{training['heldout_loss_before']:.4f} -> {training['heldout_loss_after']:.4f} "
+                   f"({training.get('heldout_dtype') or 'float32'})")
     fields = [
         ("kind", PACKAGE),
         ("name", manifest["name"]),
         ("format version", str(manifest["format_version"])),
         ("anchor fingerprint", manifest["anchor"]["fingerprint"]),
         ("tensors", f"{len(manifest['tensors'])} ({values:,} values)"),
-        ("tokens trained", f"{training.get('tokens', 0):,}"),
-        ("token stream sha256", training.get("token_stream_sha256", "-")),
-        ("held-out loss before -> after", f"{training.get('heldout_loss_before', float('nan')):.4f} -> "
-                                          f"{training.get('heldout_loss_after', float('nan')):.4f}"),
+        ("tokens trained", f"{training['tokens']:,}"),
+        ("held-out loss before -> after", heldout),
         ("differential privacy", "none" if not dp else f"epsilon {dp['epsilon']:.3g}, delta {dp['delta']:.3g}"),
-        ("router row", _router_row(manifest.get("privacy", {}))),
+        ("router row", _router_row(manifest["privacy"])),
+        ("signature", "present (check who signed with `flexolmo verify --trusted-keys`)"
+         if (path / SIGNATURE_FILE).exists() else "none: anyone could have written this package"),
         ("created", manifest.get("created", "-")),
         ("flexolmo version", manifest.get("versions", {}).get("flexolmo", "-")),
     ]
-    return Description(PACKAGE, path, fields, record=manifest)
+    disclosure = DescriptionTable("what this manifest reveals about the owner's data", ["field", "value", "reveals"],
+                                  [list(row) for row in describe_disclosure(manifest)])
+    return Description(PACKAGE, path, fields, [disclosure], record=manifest)
 
 
 def _router_row(privacy: dict) -> str:
