@@ -188,3 +188,29 @@ def test_cli_tune_router(setup, tmp_path, capsys):
             *map(str, setup["proxies"]), "--out", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "4"]
     assert main(args) == 0 and f"wrote tuned model: {out}" in capsys.readouterr().out
     assert main(args) == 1 and "already exists" in capsys.readouterr().err
+
+
+def test_a_tuned_model_is_logged_signed_and_checked_like_every_merged_model(setup, tmp_path):
+    from flexolmo.errors import TrustError
+    from flexolmo.trust.artefacts import verify_merged_model
+    from flexolmo.trust.history import read_history
+    from flexolmo.trust.publish import CoordinatorTrust
+    from flexolmo.trust.signing import TrustedKeys, generate_key_pair
+
+    keys = tmp_path / "keys"
+    generate_key_pair("coordinator", keys)
+    tuned = tmp_path / "tuned-signed"
+    tune_router(tune_config(setup, tuned), trust=CoordinatorTrust(sign_key=keys / "coordinator.key"))
+    assert [record["operation"] for record in read_history(tuned)][-1] == "tune-router"
+    result = verify_merged_model(tuned, TrustedKeys(keys))  # new slot digests cover the tuned rows
+    assert result["signer"].name == "coordinator"
+    # A source whose slot no longer holds what its record names is refused before anything is tuned.
+    altered = tmp_path / "altered"
+    __import__("shutil").copytree(setup["merged"], altered)
+    record = json.loads((altered / MERGED_METADATA_FILE).read_text())
+    record["experts"][1]["slot_sha256"], record["experts"][2]["slot_sha256"] = \
+        record["experts"][2]["slot_sha256"], record["experts"][1]["slot_sha256"]
+    (altered / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    with pytest.raises(TrustError):
+        tune_router(tune_config(setup, tmp_path / "never", model=altered))
+    assert not (tmp_path / "never").exists()
