@@ -102,6 +102,27 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     assert run_demo(config)["methods"] == results["methods"]
 
 
+def test_ablation_adds_its_rows_to_the_same_run(demo_data, tmp_path):
+    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, run_demo
+    from flexolmo.package import load_package
+
+    config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "demo", seq_len=32, expert_steps=4,
+                                  eval_max_sequences=4, router_samples=10)
+    plain = run_demo(config)
+    results = run_demo(config.model_copy(update={"ablation": True}))  # same directory: --ablation only adds
+    assert {m: results["methods"][m] for m in plain["methods"]} == plain["methods"]
+    added = set(results["methods"]) - set(plain["methods"])
+    assert added == {"flexolmo_random_init", "flexolmo_bias_dropped_untuned", "flexolmo_bias_untuned"}
+    for domain in CLOSED_DOMAINS:
+        random_init = load_package(tmp_path / "demo" / "experts_random_init" / domain).manifest
+        assert random_init["privacy"]["router_init"] == "random"
+        biased = load_package(tmp_path / "demo" / "experts_negative_bias" / domain)
+        assert biased.manifest["training"]["config"]["negative_bias"]
+    # The bias rows are the same experts scored without and with their biases: applying them changes scores.
+    assert results["methods"]["flexolmo_bias_untuned"] != results["methods"]["flexolmo_bias_dropped_untuned"]
+    assert "without the domain-informed router initialisation" in (tmp_path / "demo" / "report.md").read_text()
+
+
 def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
     from flexolmo.demo import Demo, DemoConfig
     from flexolmo.errors import DataError

@@ -80,6 +80,8 @@ class DemoConfig(BaseModel):
                                 "and not scored; prompt routing chooses its member from them")
     router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
+    ablation: bool = Field(False, description="also train the experts twice more: with a random router row and "
+                                               "with the negative bias (about 10 more minutes)")
     seed: int = 0
     device: str = Field("cpu", description="torch device every model trains and runs on")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
@@ -98,7 +100,8 @@ class DemoConfig(BaseModel):
 
     def digest(self) -> str:
         """What decides the demo's numbers (the device only places the work)."""
-        return config_digest(self.model_dump(mode="json", exclude={"out", "device"}))
+        # --ablation only adds steps: a run with it extends, and reuses, the run without it.
+        return config_digest(self.model_dump(mode="json", exclude={"out", "device", "ablation"}))
 
     def dense_steps(self, anchor_config: dict) -> int:
         """Steps of each dense expert so that five of them cost at least FlexOlmo's training: five coordinated
@@ -133,10 +136,10 @@ class Demo:
                                       split="all", context_tokens=config.context_tokens, device=config.device,
                                       dtype=config.dtype)
 
-    def load(self, path: Path, exclude: Sequence[str] = ()) -> LoadedModel:
+    def load(self, path: Path, exclude: Sequence[str] = (), router_bias: bool = False) -> LoadedModel:
         """A model of the demo, on the demo's device and in its dtype."""
         return load_model(path, exclude=list(exclude), dtype=getattr(torch, self.config.dtype),
-                          device=self.config.device)
+                          device=self.config.device, router_bias=router_bias)
 
     def train_file(self, domain: str) -> Path:
         return self.config.data_dir / f"{domain}.train.jsonl.gz"
@@ -167,17 +170,19 @@ class Demo:
         atomic_write_json(settings_file, {"digest": digest, "config": self.config.model_dump(mode="json")})
 
     # -- owners -----------------------------------------------------------------------------------------
-    def train_experts(self) -> dict[str, Path]:
+    def train_experts(self, variant: str = "", **settings) -> dict[str, Path]:
+        """The five owners' experts; `variant` names a set trained with other `settings` (the ablation)."""
         packages = {}
         for domain in CLOSED_DOMAINS:
-            packages[domain] = self.out / "experts" / domain
+            packages[domain] = self.out / f"experts{variant}" / domain
             if not packages[domain].exists():
-                console.rule(f"owner '{domain}' trains its expert")
+                console.rule(f"owner '{domain}' trains its expert{' (' + variant.strip('_') + ')' if variant else ''}")
                 train_expert(ExpertConfig(
                     anchor=self.anchor_dir, data=[self.train_file(domain)], heldout=[self.heldout_file(domain)],
                     name=domain, out=packages[domain], eval_max_sequences=self.config.eval_max_sequences,
                     public_share=self.config.public_share,  # of the anchor's public sample, the default
-                    optim=self.config.optim(self.config.expert_steps)), resume=self._resumable(packages[domain]))
+                    optim=self.config.optim(self.config.expert_steps), **settings),
+                    resume=self._resumable(packages[domain]))
         return packages
 
     def select_proxies(self) -> list[Path]:
@@ -268,6 +273,38 @@ class Demo:
             selection[method] = {"chosen_lr": float(best), "validation": scores}
         return chosen, selection
 
+    def ablation(self, proxies: list[Path], lr: float) -> dict[str, dict]:
+        """The parts of the method that need experts of their own: a random router row instead of the domain's
+        mean hidden state (merged and tuned at FlexOlmo's chosen lr), and the negative bias (the merged model
+        scored without it, as transformers and vLLM run the checkpoint, and with it, by flexolmo's runtime)."""
+        results = {}
+        random_init = self.merged(self.train_experts("_random_init", router_init="random"), "random_init")
+        tuned = self.out / "models" / "flexolmo_random_init_tuned"
+        if not tuned.exists():
+            console.rule("ablation: router tuning of the random-init experts at FlexOlmo's learning rate")
+            optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
+            tune_router(TuneConfig(model=random_init, public=[self.public_pool()], proxies=proxies, out=tuned,
+                                   optim=optim), resume=self._resumable(tuned))
+        results["flexolmo_random_init"] = self.evaluated("flexolmo_random_init", self._from_path(tuned))
+        biased = self.merged(self.train_experts("_negative_bias", negative_bias=True), "negative_bias")
+        results["flexolmo_bias_dropped_untuned"] = self.evaluated("flexolmo_bias_dropped_untuned",
+                                                                  self._from_path(biased))
+        results["flexolmo_bias_untuned"] = self.evaluated("flexolmo_bias_untuned",
+                                                          self._from_path(biased, router_bias=True))
+        return results
+
+    def merged(self, packages: dict[str, Path], variant: str) -> Path:
+        out = self.out / "models" / f"flexolmo_{variant}_untuned"
+        if not out.exists():
+            merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], out, self.config.top_k)
+        return out
+
+    def _from_path(self, path: Path, exclude: Sequence[str] = (), router_bias: bool = False):
+        def build():
+            loaded = self.load(path, exclude, router_bias)
+            return loaded.model, loaded.tokenizer, loaded.expert_names, list(exclude)
+        return build
+
     def validated(self, name: str, model: Path) -> dict:
         """Bits per byte of `model` on the validation text of every domain (cached), for choices only."""
         cache = self.out / "validation" / f"{name}.json"
@@ -319,13 +356,7 @@ class Demo:
 
     def evaluate_all(self, dense: dict[str, Path], models: dict[str, Path]) -> dict[str, dict]:
         results = {}
-
-        def from_path(path: Path, exclude=()):
-            def build():
-                loaded = self.load(path, exclude)
-                return loaded.model, loaded.tokenizer, loaded.expert_names, list(exclude)
-            return build
-
+        from_path = self._from_path
         results["public"] = self.evaluated("public", from_path(self.anchor_dir))
         for domain in CLOSED_DOMAINS:
             results[f"dense_{domain}"] = self.evaluated(f"dense_{domain}", from_path(dense[domain]))
@@ -380,6 +411,8 @@ def run_demo(config: DemoConfig) -> dict:
     models.update(tuned)
     evaluations = demo.evaluate_all(dense, models)
     opt_out = demo.opt_out(models["flexolmo"])
+    if config.ablation:
+        evaluations.update(demo.ablation(proxies, selection["flexolmo"]["chosen_lr"]))
     results = summarise(config, evaluations, opt_out, method_costs(config, demo.anchor_dir))
     results["router_tuning"] = selection
     atomic_write_json(config.out / "results.json", results)
@@ -420,6 +453,17 @@ def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
                              {"experts_per_token": k}),
         "flexolmo": (f"public + 5 coordinated experts, MoE top-{k}, {tuned}", flexolmo, {"experts_per_token": k}),
     }
+    if config.ablation:
+        one_tuning = tunings[:1]
+        specs.update({
+            "flexolmo_random_init": ("as flexolmo, owners' router rows started at random; tuned at flexolmo's lr",
+                                     coordinated + one_tuning, {"experts_per_token": k}),
+            "flexolmo_bias_dropped_untuned": ("owners trained with the negative bias; merged checkpoint as "
+                                              "transformers/vLLM run it (no bias), no tuning", coordinated,
+                                              {"experts_per_token": k}),
+            "flexolmo_bias_untuned": ("the same, with the biases applied by flexolmo's runtime", coordinated,
+                                      {"experts_per_token": k}),
+        })
     return {method: {"members": members_text, **method_cost(anchor_config, config.seq_len, runs, **inference)}
             for method, (members_text, runs, inference) in specs.items()}
 

@@ -55,7 +55,11 @@ def expectation_checks(results: dict) -> list[tuple[str, bool, str]]:
 ABLATION = (("flexolmo", "FlexOlmo, full method (coordinated experts, domain-informed router rows, tuned router)"),
             ("flexolmo_untuned", "without router tuning"),
             ("btx", "without coordinated training (BTX: dense experts, tuned router)"),
-            ("btx_untuned", "without coordinated training and without router tuning"))
+            ("btx_untuned", "without coordinated training and without router tuning"),
+            ("flexolmo_random_init", "without the domain-informed router initialisation (random rows; tuned)"),
+            ("flexolmo_bias_dropped_untuned", "owners trained with the negative bias, bias dropped as in the "
+                                              "standard checkpoint (no tuning)"),
+            ("flexolmo_bias_untuned", "the same experts with the bias applied (flexolmo's runtime; no tuning)"))
 
 
 def write_report(out: Path, results: dict) -> None:
@@ -98,8 +102,8 @@ def write_report(out: Path, results: dict) -> None:
         "",
         "## Ablation (the paper's Table 1, on this demo)",
         "",
-        "Rows present in this run; the router initialisation and the negative bias are measured by their own "
-        "benchmarks (BENCHMARKS.md), since each needs five more experts.",
+        "Rows present in this run (`flexolmo demo --ablation` adds the router initialisation and the negative "
+        "bias, each of which needs five more experts). Compare the bias rows with flexolmo_untuned.",
         "",
         markdown_table(["variant", *domains, "closed avg"],
                        [[label, *[methods[m][d] for d in domains], methods[m]["closed_average"]]

@@ -18,6 +18,8 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--data-dir", default=None, help="shipped data directory; when not given, data/demo")
     parser.add_argument("--expert-steps", type=int, default=None,
                         help="optimizer steps per expert; when not given, the demo's own (60, or 3 with --quick)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also measure the router initialisation and the negative bias (five more experts each)")
     add_device_flags(parser, dtype_help="dtype every model trains and runs in")
     parser.set_defaults(run=run)
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "data_dir": Path(args.data_dir) if args.data_dir else None,
         "expert_steps": args.expert_steps,
     }.items() if value is not None}
-    overrides.update(device=args.device, dtype=args.dtype)
+    overrides.update(device=args.device, dtype=args.dtype, ablation=args.ablation)
     config = DemoConfig.quick_run(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(config)
     announce_output("report", config.out / "report.md")
