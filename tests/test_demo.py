@@ -79,11 +79,14 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     for method in ("flexolmo", "btx"):
         selection = saved["router_tuning"][method]
         best = min(selection["validation"], key=lambda lr: selection["validation"][lr]["closed_average"])
-        assert selection["chosen_lr"] == float(best) and len(selection["validation"]) == len(config.tune_lrs)
-        chosen = tmp_path / "demo" / "models" / f"{method}_tuned_lr{best}" / "flexolmo_experts.json"
-        assert json.loads(chosen.read_text())["router_tuning"][-1]["optim"]["lr"] == float(best)
-    assert saved["details"]["flexolmo"]["model"] == "flexolmo" and saved["methods"]["flexolmo"] != \
-        saved["methods"]["flexolmo_untuned"]
+        assert len(selection["validation"]) == 1 + len(config.tune_lrs)  # the untuned model is a candidate
+        if best == "untuned":
+            assert selection["chosen_lr"] is None
+            assert saved["methods"][method] == saved["methods"][f"{method}_untuned"]
+        else:
+            assert selection["chosen_lr"] == float(best)
+            chosen = tmp_path / "demo" / "models" / f"{method}_tuned_lr{best}" / "flexolmo_experts.json"
+            assert json.loads(chosen.read_text())["router_tuning"][-1]["optim"]["lr"] == float(best)
     assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "not meaningful" in report and "| flexolmo |" in report
@@ -165,3 +168,33 @@ def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
     assert steps > config.expert_steps  # a coordinated step costs more than a dense one
     # More tuning learning rates tried is more FlexOlmo compute, so more dense steps.
     assert DemoConfig(tune_lrs=(1e-3, 3e-3, 1e-2)).dense_steps(anchor) >= steps
+
+
+@pytest.mark.parametrize("best", ["untuned", "0.001", "0.003"])
+def test_tuning_is_kept_only_where_it_wins_on_validation(best, tmp_path, monkeypatch):
+    from flexolmo import demo as demo_module
+    from flexolmo.demo import Demo, DemoConfig
+
+    demo = Demo(DemoConfig(out=tmp_path, tune_lrs=(1e-3, 3e-3)))
+    tuned_runs = []
+
+    def fake_tune(config, resume=False):
+        tuned_runs.append(config.optim.lr)
+        config.out.mkdir(parents=True)
+
+    def fake_validated(name, path):
+        candidate = "untuned" if name.endswith("_untuned") else name.rsplit("_lr", 1)[1]
+        return {"closed_average": 1.0 if candidate == best else 2.0, "validated_on": "validation"}
+
+    monkeypatch.setattr(demo_module, "tune_router", fake_tune)
+    monkeypatch.setattr(demo, "validated", fake_validated)
+    models = {"flexolmo_untuned": tmp_path / "models" / "flexolmo_untuned",
+              "btx_untuned": tmp_path / "models" / "btx_untuned"}
+    chosen, selection = demo.tune(models, [])
+    assert sorted(tuned_runs) == [1e-3, 1e-3, 3e-3, 3e-3]  # every lr tried for both methods
+    for method in ("flexolmo", "btx"):
+        if best == "untuned":
+            assert chosen[method] == models[f"{method}_untuned"] and selection[method]["chosen_lr"] is None
+        else:
+            assert chosen[method].name == f"{method}_tuned_lr{best}"
+            assert selection[method]["chosen_lr"] == float(best)

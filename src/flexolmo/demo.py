@@ -49,6 +49,7 @@ from flexolmo.trust.admission import AdmissionPolicy, print_report
 from flexolmo.trust.publish import CoordinatorTrust
 
 CLOSED_DOMAINS = ("code", "math", "legal", "biomedical", "literature")
+NO_TUNING = "untuned"  # the router-tuning candidate that keeps the merged model's rows
 PUBLIC = "public"
 MIXED = "mixed"
 
@@ -254,11 +255,12 @@ class Demo:
         return models
 
     def tune(self, models: dict[str, Path], proxies: list[Path]) -> tuple[dict[str, Path], dict]:
-        """Router tuning of FlexOlmo and of BTX at every learning rate tried; each keeps the one whose closed-domain
-        average on validation text is best. Returns the chosen models and every validation score."""
+        """Router tuning of FlexOlmo and of BTX at every learning rate tried. Each method keeps, of its untuned
+        model and its tunings, the one with the best closed-domain average on validation text, so tuning is only
+        kept where it helps there. Returns the chosen models and every validation score."""
         chosen, selection = {}, {}
         for method, untuned in (("flexolmo", models["flexolmo_untuned"]), ("btx", models["btx_untuned"])):
-            scores = {}
+            candidates = {NO_TUNING: untuned}
             for lr in self.config.tune_lrs:
                 tuned = self.out / "models" / f"{method}_tuned_lr{lr:g}"
                 if not tuned.exists():
@@ -267,19 +269,21 @@ class Demo:
                     optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
                     tune_router(TuneConfig(model=untuned, public=[self.public_pool()], proxies=proxies, out=tuned,
                                            optim=optim), resume=self._resumable(tuned))
-                scores[f"{lr:g}"] = self.validated(f"{method}_tuned_lr{lr:g}", tuned)
-            best = min(scores, key=lambda lr: scores[lr]["closed_average"])
-            chosen[method] = self.out / "models" / f"{method}_tuned_lr{best}"
-            selection[method] = {"chosen_lr": float(best), "validation": scores}
+                candidates[f"{lr:g}"] = tuned
+            scores = {name: self.validated(path.name, path) for name, path in candidates.items()}
+            best = min(scores, key=lambda name: scores[name]["closed_average"])  # ties: the untuned model
+            chosen[method] = candidates[best]
+            selection[method] = {"chosen_lr": None if best == NO_TUNING else float(best), "validation": scores}
         return chosen, selection
 
-    def ablation(self, proxies: list[Path], lr: float) -> dict[str, dict]:
+    def ablation(self, proxies: list[Path], lr: float | None) -> dict[str, dict]:
         """The parts of the method that need experts of their own: a random router row instead of the domain's
-        mean hidden state (merged and tuned at FlexOlmo's chosen lr), and the negative bias (the merged model
-        scored without it, as transformers and vLLM run the checkpoint, and with it, by flexolmo's runtime)."""
+        mean hidden state (merged, and tuned as FlexOlmo was: at its chosen lr, or not when the untuned model
+        won on validation), and the negative bias (the merged model scored without it, as transformers and vLLM
+        run the checkpoint, and with it, by flexolmo's runtime)."""
         results = {}
         random_init = self.merged(self.train_experts("_random_init", router_init="random"), "random_init")
-        tuned = self.out / "models" / "flexolmo_random_init_tuned"
+        tuned = random_init if lr is None else self.out / "models" / "flexolmo_random_init_tuned"
         if not tuned.exists():
             console.rule("ablation: router tuning of the random-init experts at FlexOlmo's learning rate")
             optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})

@@ -109,11 +109,13 @@ def write_report(out: Path, results: dict) -> None:
                        [[label, *[methods[m][d] for d in domains], methods[m]["closed_average"]]
                         for m, label in ABLATION if m in methods]),
         "",
-        "## Router tuning: learning rate chosen on validation text (closed-domain average, bits per byte)",
+        "## Router tuning: kept only where it helps on validation text (closed-domain average, bits per byte)",
         "",
-        markdown_table(["method", *[f"lr {lr}" for lr in next(iter(results["router_tuning"].values()))["validation"]],
+        markdown_table(["method", *[name if name == "untuned" else f"lr {name}"
+                                    for name in next(iter(results["router_tuning"].values()))["validation"]],
                         "chosen"],
-                       [[m, *[v["closed_average"] for v in sel["validation"].values()], f"{sel['chosen_lr']:g}"]
+                       [[m, *[v["closed_average"] for v in sel["validation"].values()],
+                         "untuned" if sel["chosen_lr"] is None else f"lr {sel['chosen_lr']:g}"]
                         for m, sel in results["router_tuning"].items()]),
         "",
         "## Opt-out: change in bits per byte when one expert is masked",
