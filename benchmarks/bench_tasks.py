@@ -29,7 +29,8 @@ RESULTS = Path(__file__).parent / "results" / "tasks.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
-    parser.add_argument("--merged", type=Path, default=Path("runs/demo/models/flexolmo"))
+    # The demo's FlexOlmo model: router tuning lost on validation there, so the untuned merge is the one kept.
+    parser.add_argument("--merged", type=Path, default=Path("runs/demo/models/flexolmo_untuned"))
     parser.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS))
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--results", type=Path, default=RESULTS)

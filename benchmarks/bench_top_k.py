@@ -5,7 +5,7 @@
 The demo merges at top-2 (of 6: public + 5 owners); the paper's final model uses top-4 of 8. Same packages
 (`runs/demo/experts`, from `flexolmo demo`), same anchor, one `flexolmo.merge.merge` per k into a temporary
 directory, then the one evaluation path (`evaluate_path`) with the demo's settings: the first 48 sequences of
-256 tokens of each `<domain>.heldout.jsonl.gz`. Active parameters per token grow with k (FFN compute is k/1 of
+256 tokens of each `<domain>.heldout.jsonl.gz`, the first 32 of each as context. Active parameters per token grow with k (FFN compute is k/1 of
 the anchor's). Results: a table and `benchmarks/results/top_k.json`.
 """
 
@@ -41,7 +41,8 @@ def main() -> None:
     if not packages:
         sys.exit(f"error: no expert packages in {args.experts}; run `flexolmo demo` first")
     domains = {name: [args.data_dir / f"{name}.heldout.jsonl.gz"] for name in DOMAINS}
-    settings = EvalSettings(seq_len=256, max_sequences=args.max_sequences, split="all")
+    # The demo's evaluation exactly: the first 32 tokens of each window are context, not scored.
+    settings = EvalSettings(seq_len=256, max_sequences=args.max_sequences, split="all", context_tokens=32)
     results, seconds = {}, {}
     with tempfile.TemporaryDirectory(prefix="flexolmo-top-k-") as scratch:
         anchor_scores = evaluate_path(args.anchor, domains, settings)
