@@ -42,6 +42,28 @@ def test_fingerprint_is_stable_and_sensitive(tiny_anchor, tmp_path):
     assert compute_fingerprint(copy) != compute_fingerprint(tiny_anchor)
 
 
+def test_fingerprint_covers_the_config_and_the_public_router_rows(tiny_anchor, tmp_path):
+    from flexolmo.anchor import PUBLIC_ROUTER_FILE
+    from flexolmo.router_init import load_public_rows, save_public_rows
+
+    reference = compute_fingerprint(tiny_anchor)
+    config_changed = tmp_path / "config"
+    shutil.copytree(tiny_anchor, config_changed)
+    config = json.loads((config_changed / "config.json").read_text())
+    changed = {**config, "rms_norm_eps": config["rms_norm_eps"] * 2}
+    (config_changed / "config.json").write_text(json.dumps(changed))
+    assert compute_fingerprint(config_changed) != reference
+    rows_changed = tmp_path / "rows"
+    shutil.copytree(tiny_anchor, rows_changed)
+    rows = load_public_rows(rows_changed, config["num_hidden_layers"])
+    rows[1] = rows[1].clone()
+    rows[1][0] += 1e-3
+    save_public_rows(rows_changed, rows)
+    assert compute_fingerprint(rows_changed) != reference
+    (rows_changed / PUBLIC_ROUTER_FILE).unlink()
+    assert compute_fingerprint(rows_changed) != reference
+
+
 def test_anchor_errors_are_one_line(tiny_anchor, tmp_path):
     with pytest.raises(AnchorError, match="no such directory"):
         load_anchor(tmp_path / "missing")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flexolmo.cli import COMMANDS, main
 
@@ -111,6 +112,17 @@ def test_init_router_refuses_to_replace_rows_unless_forced(tiny_anchor, corpora,
     after = compute_fingerprint(anchor)
     captured = capsys.readouterr()
     assert after != before and after in captured.out and f"the fingerprint was {before}" in captured.err
+    # The rows written are the unit mean FFN inputs of the public text, and the anchor now ships them.
+    from flexolmo.anchor import load_anchor
+    from flexolmo.data import load_token_stream
+    from flexolmo.router_init import load_public_rows, mean_direction_rows
+
+    loaded = load_anchor(anchor)
+    stream = load_token_stream([corpora["public"]], loaded.tokenizer, split="all")
+    expected = mean_direction_rows(loaded.model, stream, 32, 8)
+    written = load_public_rows(anchor, len(expected))
+    assert all(torch.allclose(row, want, atol=1e-6) for row, want in zip(written, expected))
+    assert loaded.fingerprint == after
 
 
 def test_eval_names_each_file_as_a_domain_and_says_where_the_json_went(tiny_anchor, corpora, tmp_path, capsys):
@@ -121,8 +133,19 @@ def test_eval_names_each_file_as_a_domain_and_says_where_the_json_went(tiny_anch
     out = tmp_path / "r.json"
     assert main(["eval", "--model", str(tiny_anchor), "--data", str(code), f"pub={corpora['public']}",
                  "--seq-len", "32", "--max-sequences", "2", "--json", str(out)]) == 0
-    assert list(json.loads(out.read_text())["domains"]) == ["code", "pub"]
+    written = json.loads(out.read_text())
+    assert list(written["domains"]) == ["code", "pub"]
     assert f"wrote results: {out}" in capsys.readouterr().out.splitlines()
+    # The numbers are those of scoring the same windows in the library.
+    from flexolmo.anchor import load_pretrained, load_tokenizer
+    from flexolmo.data import load_token_stream
+    from flexolmo.evaluate import score_stream
+
+    model, tokenizer = load_pretrained(tiny_anchor), load_tokenizer(tiny_anchor)
+    for name, file in (("code", code), ("pub", corpora["public"])):
+        score = score_stream(model, load_token_stream([file], tokenizer, split="all"), 32, max_sequences=2)
+        assert written["domains"][name] == pytest.approx(score.as_dict(), rel=1e-6), name
+        assert written["domains"][name]["tokens"] == 2 * 32
 
 
 def test_generate_labels_the_prompt_and_the_continuation(tiny_anchor, capsys):

@@ -75,7 +75,35 @@ def test_bits_per_byte_divide_by_the_bytes_of_exactly_the_scored_tokens(tiny_anc
     nll = torch.nn.functional.cross_entropy(logits[first_target - 1:], torch.tensor(ids[first_target:]),
                                             reduction="sum")
     assert score.loss == pytest.approx(float(nll) / score.tokens, rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(float(nll) / score.tokens), rel=1e-5)
     assert score.bits_per_byte == pytest.approx(float(nll) / math.log(2) / expected_bytes, rel=1e-5)
+
+
+def test_loss_perplexity_and_bits_per_byte_equal_a_hand_computation_over_several_windows(tiny_anchor, corpora,
+                                                                                        tmp_path):
+    """Several windows in several batches, context tokens unscored, part of the file scored: each scored
+    token's log-probability from the model's own forward, and the UTF-8 bytes of exactly those tokens' text
+    (ASCII text, so each window's scored targets decode to exactly their bytes; EOS decodes to none)."""
+    tokenizer, model = load_tokenizer(tiny_anchor), load_pretrained(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], tokenizer, split="all", cache_dir=tmp_path / "cache")
+    seq_len, windows, context = 16, 5, 3
+    assert stream.num_sequences(seq_len) > 2 * windows
+    score = score_stream(model, stream, seq_len, batch_size=2, max_sequences=windows, context_tokens=context)
+    nats, tokens, text_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for index in range(windows):
+            ids = stream.sequence(index, seq_len).tolist()
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0].float(), -1)
+            targets = range(context, seq_len + 1)  # positions of the scored targets in the window
+            nats -= sum(float(logprobs[position - 1, ids[position]]) for position in targets)
+            tokens += len(targets)
+            text = tokenizer.decode([ids[position] for position in targets], skip_special_tokens=True)
+            assert text.isascii()
+            text_bytes += len(text.encode("utf-8"))
+    assert (score.tokens, score.bytes) == (tokens, text_bytes)
+    assert score.loss == pytest.approx(nats / tokens, rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(nats / tokens), rel=1e-5)
+    assert score.bits_per_byte == pytest.approx(nats / math.log(2) / text_bytes, rel=1e-5)
 
 
 def test_a_capped_evaluation_counts_only_the_windows_it_scored(tiny_anchor, corpora, tmp_path):

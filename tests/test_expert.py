@@ -86,8 +86,21 @@ def test_package_contents_and_round_trip(code_expert, tiny_anchor):
     assert all(float(package.tensors[f"layers.{i}.router.bias"]) <= 0 for i in range(2))
     anchor_bytes = (tiny_anchor / "model.safetensors").stat().st_size
     assert (code_expert / TENSOR_FILE).stat().st_size < anchor_bytes
-    model = load_package_into_owner_model(load_anchor(tiny_anchor), package.tensors)
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(load_anchor(tiny_anchor).tokenizer)
+    # The round trip: a package loaded into the owner's model gives back exactly the package's tensors, and
+    # the model computes something other than the anchor (the trained expert and learned bias are in use).
+    from flexolmo.expert import package_tensors
+
+    anchor = load_anchor(tiny_anchor)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        anchor_logits = anchor.model(ids).logits.clone()
+        model = load_package_into_owner_model(anchor, package.tensors)
+        logits = model(ids).logits
+    restored = package_tensors(model, anchor.family.ffn_projections)
+    assert restored.keys() == package.tensors.keys()
+    assert all(torch.equal(restored[name], package.tensors[name]) for name in restored)
+    assert logits.shape == anchor_logits.shape == (2, 12, len(anchor.tokenizer))
+    assert (logits - anchor_logits).abs().max() > 1e-3
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -197,5 +210,128 @@ def test_public_mix_is_exact_in_every_batch_and_router_rows_are_unit_norm(tiny_a
     assert all(abs(float(row.norm()) - 1) < 1e-5 for row in rows)
     # Unit rows keep the router z-loss small next to the language-model loss (raw means made it dominate).
     model = build_owner_model(anchor, rows, False).train()
-    model(input_ids=torch.from_numpy(owner.sequence(0, 32))[None, :-1])
-    assert float(router_z_loss(model).detach()) * 1e-3 < 0.1
+    ids = torch.from_numpy(owner.sequence(0, 32))[None, :-1]
+    model(input_ids=ids)
+    z_loss = float(router_z_loss(model).detach())
+    assert z_loss == pytest.approx(hand_z_loss(model, ids), rel=1e-5) and z_loss * 1e-3 < 0.1
+
+
+def hand_z_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """The router z-loss of ST-MoE (Zoph et al. 2022), as FlexOlmo's reference uses it: per layer, the mean
+    over tokens of logsumexp(router logits)^2, summed over layers; logits computed here from each layer's
+    input."""
+    from flexolmo.moe import decoder_layers
+
+    inputs = []
+    handles = [layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+               for layer in decoder_layers(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    total = 0.0
+    with torch.no_grad():
+        for layer, hidden in zip(decoder_layers(model), inputs):
+            rows = torch.cat([row.weight for row in layer.mlp.gate.rows])
+            logits = hidden.reshape(-1, hidden.shape[-1]).float() @ rows.T.float()
+            total += float((torch.logsumexp(logits, dim=-1) ** 2).mean())
+    return total
+
+
+def test_router_z_loss_is_the_mean_squared_logsumexp_and_enters_the_owner_loss(tiny_anchor, corpora):
+    from flexolmo.data import load_token_stream
+    from flexolmo.expert import owner_loss
+    from flexolmo.moe import router_z_loss
+    from flexolmo.training import causal_lm_loss
+
+    anchor = load_anchor(tiny_anchor)
+    owner = load_token_stream([corpora["code"]], anchor.tokenizer)
+    # Random rows scaled up, so logsumexp is far from 0 and 1 and a z-loss without its square differs clearly.
+    rows = [row * 200 for row in initial_rows("random", anchor, owner, 32, 8, 0)]
+    model = build_owner_model(anchor, rows, False).train()
+    batch = torch.stack([torch.from_numpy(owner.sequence(i, 16)) for i in range(3)])
+    expected = hand_z_loss(model, batch[:, :-1])
+    assert expected > 5
+    loss, lm_loss = owner_loss(0.01)(model, batch)
+    assert float(router_z_loss(model).detach()) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        lm = causal_lm_loss(model(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+    assert float(lm_loss) == pytest.approx(float(lm), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(lm) + 0.01 * expected, rel=1e-5)
+
+
+def test_the_learning_rate_of_every_step_is_linear_warmup_then_cosine(tiny_anchor, corpora, tmp_path):
+    """The rate the optimizer actually steps with, against the schedule written out here: linear warmup to
+    the peak over `warmup_steps`, then a cosine from the peak toward min_lr_ratio * peak (reached at step
+    `steps`)."""
+    import math
+
+    from flexolmo.data import load_token_stream
+    from flexolmo.expert import owner_loss
+
+    anchor = load_anchor(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], anchor.tokenizer)
+    model = build_owner_model(anchor, initial_rows("random", anchor, stream, 32, 8, 0), False)
+    config = tiny_optim(steps=9, warmup_steps=3, lr=4e-3, min_lr_ratio=0.25, batch_size=2, seq_len=16)
+    seen = []
+
+    def recording(optimizer):
+        step = optimizer.step
+
+        def recorded(*args, **kwargs):
+            seen.append([group["lr"] for group in optimizer.param_groups])
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded
+        return optimizer
+
+    train(model, owner_trainable_parameters(model), stream, config, tmp_path / "run",
+          loss_fn=owner_loss(1e-3), make_optimizer=recording)
+    expected = []
+    for step in range(9):
+        if step < 3:
+            expected.append(4e-3 * (step + 1) / 3)
+        else:
+            progress = (step - 3) / (9 - 3)
+            expected.append(4e-3 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * progress))))
+    assert [rates[0] for rates in seen] == pytest.approx(expected, rel=1e-9)
+    assert all(len(set(rates)) == 1 for rates in seen)
+
+
+def test_gradient_accumulation_equals_one_batch_of_all_its_micro_batches(tiny_anchor, corpora, tmp_path):
+    """grad_accum 2 of batch 2 sees the same four sequences per step as grad_accum 1 of batch 4 (the data
+    order is by global position), so the gradient each step takes, the losses and the trained tensors are the
+    same."""
+    from flexolmo.data import load_token_stream
+    from flexolmo.expert import owner_loss
+
+    def run(batch_size: int, grad_accum: int):
+        anchor = load_anchor(tiny_anchor)
+        stream = load_token_stream([corpora["code"]], anchor.tokenizer)
+        model = build_owner_model(anchor, initial_rows("random", anchor, stream, 16, 8, 0), False)
+        trainable = owner_trainable_parameters(model)
+        gradients = []
+
+        def recording(optimizer):
+            step = optimizer.step
+
+            def recorded(*args, **kwargs):
+                gradients.append(torch.cat([param.grad.flatten() for _, param in trainable]))
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded
+            return optimizer
+
+        optim = tiny_optim(steps=3, batch_size=batch_size, grad_accum=grad_accum, seq_len=16, lr=1e-2)
+        result = train(model, trainable, stream, optim, tmp_path / f"accum-{grad_accum}",
+                       loss_fn=owner_loss(1e-3), make_optimizer=recording)
+        return result, gradients, [param.detach().clone() for _, param in trainable]
+
+    whole, whole_grads, whole_params = run(4, 1)
+    accumulated, accumulated_grads, accumulated_params = run(2, 2)
+    assert accumulated.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert accumulated.tokens == whole.tokens == 3 * 4 * 16
+    for a, b in zip(whole_grads, accumulated_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(whole_params, accumulated_params):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -105,6 +105,33 @@ def test_removing_equals_masking_and_top_k_is_capped(tiny_anchor, packages, tmp_
     assert (logits(only_public.model) - logits(load_anchor(tiny_anchor).model)).abs().max() <= 1e-5
 
 
+def test_removing_the_first_middle_or_last_expert_equals_masking_it_and_merging_without_it(
+        tiny_anchor, packages, corpora, tmp_path):
+    """Opt-out of any slot, not only the last: the kept experts move down one slot, and each must bring its
+    own FFN and router row. Checked three ways: masking in our runtime, transformers' own loading of the
+    smaller checkpoint, and a merge of the kept packages from scratch (which renumbers nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    prose = tmp_path / "prose"
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["public"]], name="prose", out=prose,
+                              eval_max_sequences=4, optim=tiny_optim(steps=4, lr=2e-2)))
+    sources = {"code": packages["code"], "math": packages["math"], "prose": prose}
+    merge(tiny_anchor, list(sources.values()), tmp_path / "merged", top_k=2)
+    for name in sources:  # slots 1, 2 and 3
+        out = tmp_path / f"without-{name}"
+        remove_experts(tmp_path / "merged", [name], out)
+        kept = [other for other in sources if other != name]
+        removed = load_model(out)
+        assert removed.expert_names == ["public", *kept]
+        expected = logits(load_model(tmp_path / "merged", exclude=[name]).model)
+        assert (logits(removed.model) - expected).abs().max() <= 1e-5, name
+        assert (logits(AutoModelForCausalLM.from_pretrained(out)) - expected).abs().max() <= 1e-5, name
+        merge(tiny_anchor, [sources[other] for other in kept], tmp_path / f"only-{name}", top_k=2)
+        direct, written = load_merged_state(tmp_path / f"only-{name}"), load_merged_state(out)
+        assert direct.keys() == written.keys(), name
+        assert all(torch.equal(direct[key], written[key]) for key in direct), name
+
+
 def test_sharded_output_equals_single_file(tiny_anchor, packages, tmp_path):
     merge(tiny_anchor, [packages["code"]], tmp_path / "single", top_k=2)
     merge(tiny_anchor, [packages["code"]], tmp_path / "sharded", top_k=2, shard_bytes=20_000)
@@ -151,12 +178,61 @@ def test_cli_merge_generate_and_exclude(tiny_anchor, packages, tmp_path, capsys)
     # The tiny test experts are far worse than the anchor on public text: admit them with loose limits.
     assert main(["merge", "--anchor", str(tiny_anchor), "--packages", str(packages["code"]), "--top-k", "2",
                  "--out", str(out), "--max-public-top-share", "1", "--max-public-bpb-increase", "10"]) == 0
-    assert main(["generate", "--model", str(out), "--prompt", "the river", "--max-new-tokens", "5",
-                 "--exclude", "code"]) == 0
+    capsys.readouterr()
+    generate = ["generate", "--prompt", "the river", "--max-new-tokens", "8"]
+    assert main([*generate, "--model", str(out), "--exclude", "code"]) == 0
+    without_code = capsys.readouterr().out
+    assert main([*generate, "--model", str(tiny_anchor)]) == 0
+    # With its only owner expert excluded, the merged model is the anchor: the same greedy continuation.
+    assert without_code == capsys.readouterr().out
+    assert without_code.startswith("prompt:\nthe river\ncontinuation:")
     assert main(["generate", "--model", str(out), "--prompt", "the river", "--exclude", "nobody"]) == 1
     assert "has no expert(s) nobody" in capsys.readouterr().err
     with pytest.raises(FlexOlmoError):
         load_model(tiny_anchor, exclude=["code"])
+
+
+def test_cli_add_with_top_k_and_remove_and_the_record_of_experts(tiny_anchor, packages, tmp_path, capsys):
+    from flexolmo.anchor import compute_fingerprint
+    from flexolmo.cli import main
+    from flexolmo.merge import MERGED_METADATA_FILE
+    from flexolmo.tensor_io import LazyReader
+    from flexolmo.trust.record import read_slot_digest
+
+    loose = ["--max-public-top-share", "1", "--max-public-bpb-increase", "10"]  # tiny experts: loose limits
+    merge(tiny_anchor, [packages["code"]], tmp_path / "v1", top_k=1)
+    assert main(["add", "--model", str(tmp_path / "v1"), "--packages", str(packages["math"]), "--top-k", "3",
+                 "--out", str(tmp_path / "v2"), *loose]) == 0
+    config = json.loads((tmp_path / "v2" / "config.json").read_text())
+    record = json.loads((tmp_path / "v2" / MERGED_METADATA_FILE).read_text())
+    assert config["num_experts"] == 3 and config["num_experts_per_tok"] == record["top_k"] == 3
+    assert record["anchor"]["fingerprint"] == compute_fingerprint(tiny_anchor)
+    assert [entry["name"] for entry in record["experts"]] == ["public", "code", "math"]
+    assert record["experts"][0]["source"] == "anchor" and "manifest" not in record["experts"][0]
+    for name, entry in zip(("code", "math"), record["experts"][1:]):
+        package = load_package(packages[name])
+        assert entry["source"] == "package" and entry["signer"] is None
+        assert entry["package_sha256"] == package.digest and entry["manifest"] == package.manifest
+    reader = LazyReader(tmp_path / "v2")
+    for index, entry in enumerate(record["experts"]):  # each slot digest names the weights in its slot
+        projections = ("gate_proj", "up_proj", "down_proj")
+        assert entry["slot_sha256"] == read_slot_digest(reader, index, entry["name"], 2, projections)
+    merge(tiny_anchor, [packages["code"], packages["math"]], tmp_path / "all", top_k=3)
+    assert torch.equal(logits(load_model(tmp_path / "v2").model), logits(load_model(tmp_path / "all").model))
+
+    assert main(["add", "--model", str(tmp_path / "v2"), "--packages", str(packages["code"]), "--out",
+                 str(tmp_path / "clash"), *loose]) == 1
+    assert "already has expert(s) code" in capsys.readouterr().err and not (tmp_path / "clash").exists()
+    assert main(["remove", "--model", str(tmp_path / "v2"), "--experts", "public", "--out",
+                 str(tmp_path / "no-public")]) == 1
+    assert "'public' expert is the anchor's own FFN and cannot be removed" in capsys.readouterr().err
+    assert not (tmp_path / "no-public").exists()
+    assert main(["remove", "--model", str(tmp_path / "v2"), "--experts", "code", "--out",
+                 str(tmp_path / "v3")]) == 0
+    removed = load_model(tmp_path / "v3")
+    assert removed.expert_names == ["public", "math"] and removed.record["top_k"] == 2  # lowered to 2 left
+    masked = load_model(tmp_path / "v2", exclude=["code"])
+    assert (logits(removed.model) - logits(masked.model)).abs().max() <= 1e-5
 
 
 def test_runtime_names_a_merged_checkpoint_whose_tensors_do_not_fit_its_config(tiny_anchor, packages, tmp_path):

@@ -99,3 +99,33 @@ def test_the_router_gives_the_same_logits_in_training_and_at_inference(anchor):
         training = router.train()(hidden)
         inference = router.eval()(hidden)
     assert torch.allclose(training, inference, atol=1e-6) and (training[..., 2] != 0).all()
+
+
+def test_routing_shares_count_each_tokens_top_k_and_sum_to_k_per_layer(anchor, corpora, tmp_path):
+    """The shares evaluation reports, against a count made here from each layer's router input: the top-2 of
+    the softmax over the active experts, per token. Every layer's shares sum to top-k; a masked expert has
+    0."""
+    from flexolmo.data import load_token_stream
+    from flexolmo.evaluate import score_stream
+
+    model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 4), 4, top_k=2).eval()
+    perturb_experts(model)
+    active = torch.tensor([True, True, False, True])
+    set_active_experts(model, active.tolist())
+    stream = load_token_stream([corpora["code"]], anchor.tokenizer, split="all", cache_dir=tmp_path / "cache")
+    inputs = {index: [] for index in range(2)}
+    handles = [layer.mlp.register_forward_pre_hook(lambda _m, args, i=index: inputs[i].append(args[0]))
+               for index, layer in enumerate(decoder_layers(model))]
+    score = score_stream(model, stream, seq_len=16, batch_size=2, max_sequences=5, expert_names="pabc")
+    for handle in handles:
+        handle.remove()
+    shares = score.routing["per_layer_share"]
+    for index, layer in enumerate(decoder_layers(model)):
+        hidden = torch.cat([batch.reshape(-1, batch.shape[-1]) for batch in inputs[index]])
+        logits = (hidden @ layer.mlp.gate.weight().T).masked_fill(~active, float("-inf"))
+        chosen = torch.softmax(logits, -1).topk(2, dim=-1).indices
+        expected = torch.bincount(chosen.reshape(-1), minlength=4).float() / len(hidden)
+        assert len(hidden) == 5 * 16
+        assert list(shares[index].values()) == pytest.approx(expected.tolist(), abs=1e-6)
+        assert sum(shares[index].values()) == pytest.approx(2.0) and shares[index]["b"] == 0
+    assert sum(score.routing["mean_share"].values()) == pytest.approx(2.0)

