@@ -460,7 +460,8 @@ def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
     if config.ablation:
         one_tuning = tunings[:1]
         specs.update({
-            "flexolmo_random_init": ("as flexolmo, owners' router rows started at random; tuned at flexolmo's lr",
+            "flexolmo_random_init": ("as flexolmo, owners' router rows started at random; tuned only if "
+                                     "flexolmo's tuning won (cost counts one tuning run either way)",
                                      coordinated + one_tuning, {"experts_per_token": k}),
             "flexolmo_bias_dropped_untuned": ("owners trained with the negative bias; merged checkpoint as "
                                               "transformers/vLLM run it (no bias), no tuning", coordinated,
