@@ -56,7 +56,8 @@ ABLATION = (("flexolmo", "FlexOlmo, full method (coordinated experts, domain-inf
             ("flexolmo_untuned", "without router tuning"),
             ("btx", "without coordinated training (BTX: dense experts, tuned router)"),
             ("btx_untuned", "without coordinated training and without router tuning"),
-            ("flexolmo_random_init", "without the domain-informed router initialisation (random rows; tuning as FlexOlmo's)"),
+            ("flexolmo_random_init", "without the domain-informed router initialisation "
+                                     "(random rows; tuning as FlexOlmo's)"),
             ("flexolmo_bias_dropped_untuned", "owners trained with the negative bias, bias dropped as in the "
                                               "standard checkpoint (no tuning)"),
             ("flexolmo_bias_untuned", "the same experts with the bias applied (flexolmo's runtime; no tuning)"))
