@@ -10,7 +10,8 @@ Models audited on the owner's *training* documents (`<data-dir>/<domain>.train.j
 sampled documents (same tokenizer, same seed):
 - `public`: the anchor, which never saw the owner's data (the floor);
 - `dense_<domain>`: the anchor's FFNs fine-tuned on the data (the demo's dense expert);
-- `flexolmo`: the demo's merged model with every expert, and `flexolmo_without_<domain>` (the expert masked);
+- `flexolmo`: the merged model the demo reports (the candidate its validation text chose), with every expert,
+  and `flexolmo_without_<domain>` (the expert masked);
 - `overfit`: the audit's sanity check. All parameters of the anchor fine-tuned ~60 epochs on the first 32
   training documents and audited on those same documents, next to `public` on them: the audit must see leakage
   where there certainly is some;
@@ -55,7 +56,8 @@ from flexolmo.anchor import compute_fingerprint, load_anchor
 from flexolmo.audit import AuditConfig, audit_loaded
 from flexolmo.baselines import DENSE_METADATA_FILE, train_dense_expert
 from flexolmo.data import iter_documents, load_token_stream
-from flexolmo.demo import DemoConfig
+from flexolmo.demo import DemoConfig, chosen_model_dir
+from flexolmo.errors import FlexOlmoError
 from flexolmo.evaluate import EvalSettings, evaluate
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
@@ -87,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"),
                         help="holds <domain>.train.jsonl.gz and <domain>.heldout.jsonl.gz")
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"),
-                        help="the demo's output (dense/<domain>, models/flexolmo)")
+                        help="the demo's output (dense/<domain> and the merged model its validation chose)")
     parser.add_argument("--work", type=Path, default=Path("runs/privacy"), help="artefacts of this benchmark")
     parser.add_argument("--results", type=Path, default=RESULTS)
     audit = parser.add_argument_group("extraction audit")
@@ -208,7 +210,13 @@ def demo_dense(bench: Bench) -> Path | None:
 
 def demo_flexolmo(bench: Bench) -> Path | None:
     """The demo's merged model if it holds the domain's expert on this anchor; the full run needs it."""
-    merged = bench.args.demo_dir / "models" / "flexolmo"
+    try:
+        merged = chosen_model_dir(bench.args.demo_dir)
+    except FlexOlmoError as error:
+        if bench.args.tiny:
+            bench.note(f"{error}: flexolmo rows skipped (--tiny)")
+            return None
+        sys.exit(f"error: {error}")
     problem = None
     if not (merged / "config.json").exists():
         problem = "is missing"

@@ -32,7 +32,7 @@ from flexolmo.baselines import (
     train_dense_expert,
 )
 from flexolmo.data import iter_documents, load_token_stream
-from flexolmo.errors import DataError
+from flexolmo.errors import DataError, FlexOlmoError
 from flexolmo.evaluate import EvalSettings, evaluate
 from flexolmo.expert import ExpertConfig, train_expert
 from flexolmo.fileio import atomic_write_bytes, atomic_write_json
@@ -52,6 +52,21 @@ CLOSED_DOMAINS = ("code", "math", "legal", "biomedical", "literature")
 NO_TUNING = "untuned"  # the router-tuning candidate that keeps the merged model's rows
 PUBLIC = "public"
 MIXED = "mixed"
+
+
+def merged_model_dir(out: Path, method: str, lr: float | None) -> Path:
+    """Where a demo under `out` keeps `method`'s merged model: untuned, or router-tuned at `lr`."""
+    return out / "models" / (f"{method}_untuned" if lr is None else f"{method}_tuned_lr{lr:g}")
+
+
+def chosen_model_dir(out: Path, method: str = "flexolmo") -> Path:
+    """The model a finished demo under `out` reports as `method`: the candidate its validation text chose."""
+    results = out / "results.json"
+    try:
+        lr = json.loads(results.read_text())["router_tuning"][method]["chosen_lr"]
+    except (OSError, ValueError, KeyError) as error:
+        raise FlexOlmoError(f"{results} holds no finished demo ({error}); run the demo first") from None
+    return merged_model_dir(out, method, lr)
 
 
 def shipped_data_dir() -> Path:
@@ -227,8 +242,8 @@ class Demo:
 
     # -- coordinator -------------------------------------------------------------------------------------
     def build_models(self, packages: dict[str, Path], dense: dict[str, Path]) -> dict[str, Path]:
-        models = {"flexolmo_untuned": self.out / "models" / "flexolmo_untuned",
-                  "btx_untuned": self.out / "models" / "btx_untuned",
+        models = {"flexolmo_untuned": merged_model_dir(self.out, "flexolmo", None),
+                  "btx_untuned": merged_model_dir(self.out, "btx", None),
                   "model_soup": self.out / "models" / "model_soup"}
         if not models["flexolmo_untuned"].exists():
             console.rule("coordinator merges the five experts (admission checks on public validation text)")
@@ -262,7 +277,7 @@ class Demo:
         for method, untuned in (("flexolmo", models["flexolmo_untuned"]), ("btx", models["btx_untuned"])):
             candidates = {NO_TUNING: untuned}
             for lr in self.config.tune_lrs:
-                tuned = self.out / "models" / f"{method}_tuned_lr{lr:g}"
+                tuned = merged_model_dir(self.out, method, lr)
                 if not tuned.exists():
                     console.rule(f"coordinator tunes the router of {method} (lr {lr:g}, {self.config.tune_steps} "
                                  "steps) on the owners' proxies and public text")
