@@ -124,6 +124,13 @@ def test_ablation_adds_its_rows_to_the_same_run(demo_data, tmp_path):
     # The bias rows are the same experts scored without and with their biases: applying them changes scores.
     assert results["methods"]["flexolmo_bias_untuned"] != results["methods"]["flexolmo_bias_dropped_untuned"]
     assert "without the domain-informed router initialisation" in (tmp_path / "demo" / "report.md").read_text()
+    # The random-init row is charged one router tuning exactly when FlexOlmo's tuning won on validation.
+    costs, lr = results["costs"], results["router_tuning"]["flexolmo"]["chosen_lr"]
+    one_tuning = (costs["flexolmo"]["training_tokens"] - costs["flexolmo_untuned"]["training_tokens"]) \
+        // len(config.tune_lrs)
+    assert one_tuning > 0
+    assert costs["flexolmo_random_init"]["training_tokens"] == \
+        costs["flexolmo_untuned"]["training_tokens"] + (0 if lr is None else one_tuning)
 
 
 def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):

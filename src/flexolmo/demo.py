@@ -432,7 +432,8 @@ def run_demo(config: DemoConfig) -> dict:
     opt_out = demo.opt_out(models["flexolmo"])
     if config.ablation:
         evaluations.update(demo.ablation(proxies, selection["flexolmo"]["chosen_lr"]))
-    results = summarise(config, evaluations, opt_out, method_costs(config, demo.anchor_dir))
+    costs = method_costs(config, demo.anchor_dir, selection["flexolmo"]["chosen_lr"])
+    results = summarise(config, evaluations, opt_out, costs)
     results["router_tuning"] = selection
     atomic_write_json(config.out / "results.json", results)
     write_report(config.out, results)
@@ -440,10 +441,11 @@ def run_demo(config: DemoConfig) -> dict:
     return results
 
 
-def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
+def method_costs(config: DemoConfig, anchor_dir: Path, flexolmo_lr: float | None) -> dict[str, dict]:
     """Per method: its members and what it costs (`flexolmo.compute`): training FLOPs and tokens over all its
     runs, the owners' tokens among them, and inference FLOPs per token (the anchor's pretraining, shared by all,
-    is not counted)."""
+    is not counted). `flexolmo_lr`: the router-tuning lr validation chose for FlexOlmo (None: untuned won), which
+    decides whether the random-init ablation was tuned."""
     from flexolmo.anchor import read_config
     from flexolmo.compute import TrainingRun, method_cost
 
@@ -473,11 +475,11 @@ def method_costs(config: DemoConfig, anchor_dir: Path) -> dict[str, dict]:
         "flexolmo": (f"public + 5 coordinated experts, MoE top-{k}, {tuned}", flexolmo, {"experts_per_token": k}),
     }
     if config.ablation:
-        one_tuning = tunings[:1]
+        random_init_tuning = [] if flexolmo_lr is None else tunings[:1]
+        tuning_text = "not tuned (untuned flexolmo won)" if flexolmo_lr is None else f"tuned at lr {flexolmo_lr:g}"
         specs.update({
-            "flexolmo_random_init": ("as flexolmo, owners' router rows started at random; tuned only if "
-                                     "flexolmo's tuning won (cost counts one tuning run either way)",
-                                     coordinated + one_tuning, {"experts_per_token": k}),
+            "flexolmo_random_init": (f"as flexolmo, owners' router rows started at random; {tuning_text}",
+                                     coordinated + random_init_tuning, {"experts_per_token": k}),
             "flexolmo_bias_dropped_untuned": ("owners trained with the negative bias; merged checkpoint as "
                                               "transformers/vLLM run it (no bias), no tuning", coordinated,
                                               {"experts_per_token": k}),
