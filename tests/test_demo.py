@@ -41,12 +41,14 @@ def demo_data(tmp_path_factory) -> Path:
     return root
 
 
-def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def quick_demo(demo_data, tmp_path_factory):
+    """One quick demo run, shared: (its config, its results, the member count of every BTM ensemble built)."""
     from flexolmo import demo as demo_module
-    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, run_demo
+    from flexolmo.demo import DemoConfig, run_demo
 
-    config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "demo", seq_len=32, expert_steps=4,
-                                  eval_max_sequences=4, router_samples=10)
+    config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path_factory.mktemp("quick") / "demo", seq_len=32,
+                                  expert_steps=4, eval_max_sequences=4, router_samples=10)
     ensembles = []
 
     class CountingBTM(demo_module.BranchTrainMergeEnsemble):
@@ -54,9 +56,19 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
             ensembles.append(len(models))
             super().__init__(models, top_k)
 
-    monkeypatch.setattr(demo_module, "BranchTrainMergeEnsemble", CountingBTM)
-    results = run_demo(config)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_module, "BranchTrainMergeEnsemble", CountingBTM)
+        results = run_demo(config)
+    return config, results, ensembles
+
+
+def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
+    from flexolmo import demo as demo_module
+    from flexolmo.demo import CLOSED_DOMAINS, run_demo
+    from flexolmo.report import expectation_checks
+
+    config, results, ensembles = quick_demo
+    tmp_path = config.out.parent
     expected = {"public", "model_soup", "btm", "prompt_routing", "unrestricted", "btx_untuned", "btx",
                 "flexolmo_untuned", "flexolmo", *(f"dense_{d}" for d in CLOSED_DOMAINS)}
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -88,8 +100,26 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
             chosen = tmp_path / "demo" / "models" / f"{method}_tuned_lr{best}" / "flexolmo_experts.json"
             assert json.loads(chosen.read_text())["router_tuning"][-1]["optim"]["lr"] == float(best)
     assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
+    # Routing shares are per-expert selection rates: over the experts they sum to top-k in every domain.
+    for domain, shares in saved["routing"].items():
+        assert sum(shares.values()) == pytest.approx(config.top_k), domain
+    # Opt-out: each row is the masked model's score minus the full model's, on every domain, and the own/other
+    # columns are read from those differences.
+    for removed, row in saved["opt_out"].items():
+        masked = json.loads((tmp_path / "demo" / "evals" / f"flexolmo_without_{removed}.json").read_text())
+        assert masked["excluded"] == [removed]
+        change = row["delta_bits_per_byte"]
+        for domain, full in saved["methods"]["flexolmo"].items():
+            if domain in change:
+                assert change[domain] == pytest.approx(masked["domains"][domain]["bits_per_byte"] - full), domain
+        assert row["own_domain"] == change[removed]
+        others = [change[d] for d in CLOSED_DOMAINS if d != removed]
+        assert row["other_closed_mean"] == pytest.approx(sum(others) / len(others))
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "not meaningful" in report and "| flexolmo |" in report
+    # The report states every expectation check, and "holds" exactly where the numbers meet it.
+    for claim, holds, detail in expectation_checks(saved):
+        assert f"- {'holds' if holds else 'does NOT hold'}: {claim} ({detail})" in report
     for plot in ("bits_per_byte.png", "routing.png", "opt_out.png"):
         assert (tmp_path / "demo" / plot).read_bytes()[:4] == b"\x89PNG"
 
@@ -105,13 +135,15 @@ def test_demo_runs_every_method_and_resumes(demo_data, tmp_path, monkeypatch):
     assert run_demo(config)["methods"] == results["methods"]
 
 
-def test_ablation_adds_its_rows_to_the_same_run(demo_data, tmp_path):
-    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, run_demo
+def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
+    import shutil
+
+    from flexolmo.demo import CLOSED_DOMAINS, run_demo
     from flexolmo.package import load_package
 
-    config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "demo", seq_len=32, expert_steps=4,
-                                  eval_max_sequences=4, router_samples=10)
-    plain = run_demo(config)
+    shared, plain, _ = quick_demo
+    shutil.copytree(shared.out, tmp_path / "demo")  # the shared run stays as the other tests expect it
+    config = shared.model_copy(update={"out": tmp_path / "demo"})
     results = run_demo(config.model_copy(update={"ablation": True}))  # same directory: --ablation only adds
     assert {m: results["methods"][m] for m in plain["methods"]} == plain["methods"]
     added = set(results["methods"]) - set(plain["methods"])
@@ -143,12 +175,13 @@ def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
 
 
 def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
-    """What CI runs of the README's demo: the real shipped data, a few steps, every method, a report."""
+    """The README's `flexolmo demo --quick` on the real shipped anchor and corpora: every method and a report.
+    Windows of 64 tokens instead of 256 keep it cheap; every step and file it reads are the demo's own."""
     from flexolmo.demo import DemoConfig, run_demo, shipped_data_dir
 
     if not (shipped_data_dir() / "anchor" / "config.json").exists():
         pytest.fail("the shipped demo anchor is missing from data/demo/anchor")
-    results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick"))
+    results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick", seq_len=64))
     assert results["quick"] and len(results["methods"]) == 14
     assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()
 
