@@ -7,10 +7,10 @@ the merge (issue 3); `--public-share` fixes that for ordinary experts and, since
 `code` owner's DP expert (epsilon 8, the settings of `bench_privacy.py`: 60 steps, expected batch 32, lr 5e-4,
 delta 1e-6, router row from the public row) is trained with and without half of each batch public text, and
 each is merged at top-2 with the demo's other four experts (`runs/demo/experts`). Reported: held-out bits per
-byte per domain, and the share of each domain's tokens the code expert receives (mean over layers). The expert
-without public text is `runs/privacy/experts/code-dp8` when `bench_privacy.py` has run (same settings), else
-trained here. A fourth expert adds the DP router statistic (`--router-init dp_mean_hidden`: the mean-hidden
-direction of a Poisson sample of ~1,024 owner sequences, released with noise multiplier 4 and charged to the
+byte per domain, and the share of each domain's tokens the code expert receives (mean over layers). Every DP
+expert is trained here (`bench_privacy.py`'s DP experts mix in the anchor's public sample by default, so none of
+them is the owner-text-only case). A fourth expert adds the DP router statistic (`--router-init
+dp_mean_hidden`: the mean-hidden direction of a Poisson sample of ~1,024 owner sequences, released with noise multiplier 4 and charged to the
 same epsilon 8). Results: a table and `benchmarks/results/dp_merge.json`.
 """
 
@@ -33,7 +33,7 @@ from flexolmo.training import OptimConfig
 RESULTS = Path(__file__).parent / "results" / "dp_merge.json"
 OTHERS = ("math", "legal", "biomedical", "literature")
 DOMAINS = ("public", "code", *OTHERS)
-# Poisson sample of ~1/3 of the code owner's 3,141 sequences for the DP router statistic (noise multiplier 4).
+# Poisson sample of about 1,024 of the code owner's ~2,860 sequences for the DP router statistic (noise multiplier 4).
 ROUTER_SEQUENCES = 1024
 
 
@@ -56,18 +56,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--demo-experts", type=Path, default=Path("runs/demo/experts"))
-    parser.add_argument("--privacy-work", type=Path, default=Path("runs/privacy"))
     parser.add_argument("--work", type=Path, default=Path("runs/dp-merge"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     others = [args.demo_experts / name for name in OTHERS]
     if not all((path / "manifest.json").exists() for path in [*others, args.demo_experts / "code"]):
         sys.exit(f"error: the demo's experts are missing under {args.demo_experts}; run `flexolmo demo` first")
-    reused = args.privacy_work / "experts" / "code-dp8"
     codes = {
         "code expert without DP (the demo's)": args.demo_experts / "code",
-        "DP eps 8, owner text only": reused if reused.exists() else
-        train_dp_code(args.data_dir, args.work / "experts" / "code-dp8", 0.0),
+        "DP eps 8, owner text only": train_dp_code(args.data_dir, args.work / "experts" / "code-dp8", 0.0),
         "DP eps 8, half of each batch public": train_dp_code(args.data_dir, args.work / "experts" / "code-dp8-mix",
                                                               0.5),
         "DP eps 8, half public, dp_mean_hidden row": train_dp_code(
@@ -82,7 +79,7 @@ def main() -> None:
             merge(args.data_dir / "anchor", [package, *others], merged, top_k=2)
         result = evaluate_path(merged, domains, settings)
         bits[label] = {name: score.bits_per_byte for name, score in result.domains.items()}
-        expert = json.loads((package / "manifest.json").read_text())["name"]  # "code", or "code-dp8" when reused
+        expert = json.loads((package / "manifest.json").read_text())["name"]
         code_share[label] = {name: score.routing["mean_share"][expert] for name, score in result.domains.items()}
         privacy[label] = json.loads((package / "manifest.json").read_text())["privacy"]["dp"]
     print_table("held-out bits per byte, code expert + the demo's other four, top-2", ["code expert", *DOMAINS],
