@@ -22,6 +22,7 @@ tensor.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
         if high > 1e4:
             raise FlexOlmoError(f"cannot reach epsilon {epsilon:g} at delta {delta:g} in {steps} steps; raise "
                                 "epsilon or lower the steps")
-    while high - low > 1e-3:
+    # A fixed number of halvings (not `while high - low > 1e-3`), so that no slip in the bounds can loop forever.
+    for _ in range(math.ceil(math.log2((high - low) / 1e-3))):
         middle = (low + high) / 2
         if spent_epsilon([*prior, (middle, sample_rate, steps)], delta) > epsilon:
             low = middle
