@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from flexolmo.errors import DataError
-from flexolmo.fileio import atomic_directory, sha256_file
+from flexolmo.fileio import atomic_directory, exclusive_lock, sha256_file
 from flexolmo.progress import console, progress_bar
 
 SUPPORTED_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
@@ -349,31 +349,33 @@ def tokenize_file(
     entry = (cache_dir or default_cache_dir()) / "tokens" / _cache_key(
         file_sha256, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
     )
-    cached = _read_cache_entry(entry, path, file_sha256)
-    if cached is not None:
-        return cached
-    if entry.exists():
-        console.print(f"[yellow]note:[/] the token cache entry of {path.name} ({entry}) is damaged; rebuilding it")
-    documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
-    tokens, token_bytes, num_documents, num_bytes = _tokenize_documents(documents, tokenizer,
-                                                                         f"{path.name} ({split})")
-    if num_documents == 0:
-        total = sum(1 for _ in iter_documents(path, text_field))
-        if total == 0 or split == "all":
-            raise DataError(f"{path}: no non-empty documents; check the file and --text-field")
-        raise DataError(f"{path}: none of its {total} document(s) falls in its {split} split (a hash of each "
-                        f"text puts {heldout_fraction:.0%} in the held-out split); add documents, or pass the "
-                        "held-out text as its own file (--heldout)")
-    meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes,
-            "num_tokens": len(tokens)}
-    with atomic_directory(entry, overwrite=True) as staging:
-        np.save(staging / "tokens.npy", tokens)
-        np.save(staging / "bytes.npy", token_bytes)
-        (staging / "meta.json").write_text(json.dumps(meta))
-    written = _read_cache_entry(entry, path, file_sha256)
-    if written is None:
-        raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set $FLEXOLMO_CACHE")
-    return written
+    # Ranks of one run tokenize the same files at once: one fills the entry, the others then read it.
+    with exclusive_lock(entry.with_name(entry.name + ".lock")):
+        cached = _read_cache_entry(entry, path, file_sha256)
+        if cached is not None:
+            return cached
+        if entry.exists():
+            console.print(f"[yellow]note:[/] the token cache entry of {path.name} ({entry}) is damaged; rebuilding it")
+        documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
+        tokens, token_bytes, num_documents, num_bytes = _tokenize_documents(documents, tokenizer,
+                                                                             f"{path.name} ({split})")
+        if num_documents == 0:
+            total = sum(1 for _ in iter_documents(path, text_field))
+            if total == 0 or split == "all":
+                raise DataError(f"{path}: no non-empty documents; check the file and --text-field")
+            raise DataError(f"{path}: none of its {total} document(s) falls in its {split} split (a hash of each "
+                            f"text puts {heldout_fraction:.0%} in the held-out split); add documents, or pass the "
+                            "held-out text as its own file (--heldout)")
+        meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes,
+                "num_tokens": len(tokens)}
+        with atomic_directory(entry, overwrite=True) as staging:
+            np.save(staging / "tokens.npy", tokens)
+            np.save(staging / "bytes.npy", token_bytes)
+            (staging / "meta.json").write_text(json.dumps(meta))
+        written = _read_cache_entry(entry, path, file_sha256)
+        if written is None:
+            raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set $FLEXOLMO_CACHE")
+        return written
 
 
 def _read_cache_entry(entry: Path, path: Path, file_sha256: str) -> TokenizedFile | None:

@@ -99,6 +99,22 @@ def _staging_name(target: Path) -> Path:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if absent) for the block, so that processes sharing a
+    cache (the ranks of one run) take turns filling an entry instead of replacing it under each other's reads."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, path)) from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `target` only if the block finishes without error.
 
