@@ -346,11 +346,11 @@ def tokenize_file(
     _check_readable(path)
     data_suffix(path)
     file_sha256 = sha256_file(path)
-    entry = (cache_dir or default_cache_dir()) / "tokens" / _cache_key(
-        file_sha256, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction
-    )
+    cache = cache_dir or default_cache_dir()
+    key = _cache_key(file_sha256, tokenizer_fingerprint(tokenizer), text_field, split, heldout_fraction)
+    entry = cache / "tokens" / key
     # Ranks of one run tokenize the same files at once: one fills the entry, the others then read it.
-    with exclusive_lock(entry.with_name(entry.name + ".lock")):
+    with exclusive_lock(cache / "locks" / f"{key}.lock"):
         cached = _read_cache_entry(entry, path, file_sha256)
         if cached is not None:
             return cached
