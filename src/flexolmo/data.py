@@ -355,7 +355,8 @@ def tokenize_file(
         if cached is not None:
             return cached
         if entry.exists():
-            console.print(f"[yellow]note:[/] the token cache entry of {path.name} ({entry}) is damaged; rebuilding it")
+            console.print(f"[yellow]note:[/] the token cache entry of {path.name} ({entry}) is damaged; "
+                          "rebuilding it")
         documents = select_split(iter_documents(path, text_field), split, heldout_fraction)
         tokens, token_bytes, num_documents, num_bytes = _tokenize_documents(documents, tokenizer,
                                                                              f"{path.name} ({split})")
@@ -374,7 +375,8 @@ def tokenize_file(
             (staging / "meta.json").write_text(json.dumps(meta))
         written = _read_cache_entry(entry, path, file_sha256)
         if written is None:
-            raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set $FLEXOLMO_CACHE")
+            raise DataError(f"cannot read back the token cache entry {entry}; check that disk, or set "
+                            "$FLEXOLMO_CACHE")
         return written
 
 
