@@ -75,7 +75,7 @@ def shipped_data_dir() -> Path:
 
 
 class DemoConfig(BaseModel):
-    """`flexolmo demo`: sizes of every step; the defaults are the full demo (105 CPU-minutes measured)."""
+    """`flexolmo demo`: sizes of every step; the defaults are the full demo (19 minutes on 2 idle cores)."""
 
     data_dir: Path = Field(default_factory=shipped_data_dir, description="shipped corpora and anchor")
     out: Path = Field(Path("runs/demo"), description="where every artefact and the report go")
@@ -96,8 +96,8 @@ class DemoConfig(BaseModel):
                                 "and not scored; prompt routing chooses its member from them")
     router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
-    ablation: bool = Field(False, description="also train the experts twice more: with a random router row and "
-                                               "with the negative bias (about 10 more minutes)")
+    ablation: bool = Field(False, description="also the unrestricted upper bound (all closed data pooled) and the "
+                                               "ablation's experts: a random router row, the negative bias")
     seed: int = 0
     device: str = Field("cpu", description="torch device every model trains and runs on")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
@@ -201,16 +201,18 @@ class Demo:
                     resume=self._resumable(packages[domain]))
         return packages
 
-    def select_proxies(self) -> list[Path]:
-        """Each owner, alone, names the public documents most like its data (content hashes, no text)."""
+    def select_proxies(self, directory: str = "proxies", **options) -> list[Path]:
+        """Each owner, alone, names the public documents most like its data (content hashes, no text), into
+        `out/directory`. `options` (embedder, fraction) override select-proxy's defaults: the router-tuning
+        benchmark compares them."""
         files = []
         for domain in CLOSED_DOMAINS:
-            out = self.out / "proxies" / f"{domain}.json"
+            out = self.out / directory / f"{domain}.json"
             if not out.exists():
                 console.rule(f"owner '{domain}' selects public proxy documents")
                 select_proxies(ProxyConfig(data=[self.train_file(domain)], public=[self.public_pool()], name=domain,
                                            out=out, anchor=self.anchor_dir, device=self.config.device,
-                                           seed=self.config.seed, **self._proxy_sizes()))
+                                           seed=self.config.seed, **{**self._proxy_sizes(), **options}))
             files.append(out)
         return files
 
@@ -223,19 +225,24 @@ class Demo:
         return self.config.dense_steps(read_config(self.anchor_dir))
 
     def train_dense(self) -> dict[str, Path]:
+        """The owners' dense experts, each FLOP-matched to FlexOlmo: the members of every merging baseline."""
         dense, steps = {}, self.dense_steps()
         for domain in CLOSED_DOMAINS:
             dense[domain] = self.out / "dense" / domain
             if not dense[domain].exists():
                 console.rule(f"baseline: dense expert '{domain}' ({steps} steps, FLOP-matched to FlexOlmo)")
                 train_dense_expert(self.anchor_dir, [self.train_file(domain)], dense[domain], self.config.optim(steps))
+        return dense
+
+    def train_unrestricted(self) -> Path:
+        """The upper bound no consortium can build: the anchor's FFNs on all closed data pooled, at the five dense
+        experts' compute."""
         pooled = self.out / "dense" / "unrestricted"
         if not pooled.exists():
-            console.rule("baseline: unrestricted (all closed data pooled, the five dense experts' compute)")
+            console.rule("upper bound: unrestricted (all closed data pooled, the five dense experts' compute)")
             train_dense_expert(self.anchor_dir, [self.train_file(d) for d in CLOSED_DOMAINS], pooled,
-                               self.config.optim(steps * len(CLOSED_DOMAINS)))
-        dense["unrestricted"] = pooled
-        return dense
+                               self.config.optim(self.dense_steps() * len(CLOSED_DOMAINS)))
+        return pooled
 
     def _resumable(self, out: Path) -> bool:
         return (out.with_name(out.name + ".ckpt") / "checkpoint").exists()
@@ -277,39 +284,38 @@ class Demo:
         for method, untuned in (("flexolmo", models["flexolmo_untuned"]), ("btx", models["btx_untuned"])):
             candidates = {NO_TUNING: untuned}
             for lr in self.config.tune_lrs:
-                tuned = merged_model_dir(self.out, method, lr)
-                if not tuned.exists():
-                    console.rule(f"coordinator tunes the router of {method} (lr {lr:g}, {self.config.tune_steps} "
-                                 "steps) on the owners' proxies and public text")
-                    optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
-                    tune_router(TuneConfig(model=untuned, public=[self.public_pool()], proxies=proxies, out=tuned,
-                                           optim=optim), resume=self._resumable(tuned))
-                candidates[f"{lr:g}"] = tuned
+                candidates[f"{lr:g}"] = self.tuned(untuned, merged_model_dir(self.out, method, lr), proxies, lr)
             scores = {name: self.validated(path.name, path) for name, path in candidates.items()}
             best = min(scores, key=lambda name: scores[name]["closed_average"])  # ties: the untuned model
             chosen[method] = candidates[best]
             selection[method] = {"chosen_lr": None if best == NO_TUNING else float(best), "validation": scores}
         return chosen, selection
 
+    def tuned(self, untuned: Path, out: Path, proxies: list[Path], lr: float) -> Path:
+        """`untuned` with its router rows tuned at `lr` on `proxies` and public text, written to `out` (once)."""
+        if not out.exists():
+            console.rule(f"coordinator tunes the router rows of {untuned.name} (lr {lr:g}, {self.config.tune_steps} "
+                         "steps) on the owners' proxies and public text")
+            optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
+            tune_router(TuneConfig(model=untuned, public=[self.public_pool()], proxies=proxies, out=out,
+                                   optim=optim), resume=self._resumable(out))
+        return out
+
     def ablation(self, proxies: list[Path], lr: float | None) -> dict[str, dict]:
-        """The parts of the method that need experts of their own: a random router row instead of the domain's
-        mean hidden state (merged, and tuned as FlexOlmo was: at its chosen lr, or not when the untuned model
+        """The paper's reference and the parts of the method that need experts of their own: the unrestricted upper
+        bound (pooled data), a random router row instead of the domain's mean hidden state (merged, and tuned as FlexOlmo was: at its chosen lr, or not when the untuned model
         won on validation), and the negative bias (the merged model scored without it, as transformers and vLLM
         run the checkpoint, and with it, by flexolmo's runtime)."""
-        results = {}
+        results = {"unrestricted": self.evaluated("unrestricted", self.model_builder(self.train_unrestricted()))}
         random_init = self.merged(self.train_experts("_random_init", router_init="random"), "random_init")
-        tuned = random_init if lr is None else self.out / "models" / "flexolmo_random_init_tuned"
-        if not tuned.exists():
-            console.rule("ablation: router tuning of the random-init experts at FlexOlmo's learning rate")
-            optim = self.config.optim(self.config.tune_steps).model_copy(update={"lr": lr})
-            tune_router(TuneConfig(model=random_init, public=[self.public_pool()], proxies=proxies, out=tuned,
-                                   optim=optim), resume=self._resumable(tuned))
-        results["flexolmo_random_init"] = self.evaluated("flexolmo_random_init", self._from_path(tuned))
+        tuned = (random_init if lr is None
+                 else self.tuned(random_init, self.out / "models" / "flexolmo_random_init_tuned", proxies, lr))
+        results["flexolmo_random_init"] = self.evaluated("flexolmo_random_init", self.model_builder(tuned))
         biased = self.merged(self.train_experts("_negative_bias", negative_bias=True), "negative_bias")
         results["flexolmo_bias_dropped_untuned"] = self.evaluated("flexolmo_bias_dropped_untuned",
-                                                                  self._from_path(biased))
+                                                                  self.model_builder(biased))
         results["flexolmo_bias_untuned"] = self.evaluated("flexolmo_bias_untuned",
-                                                          self._from_path(biased, router_bias=True))
+                                                          self.model_builder(biased, router_bias=True))
         return results
 
     def merged(self, packages: dict[str, Path], variant: str) -> Path:
@@ -318,7 +324,7 @@ class Demo:
             merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], out, self.config.top_k)
         return out
 
-    def _from_path(self, path: Path, exclude: Sequence[str] = (), router_bias: bool = False):
+    def model_builder(self, path: Path, exclude: Sequence[str] = (), router_bias: bool = False):
         def build():
             loaded = self.load(path, exclude, router_bias)
             return loaded.model, loaded.tokenizer, loaded.expert_names, list(exclude)
@@ -375,18 +381,19 @@ class Demo:
 
     def evaluate_all(self, dense: dict[str, Path], models: dict[str, Path]) -> dict[str, dict]:
         results = {}
-        from_path = self._from_path
+        from_path = self.model_builder
         results["public"] = self.evaluated("public", from_path(self.anchor_dir))
         for domain in CLOSED_DOMAINS:
             results[f"dense_{domain}"] = self.evaluated(f"dense_{domain}", from_path(dense[domain]))
         results["model_soup"] = self.evaluated("model_soup", from_path(models["model_soup"]))
         results["btm"] = self.evaluated("btm", self._btm(dense))
         results["prompt_routing"] = self.evaluated("prompt_routing", self._prompt_routing(dense))
-        results["unrestricted"] = self.evaluated("unrestricted", from_path(dense["unrestricted"]))
-        results["btx_untuned"] = self.evaluated("btx_untuned", from_path(models["btx_untuned"]))
-        results["btx"] = self.evaluated("btx", from_path(models["btx"]))
-        results["flexolmo_untuned"] = self.evaluated("flexolmo_untuned", from_path(models["flexolmo_untuned"]))
-        results["flexolmo"] = self.evaluated("flexolmo", from_path(models["flexolmo"]))
+        for method in ("btx", "flexolmo"):
+            untuned = f"{method}_untuned"
+            results[untuned] = self.evaluated(untuned, from_path(models[untuned]))
+            # Where validation kept the untuned model, the method *is* that model: its scores, not a second run.
+            results[method] = (results[untuned] if models[method] == models[untuned]
+                               else self.evaluated(method, from_path(models[method])))
         return results
 
     def _btm(self, dense: dict[str, Path]):
@@ -464,8 +471,6 @@ def method_costs(config: DemoConfig, anchor_dir: Path, flexolmo_lr: float | None
                 [dense_run] * owners, {"forward_passes": members}),
         "prompt_routing": ("public + 5 dense experts, one per window (MiniLM classifier)", [dense_run] * owners,
                            {}),
-        "unrestricted": ("anchor FFNs fine-tuned on all closed data pooled",
-                         [TrainingRun("dense_ffn", dense_steps * owners, batch, batch)], {}),
         "btx_untuned": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}, router rows from mean hidden states",
                         [dense_run] * owners, {"experts_per_token": k}),
         "btx": (f"public FFN + 5 dense experts' FFNs, MoE top-{k}, {tuned}", [dense_run] * owners + tunings,
@@ -478,6 +483,8 @@ def method_costs(config: DemoConfig, anchor_dir: Path, flexolmo_lr: float | None
         random_init_tuning = [] if flexolmo_lr is None else tunings[:1]
         tuning_text = "not tuned (untuned flexolmo won)" if flexolmo_lr is None else f"tuned at lr {flexolmo_lr:g}"
         specs.update({
+            "unrestricted": ("anchor FFNs fine-tuned on all closed data pooled (upper bound)",
+                             [TrainingRun("dense_ffn", dense_steps * owners, batch, batch)], {}),
             "flexolmo_random_init": (f"as flexolmo, owners' router rows started at random; {tuning_text}",
                                      coordinated + random_init_tuning, {"experts_per_token": k}),
             "flexolmo_bias_dropped_untuned": ("owners trained with the negative bias; merged checkpoint as "

@@ -19,7 +19,8 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--expert-steps", type=int, default=None,
                         help="optimizer steps per expert; when not given, the demo's own (60, or 3 with --quick)")
     parser.add_argument("--ablation", action="store_true",
-                        help="also measure the router initialisation and the negative bias (five more experts each)")
+                        help="also train the unrestricted upper bound (all closed data pooled) and measure the "
+                             "router initialisation and the negative bias (five more experts each)")
     add_device_flags(parser, dtype_help="dtype every model trains and runs in")
     parser.set_defaults(run=run)
 
