@@ -1,18 +1,15 @@
-"""What the negative router bias is worth at inference on the demo, and whether a flex_olmo checkpoint could carry it.
+"""Whether a flex_olmo checkpoint could carry the negative router bias: how far from constant the router's input is.
 
-    .venv/bin/python benchmarks/bench_bias.py --work runs/router-tuning
+    .venv/bin/python benchmarks/bench_bias.py --demo runs/demo
 
-Five experts trained with `--negative-bias` (otherwise train-expert's defaults at the demo's sizes) are merged at
-top-2 and scored twice: as transformers and vLLM run the checkpoint (no bias: the format has none) and with
-flexolmo's runtime applying the biases the merge keeps in `flexolmo_experts.json`. The same five experts
-trained without the bias (shared with `bench_router_tuning.py` through --work) are the third row. Scores are
-on validation text (hash-held-out part of each `<domain>.train.jsonl.gz`) and on the held-out evaluation files.
-
-Then the question of a faithful carrier: OLMo-2 layers are post-norm, so the router's input is the raw residual
-stream h. A bias b_e could ride in the router row only if some coordinate k of h were a constant c in every
-layer at every token: r_e[k] += b_e / c. The script measures, per layer, the coordinate of h with the smallest
-coefficient of variation (std / |mean|) over validation tokens; folding b into it would add logit noise of
-std |b| * that ratio. Writes `benchmarks/results/bias.json` (or --out).
+What the bias is worth is measured by `flexolmo demo --ablation` (BENCHMARKS.md, "Ablation"): the same experts
+scored with and without it. This script answers the other half of the question. OLMo-2 layers are post-norm, so
+the router's input is the raw residual stream h. A bias b_e could ride in the router row only if some coordinate
+k of h were a constant c at every token: r_e[k] += b_e / c. Per layer, the script finds the coordinate of h with
+the smallest coefficient of variation (std / |mean|) over tokens of every shipped `*.validation` file; folding
+b_e into it would add router-logit noise of standard deviation |b_e| * that ratio, token by token. With a
+finished `--ablation` demo it also reads the biases the owners learned (`flexolmo_experts.json` of the merged
+negative-bias model) and reports that noise per expert and layer. Writes `benchmarks/results/bias.json`.
 """
 
 from __future__ import annotations
@@ -24,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_router_tuning import merged, prepare_data, scored, train_experts
 
 from flexolmo.data import load_token_stream
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, DemoConfig
+from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, DemoConfig, merged_model_dir
 from flexolmo.fileio import atomic_write_json
 from flexolmo.moe import decoder_layers
 from flexolmo.progress import print_table
@@ -37,8 +33,9 @@ RESULTS = Path(__file__).parent / "results" / "bias.json"
 
 
 @torch.no_grad()
-def most_constant_coordinate(anchor_dir: Path, files: dict[str, list[Path]], seq_len: int, per_domain: int) -> list[dict]:
-    """Per layer, the FFN-input coordinate with the smallest std / |mean| over tokens of every domain."""
+def most_constant_coordinate(anchor_dir: Path, files: list[Path], seq_len: int, windows: int) -> list[dict]:
+    """Per layer, the FFN-input coordinate with the smallest std / |mean| over the first `windows` windows of
+    every file."""
     loaded = load_model(anchor_dir)
     layers = decoder_layers(loaded.model)
     inputs: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -46,9 +43,9 @@ def most_constant_coordinate(anchor_dir: Path, files: dict[str, list[Path]], seq
         lambda _m, args, i=i: inputs[i].append(args[0].reshape(-1, args[0].shape[-1]).float()))
         for i, layer in enumerate(layers)]
     try:
-        for paths in files.values():
-            stream = load_token_stream(paths, loaded.tokenizer, "all")
-            for index in range(min(per_domain, stream.num_sequences(seq_len))):
+        for path in files:
+            stream = load_token_stream([path], loaded.tokenizer, "all")
+            for index in range(min(windows, stream.num_sequences(seq_len))):
                 loaded.model(input_ids=torch.from_numpy(stream.sequence(index, seq_len)[:-1])[None])
     finally:
         for handle in handles:
@@ -64,41 +61,45 @@ def most_constant_coordinate(anchor_dir: Path, files: dict[str, list[Path]], seq
     return report
 
 
+def learned_biases(demo_out: Path) -> dict[str, list[float]]:
+    """The per-layer biases the ablation's owners learned, as the merge kept them; empty without an ablation run."""
+    metadata = merged_model_dir(demo_out, "flexolmo_negative_bias", None) / "flexolmo_experts.json"
+    if not metadata.exists():
+        return {}
+    return {entry["name"]: entry["router_bias"] for entry in json.loads(metadata.read_text())["experts"]
+            if "router_bias" in entry}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/router-tuning"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"),
+                        help="a demo run; with --ablation finished, its learned biases are reported")
+    parser.add_argument("--windows", type=int, default=8, help="windows of each validation file read")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     demo = DemoConfig()
     began = time.perf_counter()
-    data = prepare_data(demo, args.work)
-    plain = merged(demo, train_experts(demo, args.work / "experts"), args.work / "models" / "untuned")
-    biased = merged(demo, train_experts(demo, args.work / "experts-bias", negative_bias=True),
-                    args.work / "models" / "bias")
-    evals = args.work / "evals"
-    results = {}
-    for split in ("validation", "heldout"):
-        results[split] = {
-            "no bias trained": scored(plain, data[split], evals / f"untuned.{split}.json", demo),
-            "bias trained, dropped (transformers/vLLM)": scored(biased, data[split], evals / f"bias.{split}.json", demo),
-            "bias trained, applied (flexolmo runtime)": scored(biased, data[split], evals / f"bias-applied.{split}.json",
-                                                               demo, router_bias=True),
-        }
-    metadata = json.loads((biased / "flexolmo_experts.json").read_text())
-    biases = {entry["name"]: entry["router_bias"] for entry in metadata["experts"] if "router_bias" in entry}
-    constant = most_constant_coordinate(demo.data_dir / "anchor", data["validation"], demo.seq_len, per_domain=8)
-    domains = [PUBLIC, *CLOSED_DOMAINS, "closed_average"]
-    for split, rows in results.items():
-        print_table(f"bits per byte on {split} text", ["model", *domains],
-                    [[name, *[scores[d] for d in domains]] for name, scores in rows.items()])
-    print_table("learned router bias per layer", ["expert", *[f"layer {i}" for i in range(len(constant))]],
-                [[name, *values] for name, values in biases.items()])
-    print_table("most constant coordinate of the router's input", ["layer", "coordinate", "mean", "std",
-                                                                   "std / |mean|"],
-                [[c["layer"], c["coordinate"], c["mean"], c["std"], c["std_over_abs_mean"]] for c in constant])
-    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]), "results": results,
-                                 "learned_bias": biases, "most_constant_coordinate": constant,
+    files = [demo.data_dir / f"{domain}.validation.jsonl.gz" for domain in (PUBLIC, *CLOSED_DOMAINS)]
+    constant = most_constant_coordinate(demo.data_dir / "anchor", files, demo.seq_len, args.windows)
+    biases = learned_biases(args.demo)
+    noise = {name: [abs(b) * c["std_over_abs_mean"] for b, c in zip(values, constant)]
+             for name, values in biases.items()}
+    print_table("most constant coordinate of the router's input (demo anchor, shipped validation text)",
+                ["layer", "coordinate", "mean", "std", "std / |mean|", "tokens"],
+                [[c["layer"], c["coordinate"], c["mean"], c["std"], c["std_over_abs_mean"], c["tokens"]]
+                 for c in constant])
+    if biases:
+        layers = [f"layer {c['layer']}" for c in constant]
+        print_table("learned bias per layer", ["expert", *layers], [[n, *v] for n, v in biases.items()])
+        print_table("router-logit noise std if folded into that coordinate", ["expert", *layers],
+                    [[n, *v] for n, v in noise.items()])
+    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]),
+                                 "validation_files": [str(f) for f in files], "windows_per_file": args.windows,
+                                 "seq_len": demo.seq_len, "most_constant_coordinate": constant,
+                                 "learned_bias": biases, "folded_logit_noise_std": noise,
                                  "seconds": time.perf_counter() - began})
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
