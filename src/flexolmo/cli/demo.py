@@ -1,5 +1,6 @@
-"""`flexolmo demo`: five owners train experts apart, the coordinator merges them, every baseline is measured,
-and each expert is withdrawn in turn; prints the table and writes report.md, results.json and plots."""
+"""`flexolmo demo`: five owners train experts apart, the coordinator merges them and tunes the router where
+validation text says it helps, every merging baseline is measured, and each expert is withdrawn in turn; prints
+the table and writes report.md, results.json and plots."""
 
 from __future__ import annotations
 
