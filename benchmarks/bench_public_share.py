@@ -1,0 +1,64 @@
+"""How much public text owners should mix into their batches: the demo's experts at other shares, on validation.
+
+    .venv/bin/python benchmarks/bench_public_share.py --demo runs/demo
+
+The demo's owners mix the anchor's public sample into half of every batch (train-expert's default, 0.5). This
+script trains the five experts again at each other share (the demo's settings and step count otherwise),
+merges them the demo's way (top-k, untuned) and scores them on the shipped `*.validation` files through the
+demo's evaluation, beside the demo's own merge at its share and the anchor. Validation only: this is a choice of setting, so
+the held-out files are not read. Every step is cached under --work; writes `benchmarks/results/public_share.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig, merged_model_dir
+from flexolmo.fileio import atomic_write_json
+from flexolmo.progress import print_table
+
+RESULTS = Path(__file__).parent / "results" / "public_share.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished demo run")
+    parser.add_argument("--work", type=Path, default=Path("runs/public-share"), help="where every step is cached")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.75], help="public shares tried")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    if not (args.demo / "results.json").exists():
+        raise SystemExit(f"{args.demo} holds no finished demo; run `flexolmo demo --out {args.demo}` first")
+    demo_config = DemoConfig(**{**json.loads((args.demo / "demo_config.json").read_text())["config"],
+                                "out": args.demo})
+    scores = {demo_config.public_share: Demo(demo_config).validated("flexolmo_untuned",
+                                                                    merged_model_dir(args.demo, "flexolmo", None))}
+    reference = Demo(demo_config.model_copy(update={"out": args.work / "anchor", "ablation": False}))
+    reference.check_inputs()
+    anchor = reference.validated("public", demo_config.data_dir / "anchor")
+    for share in args.shares:
+        bench = Demo(demo_config.model_copy(update={"out": args.work / f"share{share:g}", "public_share": share,
+                                                    "ablation": False}))
+        bench.check_inputs()
+        model = bench.merged(bench.train_experts(), f"public_share{share:g}")
+        scores[share] = bench.validated(f"flexolmo_public_share{share:g}", model)
+    domains = [PUBLIC, *CLOSED_DOMAINS, "closed_average"]
+    rows = sorted(scores.items())
+    print_table("bits per byte on validation text, FlexOlmo (untuned) by owners' public share",
+                ["public share", *domains],
+                [["anchor", *[anchor[d] for d in domains]], *[[share, *[s[d] for d in domains]] for share, s in rows]])
+    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]),
+                                 "demo_public_share": demo_config.public_share,
+                                 "validation": {"anchor": anchor, **{f"{share:g}": s for share, s in rows}},
+                                 "seconds": time.perf_counter() - began})
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
