@@ -22,7 +22,8 @@ from pathlib import Path
 
 from flexolmo.anchor import read_config
 from flexolmo.compute import TrainingRun, method_cost
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig
+from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig, finished_demo_config
+from flexolmo.errors import FlexOlmoError
 from flexolmo.fileio import atomic_write_json
 from flexolmo.progress import print_table
 
@@ -44,11 +45,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     began = time.perf_counter()
-    finished = args.demo / "results.json"
-    if not finished.exists():
-        raise SystemExit(f"{args.demo} holds no finished demo; run `flexolmo demo --out {args.demo}` first")
-    demo_results = json.loads(finished.read_text())
-    demo_config = DemoConfig(**{**demo_results["config"], "out": args.demo})
+    demo_config = finished_demo_config(args.demo)
+    demo_results = json.loads((args.demo / "results.json").read_text())
     steps = matched_steps(demo_config)
     config = demo_config.model_copy(update={"out": args.work, "expert_steps": steps, "ablation": False})
     bench = Demo(config)
@@ -77,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FlexOlmoError as error:
+        raise SystemExit(f"error: {error}") from None

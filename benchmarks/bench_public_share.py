@@ -12,12 +12,12 @@ the held-out files are not read. Every step is cached under --work; writes `benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig, merged_model_dir
+from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, finished_demo_config, merged_model_dir
+from flexolmo.errors import FlexOlmoError
 from flexolmo.fileio import atomic_write_json
 from flexolmo.progress import print_table
 
@@ -33,10 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     began = time.perf_counter()
-    if not (args.demo / "results.json").exists():
-        raise SystemExit(f"{args.demo} holds no finished demo; run `flexolmo demo --out {args.demo}` first")
-    demo_config = DemoConfig(**{**json.loads((args.demo / "demo_config.json").read_text())["config"],
-                                "out": args.demo})
+    demo_config = finished_demo_config(args.demo)
     scores = {demo_config.public_share: Demo(demo_config).validated("flexolmo_untuned",
                                                                     merged_model_dir(args.demo, "flexolmo", None))}
     reference = Demo(demo_config.model_copy(update={"out": args.work / "anchor", "ablation": False}))
@@ -61,4 +58,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FlexOlmoError as error:
+        raise SystemExit(f"error: {error}") from None

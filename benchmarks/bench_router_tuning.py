@@ -16,14 +16,14 @@ script resumes; a --work holding another setting is refused. Writes `benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 from flexolmo.data import iter_documents
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig, merged_model_dir
+from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, finished_demo_config, merged_model_dir
+from flexolmo.errors import FlexOlmoError
 from flexolmo.fileio import atomic_write_json
 from flexolmo.progress import console, print_table
 from flexolmo.proxy import read_proxies, text_sha256
@@ -34,10 +34,7 @@ EMBEDDERS = ("anchor", "minilm")
 
 def bench_demo(run: Path, work: Path) -> Demo:
     """A Demo with the finished run's settings that writes under `work` (refusing a `work` of other settings)."""
-    if not (run / "results.json").exists():
-        raise SystemExit(f"{run} holds no finished demo; run `flexolmo demo --out {run}` first")
-    config = DemoConfig(**{**json.loads((run / "demo_config.json").read_text())["config"], "out": work})
-    demo = Demo(config)
+    demo = Demo(finished_demo_config(run).model_copy(update={"out": work}))
     demo.check_inputs()
     return demo
 
@@ -129,4 +126,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FlexOlmoError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -69,6 +69,13 @@ def chosen_model_dir(out: Path, method: str = "flexolmo") -> Path:
     return merged_model_dir(out, method, lr)
 
 
+def finished_demo_config(out: Path) -> "DemoConfig":
+    """The settings of the finished demo under `out`, for work that builds on its models (the benchmarks)."""
+    if not (out / "results.json").exists():
+        raise FlexOlmoError(f"{out} holds no finished demo; run `flexolmo demo --out {out}` first")
+    return DemoConfig(**{**json.loads((out / "demo_config.json").read_text())["config"], "out": out})
+
+
 def shipped_data_dir() -> Path:
     """`data/demo` of the repository this package runs from."""
     return Path(flexolmo.__file__).resolve().parents[2] / "data" / "demo"
@@ -303,9 +310,10 @@ class Demo:
 
     def ablation(self, proxies: list[Path], lr: float | None) -> dict[str, dict]:
         """The paper's reference and the parts of the method that need experts of their own: the unrestricted upper
-        bound (pooled data), a random router row instead of the domain's mean hidden state (merged, and tuned as FlexOlmo was: at its chosen lr, or not when the untuned model
-        won on validation), and the negative bias (the merged model scored without it, as transformers and vLLM
-        run the checkpoint, and with it, by flexolmo's runtime)."""
+        bound (pooled data), a random router row instead of the domain's mean hidden state (merged, and tuned as
+        FlexOlmo was: at its chosen lr, or not when the untuned model won on validation), and the negative bias
+        (the merged model scored without it, as transformers and vLLM run the checkpoint, and with it, by
+        flexolmo's runtime)."""
         results = {"unrestricted": self.evaluated("unrestricted", self.model_builder(self.train_unrestricted()))}
         random_init = self.merged(self.train_experts("_random_init", router_init="random"), "random_init")
         tuned = (random_init if lr is None
