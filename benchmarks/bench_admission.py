@@ -13,7 +13,7 @@ public tokens on which it has the top router logit, the share on which it is in 
 bits per byte with it against without it, and the checks' seconds per expert (the whole admission of a merge
 over its 5 candidates: loading the merged model, 1 + 5 probe passes), also as a ratio to one pass of the dense
 anchor over the same probe windows timed just before in the same process. Results: a table and
-`benchmarks/results/admission.json`. The default limits of `flexolmo.trust.admission` are chosen from these
+`benchmarks/results/admission.json`. The default limits of `flexolmo.coordinator.admission` are chosen from these
 numbers (honest maximum with margin, below every attack).
 """
 
@@ -27,16 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from flexolmo.data import load_token_stream
-from flexolmo.demo import CLOSED_DOMAINS, Demo, DemoConfig
-from flexolmo.evaluate import score_stream
-from flexolmo.merge import merge
-from flexolmo.package import load_package, write_package
-from flexolmo.progress import console, print_table
-from flexolmo.router_init import load_public_rows
-from flexolmo.runtime import load_model
-from flexolmo.trust.admission import AdmissionPolicy
-from flexolmo.trust.publish import CoordinatorTrust
+from flexolmo.coordinator.admission import AdmissionPolicy
+from flexolmo.coordinator.merge import merge
+from flexolmo.coordinator.publish import CoordinatorTrust
+from flexolmo.core.progress import console, print_table
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.evaluation.scoring import score_stream
+from flexolmo.experiments.demo import Demo
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, DemoConfig
+from flexolmo.model.router_init import load_public_rows
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.package import load_package, write_package
 
 RESULTS = Path(__file__).parent / "results" / "admission.json"
 NO_LIMITS = dict(max_row_norm_ratio=1e9, max_public_top_share=1.0, max_public_bpb_increase=1e9)

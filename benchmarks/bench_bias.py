@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.data import load_token_stream
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, DemoConfig, merged_model_dir
-from flexolmo.fileio import atomic_write_json
-from flexolmo.moe import decoder_layers
-from flexolmo.progress import print_table
-from flexolmo.runtime import load_model
+from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.progress import print_table
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, merged_model_dir
+from flexolmo.model.moe import decoder_layers
+from flexolmo.model.runtime import load_model
 
 RESULTS = Path(__file__).parent / "results" / "bias.json"
 

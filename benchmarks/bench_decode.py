@@ -3,7 +3,7 @@
 (run from the repository root; the workdir is shared with `bench_load.py`, whose merged model is reused when it
 exists; `--small` is a quick check of the harness whose numbers mean nothing.)
 
-Running a merged FlexOlmo checkpoint: flexolmo's runtime (`flexolmo.runtime.load_model`: transformers' OLMo-2
+Running a merged FlexOlmo checkpoint: flexolmo's runtime (`flexolmo.model.runtime.load_model`: transformers' OLMo-2
 with each FFN replaced by our FlexMoEBlock) against transformers' own `FlexOlmoForCausalLM`
 (`AutoModelForCausalLM.from_pretrained`), both loaded from the same directory in the same dtype, in one process.
 
@@ -137,7 +137,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from flexolmo.runtime import load_model
+    from flexolmo.model.runtime import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

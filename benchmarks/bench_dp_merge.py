@@ -22,13 +22,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from flexolmo.evaluate import EvalSettings, evaluate_path
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.merge import merge
-from flexolmo.privacy import DPConfig
-from flexolmo.progress import console, print_table
-from flexolmo.router_init import DP_ROUTER_INIT
-from flexolmo.training import OptimConfig
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.progress import console, print_table
+from flexolmo.evaluation.scoring import EvalSettings, evaluate_path
+from flexolmo.model.router_init import DP_ROUTER_INIT
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.privacy import DPConfig
+from flexolmo.training.loop import OptimConfig
 
 RESULTS = Path(__file__).parent / "results" / "dp_merge.json"
 OTHERS = ("math", "legal", "biomedical", "literature")

@@ -4,7 +4,7 @@
 
 A synthetic OLMo-2 anchor (random weights, 0.51B parameters: hidden 1024, FFN 4096, 24 layers, vocabulary
 50,304) is built in every rank, turned into the owner's 2-expert model (0.30B trainable) and trained for a few
-steps through `flexolmo.training.train` with each layout: replicated on one process, and FSDP2 over 1, 2 and 4
+steps through `flexolmo.training.loop.train` with each layout: replicated on one process, and FSDP2 over 1, 2 and 4
 gloo processes (frozen weights sharded, and at 2 processes also replicated), bf16 compute with float32 master
 weights. Per rank it records:
 - exact bytes of this rank's part of the frozen weights, trained weights, gradients and AdamW state, read from
@@ -14,7 +14,7 @@ weights. Per rank it records:
   `MALLOC_MMAP_THRESHOLD_` makes glibc return freed large blocks to the system, so the full model each rank
   builds before sharding does not linger in the resident set;
 - seconds per step (the machine is shared: read ratios within one run, not absolute times);
-and compares both with `flexolmo.memory_plan.plan_memory` for the same settings.
+and compares both with `flexolmo.training.memory_plan.plan_memory` for the same settings.
 """
 
 from __future__ import annotations
@@ -79,12 +79,12 @@ def run_rank(rank: int, world_size: int, port: int, fsdp: bool, replicate_frozen
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flexolmo.data import TokenizedFile, TokenStream
-    from flexolmo.distributed import FullyShardedStrategy, ReplicatedStrategy
-    from flexolmo.expert import owner_loss, owner_trainable_parameters
-    from flexolmo.moe import convert_to_moe
-    from flexolmo.precision import PrecisionPolicy
-    from flexolmo.training import OptimConfig, train
+    from flexolmo.core.precision import PrecisionPolicy
+    from flexolmo.data.tokens import TokenizedFile, TokenStream
+    from flexolmo.model.moe import convert_to_moe
+    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
+    from flexolmo.training.distributed import FullyShardedStrategy, ReplicatedStrategy
+    from flexolmo.training.loop import OptimConfig, train
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
     baseline = resident_bytes()
@@ -141,7 +141,7 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    from flexolmo.memory_plan import GIB, PlanSettings, plan_memory
+    from flexolmo.training.memory_plan import GIB, PlanSettings, plan_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)

@@ -5,7 +5,7 @@ session that wrote it; BENCHMARKS.md has no number from it.
     PYTHONPATH=src python benchmarks/bench_gpu_train.py --anchor benchmarks/anchors/OLMo-2-0425-1B
 
 Synthetic weights of the anchor's shape (only its config.json is read) and random tokens; every variant runs
-through `flexolmo.training.train` with `--dtype bfloat16` (float32 master weights, bf16 compute), the same batch
+through `flexolmo.training.loop.train` with `--dtype bfloat16` (float32 master weights, bf16 compute), the same batch
 shape and the same steps, in this one process, alternating variants over `--rounds`:
 - `dense`: the anchor with its FFNs trainable (dense FFN fine-tuning, the cost every expert method pays);
 - `coordinated`: FlexOlmo's owner model (frozen FFN next to a trained copy), replicated strategy (autocast);
@@ -52,10 +52,10 @@ class StepTimer:
 def build(variant: str, config: dict, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flexolmo.baselines import ffn_parameters
-    from flexolmo.expert import owner_loss, owner_trainable_parameters
-    from flexolmo.moe import convert_to_moe
-    from flexolmo.training import lm_loss_fn
+    from flexolmo.experiments.baselines import ffn_parameters
+    from flexolmo.model.moe import convert_to_moe
+    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
+    from flexolmo.training.loop import lm_loss_fn
 
     torch.manual_seed(0)
     fields = {key: value for key, value in config.items() if key not in ("model_type", "architectures")}
@@ -70,9 +70,10 @@ def build(variant: str, config: dict, device: str):
 
 
 def run(variant: str, config: dict, args, stream) -> dict:
-    from flexolmo.distributed import FullyShardedStrategy, ReplicatedStrategy
-    from flexolmo.precision import PrecisionPolicy
-    from flexolmo.training import OptimConfig, distributed_session, train
+    from flexolmo.core.precision import PrecisionPolicy
+    from flexolmo.core.world import distributed_session
+    from flexolmo.training.distributed import FullyShardedStrategy, ReplicatedStrategy
+    from flexolmo.training.loop import OptimConfig, train
 
     precision = PrecisionPolicy.from_name("bfloat16")
     torch.cuda.empty_cache()
@@ -98,8 +99,8 @@ def run(variant: str, config: dict, args, stream) -> dict:
 
 
 def main() -> None:
-    from flexolmo.data import TokenizedFile, TokenStream
-    from flexolmo.memory_plan import PlanSettings, plan_memory
+    from flexolmo.data.tokens import TokenizedFile, TokenStream
+    from flexolmo.training.memory_plan import PlanSettings, plan_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--anchor", type=Path, default=Path(__file__).parent / "anchors" / "OLMo-2-0425-1B",

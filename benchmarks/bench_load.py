@@ -2,12 +2,12 @@
 
 (run from the repository root; `--small` is a quick check of the harness whose numbers mean nothing.)
 
-Loading a merged FlexOlmo checkpoint: `flexolmo.runtime.load_model` against transformers' own
+Loading a merged FlexOlmo checkpoint: `flexolmo.model.runtime.load_model` against transformers' own
 `AutoModelForCausalLM.from_pretrained` (which builds `FlexOlmoForCausalLM` on the meta device and fills it from
 the checkpoint), on the same files, in the same dtype.
 
 Setup (not measured): a synthetic OLMo-2 anchor (hidden 1024, 8 layers, FFN 4096, vocab 50304) and 4 expert
-packages, written by `bench_merge.py`'s writers, merged with `flexolmo.merge.merge` into a 5-expert model
+packages, written by `bench_merge.py`'s writers, merged with `flexolmo.coordinator.merge.merge` into a 5-expert model
 (640M parameters, 1.3 GB in bf16), with the demo anchor's tokenizer files.
 
 Measured, each load in its own child process (so that its memory is its own), `--repeats` times, best time kept:
@@ -53,9 +53,9 @@ def child_main(spec: dict) -> None:
     sys.path.insert(0, str(REPO / "src"))
     from transformers import AutoModelForCausalLM
 
-    from flexolmo.merge import read_merged_info
-    from flexolmo.moe import convert_to_moe
-    from flexolmo.runtime import _dense_config, load_model
+    from flexolmo.model.merged_format import read_merged_info
+    from flexolmo.model.moe import convert_to_moe
+    from flexolmo.model.runtime import _dense_config, load_model
 
     path, dtype = Path(spec["model"]), torch.bfloat16
     before = read_status()
@@ -90,8 +90,8 @@ def run_child(spec: dict) -> dict:
 
 def build_model(workdir: Path, shape: dict) -> Path:
     """Anchor, packages and their merge (skipped when the merge already exists)."""
-    from flexolmo.anchor import compute_fingerprint, read_config
-    from flexolmo.merge import merge
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.model.anchor import compute_fingerprint, read_config
 
     merged = workdir / "merged"
     if merged.exists():

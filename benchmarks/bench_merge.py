@@ -7,7 +7,7 @@ Merge of a synthetic OLMo-2 anchor of at least 1B parameters with 4 expert packa
 copy of the same bytes, with peak memory set against the output size.
 
 Setup (not measured): a random bf16 anchor shaped like OLMo-1B (hidden 2048, 16 layers, 16 heads, FFN 8192,
-vocab 50304, untied head; 1.28B parameters) is written tensor by tensor through `flexolmo.tensor_io.ShardedWriter`,
+vocab 50304, untied head; 1.28B parameters) is written tensor by tensor through `flexolmo.core.tensor_io.ShardedWriter`,
 so the whole model is never in memory; its public router rows are written with `save_public_rows`. Then 4 expert
 packages (per layer gate/up/down bf16 and a (1, hidden) router row) are written one at a time with
 `write_package`, each carrying the anchor's fingerprint. Values are a seeded random block per tensor, repeated to
@@ -16,7 +16,7 @@ fill it: the merge copies bytes and never looks at values.
 Measured, each in its own child process so that its memory is its own:
 - copy: `shutil.copyfile` of every file the merge reads (anchor shards, public router rows, the 4 packages'
   `expert.safetensors`) into a scratch directory;
-- merge: `flexolmo.merge.merge(anchor, packages, out, top_k=2, shard_bytes=S)` for S = 512 MiB and S = 2 GiB
+- merge: `flexolmo.coordinator.merge.merge(anchor, packages, out, top_k=2, shard_bytes=S)` for S = 512 MiB and S = 2 GiB
   (merge's default). The merge also verifies its inputs first (anchor fingerprint over every tensor, SHA-256
   of every package file); that share is timed separately and reported.
 Before each measured run the parent flushes dirty pages (`os.sync`, untimed) and reads every input file once
@@ -144,7 +144,7 @@ def child_main(spec: dict) -> None:
         result["seconds"] = time.perf_counter() - start
     else:
         sys.path.insert(0, str(REPO / "src"))
-        import flexolmo.merge as merge_module
+        import flexolmo.coordinator.merge as merge_module
 
         verify_seconds = {"anchor_fingerprint": 0.0, "packages": 0.0}
 
@@ -215,9 +215,9 @@ def write_anchor(anchor_dir: Path, shape: dict, seed: int, shard_bytes: int) -> 
     import torch
     from transformers import Olmo2Config
 
-    from flexolmo.fileio import atomic_directory, atomic_write_json
-    from flexolmo.router_init import save_public_rows
-    from flexolmo.tensor_io import ShardedWriter
+    from flexolmo.core.fileio import atomic_directory, atomic_write_json
+    from flexolmo.core.tensor_io import ShardedWriter
+    from flexolmo.model.router_init import save_public_rows
 
     config = Olmo2Config(
         vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
@@ -247,8 +247,8 @@ def write_anchor(anchor_dir: Path, shape: dict, seed: int, shard_bytes: int) -> 
 def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: dict) -> None:
     import torch
 
-    from flexolmo.package import write_package
-    from flexolmo.weights import PACKAGE_FFN, PACKAGE_ROUTER
+    from flexolmo.core.weights import PACKAGE_FFN, PACKAGE_ROUTER
+    from flexolmo.owner.package import write_package
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     tensors = {}
@@ -272,10 +272,10 @@ def verify_output(out: Path, anchor_dir: Path, packages: list[Path], shape: dict
     import torch
     from safetensors import safe_open
 
-    from flexolmo.package import TENSOR_FILE
-    from flexolmo.router_init import load_public_rows
-    from flexolmo.tensor_io import INDEX_FILE, LazyReader
-    from flexolmo.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER, PACKAGE_FFN, PACKAGE_ROUTER
+    from flexolmo.core.tensor_io import INDEX_FILE, LazyReader
+    from flexolmo.core.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER, PACKAGE_FFN, PACKAGE_ROUTER
+    from flexolmo.model.router_init import load_public_rows
+    from flexolmo.owner.package import TENSOR_FILE
 
     layers, experts = shape["num_hidden_layers"], 1 + len(packages)
     reader = LazyReader(out)
@@ -433,10 +433,10 @@ def main() -> None:
         raise SystemExit(f"{work} already exists: remove it or choose another --workdir")
 
     sys.path.insert(0, str(REPO / "src"))
-    from flexolmo.anchor import PUBLIC_ROUTER_FILE, compute_fingerprint
-    from flexolmo.package import TENSOR_FILE
-    from flexolmo.provenance import software_versions
-    from flexolmo.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE
+    from flexolmo.core.provenance import software_versions
+    from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE
+    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE, compute_fingerprint
+    from flexolmo.owner.package import TENSOR_FILE
 
     info = machine()
     command = shlex.join([os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd()))

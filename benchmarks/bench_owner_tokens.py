@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from flexolmo.anchor import read_config
-from flexolmo.compute import TrainingRun, method_cost
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, DemoConfig, finished_demo_config
-from flexolmo.errors import FlexOlmoError
-from flexolmo.fileio import atomic_write_json
-from flexolmo.progress import print_table
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.progress import print_table
+from flexolmo.experiments.compute import TrainingRun, method_cost
+from flexolmo.experiments.demo import Demo
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config
+from flexolmo.model.anchor import read_config
 
 RESULTS = Path(__file__).parent / "results" / "owner_tokens.json"
 

@@ -52,21 +52,23 @@ from typing import Any
 
 import torch
 
-from flexolmo.anchor import compute_fingerprint, load_anchor
-from flexolmo.audit import AuditConfig, audit_loaded
-from flexolmo.baselines import DENSE_METADATA_FILE, train_dense_expert
-from flexolmo.data import iter_documents, load_token_stream
-from flexolmo.demo import DemoConfig, chosen_model_dir
-from flexolmo.errors import FlexOlmoError
-from flexolmo.evaluate import EvalSettings, evaluate
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
-from flexolmo.merge import merge, read_merged_info
-from flexolmo.package import read_manifest
-from flexolmo.privacy import DPConfig
-from flexolmo.progress import console, print_table
-from flexolmo.runtime import load_model
-from flexolmo.training import OptimConfig, config_digest, lm_loss_fn, train
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
+from flexolmo.core.progress import console, print_table
+from flexolmo.data.documents import iter_documents
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.evaluation.audit import AuditConfig, audit_loaded
+from flexolmo.evaluation.scoring import EvalSettings, evaluate
+from flexolmo.experiments.baselines import DENSE_METADATA_FILE, train_dense_expert
+from flexolmo.experiments.demo_config import DemoConfig, chosen_model_dir
+from flexolmo.model.anchor import compute_fingerprint, load_anchor
+from flexolmo.model.merged_format import read_merged_info
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.package import read_manifest
+from flexolmo.owner.privacy import DPConfig
+from flexolmo.training.loop import OptimConfig, config_digest, lm_loss_fn, train
 
 RESULTS = Path(__file__).parent / "results" / "privacy.json"
 TINY_ROOT = Path("/tmp/flexolmo-bench-privacy-tiny")

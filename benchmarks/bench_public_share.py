@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, finished_demo_config, merged_model_dir
-from flexolmo.errors import FlexOlmoError
-from flexolmo.fileio import atomic_write_json
-from flexolmo.progress import print_table
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.progress import print_table
+from flexolmo.experiments.demo import Demo
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
 
 RESULTS = Path(__file__).parent / "results" / "public_share.json"
 

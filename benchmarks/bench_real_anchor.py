@@ -4,14 +4,14 @@
     python benchmarks/bench_real_anchor.py                    # the full run (about an hour on 2 idle cores)
     python benchmarks/bench_real_anchor.py --smoke            # a few minutes: proves every step, numbers meaningless
 
-The coordinator imports the GGUF as an anchor (`flexolmo.importer`, public router rows from the public corpus);
+The coordinator imports the GGUF as an anchor (`flexolmo.coordinator.importer`, public router rows from the public corpus);
 three owners (code, math, legal: the demo corpora) each train an expert next to the frozen public FFN; the
 coordinator merges them, scored at top-4 of 4 (the kept routing weights sum to 1) and at top-2: FlexOlmo does not
 renormalise, and router rows trained for 20 steps stay close to one another, so top-2 keeps about half the
 routing mass (0.56 in the smoke run) and shrinks every FFN's output. Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
 model soup and Branch-Train-Merge, both over the same members as FlexOlmo (the public anchor and the three
-owners' dense experts). Every model is scored by `flexolmo.evaluate` (held-out bits per byte per domain) and by
-`flexolmo.tasks` (lm-eval accuracy on the offline tasks); FlexOlmo is also scored with each expert removed.
+owners' dense experts). Every model is scored by `flexolmo.evaluation.scoring` (held-out bits per byte per domain) and by
+`flexolmo.evaluation.tasks` (lm-eval accuracy on the offline tasks); FlexOlmo is also scored with each expert removed.
 
 Every step writes its output under --out atomically and is skipped when it exists, so an interrupted run resumes
 by running the same command again; a run directory refuses other settings. Results: a table, `results.json` and
@@ -30,17 +30,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from flexolmo.baselines import BranchTrainMergeEnsemble, model_soup, train_dense_expert
-from flexolmo.errors import FlexOlmoError
-from flexolmo.evaluate import EvalSettings, evaluate
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.fileio import atomic_write_bytes, atomic_write_json
-from flexolmo.importer import ImportConfig, import_anchor
-from flexolmo.merge import merge
-from flexolmo.progress import console, print_table
-from flexolmo.runtime import load_model
-from flexolmo.tasks import evaluate_tasks
-from flexolmo.training import OptimConfig, config_digest
+from flexolmo.coordinator.importer import ImportConfig, import_anchor
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json
+from flexolmo.core.progress import console, print_table
+from flexolmo.evaluation.scoring import EvalSettings, evaluate
+from flexolmo.evaluation.tasks import evaluate_tasks
+from flexolmo.experiments.baselines import BranchTrainMergeEnsemble, model_soup, train_dense_expert
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.training.loop import OptimConfig, config_digest
 
 OWNERS = ("code", "math", "legal")
 PUBLIC = "public"

@@ -21,12 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from flexolmo.data import iter_documents
-from flexolmo.demo import CLOSED_DOMAINS, PUBLIC, Demo, finished_demo_config, merged_model_dir
-from flexolmo.errors import FlexOlmoError
-from flexolmo.fileio import atomic_write_json
-from flexolmo.progress import console, print_table
-from flexolmo.proxy import read_proxies, text_sha256
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.progress import console, print_table
+from flexolmo.data.documents import iter_documents
+from flexolmo.experiments.demo import Demo
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
+from flexolmo.owner.proxy import read_proxies, text_sha256
 
 RESULTS = Path(__file__).parent / "results" / "router_tuning.json"
 EMBEDDERS = ("anchor", "minilm")

@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexolmo.demo import CLOSED_DOMAINS
-from flexolmo.fileio import sha256_file
-from flexolmo.merge import merge
-from flexolmo.progress import print_table
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.fileio import sha256_file
+from flexolmo.core.progress import print_table
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS
 from flexolmo.trust.signing import (
     SIGNATURE_FILE,
     TrustedKeys,

@@ -1,4 +1,4 @@
-"""Downstream task accuracy of the demo's models through lm-evaluation-harness (`flexolmo.tasks`).
+"""Downstream task accuracy of the demo's models through lm-evaluation-harness (`flexolmo.evaluation.tasks`).
 
     .venv/bin/python benchmarks/bench_tasks.py --limit 500
 
@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from flexolmo.demo import chosen_model_dir
-from flexolmo.errors import FlexOlmoError
-from flexolmo.merge import read_merged_info
-from flexolmo.progress import print_table
-from flexolmo.runtime import load_model
-from flexolmo.tasks import OFFLINE_TASKS, evaluate_tasks
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.progress import print_table
+from flexolmo.evaluation.tasks import OFFLINE_TASKS, evaluate_tasks
+from flexolmo.experiments.demo_config import chosen_model_dir
+from flexolmo.model.merged_format import read_merged_info
+from flexolmo.model.runtime import load_model
 
 RESULTS = Path(__file__).parent / "results" / "tasks.json"
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_top_k.py
 
 The demo merges at top-2 (of 6: public + 5 owners); the paper's final model uses top-4 of 8. Same packages
-(`runs/demo/experts`, from `flexolmo demo`), same anchor, one `flexolmo.merge.merge` per k into a temporary
+(`runs/demo/experts`, from `flexolmo demo`), same anchor, one `flexolmo.coordinator.merge.merge` per k into a temporary
 directory, then the one evaluation path (`evaluate_path`) with the demo's settings: the first 48 sequences of
 256 tokens of each `<domain>.heldout.jsonl.gz`, the first 32 of each as context. Active parameters per token grow with k (FFN compute is k/1 of
 the anchor's). Results: a table and `benchmarks/results/top_k.json`.
@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexolmo.evaluate import EvalSettings, evaluate_path
-from flexolmo.merge import merge
-from flexolmo.progress import print_table
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.progress import print_table
+from flexolmo.evaluation.scoring import EvalSettings, evaluate_path
 
 RESULTS = Path(__file__).parent / "results" / "top_k.json"
 DOMAINS = ("public", "code", "math", "legal", "biomedical", "literature")

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_train_expert.py --anchor data/demo/anchor --data data/demo/code.train.jsonl.gz
 
 Both variants train the same anchor's FFN-sized parameters on the same data with the same batch shape through
-the same loop (`flexolmo.training.train`):
+the same loop (`flexolmo.training.loop.train`):
 - dense: the anchor with its FFNs trainable (everything else frozen);
 - coordinated: FlexOlmo's 2-expert block per layer, the anchor FFN frozen next to a trainable copy.
 
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.anchor import load_anchor
-from flexolmo.baselines import ffn_parameters
-from flexolmo.compute import training_flops_per_token
-from flexolmo.data import load_token_stream
-from flexolmo.expert import build_owner_model, owner_loss, owner_trainable_parameters
-from flexolmo.router_init import initial_rows
-from flexolmo.training import OptimConfig, lm_loss_fn, make_batch, train
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.experiments.baselines import ffn_parameters
+from flexolmo.experiments.compute import training_flops_per_token
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.router_init import initial_rows
+from flexolmo.owner.expert import build_owner_model, owner_loss, owner_trainable_parameters
+from flexolmo.training.loop import OptimConfig, lm_loss_fn, make_batch, train
 
 RESULTS = Path(__file__).parent / "results" / "train_expert.json"
 
@@ -74,7 +74,7 @@ def timed_run(variant: str, args) -> float:
 
 
 def flops_per_token(config: dict, seq_len: int, variant: str) -> float:
-    """Matmul FLOPs per training token (`flexolmo.compute`, the one count every report uses)."""
+    """Matmul FLOPs per training token (`flexolmo.experiments.compute`, the one count every report uses)."""
     return training_flops_per_token(config, seq_len, "dense_ffn" if variant == "dense" else "coordinated")
 
 
@@ -107,7 +107,7 @@ import json, sys, tempfile, resource
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import bench_train_expert as bench
-from flexolmo.training import OptimConfig, train
+from flexolmo.training.loop import OptimConfig, train
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key): return int(line.split()[1]) * 1024

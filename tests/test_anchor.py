@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from flexolmo.anchor import compute_fingerprint, load_anchor
-from flexolmo.errors import AnchorError
+from flexolmo.core.errors import AnchorError
+from flexolmo.model.anchor import compute_fingerprint, load_anchor
 
 
 def test_pretrained_anchor_loads_in_transformers_as_is(tiny_anchor):
@@ -43,8 +43,8 @@ def test_fingerprint_is_stable_and_sensitive(tiny_anchor, tmp_path):
 
 
 def test_fingerprint_covers_the_config_and_the_public_router_rows(tiny_anchor, tmp_path):
-    from flexolmo.anchor import PUBLIC_ROUTER_FILE
-    from flexolmo.router_init import load_public_rows, save_public_rows
+    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE
+    from flexolmo.model.router_init import load_public_rows, save_public_rows
 
     reference = compute_fingerprint(tiny_anchor)
     config_changed = tmp_path / "config"

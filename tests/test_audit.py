@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 
-from flexolmo.audit import AuditConfig, audit_extraction, similarity_summary, wilson_interval
-from flexolmo.errors import MergeError
+from flexolmo.core.errors import MergeError
+from flexolmo.evaluation.audit import AuditConfig, audit_extraction, similarity_summary, wilson_interval
 
 # Small enough to run in seconds: 8 documents, an 8-token prompt, 16 tokens compared, 4 samples.
 FAST = dict(prefix_tokens=8, new_tokens=16, min_continuation_tokens=16, samples=4, batch_size=8)
@@ -37,9 +37,9 @@ def secret(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def overfit(tmp_path_factory, tiny_anchor, secret) -> Path:
     """The tiny anchor trained for ~100 epochs on the 8 secret documents: the paper's sanity-check model."""
-    from flexolmo.anchor import load_pretrained, load_tokenizer
-    from flexolmo.data import load_token_stream
-    from flexolmo.training import train
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.model.anchor import load_pretrained, load_tokenizer
+    from flexolmo.training.loop import train
 
     root = tmp_path_factory.mktemp("overfit")
     model, tokenizer = load_pretrained(tiny_anchor), load_tokenizer(tiny_anchor)
@@ -57,8 +57,8 @@ def overfit(tmp_path_factory, tiny_anchor, secret) -> Path:
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, tiny_anchor, corpora) -> Path:
     """The anchor merged with one briefly trained owner expert ("code"), top-2."""
-    from flexolmo.expert import ExpertConfig, train_expert
-    from flexolmo.merge import merge
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.owner.expert import ExpertConfig, train_expert
 
     root = tmp_path_factory.mktemp("audit-merged")
     train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=root / "code",
@@ -144,7 +144,7 @@ def test_one_line_errors(tiny_anchor, tmp_path, capsys):
 def test_documents_with_a_short_continuation_are_not_audited(tiny_anchor, tmp_path):
     """A document whose continuation after the prompt is a token or two would count as extracted whenever the
     model guesses them; only documents with at least `min_continuation_tokens` after the prefix are drawn."""
-    from flexolmo.anchor import load_tokenizer
+    from flexolmo.model.anchor import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_anchor)
     docs = synthetic_documents(PUBLIC_WORDS, 6, seed=5, length=30) + \

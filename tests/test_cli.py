@@ -98,7 +98,7 @@ def test_init_router_seq_len_zero_is_a_one_line_error(tiny_anchor, corpora, caps
 def test_init_router_refuses_to_replace_rows_unless_forced(tiny_anchor, corpora, tmp_path, capsys):
     import shutil
 
-    from flexolmo.anchor import compute_fingerprint
+    from flexolmo.model.anchor import compute_fingerprint
 
     anchor = tmp_path / "anchor"
     shutil.copytree(tiny_anchor, anchor)
@@ -113,9 +113,9 @@ def test_init_router_refuses_to_replace_rows_unless_forced(tiny_anchor, corpora,
     captured = capsys.readouterr()
     assert after != before and after in captured.out and f"the fingerprint was {before}" in captured.err
     # The rows written are the unit mean FFN inputs of the public text, and the anchor now ships them.
-    from flexolmo.anchor import load_anchor
-    from flexolmo.data import load_token_stream
-    from flexolmo.router_init import load_public_rows, mean_direction_rows
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.model.anchor import load_anchor
+    from flexolmo.model.router_init import load_public_rows, mean_direction_rows
 
     loaded = load_anchor(anchor)
     stream = load_token_stream([corpora["public"]], loaded.tokenizer, split="all")
@@ -137,9 +137,9 @@ def test_eval_names_each_file_as_a_domain_and_says_where_the_json_went(tiny_anch
     assert list(written["domains"]) == ["code", "pub"]
     assert f"wrote results: {out}" in capsys.readouterr().out.splitlines()
     # The numbers are those of scoring the same windows in the library.
-    from flexolmo.anchor import load_pretrained, load_tokenizer
-    from flexolmo.data import load_token_stream
-    from flexolmo.evaluate import score_stream
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.evaluation.scoring import score_stream
+    from flexolmo.model.anchor import load_pretrained, load_tokenizer
 
     model, tokenizer = load_pretrained(tiny_anchor), load_tokenizer(tiny_anchor)
     for name, file in (("code", code), ("pub", corpora["public"])):

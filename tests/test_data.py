@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from flexolmo import data
-from flexolmo.data import is_heldout, iter_documents, load_token_stream, select_split, tokenize_file
-from flexolmo.errors import DataError
+from flexolmo.core.errors import DataError
+from flexolmo.data import documents, tokens
+from flexolmo.data.documents import is_heldout, iter_documents, select_split
+from flexolmo.data.tokens import load_token_stream, tokenize_file
 
 
 def texts(path, **kwargs):
@@ -74,7 +75,7 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_nothing_left_after_filtering(tmp_path, tiny_anchor):
-    from flexolmo.anchor import load_tokenizer
+    from flexolmo.model.anchor import load_tokenizer
 
     path = tmp_path / "blank.jsonl"
     path.write_text(json.dumps({"text": "  \n "}) + "\n")
@@ -83,7 +84,7 @@ def test_nothing_left_after_filtering(tmp_path, tiny_anchor):
 
 
 def test_split_depends_only_on_the_document():
-    docs = [data.Document(str(i), f"document number {i}") for i in range(2000)]
+    docs = [documents.Document(str(i), f"document number {i}") for i in range(2000)]
     held = {d.text for d in select_split(docs, "heldout", 0.1)}
     assert 120 < len(held) < 280
     reordered = list(reversed(docs[::3]))
@@ -94,7 +95,7 @@ def test_split_depends_only_on_the_document():
 
 
 def test_cache_hit_and_invalidation(tmp_path, tiny_anchor, monkeypatch):
-    from flexolmo.anchor import load_tokenizer
+    from flexolmo.model.anchor import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_anchor)
     path = tmp_path / "d.jsonl"
@@ -102,8 +103,8 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_anchor, monkeypatch):
     cache = tmp_path / "cache"
     first = tokenize_file(path, tokenizer, split="all", cache_dir=cache)
     calls = []
-    original = data._tokenize_documents
-    monkeypatch.setattr(data, "_tokenize_documents", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = tokens._tokenize_documents
+    monkeypatch.setattr(tokens, "_tokenize_documents", lambda *a, **k: calls.append(1) or original(*a, **k))
     second = tokenize_file(path, tokenizer, split="all", cache_dir=cache)
     assert calls == [] and np.array_equal(first.tokens, second.tokens)
     assert isinstance(second.tokens, np.memmap)
@@ -113,7 +114,7 @@ def test_cache_hit_and_invalidation(tmp_path, tiny_anchor, monkeypatch):
 
 
 def test_stream_joins_files_and_appends_eos(tmp_path, tiny_anchor):
-    from flexolmo.anchor import load_tokenizer
+    from flexolmo.model.anchor import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_anchor)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

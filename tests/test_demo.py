@@ -25,7 +25,7 @@ def write_gz(path: Path, docs: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("demo-data")
     vocab = {"public": PUBLIC_WORDS, **{d: words + PUBLIC_WORDS[:6] for d, words in DOMAIN_VOCAB.items()}}
@@ -44,8 +44,9 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quick_demo(demo_data, tmp_path_factory):
     """One quick demo run, shared: (its config, its results, the member count of every BTM ensemble built)."""
-    from flexolmo import demo as demo_module
-    from flexolmo.demo import DemoConfig, run_demo
+    from flexolmo.experiments import demo as demo_module
+    from flexolmo.experiments.demo import run_demo
+    from flexolmo.experiments.demo_config import DemoConfig
 
     config = DemoConfig.quick_run(data_dir=demo_data, out=tmp_path_factory.mktemp("quick") / "demo", seq_len=32,
                                   expert_steps=4, eval_max_sequences=4, router_samples=10)
@@ -63,9 +64,10 @@ def quick_demo(demo_data, tmp_path_factory):
 
 
 def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
-    from flexolmo import demo as demo_module
-    from flexolmo.demo import CLOSED_DOMAINS, run_demo
-    from flexolmo.report import expectation_checks
+    from flexolmo.experiments import demo as demo_module
+    from flexolmo.experiments.demo import run_demo
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.experiments.report import expectation_checks
 
     config, results, ensembles = quick_demo
     tmp_path = config.out.parent
@@ -138,8 +140,9 @@ def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
 def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
     import shutil
 
-    from flexolmo.demo import CLOSED_DOMAINS, run_demo
-    from flexolmo.package import load_package
+    from flexolmo.experiments.demo import run_demo
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.owner.package import load_package
 
     shared, plain, _ = quick_demo
     shutil.copytree(shared.out, tmp_path / "demo")  # the shared run stays as the other tests expect it
@@ -168,8 +171,9 @@ def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
 
 
 def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
-    from flexolmo.demo import Demo, DemoConfig
-    from flexolmo.errors import DataError
+    from flexolmo.core.errors import DataError
+    from flexolmo.experiments.demo import Demo
+    from flexolmo.experiments.demo_config import DemoConfig
 
     Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)).check_inputs()
     with pytest.raises(DataError, match="other settings"):
@@ -179,7 +183,8 @@ def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
 def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     """The README's `flexolmo demo --quick` on the real shipped anchor and corpora: every method and a report.
     Windows of 64 tokens instead of 256 keep it cheap; every step and file it reads are the demo's own."""
-    from flexolmo.demo import DemoConfig, run_demo, shipped_data_dir
+    from flexolmo.experiments.demo import run_demo
+    from flexolmo.experiments.demo_config import DemoConfig, shipped_data_dir
 
     if not (shipped_data_dir() / "anchor" / "config.json").exists():
         pytest.fail("the shipped demo anchor is missing from data/demo/anchor")
@@ -189,7 +194,7 @@ def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
 
 
 def test_device_is_not_part_of_the_demo_settings_but_dtype_is():
-    from flexolmo.demo import DemoConfig
+    from flexolmo.experiments.demo_config import DemoConfig
 
     default = DemoConfig()
     assert default.digest() == DemoConfig(device="cuda").digest()
@@ -197,8 +202,8 @@ def test_device_is_not_part_of_the_demo_settings_but_dtype_is():
 
 
 def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
-    from flexolmo.compute import training_flops_per_token
-    from flexolmo.demo import CLOSED_DOMAINS, DemoConfig, flexolmo_runs
+    from flexolmo.experiments.compute import training_flops_per_token
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS, DemoConfig, flexolmo_runs
 
     anchor = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
               "vocab_size": 4096}
@@ -214,8 +219,9 @@ def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
 
 @pytest.mark.parametrize("best", ["untuned", "0.001", "0.003"])
 def test_tuning_is_kept_only_where_it_wins_on_validation(best, tmp_path, monkeypatch):
-    from flexolmo import demo as demo_module
-    from flexolmo.demo import Demo, DemoConfig
+    from flexolmo.experiments import demo as demo_module
+    from flexolmo.experiments.demo import Demo
+    from flexolmo.experiments.demo_config import DemoConfig
 
     demo = Demo(DemoConfig(out=tmp_path, tune_lrs=(1e-3, 3e-3)))
     tuned_runs = []

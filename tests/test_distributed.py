@@ -17,7 +17,7 @@ from conftest import tiny_optim
 from safetensors.torch import load_file
 
 from flexolmo.cli import main
-from flexolmo.package import TENSOR_FILE
+from flexolmo.owner.package import TENSOR_FILE
 
 
 def expert_args(tiny_anchor, corpora, out) -> list[str]:
@@ -135,12 +135,12 @@ def _train_sharded(rank: int, port: int, anchor_dir: str, data: str, out: str) -
     tensor, frozen ones included."""
     import torch.distributed as dist
 
-    from flexolmo.anchor import load_anchor
-    from flexolmo.data import load_token_stream
-    from flexolmo.distributed import FullyShardedStrategy
-    from flexolmo.expert import build_owner_model, owner_loss, owner_trainable_parameters
-    from flexolmo.router_init import initial_rows
-    from flexolmo.training import train
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.model.anchor import load_anchor
+    from flexolmo.model.router_init import initial_rows
+    from flexolmo.owner.expert import build_owner_model, owner_loss, owner_trainable_parameters
+    from flexolmo.training.distributed import FullyShardedStrategy
+    from flexolmo.training.loop import train
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     for replicate_frozen in (False, True):

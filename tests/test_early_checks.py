@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_optim
 
-from flexolmo.errors import CheckpointError, DataError, FlexOlmoError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
-from flexolmo.privacy import DPConfig
-from flexolmo.run_state import CHECKPOINT_DIRNAME, STATE_FILE
+from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
+from flexolmo.core.errors import CheckpointError, DataError, FlexOlmoError
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.privacy import DPConfig
+from flexolmo.training.run_state import CHECKPOINT_DIRNAME, STATE_FILE
 
 SHAPE = AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                     max_position_embeddings=128)

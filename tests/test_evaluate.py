@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from flexolmo.anchor import load_pretrained, load_tokenizer
-from flexolmo.data import load_token_stream, tokenize_file
-from flexolmo.errors import DataError
-from flexolmo.evaluate import score_stream
+from flexolmo.core.errors import DataError
+from flexolmo.data.tokens import load_token_stream, tokenize_file
+from flexolmo.evaluation.scoring import score_stream
+from flexolmo.model.anchor import load_pretrained, load_tokenizer
 
 ASCII_DOC = "the river city music science language country people century war king water"
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8) that the tiny tokenizer splits into byte tokens.
@@ -126,7 +126,7 @@ def test_a_model_that_routes_by_a_prefix_is_never_scored_on_it(tiny_anchor, corp
 
 def test_btm_keeps_exactly_top_k_members_even_where_all_tie(tiny_anchor):
     """At position 0 no member has seen any context: all tie, and exactly the first k (by member order) count."""
-    from flexolmo.baselines import BranchTrainMergeEnsemble
+    from flexolmo.experiments.baselines import BranchTrainMergeEnsemble
 
     members = [load_pretrained(tiny_anchor) for _ in range(3)]
     with torch.no_grad():
@@ -141,8 +141,8 @@ def test_btm_keeps_exactly_top_k_members_even_where_all_tie(tiny_anchor):
 
 
 def test_model_soup_averages_every_members_ffn_the_public_model_included(tiny_anchor, tmp_path):
-    from flexolmo.baselines import model_soup
-    from flexolmo.tensor_io import LazyReader
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.experiments.baselines import model_soup
 
     dense = load_pretrained(tiny_anchor)
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_public_windows_hold_public_tokens_only(tiny_anchor, corpora, tmp_path):
     """Owner text joined with public text: a canary at the end of the owner's file, in the tail that fills no
     whole owner window, must never appear in a window drawn as public (it did: the first public window began
     with the owner's last tokens, outside the DP sampling and accountant)."""
-    from flexolmo.expert import ExpertConfig, mix_public
+    from flexolmo.owner.expert import ExpertConfig, mix_public
 
     tokenizer = load_tokenizer(tiny_anchor)
     owner_docs = [line for line in corpora["code"].read_text().splitlines()[:40]]

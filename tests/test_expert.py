@@ -15,18 +15,18 @@ import torch
 from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
-from flexolmo.anchor import compute_fingerprint, load_anchor
-from flexolmo.errors import PackageError
-from flexolmo.expert import (
+from flexolmo.core.errors import PackageError
+from flexolmo.model.anchor import compute_fingerprint, load_anchor
+from flexolmo.model.router_init import initial_rows
+from flexolmo.owner.expert import (
     ExpertConfig,
     build_owner_model,
     load_package_into_owner_model,
     owner_trainable_parameters,
     train_expert,
 )
-from flexolmo.package import TENSOR_FILE, load_package
-from flexolmo.router_init import initial_rows
-from flexolmo.training import train
+from flexolmo.owner.package import TENSOR_FILE, load_package
+from flexolmo.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def code_expert(tmp_path_factory, tiny_anchor, corpora) -> Path:
 
 
 def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path):
-    from flexolmo.data import load_token_stream
+    from flexolmo.data.tokens import load_token_stream
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["math"]], anchor.tokenizer)
@@ -50,7 +50,7 @@ def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path
     assert names and all(".experts.1." in n or ".gate.rows.1." in n for n in names)
     assert any(n.endswith("rows.1.bias") for n in names)
     train(model, trainable, stream, tiny_optim(steps=6, lr=5e-2, checkpoint_every=6), tmp_path,
-          loss_fn=__import__("flexolmo.expert", fromlist=["owner_loss"]).owner_loss(1e-3))
+          loss_fn=__import__("flexolmo.owner.expert", fromlist=["owner_loss"]).owner_loss(1e-3))
     for name, param in model.named_parameters():
         if name in names:
             assert not torch.equal(param, before[name]), f"{name} did not train"
@@ -63,7 +63,7 @@ def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path
 
 
 def test_untrained_owner_model_is_exactly_the_anchor(tiny_anchor, corpora):
-    from flexolmo.data import load_token_stream
+    from flexolmo.data.tokens import load_token_stream
 
     anchor = load_anchor(tiny_anchor)
     ids = torch.randint(0, 300, (2, 20))
@@ -88,7 +88,7 @@ def test_package_contents_and_round_trip(code_expert, tiny_anchor):
     assert (code_expert / TENSOR_FILE).stat().st_size < anchor_bytes
     # The round trip: a package loaded into the owner's model gives back exactly the package's tensors, and
     # the model computes something other than the anchor (the trained expert and learned bias are in use).
-    from flexolmo.expert import package_tensors
+    from flexolmo.owner.expert import package_tensors
 
     anchor = load_anchor(tiny_anchor)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -132,7 +132,7 @@ def test_verify_reports_each_problem_in_one_line(code_expert, tiny_anchor, tmp_p
     manifest = json.loads((future / "manifest.json").read_text())
     (future / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
 
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 
     other_anchor = tmp_path / "other-anchor"
     pretrain(PretrainConfig(data=[corpora["public"]], out=other_anchor,
@@ -192,13 +192,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_anchor, corpora,
 
 
 def test_public_mix_is_exact_in_every_batch_and_router_rows_are_unit_norm(tiny_anchor, corpora):
-    from flexolmo.expert import mix_public
-    from flexolmo.moe import router_z_loss
+    from flexolmo.model.moe import router_z_loss
+    from flexolmo.owner.expert import mix_public
 
     anchor = load_anchor(tiny_anchor)
     config = ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=Path("unused"),
                           public_data=[corpora["public"]], public_share=0.25, optim=tiny_optim(batch_size=8))
-    from flexolmo.data import load_token_stream
+    from flexolmo.data.tokens import load_token_stream
 
     owner = load_token_stream([corpora["code"]], anchor.tokenizer)
     stream, sampler = mix_public(owner, config, anchor.tokenizer)
@@ -220,7 +220,7 @@ def hand_z_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """The router z-loss of ST-MoE (Zoph et al. 2022), as FlexOlmo's reference uses it: per layer, the mean
     over tokens of logsumexp(router logits)^2, summed over layers; logits computed here from each layer's
     input."""
-    from flexolmo.moe import decoder_layers
+    from flexolmo.model.moe import decoder_layers
 
     inputs = []
     handles = [layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
@@ -239,10 +239,10 @@ def hand_z_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def test_router_z_loss_is_the_mean_squared_logsumexp_and_enters_the_owner_loss(tiny_anchor, corpora):
-    from flexolmo.data import load_token_stream
-    from flexolmo.expert import owner_loss
-    from flexolmo.moe import router_z_loss
-    from flexolmo.training import causal_lm_loss
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.model.moe import router_z_loss
+    from flexolmo.owner.expert import owner_loss
+    from flexolmo.training.loop import causal_lm_loss
 
     anchor = load_anchor(tiny_anchor)
     owner = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -266,8 +266,8 @@ def test_the_learning_rate_of_every_step_is_linear_warmup_then_cosine(tiny_ancho
     `steps`)."""
     import math
 
-    from flexolmo.data import load_token_stream
-    from flexolmo.expert import owner_loss
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.owner.expert import owner_loss
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -302,8 +302,8 @@ def test_gradient_accumulation_equals_one_batch_of_all_its_micro_batches(tiny_an
     """grad_accum 2 of batch 2 sees the same four sequences per step as grad_accum 1 of batch 4 (the data
     order is by global position), so the gradient each step takes, the losses and the trained tensors are the
     same."""
-    from flexolmo.data import load_token_stream
-    from flexolmo.expert import owner_loss
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.owner.expert import owner_loss
 
     def run(batch_size: int, grad_accum: int):
         anchor = load_anchor(tiny_anchor)

@@ -17,13 +17,13 @@ import torch
 from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
-from flexolmo.anchor import ANCHOR_FAMILIES, anchor_family, load_anchor
-from flexolmo.errors import AnchorError, FlexOlmoError
-from flexolmo.expert import ExpertConfig, build_owner_model, load_package_into_owner_model, train_expert
-from flexolmo.merge import merge, remove_experts
-from flexolmo.package import load_package
-from flexolmo.router_init import compute_public_rows
-from flexolmo.runtime import load_model
+from flexolmo.coordinator.merge import merge, remove_experts
+from flexolmo.core.errors import AnchorError, FlexOlmoError
+from flexolmo.model.anchor import ANCHOR_FAMILIES, anchor_family, load_anchor
+from flexolmo.model.router_init import compute_public_rows
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, build_owner_model, load_package_into_owner_model, train_expert
+from flexolmo.owner.package import load_package
 
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
 TOLERANCE = 1e-5
@@ -52,7 +52,7 @@ def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
     """A random dense transformers model of `model_type` with the test tokenizer (not yet an anchor)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flexolmo.anchor import load_tokenizer
+    from flexolmo.model.anchor import load_tokenizer
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **SHAPE, **FAMILY_CONFIGS[model_type])
@@ -193,13 +193,13 @@ def test_the_papers_baselines_build_on_every_family(family_run, corpora):
     """Dense experts, model soup, BTM and BTX (dense experts merged) assume nothing of OLMo-2."""
     from transformers import AutoModelForCausalLM
 
-    from flexolmo.baselines import (
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.experiments.baselines import (
         BranchTrainMergeEnsemble,
         dense_expert_package,
         model_soup,
         train_dense_expert,
     )
-    from flexolmo.data import load_token_stream
 
     root, anchor_dir = family_run["root"], family_run["anchor"]
     dense = [train_dense_expert(anchor_dir, [corpora[d]], root / f"dense-{d}", tiny_optim(steps=2, lr=2e-2))
@@ -236,7 +236,7 @@ def test_fields_an_anchor_config_leaves_out_take_the_anchor_familys_defaults(tin
 
 def test_dp_expert_trains_and_merges_on_every_family(family_run, corpora):
     """DP-SGD wraps only the FlexOlmo block's linear layers, so any family's attention is no concern to Opacus."""
-    from flexolmo.privacy import DPConfig
+    from flexolmo.owner.privacy import DPConfig
 
     package = family_run["root"] / "code-dp"
     manifest = train_expert(ExpertConfig(anchor=family_run["anchor"], data=[corpora["code"]], name="code-dp",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_optim
 
-from flexolmo.errors import FlexOlmoError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
-from flexolmo.merge import merge
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.core.fileio import atomic_directory, atomic_write_bytes, atomic_write_json
+from flexolmo.owner.expert import ExpertConfig, train_expert
 
 
 @contextlib.contextmanager

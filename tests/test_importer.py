@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from test_families import TOLERANCE, logits, save_random_dense
 
-from flexolmo.anchor import compute_fingerprint, load_anchor
-from flexolmo.errors import AnchorError
-from flexolmo.fileio import sha256_file
-from flexolmo.importer import IMPORT_FILE, ImportConfig, import_anchor
-from flexolmo.merge import merge
+from flexolmo.coordinator.importer import IMPORT_FILE, ImportConfig, import_anchor
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import AnchorError
+from flexolmo.core.fileio import sha256_file
+from flexolmo.model.anchor import compute_fingerprint, load_anchor
 
 
 def write_tiny_gguf(path: Path, tokenizer_dir: Path, hidden: int = 32, layers: int = 2, heads: int = 4,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import tiny_optim
 
-from flexolmo.anchor import compute_fingerprint
 from flexolmo.cli import main
-from flexolmo.errors import FlexOlmoError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.inspection import ANCHOR, DENSE, MERGED, PACKAGE, describe
-from flexolmo.merge import merge
+from flexolmo.coordinator.inspection import ANCHOR, DENSE, MERGED, PACKAGE, describe
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.model.anchor import compute_fingerprint
+from flexolmo.owner.expert import ExpertConfig, train_expert
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_an_anchor_is_described_with_its_fingerprint_rows_dtype_and_size(artefac
 def test_a_dense_model_without_router_rows_says_how_to_make_it_an_anchor(artefacts, tmp_path):
     import shutil
 
-    from flexolmo.anchor import PUBLIC_ROUTER_FILE
+    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE
 
     shutil.copytree(artefacts["anchor"], tmp_path / "dense")
     (tmp_path / "dense" / PUBLIC_ROUTER_FILE).unlink()

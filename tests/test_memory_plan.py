@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexolmo.cli import main
-from flexolmo.memory_plan import (
+from flexolmo.training.memory_plan import (
     GIB,
     PlanSettings,
     activation_bytes_per_token,
@@ -51,8 +51,8 @@ def test_plan_arithmetic_matches_a_hand_count():
 
 
 def test_plan_counts_the_model_that_training_builds(tiny_anchor):
-    from flexolmo.anchor import load_anchor, read_config
-    from flexolmo.expert import build_owner_model, owner_trainable_parameters
+    from flexolmo.model.anchor import load_anchor, read_config
+    from flexolmo.owner.expert import build_owner_model, owner_trainable_parameters
 
     anchor = load_anchor(tiny_anchor)
     model = build_owner_model(anchor, [torch.zeros(32)] * 2, negative_bias=False)
@@ -66,8 +66,8 @@ def test_plan_counts_the_model_that_training_builds(tiny_anchor):
 def test_activation_count_matches_the_tensors_autograd_keeps(dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flexolmo.expert import owner_loss, owner_trainable_parameters
-    from flexolmo.moe import convert_to_moe
+    from flexolmo.model.moe import convert_to_moe
+    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))

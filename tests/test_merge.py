@@ -11,12 +11,12 @@ import torch
 from conftest import tiny_optim
 from safetensors.torch import load_file
 
-from flexolmo.anchor import load_anchor
-from flexolmo.errors import FlexOlmoError, MergeError, PackageError
-from flexolmo.expert import ExpertConfig, load_package_into_owner_model, train_expert
-from flexolmo.merge import add_experts, merge, remove_experts
-from flexolmo.package import TENSOR_FILE, load_package
-from flexolmo.runtime import load_model
+from flexolmo.coordinator.merge import add_experts, merge, remove_experts
+from flexolmo.core.errors import FlexOlmoError, MergeError, PackageError
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.owner.package import TENSOR_FILE, load_package
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -146,7 +146,7 @@ def test_sharded_output_equals_single_file(tiny_anchor, packages, tmp_path):
 
 
 def test_bad_inputs_stop_the_merge_and_leave_nothing(tiny_anchor, packages, corpora, tmp_path):
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 
     out = tmp_path / "out"
     with pytest.raises(MergeError, match="two experts are named 'code'"):
@@ -193,10 +193,10 @@ def test_cli_merge_generate_and_exclude(tiny_anchor, packages, tmp_path, capsys)
 
 
 def test_cli_add_with_top_k_and_remove_and_the_record_of_experts(tiny_anchor, packages, tmp_path, capsys):
-    from flexolmo.anchor import compute_fingerprint
     from flexolmo.cli import main
-    from flexolmo.merge import MERGED_METADATA_FILE
-    from flexolmo.tensor_io import LazyReader
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.model.anchor import compute_fingerprint
+    from flexolmo.model.merged_format import MERGED_METADATA_FILE
     from flexolmo.trust.record import read_slot_digest
 
     loose = ["--max-public-top-share", "1", "--max-public-bpb-increase", "10"]  # tiny experts: loose limits

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from flexolmo.anchor import load_anchor
-from flexolmo.moe import FlexMoEBlock, convert_to_moe, decoder_layers, set_active_experts
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.moe import FlexMoEBlock, convert_to_moe, decoder_layers, set_active_experts
 
 
 @pytest.fixture
@@ -105,8 +105,8 @@ def test_routing_shares_count_each_tokens_top_k_and_sum_to_k_per_layer(anchor, c
     """The shares evaluation reports, against a count made here from each layer's router input: the top-2 of
     the softmax over the active experts, per token. Every layer's shares sum to top-k; a masked expert has
     0."""
-    from flexolmo.data import load_token_stream
-    from flexolmo.evaluate import score_stream
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.evaluation.scoring import score_stream
 
     model = convert_to_moe(copy.deepcopy(anchor.model), random_rows(anchor.model, 4), 4, top_k=2).eval()
     perturb_experts(model)

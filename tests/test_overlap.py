@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flexolmo.cli import main
-from flexolmo.overlap import build_index, covered_masks, measure_overlap
+from flexolmo.data.overlap import build_index, covered_masks, measure_overlap
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 DOMAINS = ("public", "code", "math", "legal", "biomedical", "literature")
@@ -148,7 +148,7 @@ def shipped(domain: str, split: str) -> Path:
 
 
 def shipped_texts(split: str) -> list[str]:
-    from flexolmo.data import iter_documents
+    from flexolmo.data.documents import iter_documents
 
     return [d.text for domain in DOMAINS for d in iter_documents(shipped(domain, split))]
 
@@ -171,7 +171,7 @@ def validation_index():
 @pytest.mark.parametrize("split", ["validation", "heldout"])
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_shipped_evaluation_text_is_not_in_any_training_file(train_index, domain, split):
-    from flexolmo.data import iter_documents
+    from flexolmo.data.documents import iter_documents
 
     texts = [d.text for d in iter_documents(shipped(domain, split))]
     share = shared_share(texts, train_index)
@@ -180,7 +180,7 @@ def test_shipped_evaluation_text_is_not_in_any_training_file(train_index, domain
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_shipped_heldout_text_is_not_in_validation(validation_index, domain):
-    from flexolmo.data import iter_documents
+    from flexolmo.data.documents import iter_documents
 
     texts = [d.text for d in iter_documents(shipped(domain, "heldout"))]
     share = shared_share(texts, validation_index)

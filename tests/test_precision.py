@@ -9,10 +9,14 @@ import pytest
 import torch
 from conftest import tiny_optim
 
-from flexolmo.anchor import load_anchor
-from flexolmo.data import load_token_stream
-from flexolmo.evaluate import score_stream
-from flexolmo.expert import (
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.tensor_io import LazyReader
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.evaluation.scoring import score_stream
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.router_init import initial_rows
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import (
     ExpertConfig,
     build_owner_model,
     load_package_into_owner_model,
@@ -20,12 +24,8 @@ from flexolmo.expert import (
     owner_trainable_parameters,
     train_expert,
 )
-from flexolmo.merge import merge
-from flexolmo.package import load_package
-from flexolmo.router_init import initial_rows
-from flexolmo.runtime import load_model
-from flexolmo.tensor_io import LazyReader
-from flexolmo.training import train
+from flexolmo.owner.package import load_package
+from flexolmo.training.loop import train
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -54,7 +54,7 @@ def test_bf16_training_keeps_float32_master_weights_so_a_small_update_lands(tiny
 
 @pytest.fixture(scope="module")
 def bf16_anchor(tmp_path_factory, corpora) -> Path:
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("bf16") / "anchor"
     pretrain(PretrainConfig(data=[corpora["public"]], out=out, save_dtype="bfloat16",

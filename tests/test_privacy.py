@@ -9,20 +9,20 @@ import pytest
 import torch
 from conftest import tiny_optim
 
-from flexolmo.anchor import load_anchor
-from flexolmo.data import load_token_stream
-from flexolmo.errors import FlexOlmoError, PackageError
-from flexolmo.expert import (
+from flexolmo.core.errors import FlexOlmoError, PackageError
+from flexolmo.data.tokens import load_token_stream
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.router_init import initial_rows
+from flexolmo.owner.expert import (
     ExpertConfig,
     build_owner_model,
     owner_loss,
     owner_trainable_parameters,
     train_expert,
 )
-from flexolmo.package import load_package
-from flexolmo.privacy import DPConfig, prepare_private_training
-from flexolmo.router_init import initial_rows
-from flexolmo.training import train
+from flexolmo.owner.package import load_package
+from flexolmo.owner.privacy import DPConfig, prepare_private_training
+from flexolmo.training.loop import train
 
 
 def owner_model(tiny_anchor, corpora):
@@ -125,7 +125,7 @@ def test_dp_batches_are_poisson_samples_of_rate_q(tiny_anchor, corpora):
 
 
 def test_dp_expert_spends_its_budget_and_keeps_the_anchor_frozen(tiny_anchor, corpora, tmp_path, monkeypatch):
-    import flexolmo.training as training
+    import flexolmo.training.loop as training
 
     batch_sizes = []
     make_batch = training.make_batch
@@ -222,8 +222,8 @@ def test_dp_mixes_public_text_without_changing_the_privacy_accounting(tiny_ancho
     assert dp["sample_rate"] == pytest.approx(6 / owner_sequences)
     assert 3.5 < dp["epsilon"] <= 4.0 + 1e-6
 
-    from flexolmo.expert import mix_public
-    from flexolmo.training import MixedBatches
+    from flexolmo.owner.expert import mix_public
+    from flexolmo.training.loop import MixedBatches
 
     _, mixed = mix_public(owner, ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code",
                                                    out=out, public_data=[corpora["public"]], public_share=0.25,
@@ -238,8 +238,8 @@ def test_dp_mixes_public_text_without_changing_the_privacy_accounting(tiny_ancho
 
 
 def test_dp_router_row_is_a_noisy_mean_direction_charged_to_the_budget(tiny_anchor, corpora, tmp_path):
-    from flexolmo.privacy import calibrate_noise
-    from flexolmo.router_init import dp_mean_direction_rows, mean_direction_rows
+    from flexolmo.model.router_init import dp_mean_direction_rows, mean_direction_rows
+    from flexolmo.owner.privacy import calibrate_noise
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -274,7 +274,7 @@ def test_dp_router_release_one_sequence_moves_every_layer_together_by_norm_one(t
                                                                                 monkeypatch):
     """The release's sensitivity: one sequence's contribution to the concatenated per-layer sums has L2 norm 1
     over all layers together (the accountant charges sensitivity 1), not 1 per layer (sqrt(layers) in all)."""
-    import flexolmo.router_init as router_init
+    import flexolmo.model.router_init as router_init
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -298,7 +298,7 @@ def test_dp_router_release_adds_gaussian_noise_of_std_sigma(tiny_anchor, corpora
     """The noise measured on the release: with each layer's sum stubbed to c * e_0 (c far above sigma), the
     released unit row is (c e_0 + Z) / |c e_0 + Z|, so Z's other coordinates are row_j * c / row_0 up to a
     relative sigma / c; their std must be the noise multiplier."""
-    import flexolmo.router_init as router_init
+    import flexolmo.model.router_init as router_init
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import DOMAIN_WORDS, PUBLIC_WORDS, synthetic_documents, write_jsonl
 
-from flexolmo.data import iter_documents
-from flexolmo.errors import ProxyError
-from flexolmo.proxy import (
+from flexolmo.core.errors import ProxyError
+from flexolmo.data.documents import iter_documents
+from flexolmo.owner.proxy import (
     ProxyConfig,
     choose_within_budget,
     cross_fitted_scores,
@@ -106,7 +106,7 @@ def test_cli_select_proxy_writes_once(tiny_anchor, corpora, public_pool, tmp_pat
 
 
 def test_public_embeddings_are_cached_by_content_and_embedder():
-    from flexolmo.proxy import _cached_public_features
+    from flexolmo.owner.proxy import _cached_public_features
 
     calls = []
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import tiny_optim
 
-from flexolmo.anchor import compute_fingerprint
-from flexolmo.data import iter_documents, select_split
-from flexolmo.errors import DataError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.fileio import sha256_file
-from flexolmo.public_sample import PUBLIC_SAMPLE_FILE, _rank, draw_sample
+from flexolmo.core.errors import DataError
+from flexolmo.core.fileio import sha256_file
+from flexolmo.data.documents import iter_documents, select_split
+from flexolmo.data.public_sample import PUBLIC_SAMPLE_FILE, _rank, draw_sample
+from flexolmo.model.anchor import compute_fingerprint
+from flexolmo.owner.expert import ExpertConfig, train_expert
 
 
 def sample_texts(path: Path) -> list[str]:
@@ -51,16 +51,16 @@ def test_pretrain_publishes_a_sample_of_its_training_text_outside_the_fingerprin
 
 
 def test_a_default_train_expert_mixes_the_anchors_public_sample(tiny_anchor, corpora, tmp_path, monkeypatch):
-    import flexolmo.expert
+    import flexolmo.owner.expert
 
     seen = {}
-    real_train = flexolmo.expert.train
+    real_train = flexolmo.owner.expert.train
 
     def spy(model, named, stream, optim, run_dir, **kwargs):
         seen["stream"], seen["sampler"] = stream, kwargs["sampler"]
         return real_train(model, named, stream, optim, run_dir, **kwargs)
 
-    monkeypatch.setattr(flexolmo.expert, "train", spy)
+    monkeypatch.setattr(flexolmo.owner.expert, "train", spy)
     manifest = train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code",
                                          out=tmp_path / "code", optim=tiny_optim(steps=2, batch_size=4)))
     sample = tiny_anchor / PUBLIC_SAMPLE_FILE

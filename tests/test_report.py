@@ -6,7 +6,8 @@ import copy
 
 import pytest
 
-from flexolmo.report import CLOSED, MERGING_BASELINES, expectation_checks
+from flexolmo.experiments.report import CLOSED, MERGING_BASELINES, expectation_checks
+
 
 def row(public: float, closed: float) -> dict:
     return {"public": public, **{d: closed for d in CLOSED}, "mixed": closed, "closed_average": closed}

@@ -7,11 +7,12 @@ import json
 import torch
 from conftest import tiny_optim
 
-from flexolmo.anchor import load_anchor
-from flexolmo.expert import ExpertConfig, load_package_into_owner_model, train_expert
-from flexolmo.merge import MERGED_METADATA_FILE, merge, remove_experts
-from flexolmo.package import load_package, write_package
-from flexolmo.runtime import load_model
+from flexolmo.coordinator.merge import merge, remove_experts
+from flexolmo.model.anchor import load_anchor
+from flexolmo.model.merged_format import MERGED_METADATA_FILE
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.owner.package import load_package, write_package
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
 BIAS = [-0.75, -1.5]

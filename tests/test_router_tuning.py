@@ -10,12 +10,13 @@ import torch
 from conftest import DOMAIN_WORDS, PUBLIC_WORDS, synthetic_documents, tiny_optim, write_jsonl
 from safetensors.torch import load_file
 
-from flexolmo.errors import CheckpointError, ProxyError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.merge import MERGED_METADATA_FILE, merge, remove_experts
-from flexolmo.proxy import ProxyConfig, select_proxies, text_sha256
-from flexolmo.router_tuning import TuneConfig, tune_router
-from flexolmo.runtime import load_model
+from flexolmo.coordinator.merge import merge, remove_experts
+from flexolmo.coordinator.router_tuning import TuneConfig, tune_router
+from flexolmo.core.errors import CheckpointError, ProxyError
+from flexolmo.model.merged_format import MERGED_METADATA_FILE
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.proxy import ProxyConfig, select_proxies, text_sha256
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -24,7 +25,7 @@ IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
 def setup(tmp_path_factory, tiny_anchor, corpora) -> dict:
     """Two experts merged at top-2 of 3, a public pool with code- and math-like documents, and both proxy files."""
     root = tmp_path_factory.mktemp("tuning")
-    public = [doc.text for doc in __import__("flexolmo.data", fromlist=["iter_documents"]).iter_documents(
+    public = [doc.text for doc in __import__("flexolmo.data.documents", fromlist=["iter_documents"]).iter_documents(
         corpora["public"])]
     planted = [*synthetic_documents(DOMAIN_WORDS["code"] + PUBLIC_WORDS[:8], 20, seed=98),
                *synthetic_documents(DOMAIN_WORDS["math"] + PUBLIC_WORDS[:8], 20, seed=97)]
@@ -91,7 +92,7 @@ def test_only_router_rows_change_and_the_record_says_what_tuned_them(setup, tune
 
 
 def test_tuning_trains_on_the_proxy_documents_and_public_text(setup, tmp_path, monkeypatch):
-    import flexolmo.router_tuning as tuning
+    import flexolmo.coordinator.router_tuning as tuning
 
     seen = {}
     real_train = tuning.train
@@ -126,7 +127,7 @@ def test_opt_out_stays_exact_after_tuning(setup, tuned, tmp_path):
 
 
 def test_tuning_resumes_exactly_and_refuses_other_inputs(setup, tuned, tmp_path, monkeypatch):
-    import flexolmo.router_tuning as tuning
+    import flexolmo.coordinator.router_tuning as tuning
 
     real_train = tuning.train
 
@@ -170,7 +171,7 @@ def test_refuses_proxies_it_must_not_use(setup, tmp_path, tiny_anchor, corpora):
             tune_router(tune_config(setup, tmp_path / "out", **overrides))
         assert "\n" not in str(error.value)
     # An expert trained with DP: proxies chosen from its data outside DP would void its guarantee.
-    from flexolmo.privacy import DPConfig
+    from flexolmo.owner.privacy import DPConfig
 
     train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["math"]], name="math", out=tmp_path / "dp-math",
                               dp=DPConfig(epsilon=8.0, delta=1e-4), optim=tiny_optim(steps=2)))
@@ -191,10 +192,10 @@ def test_cli_tune_router(setup, tmp_path, capsys):
 
 
 def test_a_tuned_model_is_logged_signed_and_checked_like_every_merged_model(setup, tmp_path):
-    from flexolmo.errors import TrustError
-    from flexolmo.trust.artefacts import verify_merged_model
+    from flexolmo.coordinator.artefacts import verify_merged_model
+    from flexolmo.coordinator.publish import CoordinatorTrust
+    from flexolmo.core.errors import TrustError
     from flexolmo.trust.history import read_history
-    from flexolmo.trust.publish import CoordinatorTrust
     from flexolmo.trust.signing import TrustedKeys, generate_key_pair
 
     keys = tmp_path / "keys"

@@ -9,12 +9,12 @@ import pytest
 from conftest import tiny_optim
 
 from flexolmo.cli import main
-from flexolmo.errors import CheckpointError
+from flexolmo.core.errors import CheckpointError
 
 
 def interrupt_at(monkeypatch, step: int, error: BaseException) -> None:
     """Make the training loop raise `error` when it reaches `step`."""
-    import flexolmo.training as training
+    import flexolmo.training.loop as training
 
     schedule = training.learning_rate
 
@@ -53,7 +53,7 @@ def test_interrupted_before_the_first_checkpoint_leaves_nothing_and_says_start_a
 
 
 def test_a_failed_run_leaves_no_empty_work_directory(tiny_anchor, corpora, tmp_path, monkeypatch, capsys):
-    from flexolmo.errors import DataError
+    from flexolmo.core.errors import DataError
 
     interrupt_at(monkeypatch, 0, DataError("a corrupt batch"))
     assert main(expert_args(tiny_anchor, corpora, tmp_path / "code")) == 1
@@ -89,9 +89,9 @@ def test_resume_refuses_any_other_setting_or_data_and_names_it(tiny_anchor, corp
 
 
 def test_pretrain_never_reuses_a_stale_tokenizer(corpora, tmp_path):
-    from flexolmo.data import iter_texts
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain, train_tokenizer
-    from flexolmo.runtime import load_model
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain, train_tokenizer
+    from flexolmo.data.documents import iter_texts
+    from flexolmo.model.runtime import load_model
 
     out = tmp_path / "anchor"
     # What a run killed before its first checkpoint leaves: a tokenizer of other settings, no checkpoint.

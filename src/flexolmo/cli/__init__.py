@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     from pydantic import ValidationError
 
-    from flexolmo.devices import check_device
-    from flexolmo.errors import FlexOlmoError
+    from flexolmo.core.devices import check_device
+    from flexolmo.core.errors import FlexOlmoError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)

@@ -27,7 +27,7 @@ def register(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.cli.merge import print_experts
-    from flexolmo.merge import add_experts
+    from flexolmo.coordinator.merge import add_experts
 
     metadata = add_experts(Path(args.model), path_list(args.packages), Path(args.out), args.top_k,
                            shard_bytes=shard_bytes(args.shard_gb), trust=coordinator_trust(args))

@@ -49,9 +49,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.audit import AuditConfig, audit_extraction
-    from flexolmo.fileio import atomic_write_json
-    from flexolmo.progress import announce_output
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output
+    from flexolmo.evaluation.audit import AuditConfig, audit_extraction
 
     config = AuditConfig(
         model=Path(args.model), data=path_list(args.data), exclude=args.exclude, num_docs=args.num_docs,
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_result(result) -> None:
-    from flexolmo.audit import similarity_summary
-    from flexolmo.progress import print_table
+    from flexolmo.core.progress import print_table
+    from flexolmo.evaluation.audit import similarity_summary
 
     config = result.config
     summary = similarity_summary([score.best for score in result.scores])

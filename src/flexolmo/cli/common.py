@@ -61,7 +61,7 @@ def torch_dtype(name: str):
 def add_optim_flags(
     parser: argparse.ArgumentParser, steps: int, lr: float, batch_size: int, seq_len: int, weight_decay: float = 0.0
 ) -> None:
-    """Optimisation flags, mirroring `flexolmo.training.OptimConfig`."""
+    """Optimisation flags, mirroring `flexolmo.training.loop.OptimConfig`."""
     group = parser.add_argument_group("optimisation")
     group.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=batch_size,

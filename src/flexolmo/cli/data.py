@@ -23,7 +23,7 @@ def register(subparsers, name: str) -> None:
         "overlap", formatter_class=HelpFormatter, help="share of held-out characters found in training text",
         description="Share of each held-out file's characters that lie inside an N-character string which "
                     "also occurs in a training document (exact code points; windows never cross documents; "
-                    "runs of one repeated character are ignored). See flexolmo.overlap for the details.")
+                    "runs of one repeated character are ignored). See flexolmo.data.overlap for the details.")
     overlap.add_argument("--train", nargs="+", required=True, metavar="FILE",
                          help="training files (.jsonl/.jsonl.gz/.parquet/.txt)")
     overlap.add_argument("--heldout", nargs="+", required=True, metavar="FILE",
@@ -38,9 +38,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from flexolmo.fileio import atomic_write_json
-    from flexolmo.overlap import measure_overlap
-    from flexolmo.progress import announce_output, print_table
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.data.overlap import measure_overlap
 
     heldout = path_list(args.heldout)
     report = measure_overlap(path_list(args.train), heldout, chars=args.chars, top=args.top,

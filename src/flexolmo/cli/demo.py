@@ -27,8 +27,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.demo import DemoConfig, run_demo
-    from flexolmo.progress import announce_output
+    from flexolmo.core.progress import announce_output
+    from flexolmo.experiments.demo import run_demo
+    from flexolmo.experiments.demo_config import DemoConfig
 
     overrides = {key: value for key, value in {
         "out": Path(args.out) if args.out else None,

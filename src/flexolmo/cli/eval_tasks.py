@@ -37,10 +37,10 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.fileio import atomic_write_json
-    from flexolmo.progress import announce_output, print_table
-    from flexolmo.runtime import load_model
-    from flexolmo.tasks import evaluate_tasks
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.evaluation.tasks import evaluate_tasks
+    from flexolmo.model.runtime import load_model
 
     loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
     scores = evaluate_tasks(loaded, args.tasks, args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,

@@ -39,9 +39,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.evaluate import EvalSettings, evaluate_path, parse_domains
-    from flexolmo.fileio import atomic_write_json
-    from flexolmo.progress import announce_output, print_table
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.evaluation.scoring import EvalSettings, evaluate_path, parse_domains
 
     settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                              split=args.split, text_field=args.text_field, device=args.device, dtype=args.dtype,

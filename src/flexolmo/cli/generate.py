@@ -24,8 +24,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import print_generation
-    from flexolmo.runtime import generate_text, load_model
+    from flexolmo.core.progress import print_generation
+    from flexolmo.model.runtime import generate_text, load_model
 
     loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
     continuation = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)

@@ -20,8 +20,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.errors import MergeError, TrustError
-    from flexolmo.progress import console, print_table
+    from flexolmo.core.errors import MergeError, TrustError
+    from flexolmo.core.progress import console, print_table
     from flexolmo.trust.history import check_unchanged, read_history
 
     records = read_history(args.model)

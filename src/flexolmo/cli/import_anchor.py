@@ -34,8 +34,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.importer import IMPORT_FILE, ImportConfig, import_anchor
-    from flexolmo.progress import announce_output, print_table
+    from flexolmo.coordinator.importer import IMPORT_FILE, ImportConfig, import_anchor
+    from flexolmo.core.progress import announce_output, print_table
 
     config = ImportConfig(source=Path(args.source), gguf_file=args.gguf_file,
                           public_data=path_list(args.public_data), out=Path(args.out), seq_len=args.seq_len,

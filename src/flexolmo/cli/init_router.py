@@ -38,8 +38,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import console
-    from flexolmo.router_init import compute_public_rows
+    from flexolmo.core.progress import console
+    from flexolmo.model.router_init import compute_public_rows
 
     before, after = compute_public_rows(Path(args.anchor), path_list(args.data), args.seq_len, args.sequences,
                                         args.text_field, args.device, torch_dtype(args.dtype), args.force)

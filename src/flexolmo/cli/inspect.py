@@ -20,8 +20,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.inspection import describe
-    from flexolmo.progress import print_fields, print_table
+    from flexolmo.coordinator.inspection import describe
+    from flexolmo.core.progress import print_fields, print_table
 
     description = describe(Path(args.path))
     if args.json:

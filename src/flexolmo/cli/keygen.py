@@ -22,7 +22,7 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import announce_output
+    from flexolmo.core.progress import announce_output
     from flexolmo.trust.signing import generate_key_pair
 
     private, public = generate_key_pair(args.name, args.out)

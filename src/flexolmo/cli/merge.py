@@ -32,7 +32,7 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.merge import merge
+    from flexolmo.coordinator.merge import merge
 
     trust = coordinator_trust(args, anchor_dir=Path(args.anchor))
     metadata = merge(Path(args.anchor), path_list(args.packages), Path(args.out), args.top_k,
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_experts(out: Path, metadata: dict) -> None:
     """The experts of a model just written, with their signers, then where it went."""
-    from flexolmo.progress import announce_output, print_table
+    from flexolmo.core.progress import announce_output, print_table
 
     def signer(entry: dict) -> str:
         if entry.get("source") == "anchor":

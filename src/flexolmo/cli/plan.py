@@ -29,8 +29,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.memory_plan import GIB, PlanSettings, plan_for_anchor
-    from flexolmo.progress import print_table
+    from flexolmo.core.progress import print_table
+    from flexolmo.training.memory_plan import GIB, PlanSettings, plan_for_anchor
 
     settings = PlanSettings(world_size=args.world_size, batch_size=args.batch_size, seq_len=args.seq_len,
                             dtype=args.dtype, fsdp=args.fsdp, replicate_frozen=args.replicate_frozen,

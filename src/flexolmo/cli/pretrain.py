@@ -16,7 +16,7 @@ from flexolmo.cli.common import (
 
 
 def register(subparsers, name: str) -> None:
-    from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES
+    from flexolmo.evaluation.scoring import DEFAULT_EVAL_MAX_SEQUENCES
 
     parser = add_command(subparsers, name, help="train a small dense OLMo-2 anchor (and tokenizer) from scratch",
                          description=__doc__)
@@ -40,9 +40,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.pretrain import AnchorShape, PretrainConfig, pretrain
-    from flexolmo.progress import announce_output, print_table
-    from flexolmo.training import OptimConfig
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.training.loop import OptimConfig
 
     config = PretrainConfig(
         data=path_list(args.data),

@@ -29,7 +29,7 @@ def register(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.cli.merge import print_experts
-    from flexolmo.merge import remove_experts
+    from flexolmo.coordinator.merge import remove_experts
 
     metadata = remove_experts(Path(args.model), args.experts, Path(args.out), shard_bytes=shard_bytes(args.shard_gb),
                               trust=coordinator_trust(args))

@@ -14,7 +14,7 @@ from flexolmo.cli.common import add_command, add_data_flags, path_list
 
 
 def register(subparsers, name: str) -> None:
-    from flexolmo.proxy import DEFAULT_EMBEDDER, DEFAULT_FRACTION, EMBEDDERS
+    from flexolmo.owner.proxy import DEFAULT_EMBEDDER, DEFAULT_FRACTION, EMBEDDERS
 
     parser = add_command(subparsers, name, help="choose public proxy documents like your data (owner, for router "
                                               "tuning)", description=__doc__)
@@ -37,8 +37,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import announce_output, print_table
-    from flexolmo.proxy import ProxyConfig, select_proxies
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.owner.proxy import ProxyConfig, select_proxies
 
     config = ProxyConfig(data=path_list(args.data), public=path_list(args.public_data), name=args.name,
                          out=Path(args.out), embedder=args.embedder,

@@ -21,8 +21,8 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import announce_output
-    from flexolmo.trust.artefacts import sign_artefact
+    from flexolmo.coordinator.artefacts import sign_artefact
+    from flexolmo.core.progress import announce_output
 
     signer = sign_artefact(args.path, args.key)
     announce_output(f"signature by '{signer.name}'", args.path / "model.sig")

@@ -16,8 +16,8 @@ from flexolmo.cli.common import (
 
 
 def register(subparsers, name: str) -> None:
-    from flexolmo.evaluate import DEFAULT_EVAL_MAX_SEQUENCES
-    from flexolmo.router_init import DP_ROUTER_INIT, ROUTER_INITS
+    from flexolmo.evaluation.scoring import DEFAULT_EVAL_MAX_SEQUENCES
+    from flexolmo.model.router_init import DP_ROUTER_INIT, ROUTER_INITS
 
     parser = add_command(subparsers, name, help="train an expert on your own data and write its package",
                          description=__doc__)
@@ -65,12 +65,13 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from flexolmo.distributed import ParallelConfig
-    from flexolmo.expert import ExpertConfig, train_expert
-    from flexolmo.manifest import owner_report_path
-    from flexolmo.privacy import DPConfig
-    from flexolmo.progress import announce_output, print_table
-    from flexolmo.training import OptimConfig, distributed_session
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.core.world import distributed_session
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+    from flexolmo.owner.manifest import owner_report_path
+    from flexolmo.owner.privacy import DPConfig
+    from flexolmo.training.distributed import ParallelConfig
+    from flexolmo.training.loop import OptimConfig
 
     config = ExpertConfig(
         anchor=Path(args.anchor), data=path_list(args.data), heldout=path_list(args.heldout), name=args.name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> None:
     """`--sign-key` always; with `joining` (merge, add) also trusted keys and the admission checks."""
-    from flexolmo.trust.admission import AdmissionPolicy
+    from flexolmo.coordinator.admission import AdmissionPolicy
 
     group = parser.add_argument_group("trust")
     group.add_argument("--sign-key", type=Path, default=None,
@@ -37,9 +37,9 @@ def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> Non
 
 def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     """The CoordinatorTrust the flags describe; warns once when packages will not be authenticated."""
-    from flexolmo.progress import console
-    from flexolmo.trust.admission import AdmissionPolicy, print_report, recorded_public_heldout
-    from flexolmo.trust.publish import CoordinatorTrust
+    from flexolmo.coordinator.admission import AdmissionPolicy, print_report, recorded_public_heldout
+    from flexolmo.coordinator.publish import CoordinatorTrust
+    from flexolmo.core.progress import console
     from flexolmo.trust.signing import TrustedKeys, key_signer
 
     if args.sign_key is not None:
@@ -69,7 +69,7 @@ def shard_bytes(gigabytes: float) -> int:
     """`--shard-gb` as bytes; a positive finite size only."""
     import math
 
-    from flexolmo.errors import MergeError
+    from flexolmo.core.errors import MergeError
 
     if not math.isfinite(gigabytes) or gigabytes <= 0:
         raise MergeError(f"--shard-gb must be a positive number of gigabytes, got {gigabytes}")

@@ -15,7 +15,7 @@ from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust
 
 
 def register(subparsers, name: str) -> None:
-    from flexolmo.router_tuning import DEFAULT_LR, DEFAULT_STEPS
+    from flexolmo.coordinator.router_tuning import DEFAULT_LR, DEFAULT_STEPS
 
     parser = add_command(subparsers, name, help="tune a merged model's router rows on the owners' proxy documents",
                                    description=__doc__)
@@ -34,9 +34,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.progress import announce_output, print_table
-    from flexolmo.router_tuning import TuneConfig, tune_router
-    from flexolmo.training import OptimConfig
+    from flexolmo.coordinator.router_tuning import TuneConfig, tune_router
+    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.training.loop import OptimConfig
 
     config = TuneConfig(model=Path(args.model), public=path_list(args.public_data), proxies=path_list(args.proxies),
                         out=Path(args.out), public_share=args.public_share, z_loss_coef=args.z_loss,

@@ -24,7 +24,7 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.trust.artefacts import is_merged_model, verify_merged_model
+    from flexolmo.coordinator.artefacts import is_merged_model, verify_merged_model
     from flexolmo.trust.signing import TrustedKeys
 
     trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify_package(path: Path, anchor: Path | None, trusted):
-    from flexolmo.anchor import anchor_family, compute_fingerprint, read_config
-    from flexolmo.errors import PackageError
-    from flexolmo.inspection import check_is_package
-    from flexolmo.package import load_package
+    from flexolmo.coordinator.inspection import check_is_package
+    from flexolmo.core.errors import PackageError
+    from flexolmo.model.anchor import anchor_family, compute_fingerprint, read_config
+    from flexolmo.owner.package import load_package
 
     check_is_package(path)
     if anchor is None:

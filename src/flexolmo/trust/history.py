@@ -15,9 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from flexolmo.errors import TrustError
-from flexolmo.fileio import atomic_write_bytes, sha256_file
-from flexolmo.provenance import utc_now
+from flexolmo.core.errors import TrustError
+from flexolmo.core.fileio import atomic_write_bytes, sha256_file
+from flexolmo.core.provenance import utc_now
 from flexolmo.trust.signing import SIGNATURE_FILE
 
 HISTORY_FILE = "flexolmo_history.jsonl"

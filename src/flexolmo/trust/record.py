@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.errors import TrustError
-from flexolmo.fileio import digest_tensor
-from flexolmo.tensor_io import LazyReader
-from flexolmo.weights import MERGED_EXPERT, MERGED_ROUTER, parse
+from flexolmo.core.errors import TrustError
+from flexolmo.core.fileio import digest_tensor
+from flexolmo.core.tensor_io import LazyReader
+from flexolmo.core.weights import MERGED_EXPERT, MERGED_ROUTER, parse
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexolmo.errors import TrustError
-from flexolmo.fileio import atomic_write_bytes, sha256_file
+from flexolmo.core.errors import TrustError
+from flexolmo.core.fileio import atomic_write_bytes, sha256_file
 
 SIGNATURE_FILE = "model.sig"
 PRIVATE_SUFFIX = ".key"
@@ -94,7 +94,7 @@ def generate_key_pair(name: str, out_dir: Path | str) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def _load_private_key(path: Path):
+def load_private_key(path: Path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -111,7 +111,7 @@ def _load_private_key(path: Path):
     return key
 
 
-def _load_public_key(path: Path):
+def load_public_key(path: Path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -132,12 +132,12 @@ def key_name(key_path: Path | str) -> str:
 
 def key_signer(key_path: Path | str) -> Signer:
     """Who a private key signs as: its name and key id."""
-    return Signer(key_name(key_path), key_id(_load_private_key(Path(key_path)).public_key()))
+    return Signer(key_name(key_path), key_id(load_private_key(Path(key_path)).public_key()))
 
 
 def check_signing_key(key_path: Path | str, name: str) -> None:
     """Before any work: the key loads, and it is the key of `name` (a member signs only its own packages)."""
-    _load_private_key(Path(key_path))
+    load_private_key(Path(key_path))
     if key_name(key_path) != name:
         raise TrustError(f"{key_path} is the key of '{key_name(key_path)}', not of '{name}'; verifiers refuse a "
                          f"package signed by another member's key: sign with {name}{PRIVATE_SUFFIX}")
@@ -172,7 +172,7 @@ class TrustedKeys:
         self._names_by_id: dict[str, str] = {}
         for path in sorted(self.directory.glob(f"*{PUBLIC_SUFFIX}")):
             name = key_name(path)
-            identity = key_id(_load_public_key(path))
+            identity = key_id(load_public_key(path))
             if identity in self._names_by_id:
                 raise TrustError(f"{path} and {self.paths[self._names_by_id[identity]]} hold the same key; one key "
                                  "must name one member")

@@ -1,0 +1,407 @@
+"""The coordinator's merge: anchor + expert packages -> one transformers/vLLM mixture-of-experts checkpoint in
+the anchor family's merged format (`flex_olmo`, `qwen2_moe` or `qwen3_moe`, see `anchor.ANCHOR_FAMILIES`).
+
+Merge, add (a late joiner) and remove (an opt-out) are one operation: choose a base checkpoint for the shared
+tensors and an ordered list of expert sources, then stream them into a new directory. Experts are ordered
+`[public, e_1, ..., e_n]`; layer L's router is the sources' rows stacked; every other tensor is copied from the
+base bit for bit.
+
+Dtypes: the merged checkpoint has one dtype, by default the anchor's (`dtype="anchor"`). Experts trained with
+float32 master weights are rounded to it (to bf16 for a bf16 anchor: an owner's model and the merged
+[public, owner] model then differ by that rounding, about 1e-2 in logits); owners measure their held-out
+numbers in that same dtype, so the manifest's numbers are the merged model's. `dtype="float32"` keeps the
+experts exact and upcasts the anchor's tensors (exactly). The dtype is recorded in config.json and in the
+merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
+so peak memory is one shard plus one tensor, whatever the model's size. Every input is verified before anything
+is written, and the output directory appears only once it is complete. Tensors a format requires but no anchor
+has (a zero shared expert, zero q/k/v biases) are written from the family's table, never copied.
+
+Trust (`flexolmo.trust`): packages are verified against trusted keys when given; each expert's slot is
+digested as it is written and recorded in `flexolmo_experts.json`; kept experts are checked against their
+recorded digests while they are copied; and before the output is published, the joining experts pass the
+admission checks, the operation is appended to the merge log and the coordinator signs the files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from flexolmo.coordinator.publish import CoordinatorTrust
+from flexolmo.core.errors import MergeError, TrustError
+from flexolmo.core.fileio import atomic_directory, atomic_write_json
+from flexolmo.core.precision import DTYPES, dtype_name
+from flexolmo.core.progress import console, progress_bar
+from flexolmo.core.provenance import software_versions, utc_now
+from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, LazyReader, ShardedWriter
+from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
+from flexolmo.data.public_sample import PUBLIC_SAMPLE_FILE
+from flexolmo.model.anchor import (
+    PUBLIC_ROUTER_FILE,
+    AnchorFamily,
+    anchor_family,
+    complete_config,
+    compute_fingerprint,
+    read_config,
+)
+from flexolmo.model.merged_format import (
+    MERGED_FORMAT,
+    MERGED_FORMAT_VERSION,
+    MERGED_METADATA_FILE,
+    PUBLIC_EXPERT,
+    ROUTER_TUNING_KEY,
+    MergedModelInfo,
+    check_top_k,
+    is_extra_tensor,
+    merged_config,
+    read_merged_info,
+)
+from flexolmo.model.router_init import load_public_rows
+from flexolmo.owner.package import TENSOR_FILE, ExpertPackage, load_package
+from flexolmo.trust.history import HISTORY_FILE, check_unchanged
+from flexolmo.trust.record import SlotRecorder, expert_entry, verify_slots
+from flexolmo.trust.signing import SIGNATURE_FILE
+
+# Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
+# files, generation config) is copied into the merged checkpoint as it is.
+_NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
+               "flexolmo_pretrain.json", "flexolmo_import.json", HISTORY_FILE, SIGNATURE_FILE, PUBLIC_SAMPLE_FILE}
+class ExpertSource(Protocol):
+    """Where one expert's tensors come from."""
+
+    name: str
+
+    def ffn(self, layer: int, proj: str) -> torch.Tensor: ...
+
+    def router_row(self, layer: int) -> torch.Tensor: ...
+
+    def record(self) -> dict: ...
+
+
+@dataclass
+class AnchorExpert:
+    """Expert 0: the anchor's own FFN and the coordinator's public router row."""
+
+    reader: LazyReader
+    rows: list[torch.Tensor]
+    family: AnchorFamily
+    name: str = PUBLIC_EXPERT
+
+    def ffn(self, layer: int, proj: str) -> torch.Tensor:
+        return self.reader.get(self.family.anchor_ffn.format(layer=layer, proj=proj))
+
+    def router_row(self, layer: int) -> torch.Tensor:
+        return self.rows[layer]
+
+    def record(self) -> dict:
+        return {"name": self.name, "source": "anchor"}
+
+
+class PackageExpert:
+    """An owner's expert, read lazily from its (already verified) package."""
+
+    def __init__(self, package: ExpertPackage):
+        self.package = package
+        self.name = package.name
+        self._reader = LazyReader(package.path, files=[TENSOR_FILE])
+
+    def ffn(self, layer: int, proj: str) -> torch.Tensor:
+        return self._reader.get(PACKAGE_FFN.format(layer=layer, proj=proj))
+
+    def router_row(self, layer: int) -> torch.Tensor:
+        return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
+
+    def record(self) -> dict:
+        entry = expert_entry(self.package)
+        layers = sum(1 for name in self.package.manifest["tensors"] if parse(PACKAGE_ROUTER, name) is not None)
+        if PACKAGE_BIAS.format(layer=0) in self.package.manifest["tensors"]:
+            # No merged format has a router bias: kept here for flexolmo's runtime (`load_model(router_bias=True)`).
+            entry["router_bias"] = [float(self._reader.get(PACKAGE_BIAS.format(layer=layer)))
+                                    for layer in range(layers)]
+        return entry
+
+
+@dataclass
+class MergedExpert:
+    """An expert already inside a merged checkpoint (kept by add or remove)."""
+
+    reader: LazyReader
+    index: int
+    entry: dict
+    family: AnchorFamily
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    def ffn(self, layer: int, proj: str) -> torch.Tensor:
+        return self.reader.get(self.family.merged_expert.format(layer=layer, expert=self.index, proj=proj))
+
+    def router_row(self, layer: int) -> torch.Tensor:
+        return self.reader.get(self.family.merged_router.format(layer=layer))[self.index]
+
+    def record(self) -> dict:
+        return self.entry
+
+
+def _check_names(experts: list[ExpertSource]) -> None:
+    seen: set[str] = set()
+    for expert in experts:
+        if expert.name in seen:
+            raise MergeError(f"two experts are named '{expert.name}'; expert names must be unique")
+        seen.add(expert.name)
+
+
+def _public_anchor_config(anchor_config: dict) -> dict:
+    """The anchor's config as recorded in a merged model: no local path (`_name_or_path`)."""
+    return {key: value for key, value in anchor_config.items() if key != "_name_or_path"}
+
+
+def _check_kept_slots(experts: list[ExpertSource], digests: list[str]) -> None:
+    """Experts copied from a merged model must arrive with the weights their record named."""
+    for index, (expert, digest) in enumerate(zip(experts, digests)):
+        if isinstance(expert, MergedExpert) and expert.entry.get("slot_sha256") != digest:
+            raise TrustError(f"expert '{expert.name}' (slot {expert.index} of the source model) does not hold the "
+                             "weights its record names; the source model was altered")
+
+
+def _write_merged(
+    out: Path,
+    base: LazyReader,
+    shared_names: list[str],
+    experts: list[ExpertSource],
+    anchor_config: dict,
+    anchor_fingerprint: str,
+    family: AnchorFamily,
+    top_k: int,
+    files_from: Path,
+    shard_bytes: int,
+    seal=None,
+    dtype: torch.dtype | None = None,
+    router_rows: list[torch.Tensor] | None = None,
+    extra_metadata: dict | None = None,
+) -> dict:
+    """Write the merged checkpoint; `seal(staging, metadata)` runs inside the staging directory once every file
+    is written, before it is published (trust checks, log, signature). `router_rows` (one (E, H) matrix per
+    layer) replaces the experts' own rows (router tuning); `extra_metadata` adds keys to the metadata (records
+    of later steps such as tuning)."""
+    _check_names(experts)
+    check_top_k(top_k, len(experts))
+    clashes = [name for name in shared_names if is_extra_tensor(family, name)]
+    if clashes:
+        raise MergeError(f"the anchor has {clashes[0]}, which the {family.moe_model_type} format reserves for a "
+                         "zero tensor; this anchor is not supported")
+    layers = anchor_config["num_hidden_layers"]
+    dtype = dtype or base.dtype(shared_names[0])
+    records = [expert.record() for expert in experts]
+    dropped_bias = [record["name"] for record in records if "router_bias" in record]
+    for name in dropped_bias:
+        console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {family.moe_model_type} format "
+                      f"has no router bias, so transformers and vLLM run without it (kept in {MERGED_METADATA_FILE} "
+                      "for flexolmo's runtime only)")
+    metadata = {
+        "format": MERGED_FORMAT,
+        "format_version": MERGED_FORMAT_VERSION,
+        "anchor": {"fingerprint": anchor_fingerprint, "config": _public_anchor_config(anchor_config)},
+        "top_k": top_k,
+        "dtype": dtype_name(dtype),
+        "experts": records,
+        "router_bias_dropped": dropped_bias,
+        **(extra_metadata or {}),
+        "created": utc_now(),
+        "versions": software_versions(),
+    }
+    with atomic_directory(out) as staging:
+        writer = SlotRecorder(ShardedWriter(staging, shard_bytes))
+        with progress_bar("merging", total=len(shared_names) + layers, unit="tensors/layers") as advance:
+            for name in shared_names:
+                writer.add(name, base.get(name).to(dtype))
+                advance()
+            for layer in range(layers):
+                for index, expert in enumerate(experts):
+                    for proj in family.ffn_projections:
+                        writer.add(family.merged_expert.format(layer=layer, expert=index, proj=proj),
+                                   expert.ffn(layer, proj).to(dtype))
+                if router_rows is None:
+                    rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
+                else:
+                    rows = router_rows[layer].to(dtype)
+                writer.add(family.merged_router.format(layer=layer), rows)
+                for extra in family.extra_tensors:
+                    zeros = torch.zeros(extra.shape(anchor_config), dtype=dtype)
+                    writer.add(extra.template.format(layer=layer), zeros)
+                advance()
+            writer.finish()
+        digests = writer.digests([expert.name for expert in experts])
+        if router_rows is None:  # new rows change the digests on purpose; the source was verified instead
+            _check_kept_slots(experts, digests)
+        for entry, digest in zip(metadata["experts"], digests):
+            entry["slot_sha256"] = digest
+        atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k, dtype))
+        atomic_write_json(staging / MERGED_METADATA_FILE, metadata)
+        for item in sorted(files_from.iterdir()):
+            if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
+                shutil.copy2(item, staging / item.name)
+        if seal is not None:
+            seal(staging, metadata)
+    return metadata
+
+
+def _verified_packages(paths: list[Path], fingerprint: str, anchor_config: dict,
+                       trust: CoordinatorTrust) -> list[PackageExpert]:
+    packages = []
+    for path in paths:
+        package = load_package(path, fingerprint, anchor_config, with_tensors=False, trusted_keys=trust.trusted_keys)
+        if package.name == PUBLIC_EXPERT:
+            raise MergeError(f"{path}: the name '{PUBLIC_EXPERT}' is reserved for the anchor's expert")
+        packages.append(PackageExpert(package))
+    return packages
+
+
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise MergeError(f"{out} already exists: choose another --out or remove it")
+
+
+def _added(experts: list[PackageExpert]) -> list[dict]:
+    """How the merge log names added experts: by name, package digest and signer, never by manifest."""
+    return [{"name": e.name, "package_sha256": e.package.digest,
+             "signer": e.package.signer.as_dict() if e.package.signer else None} for e in experts]
+
+
+def _sealer(trust: CoordinatorTrust, source: Path | None, operation: str, joining: list[PackageExpert],
+            removed: list[dict]):
+    def seal(staging: Path, metadata: dict) -> None:
+        trust.seal(staging, source, operation, [e.name for e in joining], {
+            "anchor_fingerprint": metadata["anchor"]["fingerprint"], "added": _added(joining), "removed": removed,
+            "experts": [entry["name"] for entry in metadata["experts"]], "top_k": metadata["top_k"]})
+
+    return seal
+
+
+def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int,
+          shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None,
+          dtype: str = "anchor") -> dict:
+    """Merge the anchor and `package_paths` into a checkpoint of the anchor family's format at `out`;
+    returns its metadata.
+
+    `trust` says which keys to trust, which admission checks to run and whether to sign; without it, packages
+    are verified but not authenticated, no admission check runs, and the model is logged but not signed.
+    `dtype` is the merged checkpoint's: "anchor" (the anchor's own), "float32" or "bfloat16"."""
+    anchor_dir, out = Path(anchor_dir), Path(out)
+    trust = trust or CoordinatorTrust()
+    _refuse_existing(out)
+    check_top_k(top_k, len(package_paths) + 1)
+    if dtype != "anchor" and dtype not in DTYPES:
+        raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
+    family = anchor_family(read_config(anchor_dir), anchor_dir)
+    anchor_config = complete_config(read_config(anchor_dir), anchor_dir)
+    fingerprint = compute_fingerprint(anchor_dir)
+    reader = LazyReader(anchor_dir)
+    public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]), family)
+    joining = _verified_packages(package_paths, fingerprint, anchor_config, trust)
+    shared = [name for name in reader.names() if parse(family.anchor_ffn, name) is None]
+    return _write_merged(out, reader, shared, [public, *joining], anchor_config, fingerprint, family, top_k,
+                         anchor_dir, shard_bytes, _sealer(trust, None, "merge", joining, []),
+                         None if dtype == "anchor" else DTYPES[dtype])
+
+
+def _merged_sources(info: MergedModelInfo,
+                    family: AnchorFamily) -> tuple[LazyReader, list[MergedExpert], list[str]]:
+    reader = LazyReader(info.path)
+    experts = [MergedExpert(reader, index, entry, family) for index, entry in enumerate(info.metadata["experts"])]
+    # Extra zero tensors are written anew from the table, so whatever a modified checkpoint holds there is dropped.
+    shared = [name for name in reader.names()
+              if parse(family.merged_expert, name) is None and parse(family.merged_router, name) is None
+              and not is_extra_tensor(family, name)]
+    return reader, experts, shared
+
+
+def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int | None = None,
+                shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
+    """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor."""
+    out = Path(out)
+    trust = trust or CoordinatorTrust()
+    _refuse_existing(out)
+    info = read_merged_info(model_dir)
+    top_k = info.metadata["top_k"] if top_k is None else top_k
+    check_top_k(top_k, len(info.expert_names) + len(package_paths))
+    family = anchor_family(info.anchor_config, model_dir)
+    check_unchanged(info.path)
+    reader, experts, shared = _merged_sources(info, family)
+    joining = _verified_packages(package_paths, info.anchor_fingerprint, info.anchor_config, trust)
+    clashes = sorted(set(info.expert_names) & {package.name for package in joining})
+    if clashes:
+        raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
+    return _write_merged(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint,
+                         family, top_k, info.path, shard_bytes, _sealer(trust, info.path, "add", joining, []),
+                         extra_metadata=_carried_records(info))
+
+
+def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
+                   shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
+    """An opt-out: a smaller checkpoint without the named experts (the public expert always stays).
+
+    Names are resolved through the model's record and each removed slot is checked against its recorded
+    digest first, so a record with swapped names cannot make an opt-out remove another member's expert. The
+    top-k is lowered to the number of experts left when it exceeds it. The log records the removed experts by
+    name and package digest only."""
+    out = Path(out)
+    trust = trust or CoordinatorTrust()
+    _refuse_existing(out)
+    info = read_merged_info(model_dir)
+    family = anchor_family(info.anchor_config, model_dir)
+    unknown = sorted(set(names) - set(info.expert_names))
+    if unknown:
+        raise MergeError(f"{model_dir} has no expert(s) {', '.join(unknown)} "
+                         f"(it has: {', '.join(info.expert_names)})")
+    if PUBLIC_EXPERT in names:
+        raise MergeError(f"the '{PUBLIC_EXPERT}' expert is the anchor's own FFN and cannot be removed")
+    check_unchanged(info.path)
+    verify_slots(info.path, info.metadata, names, family.ffn_projections)
+    reader, experts, shared = _merged_sources(info, family)
+    kept = [expert for expert in experts if expert.name not in names]
+    removed = [{"name": e.name, "package_sha256": e.entry.get("package_sha256")} for e in experts if e.name in names]
+    top_k = min(info.metadata["top_k"], len(kept))
+    if top_k < info.metadata["top_k"]:
+        console.print(f"[yellow]note:[/] top-k lowered from {info.metadata['top_k']} to {top_k}: only {len(kept)} "
+                      "expert(s) are left")
+    return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
+                         info.path, shard_bytes, _sealer(trust, info.path, "remove", [], removed),
+                         extra_metadata=_carried_records(info))
+
+
+def _carried_records(info: MergedModelInfo) -> dict:
+    """Records of earlier steps that still describe the tensors kept (the tuned router rows stay tuned)."""
+    return {key: info.metadata[key] for key in (ROUTER_TUNING_KEY,) if key in info.metadata}
+
+
+def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Path | str, record: dict,
+                        shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
+    """A copy of a merged checkpoint with new router rows (one (E, H) matrix per layer, router tuning), every
+    other tensor bit for bit; `record` says what produced the rows and is appended to the tuning history.
+
+    The source's slots are checked against their digests first; the copy records new slot digests (a slot's
+    digest covers its router row), logs the operation and, with `trust.sign_key`, is signed."""
+    out = Path(out)
+    trust = trust or CoordinatorTrust()
+    _refuse_existing(out)
+    info = read_merged_info(model_dir)
+    family = anchor_family(info.anchor_config, model_dir)
+    check_unchanged(info.path)
+    verify_slots(info.path, info.metadata, info.expert_names, family.ffn_projections)
+    reader, experts, shared = _merged_sources(info, family)
+    expected = (len(experts), info.anchor_config["hidden_size"])
+    if len(rows) != info.anchor_config["num_hidden_layers"] or any(tuple(r.shape) != expected for r in rows):
+        raise MergeError(f"replacement router rows do not fit {model_dir}: need "
+                         f"{info.anchor_config['num_hidden_layers']} matrices of shape {expected}")
+    history = [*info.metadata.get(ROUTER_TUNING_KEY, []), record]
+    return _write_merged(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
+                         info.metadata["top_k"], info.path, shard_bytes,
+                         _sealer(trust, info.path, "tune-router", [], []), router_rows=rows,
+                         extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
+

@@ -1,0 +1,208 @@
+"""Writing outputs so that an interrupted or failed run never leaves something that looks complete.
+
+Every artefact (anchor, checkpoint, expert package, merged model, cache entry) is written under a temporary
+sibling name and renamed into place only once it is whole; rename is atomic on one filesystem. Artefacts get
+the permissions the user's umask gives any new file (a package is handed to another party, a model is served
+by another user), unless a write asks to be private (a key file: owner read/write only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+
+from flexolmo.core.errors import FlexOlmoError
+
+
+def _describe_os_error(error: OSError, target: Path) -> str:
+    if error.errno == errno.ENOSPC:
+        return f"disk full while writing {target}: free space on that filesystem and run the command again"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {target}: permission denied; choose a writable output path"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot write {target}: a part of that path is a file, not a directory; choose another output path"
+    return f"cannot write {target}: {error.strerror or error}"
+
+
+def _describe_safetensors_error(error: Exception, target: Path) -> str:
+    """safetensors reports a failed write (disk full, read-only) as its own error, not as an OSError."""
+    text = str(error)
+    if "No space left" in text or "os error 28" in text:
+        return f"disk full while writing {target}: free space on that filesystem and run the command again"
+    if any(marker in text for marker in ("Permission denied", "Read-only file system", "os error 13", "os error 30")):
+        return f"cannot write {target}: permission denied; choose a writable output path"
+    return f"cannot write {target}: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+# A staging directory older than this without a lock file was left by a run killed before it could lock it.
+_UNLOCKED_STAGING_GRACE_SECONDS = 600.0
+_STAGING_LOCK = ".lock"
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _is_stale_staging(outer: Path) -> bool:
+    """Whether a staging directory's run is gone: its lock can be taken, or it never locked and is old."""
+    lock = outer / _STAGING_LOCK
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - outer.stat().st_mtime > _UNLOCKED_STAGING_GRACE_SECONDS
+        except FileNotFoundError:
+            return False
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # a live run holds it
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stale_staging(target: Path | str) -> list[Path]:
+    """Remove the hidden staging directories that killed runs left for `target`; returns what was removed.
+
+    Each run holds an exclusive lock on its staging directory while it writes, and the kernel drops the lock
+    when the process dies, so a directory whose lock can be taken belongs to no live run."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for outer in sorted(target.parent.glob(_staging_prefix(target) + "*")):
+        if outer.is_dir() and _is_stale_staging(outer):
+            shutil.rmtree(outer, ignore_errors=True)
+            removed.append(outer)
+    return removed
+
+
+def _staging_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if absent) for the block, so that processes sharing a
+    cache (the ranks of one run) take turns filling an entry instead of replacing it under each other's reads."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, path)) from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes `target` only if the block finishes without error.
+
+    The temporary directory is `.NAME.tmp-XXXX/NAME` beside the target: it already has the target's name (a
+    signature records the directory's name), and the hidden parent holds a lock for as long as this run lives,
+    so that a later run can tell the leftovers of a killed run from a run in progress and remove them.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FlexOlmoError(f"{target} already exists: choose another output path or remove it first")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(target)
+        outer = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+    lock = os.open(outer / _STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        staging = outer / target.name
+        staging.mkdir()  # not mkdtemp's 0700: mkdir applies the umask like any directory the user creates
+        file_mode = stat.S_IMODE(staging.stat().st_mode) & 0o666
+        yield staging
+        # safetensors writes its files 0600 whatever the umask (through its own temporary file); give them
+        # the mode any other new file gets. Other files were created with open() and already have it.
+        for path in staging.rglob("*.safetensors"):
+            path.chmod(file_mode)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+    except SafetensorError as error:
+        if "serializing" not in str(error):
+            raise  # a damaged input read inside the block, not a failed write
+        raise FlexOlmoError(_describe_safetensors_error(error, target)) from error
+    finally:
+        os.close(lock)
+        shutil.rmtree(outer, ignore_errors=True)
+
+
+def make_directory(path: Path | str) -> None:
+    """`mkdir -p`, with a failure (read-only, not a directory, disk full) as one readable line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlexOlmoError(_describe_os_error(error, Path(path))) from error
+
+
+def atomic_write_bytes(target: Path | str, payload: bytes, private: bool = False) -> None:
+    """Write `payload` to `target` through a temporary file and a rename. The file gets the umask's permissions,
+    or owner read/write only (0600) when `private` (a secret key)."""
+    target = Path(target)
+    staging, created = _staging_name(target), False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        created = True
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    except OSError as error:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+        raise FlexOlmoError(_describe_os_error(error, target)) from error
+
+
+def atomic_write_json(target: Path | str, payload: Any) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    atomic_write_bytes(target, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: Path | str, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks so large files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_tensor(digest, name: str, tensor) -> None:
+    """Feed one tensor (name, dtype, shape, raw bytes) into a hashlib digest."""
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes())

@@ -1,0 +1,1 @@
+"""The demo and its baselines, compute accounting and the report."""

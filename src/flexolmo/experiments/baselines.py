@@ -1,0 +1,193 @@
+"""The paper's baselines. Each becomes a model (a module with `.logits`) that goes through `evaluate`.
+
+Every merging baseline combines the same members as FlexOlmo: the public model (the anchor) and one dense
+expert per owner, as in the paper, where the public model is one of the merged models.
+- dense experts: the anchor with its FFNs fine-tuned on one owner's data (no router, no public expert);
+- unrestricted: the same on all closed data pooled (what sharing the data would buy);
+- model soup: the members' FFNs averaged (everything else is the anchor's, shared by all members);
+- Branch-Train-Merge (BTM): an ensemble of the members, weighted per position by each member's likelihood of
+  the preceding tokens of the sequence (uniform prior), top-k members, ties broken by member order;
+- BTX without coordination: the dense experts' FFNs merged next to the public FFN into a mixture through the
+  same merge as FlexOlmo, with the same router initialisation, never trained next to the public expert;
+- prompt routing: one member per sequence, chosen by a classifier over MiniLM embeddings of its first tokens.
+  It reads those tokens, so `routing_prefix_tokens` tells evaluation not to score them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from flexolmo.core.fileio import atomic_directory, atomic_write_json
+from flexolmo.core.provenance import software_versions, utc_now
+from flexolmo.core.tensor_io import LazyReader
+from flexolmo.core.weights import ANCHOR_FFN, PACKAGE_FFN, PACKAGE_ROUTER, parse
+from flexolmo.data.documents import iter_documents
+from flexolmo.data.tokens import TokenStream, load_token_stream
+from flexolmo.model.anchor import Anchor, load_anchor, load_pretrained, load_tokenizer
+from flexolmo.model.router_init import READS_PRIVATE_DATA, initial_rows
+from flexolmo.owner.expert import anchor_record
+from flexolmo.owner.package import write_package
+from flexolmo.owner.proxy import load_minilm
+from flexolmo.training.loop import OptimConfig, lm_loss_fn, train
+
+DENSE_METADATA_FILE = "flexolmo_dense.json"
+
+
+def ffn_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything but the FFNs; return the FFN parameters (dense fine-tuning trains only these)."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(parse(ANCHOR_FFN, name) is not None)
+        if param.requires_grad:
+            trainable.append((name, param))
+    return trainable
+
+
+def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim: OptimConfig,
+                       text_field: str = "text", split: str = "all", resume: bool = True) -> Path:
+    """Fine-tune the anchor's FFNs on `data` and save a dense transformers model at `out`."""
+    anchor = load_anchor(anchor_dir, dtype=getattr(torch, optim.dtype), device=optim.device)
+    stream = load_token_stream(list(data), anchor.tokenizer, split, text_field)
+    work = out.with_name(out.name + ".ckpt")
+    work.mkdir(parents=True, exist_ok=True)
+    result = train(anchor.model, ffn_parameters(anchor.model), stream, optim, work, loss_fn=lm_loss_fn,
+                   resume=resume and (work / "checkpoint").exists(), description=f"dense {out.name}")
+    with atomic_directory(out) as staging:
+        anchor.model.save_pretrained(str(staging))
+        anchor.tokenizer.save_pretrained(str(staging))
+        atomic_write_json(staging / DENSE_METADATA_FILE, {
+            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor), "optim": optim.model_dump(),
+            "tokens": optim.steps * optim.tokens_per_step, "losses": result.losses,
+            "token_stream_sha256": stream.fingerprint(), "created": utc_now(), "versions": software_versions(),
+        })
+    shutil.rmtree(work)
+    return out
+
+
+def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStream, name: str, out: Path,
+                         router_init: str, seq_len: int, router_sequences: int, seed: int) -> dict:
+    """Package a dense expert's FFNs with a router row initialised as FlexOlmo's, for the BTX baseline."""
+    rows = initial_rows(router_init, anchor, owner_stream, seq_len, router_sequences, seed)
+    reader = LazyReader(dense_dir)
+    tensors = {}
+    for layer, row in enumerate(rows):
+        for proj in anchor.family.ffn_projections:
+            tensors[PACKAGE_FFN.format(layer=layer, proj=proj)] = reader.get(ANCHOR_FFN.format(layer=layer, proj=proj))
+        tensors[PACKAGE_ROUTER.format(layer=layer)] = row[None].float()
+    return write_package(out, name, tensors, {
+        "anchor": anchor_record(anchor),
+        "training": {"config": {"kind": "dense-ffn-finetune (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
+                     "public_data": []},
+        "privacy": {"dp": None, "router_init": router_init,
+                    "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
+        "created": utc_now(), "versions": software_versions(),
+    })
+
+
+def model_soup(anchor_dir: Path, member_dirs: Sequence[Path], out: Path,
+               weights: Sequence[float] | None = None) -> Path:
+    """Average the members' FFNs (uniformly unless `weights` are given); all else is the anchor's. A member
+    is any model directory that shares the anchor's other weights: the anchor itself or a dense expert."""
+    weights = list(weights) if weights is not None else [1.0 / len(member_dirs)] * len(member_dirs)
+    model = load_pretrained(anchor_dir)
+    readers = [LazyReader(path) for path in member_dirs]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if parse(ANCHOR_FFN, name) is not None:
+                param.copy_(sum(w * reader.get(name).float() for w, reader in zip(weights, readers)))
+
+    with atomic_directory(out) as staging:
+        model.save_pretrained(str(staging))
+        load_tokenizer(anchor_dir).save_pretrained(str(staging))
+        atomic_write_json(staging / DENSE_METADATA_FILE, {"kind": "model-soup", "weights": weights,
+                                                          "members": [Path(p).name for p in member_dirs]})
+    return out
+
+
+class BranchTrainMergeEnsemble(nn.Module):
+    """BTM: p(x_t) = sum_j w_j(t) p_j(x_t | x_<t), with w_j(t) proportional to p_j(x_<t) over the top-k experts.
+
+    The weights are the posterior over experts given the sequence so far (uniform prior), recomputed at every
+    position from the experts' own likelihoods of the preceding tokens; no router is trained.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], top_k: int):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.top_k = min(top_k, len(models))
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        log_probs = torch.stack([torch.log_softmax(m(input_ids=input_ids).logits.float(), -1) for m in self.members])
+        # log p_j(x_{s+1} | x_<=s) for every position s, then the running sum: log p_j(x_1..x_t).
+        next_token = log_probs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(len(self.members), -1, -1, 1))
+        context = torch.cat([torch.zeros_like(next_token[:, :, :1, 0]), next_token[..., 0].cumsum(-1)], dim=-1)
+        if self.top_k < len(self.members):
+            # Exactly top-k members per position; a stable sort breaks ties (position 0 has no context, so all
+            # members tie there) by member order, so the first member (the public model) comes first.
+            ranked = torch.sort(context, dim=0, descending=True, stable=True).indices[: self.top_k]
+            kept = torch.zeros_like(context, dtype=torch.bool).scatter(0, ranked, True)
+            context = context.masked_fill(~kept, float("-inf"))
+        log_weights = torch.log_softmax(context, dim=0)
+        return SimpleNamespace(logits=torch.logsumexp(log_weights[..., None] + log_probs, dim=0))
+
+
+class PromptRouter:
+    """A logistic-regression classifier over all-MiniLM-L6-v2 embeddings: which owner's data a text is like."""
+
+    def __init__(self, domain_files: dict[str, Sequence[Path]], samples_per_domain: int, seed: int = 0,
+                 text_field: str = "text", max_chars: int = 1000):
+        from sklearn.linear_model import LogisticRegression
+
+        self.embedder = load_minilm()
+        self.labels = list(domain_files)
+        texts, targets = [], []
+        for label, files in domain_files.items():
+            documents = [doc.text[:max_chars] for path in files for doc in iter_documents(path, text_field)]
+            step = max(1, len(documents) // samples_per_domain)
+            chosen = documents[::step][:samples_per_domain]
+            texts += chosen
+            targets += [label] * len(chosen)
+        self.classifier = LogisticRegression(max_iter=2000, random_state=seed)
+        self.classifier.fit(self.embed(texts), targets)
+
+    def embed(self, texts: Sequence[str]):
+        return self.embedder.encode(list(texts), normalize_embeddings=True, batch_size=32, show_progress_bar=False)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return list(self.classifier.predict(self.embed(texts)))
+
+
+class PromptRoutedModel(nn.Module):
+    """One model per sequence, chosen by `router` from the text of the sequence's first `prompt_tokens` tokens.
+
+    Those tokens decide the choice, so they must not be scored: `routing_prefix_tokens` says how many, and
+    `flexolmo.evaluation.scoring` refuses to score this model with fewer context tokens."""
+
+    def __init__(self, models: dict[str, nn.Module], router: PromptRouter, tokenizer, prompt_tokens: int = 32):
+        super().__init__()
+        self.members = nn.ModuleDict(models)
+        self.router = router
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.routing_prefix_tokens = prompt_tokens
+        self.choices: list[str] = []
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        prompts = self.tokenizer.batch_decode(input_ids[:, : self.prompt_tokens])
+        choices = self.router.predict(prompts)
+        self.choices += choices
+        logits = None
+        for label in sorted(set(choices)):
+            rows = torch.tensor([i for i, choice in enumerate(choices) if choice == label])
+            chosen = self.members[label](input_ids=input_ids[rows]).logits
+            if logits is None:
+                logits = chosen.new_zeros(input_ids.shape + (chosen.shape[-1],))
+            logits[rows] = chosen
+        return SimpleNamespace(logits=logits)
+

@@ -1,0 +1,119 @@
+"""The merged checkpoint's format: its config, its record of experts (`flexolmo_experts.json`), which tensors
+the format adds, and the reader every consumer uses. The counterpart of `owner.manifest` for packages: the
+writer (`coordinator.merge`), the runtime, admission and verification all read a merged model through this
+module, so none of them imports the writer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexolmo.core.errors import MergeError
+from flexolmo.core.precision import dtype_name
+from flexolmo.core.weights import parse
+from flexolmo.model.anchor import (
+    AnchorFamily,
+    read_config,
+)
+from flexolmo.trust.record import check_record
+
+MERGED_METADATA_FILE = "flexolmo_experts.json"
+
+
+MERGED_FORMAT = "flexolmo-merged"
+
+
+MERGED_FORMAT_VERSION = 2
+
+
+# Metadata key: the history of router tunings of a checkpoint (`router_tuning.tune_router`).
+ROUTER_TUNING_KEY = "router_tuning"
+
+
+PUBLIC_EXPERT = "public"
+
+
+
+
+@dataclass
+class MergedModelInfo:
+    """What a merged checkpoint says about itself: its experts, the anchor they share, its top-k."""
+
+    path: Path
+    config: dict
+    metadata: dict
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [entry["name"] for entry in self.metadata["experts"]]
+
+    @property
+    def anchor_config(self) -> dict:
+        return self.metadata["anchor"]["config"]
+
+    @property
+    def anchor_fingerprint(self) -> str:
+        return self.metadata["anchor"]["fingerprint"]
+
+
+def read_merged_info(path: Path | str) -> MergedModelInfo:
+    """Config and expert metadata of a checkpoint written by `merge`, with one-line errors otherwise."""
+    path = Path(path)
+    config = read_config(path)
+    metadata_file = path / MERGED_METADATA_FILE
+    if not metadata_file.exists():
+        raise MergeError(f"{path}: not a model merged by flexolmo (no {MERGED_METADATA_FILE})")
+    try:
+        metadata = json.loads(metadata_file.read_text())
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{metadata_file}: corrupt ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != MERGED_FORMAT:
+        raise MergeError(f"{path}: {MERGED_METADATA_FILE} is not a flexolmo merged-model record")
+    if metadata.get("format_version") != MERGED_FORMAT_VERSION:
+        raise MergeError(f"{path}: written by another flexolmo version (record format "
+                         f"{metadata.get('format_version')!r}, this one reads {MERGED_FORMAT_VERSION}); merge it again")
+    if len(metadata.get("experts", [])) != config.get("num_experts"):  # top-k is the user's to change
+        raise MergeError(f"{path}: {MERGED_METADATA_FILE} does not match config.json; the checkpoint was altered")
+    check_record(path, metadata)
+    return MergedModelInfo(path, config, metadata)
+
+
+def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, top_k: int,
+                  dtype: torch.dtype | None = None) -> dict:
+    """The anchor's config with the MoE fields set; every architecture field is copied, never defaulted."""
+    config = {key: value for key, value in anchor_config.items()
+              if key not in ("architectures", "model_type", "transformers_version", "_name_or_path")}
+    config.update(family.merged.config_fields(anchor_config))
+    config.update(
+        model_type=family.moe_model_type,
+        architectures=[family.moe_architecture],
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+        output_router_logits=False,
+    )
+    if dtype is not None:  # what transformers loads it as with dtype="auto"
+        config["dtype"] = dtype_name(dtype)
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name(dtype)
+    rope = config.get("rope_parameters") or {}
+    rope_theta = config.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is not None:
+        config["rope_theta"] = rope_theta  # vLLM reads it top-level; transformers 5 keeps it in rope_parameters
+    return config
+
+
+def check_top_k(top_k: int, num_experts: int) -> int:
+    """The one top-k of a merged model: config, record and tables all say this number."""
+    if not 1 <= top_k <= num_experts:
+        raise MergeError(f"--top-k {top_k} does not fit a model of {num_experts} experts (public + "
+                         f"{num_experts - 1}); choose 1 to {num_experts}")
+    return top_k
+
+
+def is_extra_tensor(family: AnchorFamily, name: str) -> bool:
+    """Whether `name` is one of the zero tensors the family's merged format holds in every layer."""
+    return any(parse(extra.template, name) is not None for extra in family.extra_tensors)

@@ -1,0 +1,394 @@
+"""A data owner's coordinated training: its expert learns next to the anchor's frozen FFN, then is packaged.
+
+Every decoder layer's FFN becomes a 2-expert FlexMoEBlock: expert 0 is the anchor FFN (frozen), expert 1 an
+exact copy (trained); router rows `[r_pub, r_i]` with `r_pub` frozen (shipped with the anchor) and `r_i`
+trained, optionally with a bias kept <= 0; softmax, top-2 of 2, no renormalisation; router z-loss. Embeddings,
+attention, norms and the LM head stay frozen and get no optimizer state. At step 0 the two experts are equal
+and their weights sum to one, so the model computes the anchor up to rounding: the softmax weights sum to one
+only in floating point, and two weighted expert outputs are added where the anchor has one (measured on the demo
+anchor, 8 windows of code: max |logit difference| 1.1e-5 in float32, 0.125 in bfloat16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from flexolmo.core.errors import DataError, PackageError
+from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.precision import dtype_name
+from flexolmo.core.provenance import software_versions, utc_now
+from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
+from flexolmo.core.world import broadcast_from_main, is_main_process, main_process_first
+from flexolmo.data.documents import DEFAULT_HELDOUT_FRACTION
+from flexolmo.data.public_sample import describe_files, resolve_public_mix
+from flexolmo.data.tokens import JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
+from flexolmo.evaluation.scoring import DEFAULT_EVAL_MAX_SEQUENCES, Score, score_stream
+from flexolmo.model.anchor import (
+    Anchor,
+    check_context,
+    load_anchor,
+    load_pretrained,
+    read_config,
+    stored_dtype,
+)
+from flexolmo.model.moe import (
+    ROUTER_Z_LOSS_COEF,
+    clamp_router_bias,
+    convert_to_moe,
+    decoder_layers,
+    router_z_loss,
+)
+from flexolmo.model.router_init import (
+    DP_ROUTER_INIT,
+    READS_PRIVATE_DATA,
+    dp_mean_direction_rows,
+    initial_rows,
+    load_public_rows,
+)
+from flexolmo.owner.manifest import commit, owner_report_path, split_training_facts
+from flexolmo.owner.package import check_name, write_package
+from flexolmo.owner.privacy import DPConfig, check_dp_settings, prepare_private_training
+from flexolmo.training.distributed import ParallelConfig, make_strategy
+from flexolmo.training.loop import MixedBatches, OptimConfig, TrainResult, causal_lm_loss, train
+from flexolmo.training.run_state import (
+    check_identity,
+    check_work_dir,
+    read_state,
+    work_dir_for,
+    work_directory,
+)
+from flexolmo.trust.signing import check_signing_key
+
+OWNER_EXPERT = 1
+
+
+class ExpertConfig(BaseModel):
+    """`flexolmo train-expert`: everything that decides an owner's expert."""
+
+    anchor: Path = Field(description="anchor model directory published by the coordinator")
+    data: list[Path] = Field(description="the owner's private training text")
+    heldout: list[Path] = Field(default_factory=list, description="held-out files; if empty, a hash split of data")
+    name: str = Field(description="expert name, unique among the experts of one merged model")
+    out: Path = Field(description="where to write the expert package (a directory)")
+    text_field: str = Field("text", description="JSONL/parquet field with the text")
+    heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
+    router_init: str | None = Field(None, description="initialisation of the owner's router row "
+                                    "(default: mean_hidden, or public under DP)")
+    router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
+    negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
+    z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
+    public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches "
+                                    "(if empty: the anchor's published public sample)")
+    public_share: float | None = Field(None, ge=0, lt=1, description="share of each batch's sequences from public "
+                                       "text; None: 0.5 when public text is available, else 0 with a warning")
+    eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1, description="held-out sequences scored "
+                                    "before and after training (the first ones)")
+    dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig,
+                                     description="sharding and activation checkpointing")
+
+
+def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool) -> torch.nn.Module:
+    """The anchor with every FFN turned into the 2-expert block, experts identical, rows [r_pub, r_i]."""
+    public_rows = load_public_rows(anchor.path, len(decoder_layers(anchor.model)))
+    rows = [torch.stack([public.float(), own.float()]) for public, own in zip(public_rows, owner_rows)]
+    return convert_to_moe(anchor.model, rows, num_experts=2, top_k=2,
+                          bias_experts=[OWNER_EXPERT] if negative_bias else [])
+
+
+def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze everything but the owner's expert and router row; return what stays trainable, in name order."""
+    owned = (f".mlp.experts.{OWNER_EXPERT}.", f".mlp.gate.rows.{OWNER_EXPERT}.")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(marker in name for marker in owned))
+        if param.requires_grad:
+            trainable.append((name, param))
+    return trainable
+
+
+def package_tensors(model: torch.nn.Module, projections: tuple[str, ...],
+                    gather: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: tensor
+                    ) -> dict[str, torch.Tensor]:
+    """The owner's expert and router row of every layer, under package names.
+
+    `gather` turns a (possibly sharded) trained tensor into a whole one; a training strategy's `gather` is
+    collective, so it is called on every rank in the same order, layer by layer, one tensor at a time, and
+    returns None except on rank 0 (which then holds the package and never the whole model)."""
+    tensors = {}
+    for layer_index, layer in enumerate(decoder_layers(model)):
+        expert = layer.mlp.experts[OWNER_EXPERT]
+        row = layer.mlp.gate.rows[OWNER_EXPERT]
+        owned = {PACKAGE_FFN.format(layer=layer_index, proj=proj): getattr(expert, proj).weight
+                 for proj in projections}
+        owned[PACKAGE_ROUTER.format(layer=layer_index)] = row.weight
+        if row.bias is not None:
+            owned[PACKAGE_BIAS.format(layer=layer_index)] = row.bias
+        for name, tensor in owned.items():
+            tensors[name] = gather(tensor)
+    return tensors
+
+
+def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Rebuild the owner's training model from the anchor and a package's tensors."""
+    layers = len(decoder_layers(anchor.model))
+    has_bias = PACKAGE_BIAS.format(layer=0) in tensors
+    rows = [tensors[PACKAGE_ROUTER.format(layer=i)][0] for i in range(layers)]
+    model = build_owner_model(anchor, rows, has_bias)
+    with torch.no_grad():
+        for layer_index, layer in enumerate(decoder_layers(model)):
+            expert = layer.mlp.experts[OWNER_EXPERT]
+            for proj in anchor.family.ffn_projections:
+                getattr(expert, proj).weight.copy_(tensors[PACKAGE_FFN.format(layer=layer_index, proj=proj)])
+            if has_bias:
+                layer.mlp.gate.rows[OWNER_EXPERT].bias.copy_(tensors[PACKAGE_BIAS.format(layer=layer_index)])
+    return model
+
+
+def anchor_record(anchor: Anchor) -> dict:
+    """What a package records about the anchor it was trained on."""
+    return {"fingerprint": anchor.fingerprint, "model_type": anchor.config["model_type"],
+            **{key: anchor.config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
+
+
+class _ClampBias:
+    """Projected gradient step: keep the learned bias <= 0 after every update."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def after_optimizer_step(self, step: int) -> None:
+        clamp_router_bias(self.model)
+
+
+def owner_loss(z_loss_coef: float):
+    """Language-model loss plus the router z-loss; reports the language-model part."""
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor):
+        logits = model(input_ids=batch[:, :-1]).logits
+        lm_loss = causal_lm_loss(logits, batch[:, 1:])
+        return lm_loss + z_loss_coef * router_z_loss(model), lm_loss.detach()
+
+    return loss_fn
+
+
+def mix_public(owner_stream: TokenStream, config: ExpertConfig,
+               tokenizer) -> tuple[TokenStream | JoinedStreams, MixedBatches | None]:
+    """The owner's windows joined with public windows, and a sampler putting `public_share` of every batch there.
+
+    Why: the owner's router row competes only with the frozen public row. Trained on owner text alone, it learns
+    "prefer me" everywhere and then takes tokens of every domain after the merge. Public sequences in the batch
+    are where the public expert must keep winning. Public text is public, so mixing it in shares nothing (the
+    reference implementation's expert mixes also contain general public data). The two are cut into windows
+    separately (`JoinedStreams`), so a public window never holds an owner token: under DP, public windows are
+    drawn outside the Poisson sampling and the accountant, so an owner token inside one would be unprotected.
+    """
+    if config.public_share == 0:
+        return owner_stream, None
+    public = load_token_stream(config.public_data, tokenizer, "all", config.text_field)
+    joined = JoinedStreams([owner_stream, public])
+    batch = config.optim.batch_size
+    public_count = round(batch * config.public_share)  # 0 < public_count < batch: checked by _check_settings
+    return joined, MixedBatches(config.optim, joined.ranges(config.optim.seq_len), [batch - public_count, public_count])
+
+
+def training_facts(config: ExpertConfig, owner_stream: TokenStream, result: TrainResult, before: Score, after: Score,
+                   heldout_dtype: torch.dtype) -> dict:
+    """Every field of the manifest's training record, before privacy decides which of them a package releases."""
+    return {
+        "config": config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "out", "public_data"}),
+        "tokens": config.optim.steps * config.optim.tokens_per_step,
+        "public_share": config.public_share,
+        "public_data": describe_files(config.public_data),
+        "train_documents": owner_stream.num_documents,
+        "final_train_loss": result.losses[-1],
+        "losses": result.losses,
+        "heldout_loss_before": before.loss,
+        "heldout_loss_after": after.loss,
+        "heldout_bits_per_byte_before": before.bits_per_byte,
+        "heldout_bits_per_byte_after": after.bits_per_byte,
+        "heldout_dtype": dtype_name(heldout_dtype),
+        "seconds": result.seconds,
+    }
+
+
+def write_owner_package(config: ExpertConfig, tensors: dict[str, torch.Tensor], facts: dict, stream_sha256: str,
+                        sign_key: Path | None, fields: dict) -> dict:
+    """Write the package (what the owner releases) and, beside it, the owner's report (everything, kept local).
+
+    The package carries a salted commitment to the token stream, never its hash; the salt, the hash and the
+    owner's paths go into the report alone. Under DP the package releases none of `manifest.OUTSIDE_DP`."""
+    commitment, salt = commit(stream_sha256)
+    facts = {**facts, "token_stream_commitment": commitment}
+    report_path = owner_report_path(config.out)
+    atomic_write_json(report_path, {
+        "note": "the owner's own record of this package: keep it, never send it (the package holds what is "
+                "released)",
+        "package": str(config.out), "name": config.name, "training": facts,
+        "token_stream_sha256": stream_sha256, "commitment_salt": salt,
+        "data": [str(path) for path in config.data], "heldout": [str(path) for path in config.heldout],
+        "public_data": [str(path) for path in config.public_data], "created": fields["created"],
+    })
+    try:
+        released = split_training_facts(facts, config.dp is not None)
+        return write_package(config.out, config.name, tensors,
+                             {"anchor": fields["anchor"], "training": released, **fields}, sign_key)
+    except BaseException:
+        report_path.unlink(missing_ok=True)
+        raise
+
+
+def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
+    given) and the owner's report beside it; return the package's manifest.
+
+    Under torchrun every rank trains (see `training.train` and `flexolmo.training.distributed`); rank 0 writes the
+    package and returns the manifest, the other ranks return an empty dict."""
+    router_init = config.router_init or ("public" if config.dp else "mean_hidden")
+    public_data, public_share = resolve_public_mix(config.public_data, config.public_share, config.anchor)
+    config = config.model_copy(update={"public_data": public_data, "public_share": public_share})
+    _check_settings(config, router_init)
+    if sign_key is not None:
+        check_signing_key(sign_key, config.name)
+    work = work_dir_for(config.out)
+    check_work_dir(work, resume)
+    check_context(read_config(config.anchor).get("max_position_embeddings"), config.optim.seq_len, config.anchor)
+    optim = config.optim
+    strategy = make_strategy(config.parallel, optim.dtype)
+    anchor = load_anchor(config.anchor, with_model=False)
+    split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
+    with main_process_first():  # one process fills the tokenization cache, the others read it
+        owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
+                                         config.heldout_fraction)
+        train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
+        heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
+                                           config.text_field, config.heldout_fraction)
+    public_stream = train_stream.streams[1] if sampler else None
+    identity = run_identity(config, anchor, owner_stream, public_stream, heldout_stream)
+    if resume:  # refused before the model is loaded; `train` checks the optimisation settings too
+        check_identity(work, read_state(work), identity, only_given=True)
+    anchor.model = load_pretrained(anchor.path, strategy.precision.frozen, optim.device)
+    prior_releases = []
+    if router_init == DP_ROUTER_INIT:
+        owner_rows, rate = dp_mean_direction_rows(anchor.model, owner_stream, optim.seq_len,
+                                                  config.router_init_sequences, config.dp.router_noise_multiplier,
+                                                  optim.seed)
+        prior_releases.append((config.dp.router_noise_multiplier, rate, 1))
+    else:
+        owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
+                                  optim.seed)
+    owner_rows = broadcast_from_main(owner_rows, optim.device)  # every rank starts from rank 0's rows
+    if config.parallel.fsdp:  # built in host memory; sharding moves one layer at a time to the device
+        anchor.model.to("cpu")
+    torch.manual_seed(optim.seed)
+    model = build_owner_model(anchor, owner_rows, config.negative_bias)
+    anchor.model = None
+    trainable = owner_trainable_parameters(model)
+    hooks = [_ClampBias(model)]
+    private = None
+    with work_directory(work, resume):
+        if config.dp:
+            # Under DP the owner's sequences are Poisson sampled; the public ones stay a fixed draw per step.
+            public = MixedBatches(optim, sampler.ranges[1:], sampler.counts[1:]) if sampler else None
+            private = prepare_private_training(model, config.dp, owner_stream.num_sequences(optim.seq_len),
+                                               optim.batch_size, optim.steps, optim.grad_accum, optim.seed, public,
+                                               prior_releases)
+            hooks.append(private.accountant)
+        result: TrainResult = train(
+            private.model if private else model, trainable, train_stream, optim, work,
+            loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume,
+            description=f"expert {config.name}", make_optimizer=private.make_optimizer if private else None,
+            sampler=private.sampler if private else sampler, clip_grad_norm=private is None, strategy=strategy,
+            identity=identity,
+        )
+        if private:
+            private.detach()
+        tensors = package_tensors(model, anchor.family.ffn_projections, strategy.gather)
+        del model, trainable, hooks
+        result.trained = []
+        _free(optim.device)
+        if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the package
+            return {}
+        eval_dtype = stored_dtype(anchor.path)  # what `merge` keeps by default
+        before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
+        facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
+        manifest = write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
+            "anchor": anchor_record(anchor),
+            "privacy": {"dp": private.record() if private else None,
+                        "router_init": router_init,
+                        "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
+            "created": utc_now(),
+            "versions": software_versions(),
+        })
+    shutil.rmtree(work)
+    return manifest
+
+
+def _check_settings(config: ExpertConfig, router_init: str) -> None:
+    """Refuse combinations that cannot work, before anything is loaded."""
+    check_name(config.name)
+    if config.dp and router_init in READS_PRIVATE_DATA:
+        raise PackageError(f"--router-init {router_init} reads your data outside the DP mechanism; under DP use "
+                           f"--router-init {DP_ROUTER_INIT}, public or random")
+    if router_init == DP_ROUTER_INIT and not config.dp:
+        raise PackageError(f"--router-init {DP_ROUTER_INIT} is the DP release of mean_hidden; it needs "
+                           "--dp-epsilon (without DP use mean_hidden)")
+    if config.dp and config.parallel.fsdp:
+        raise PackageError("--fsdp cannot be combined with --dp-epsilon: DP-SGD (Opacus per-sample gradients) "
+                           "runs in one process on an unsharded model; drop --fsdp")
+    if config.dp and config.parallel.activation_checkpointing:
+        raise PackageError("--activation-checkpointing cannot be combined with --dp-epsilon: Opacus records "
+                           "activations in forward hooks, which a recomputed layer would run twice")
+    if config.parallel.replicate_frozen and not config.parallel.fsdp:
+        raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
+    if config.dp:
+        check_dp_settings(config.optim.grad_accum)
+    if config.public_share and not config.public_data:
+        raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
+    batch = config.optim.batch_size
+    if config.public_share and not 0 < round(batch * config.public_share) < batch:
+        raise DataError(f"--public-share {config.public_share} of a batch of {batch} leaves no owner or no public "
+                        "sequence; change --batch-size or --public-share")
+    if config.out.exists():
+        raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+
+
+def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,
+                 heldout: TokenStream) -> dict:
+    """What a checkpoint must share with the run that resumes it, besides the optimisation settings: every
+    setting that decides the expert, and the identity of the anchor, the tokenizer and each data file."""
+    settings = config.model_dump(mode="json", exclude={"anchor", "data", "heldout", "public_data", "out", "optim",
+                                                       "parallel", "eval_max_sequences"})
+    return {"settings": settings, "anchor": anchor.fingerprint, "tokenizer": tokenizer_fingerprint(anchor.tokenizer),
+            "data": [file.file_sha256 for file in owner.files],
+            "public_data": [file.file_sha256 for file in public.files] if public else [],
+            "heldout": [file.file_sha256 for file in heldout.files]}
+
+
+def score_as_merged(anchor: Anchor, tensors: dict[str, torch.Tensor], heldout: TokenStream, dtype: torch.dtype,
+                    config: ExpertConfig) -> tuple[Score, Score]:
+    """Held-out scores of the anchor and of [public, owner] as a merged model in `dtype` computes them: the
+    anchor's weights in `dtype`, the package's tensors rounded to `dtype`, computed in `dtype`."""
+    optim = config.optim
+    base = dataclasses.replace(anchor, model=load_pretrained(anchor.path, dtype, optim.device))
+    before = score_stream(base.model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                          device=optim.device, description=f"held-out (anchor, {dtype_name(dtype)})")
+    model = load_package_into_owner_model(base, tensors)
+    after = score_stream(model, heldout, optim.seq_len, max_sequences=config.eval_max_sequences,
+                         device=optim.device, description=f"held-out (expert, {dtype_name(dtype)})")
+    return before, after
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
