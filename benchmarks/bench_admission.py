@@ -20,7 +20,6 @@ numbers (honest maximum with margin, below every attack).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -39,7 +38,9 @@ from flexolmo.model.router_init import load_public_rows
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.package import load_package, write_package
 
-RESULTS = Path(__file__).parent / "results" / "admission.json"
+from common import results_file, write_results
+
+RESULTS = results_file("admission.json")
 NO_LIMITS = dict(max_row_norm_ratio=1e9, max_public_top_share=1.0, max_public_bpb_increase=1e9)
 ATTACKER = "math"
 
@@ -116,8 +117,7 @@ def main() -> None:
         others = [honest[d] for d in CLOSED_DOMAINS if d != ATTACKER]
         report = measure(anchor, [*others, package], probe, args.work / "merged")
         results["attacks"][label] = report
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS, results)
 
     def row(label, verdict, report):
         per_expert = report["seconds"] / len(CLOSED_DOMAINS)
@@ -131,7 +131,6 @@ def main() -> None:
     print_table("admission measurements (top-2 merge of 5 experts, public held-out probe)",
                 ["expert", "row norm / public", "top logit on public", "in top-2 on public", "public bpb change",
                  "checks s/expert", "/ anchor pass"], rows)
-    console.print(f"results: {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from flexolmo.core.fileio import atomic_write_json
 from flexolmo.core.progress import print_table
 from flexolmo.data.tokens import load_token_stream
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, merged_model_dir
 from flexolmo.model.moe import decoder_layers
 from flexolmo.model.runtime import load_model
 
-RESULTS = Path(__file__).parent / "results" / "bias.json"
+from common import command_line, results_file, write_results
+
+RESULTS = results_file("bias.json")
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def main() -> None:
         print_table("learned bias per layer", ["expert", *layers], [[n, *v] for n, v in biases.items()])
         print_table("router-logit noise std if folded into that coordinate", ["expert", *layers],
                     [[n, *v] for n, v in noise.items()])
-    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]),
+    write_results(args.out, {"command": command_line(),
                                  "validation_files": [str(f) for f in files], "windows_per_file": args.windows,
                                  "seq_len": demo.seq_len, "most_constant_coordinate": constant,
                                  "learned_bias": biases, "folded_logit_noise_std": noise,

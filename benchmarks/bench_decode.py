@@ -29,18 +29,19 @@ the long forward's logits within `--tolerance` (max |difference|). Results: a ta
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from common import results_file, write_results
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import SHAPE, SMALL_SHAPE, build_model  # noqa: E402  (sibling benchmark's model)
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results" / "decode.json"
+RESULTS = results_file("decode.json")
 PROMPT_TOKENS = 32
 DECODE_BATCH = 8
 WORKLOADS = ("decode_b1", "decode_b8", "forward")
@@ -167,8 +168,7 @@ def main() -> None:
               "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
               "experts_implementation": models["transformers"].config._experts_implementation, "blocks": blocks}
     if args.blocks_only:
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(common, indent=2) + "\n")
+        write_results(results_path, common)
         print(f"results: {results_path}")
         return
     checks = check_equal(models, inputs, args.new_tokens, args.tolerance)
@@ -210,8 +210,7 @@ def main() -> None:
         "masked_over_unmasked_decode_b1": rate["decode_b1_masked"]["flexolmo"] / rate["decode_b1"]["flexolmo"],
         "seconds": seconds, "cpu_seconds": cpu_seconds,
     }
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(results_path, summary)
     print(f"{merged}: {len(ours.expert_names)} experts, top-{summary['top_k']}, {args.dtype}, "
           f"{torch.get_num_threads()} threads, best of {args.rounds} alternated rounds")
     print(f"{'workload':<18}{'flexolmo tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}{'ratio (CPU time)':>18}")

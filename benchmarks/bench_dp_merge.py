@@ -30,7 +30,9 @@ from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.training.loop import OptimConfig
 
-RESULTS = Path(__file__).parent / "results" / "dp_merge.json"
+from common import results_file
+
+RESULTS = results_file("dp_merge.json")
 OTHERS = ("math", "legal", "biomedical", "literature")
 DOMAINS = ("public", "code", *OTHERS)
 # Poisson sample of about 1,024 of the code owner's ~2,860 sequences for the DP router statistic (noise multiplier 4).

@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "fsdp_memory.json"
+from common import results_file, write_results
+
+RESULTS = results_file("fsdp_memory.json")
 ANCHOR = {"model_type": "olmo2", "vocab_size": 50304, "hidden_size": 1024, "intermediate_size": 4096,
           "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
           "max_position_embeddings": 1024, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
@@ -191,7 +193,7 @@ def main() -> None:
               f"({entry['plan_error']:+.1%}), {worst['seconds_per_step']:.1f} s/step")
     order = [f"{name}:{size}" for name, size, _, _ in LAYOUTS]
     results["layouts"].sort(key=lambda entry: order.index(f"{entry['layout']}:{entry['processes']}"))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import results_file, write_results
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_expert import flops_per_token  # noqa: E402  (the same FLOP count as the CPU benchmark)
 
-RESULTS = Path(__file__).parent / "results" / "gpu_train.json"
+RESULTS = results_file("gpu_train.json")
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 VARIANTS = ("dense", "coordinated", "coordinated-fsdp")
@@ -149,7 +151,7 @@ def main() -> None:
     report["max_loss_difference_fsdp_vs_replicated"] = max(abs(a - b) for a, b in zip(coordinated, sharded))
     report["coordinated_over_dense_tokens_per_second"] = (report["variants"]["coordinated"]["best_tokens_per_second"]
                                                           / report["variants"]["dense"]["best_tokens_per_second"])
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     for variant, entry in report["variants"].items():
         print(f"{variant:>17}: {entry['best_tokens_per_second']:,.0f} tok/s, MFU {entry['mfu']:.1%}, peak "
               f"{entry['peak_memory_bytes'] / 2**30:.1f} GiB" + (f" (plan {entry['plan_bytes'] / 2**30:.1f})"

@@ -32,12 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+from common import results_file, write_results
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import read_status, write_anchor, write_expert  # noqa: E402  (sibling benchmark's writers)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_ANCHOR = REPO / "data" / "demo" / "anchor"
-RESULTS = Path(__file__).parent / "results" / "load.json"
+RESULTS = results_file("load.json")
 SHAPE = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "intermediate_size": 4096,
          "vocab_size": 50304}
 SMALL_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
@@ -153,8 +155,7 @@ def main() -> None:
         "max_abs_logit_difference": difference,
         "runs": runs,
     }
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(results_path, summary)
     print(f"checkpoint {checkpoint_bytes / 1e9:.2f} GB, {1 + EXPERTS} experts, bf16, best of {args.repeats}")
     print(f"{'loader':<14}{'seconds':>10}{'peak MB':>10}")
     for loader in LOADERS:

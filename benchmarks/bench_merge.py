@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024**2
 POLL_SECONDS = 0.02
@@ -588,8 +590,7 @@ def main() -> None:
             "machine": info,
             "versions": software_versions(),
         }
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(results_path, report)
         print(f"results: {results_path}")
     finally:
         if args.keep:

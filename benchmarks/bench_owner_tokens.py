@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from flexolmo.core.errors import FlexOlmoError
-from flexolmo.core.fileio import atomic_write_json
 from flexolmo.core.progress import print_table
 from flexolmo.experiments.compute import TrainingRun, method_cost
 from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config
 from flexolmo.model.anchor import read_config
 
-RESULTS = Path(__file__).parent / "results" / "owner_tokens.json"
+from common import command_line, results_file, write_results
+
+RESULTS = results_file("owner_tokens.json")
 
 
 def matched_steps(config: DemoConfig) -> int:
@@ -68,7 +68,7 @@ def main() -> None:
                 "owner tokens", ["method", *domains, "training PFLOPs", "owner tokens"],
                 [[m, *[r[d] for d in domains], c["training_flops"] / 1e15, c["owner_tokens"]]
                  for m, (r, c) in rows.items()])
-    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]), "expert_steps": steps,
+    write_results(args.out, {"command": command_line(), "expert_steps": steps,
                                  "demo_expert_steps": demo_config.expert_steps,
                                  "results": {m: {"bits_per_byte": r, "cost": c} for m, (r, c) in rows.items()},
                                  "seconds": time.perf_counter() - began})

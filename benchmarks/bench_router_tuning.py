@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,9 @@ from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
 from flexolmo.owner.proxy import read_proxies, text_sha256
 
-RESULTS = Path(__file__).parent / "results" / "router_tuning.json"
+from common import command_line, results_file, write_results
+
+RESULTS = results_file("router_tuning.json")
 EMBEDDERS = ("anchor", "minilm")
 
 
@@ -112,8 +113,8 @@ def main() -> None:
                 [[name, *[scores[d] for d in domains]] for name, scores in validation.items()])
     print_table("bits per byte on held-out text (reported once)", ["model", *domains, "mixed"],
                 [[name, *[row[d] for d in domains], row["mixed"]] for name, row in heldout_rows.items()])
-    atomic_write_json(args.out, {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+    write_results(args.out, {
+        "command": command_line(),
         "demo_settings": demo.config.model_dump(mode="json", exclude={"out"}),
         "proxy_selection": quality,
         "validation": validation,

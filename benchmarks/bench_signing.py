@@ -13,7 +13,6 @@ Results: a table and `benchmarks/results/signing.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -33,7 +32,9 @@ from flexolmo.trust.signing import (
     verify_directory,
 )
 
-RESULTS = Path(__file__).parent / "results" / "signing.json"
+from common import results_file, write_results
+
+RESULTS = results_file("signing.json")
 ROUNDS = 3
 
 
@@ -77,8 +78,7 @@ def main() -> None:
         merge(args.data_dir / "anchor", [scratch / "packages" / d for d in CLOSED_DOMAINS], merged, top_k=2)
         results["artefacts"]["merged model (5 experts)"] = measure(merged, scratch / "private" / "coordinator.key",
                                                                    trusted)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(RESULTS, results)
     print_table("signing and verifying (best of 3; seconds)", ["artefact", "MB", "sha256 pass", "sign", "verify",
                                                                 "sign / sha256", "verify / sha256"],
                 [[name, f"{r['bytes'] / 1e6:.1f}", r["sha256_seconds"], r["sign_seconds"], r["verify_seconds"],

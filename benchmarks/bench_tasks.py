@@ -25,7 +25,9 @@ from flexolmo.experiments.demo_config import chosen_model_dir
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.runtime import load_model
 
-RESULTS = Path(__file__).parent / "results" / "tasks.json"
+from common import results_file
+
+RESULTS = results_file("tasks.json")
 
 
 def main() -> None:

@@ -23,7 +23,9 @@ from flexolmo.coordinator.merge import merge
 from flexolmo.core.progress import print_table
 from flexolmo.evaluation.scoring import EvalSettings, evaluate_path
 
-RESULTS = Path(__file__).parent / "results" / "top_k.json"
+from common import results_file
+
+RESULTS = results_file("top_k.json")
 DOMAINS = ("public", "code", "math", "legal", "biomedical", "literature")
 
 

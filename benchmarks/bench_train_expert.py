@@ -38,7 +38,9 @@ from flexolmo.model.router_init import initial_rows
 from flexolmo.owner.expert import build_owner_model, owner_loss, owner_trainable_parameters
 from flexolmo.training.loop import OptimConfig, lm_loss_fn, make_batch, train
 
-RESULTS = Path(__file__).parent / "results" / "train_expert.json"
+from common import command_line, results_file, write_results
+
+RESULTS = results_file("train_expert.json")
 
 
 def build(variant: str, anchor_dir: Path, data: Path, seq_len: int):
@@ -160,7 +162,7 @@ def main() -> None:
     predicted_total = accounting["dense"]["total"] / accounting["coordinated"]["total"]
 
     result = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": command_line(),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine()},
         "shape": {"batch_size": args.batch_size, "seq_len": args.seq_len, "anchor": str(args.anchor),
@@ -176,8 +178,7 @@ def main() -> None:
                          "measured_over_predicted": measured_memory / predicted_memory,
                          "predicted_total_including_weights": predicted_total},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps({k: result[k] for k in ("best_tokens_per_second", "throughput_ratio", "memory_ratio")},
                      indent=2))
 

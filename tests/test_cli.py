@@ -89,7 +89,7 @@ def test_eval_settings_below_one_are_one_line_errors(flag, tmp_path, capsys):
 
 
 def test_init_router_seq_len_zero_is_a_one_line_error(tiny_anchor, corpora, capsys):
-    assert main(["init-router", "--anchor", str(tiny_anchor), "--data", str(corpora["public"]),
+    assert main(["init-router", "--anchor", str(tiny_anchor), "--public-data", str(corpora["public"]),
                  "--seq-len", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["flexolmo init-router: error: --seq-len (0) and --sequences (256) must be at least 1"]
@@ -103,7 +103,7 @@ def test_init_router_refuses_to_replace_rows_unless_forced(tiny_anchor, corpora,
     anchor = tmp_path / "anchor"
     shutil.copytree(tiny_anchor, anchor)
     before = compute_fingerprint(anchor)
-    args = ["init-router", "--anchor", str(anchor), "--data", str(corpora["public"]), "--seq-len", "32",
+    args = ["init-router", "--anchor", str(anchor), "--public-data", str(corpora["public"]), "--seq-len", "32",
             "--sequences", "8"]
     assert main(args) == 1
     err = capsys.readouterr().err

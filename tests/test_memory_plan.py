@@ -37,12 +37,12 @@ def hand_count() -> tuple[int, int]:
 
 def test_plan_arithmetic_matches_a_hand_count():
     frozen, trainable = hand_count()
-    sharded = plan_memory(TINY, PlanSettings(world_size=2, batch_size=4, seq_len=16, fsdp=True))
+    sharded = plan_memory(TINY, PlanSettings(world_size=2, batch_size=4, seq_len=16, fsdp=True, dtype="bfloat16"))
     assert sharded.items["frozen weights"] == math.ceil(frozen / 2) * 2  # bf16, half per device
     assert sharded.items["trainable weights"] == math.ceil(trainable / 2) * 4  # float32 masters
     assert sharded.items["gradients"] == math.ceil(trainable / 2) * 4
     assert sharded.items["optimizer state"] == math.ceil(trainable / 2) * 8  # two AdamW moments
-    replicated = plan_memory(TINY, PlanSettings(world_size=1, batch_size=4, seq_len=16))
+    replicated = plan_memory(TINY, PlanSettings(world_size=1, batch_size=4, seq_len=16, dtype="bfloat16"))
     assert replicated.items["frozen weights"] == frozen * 2 and replicated.items["optimizer state"] == trainable * 8
     assert replicated.items["working buffers"] == trainable * 2  # autocast's bf16 copies of the trained weights
     ddp = plan_memory(TINY, PlanSettings(world_size=2, batch_size=4, seq_len=16, dtype="float32"))

@@ -223,11 +223,11 @@ def test_cli_add_with_top_k_and_remove_and_the_record_of_experts(tiny_anchor, pa
     assert main(["add", "--model", str(tmp_path / "v2"), "--packages", str(packages["code"]), "--out",
                  str(tmp_path / "clash"), *loose]) == 1
     assert "already has expert(s) code" in capsys.readouterr().err and not (tmp_path / "clash").exists()
-    assert main(["remove", "--model", str(tmp_path / "v2"), "--experts", "public", "--out",
+    assert main(["remove", "--model", str(tmp_path / "v2"), "--exclude", "public", "--out",
                  str(tmp_path / "no-public")]) == 1
     assert "'public' expert is the anchor's own FFN and cannot be removed" in capsys.readouterr().err
     assert not (tmp_path / "no-public").exists()
-    assert main(["remove", "--model", str(tmp_path / "v2"), "--experts", "code", "--out",
+    assert main(["remove", "--model", str(tmp_path / "v2"), "--exclude", "code", "--out",
                  str(tmp_path / "v3")]) == 0
     removed = load_model(tmp_path / "v3")
     assert removed.expert_names == ["public", "math"] and removed.record["top_k"] == 2  # lowered to 2 left

@@ -335,7 +335,7 @@ def test_merge_log_and_coordinator_signature_follow_every_version(signed, keys, 
     assert "token_stream_commitment" in v3  # math's manifest stays; code's left with its expert
     assert verify_merged_model(tmp_path / "v3", trusted)["signer"].name == "coordinator"
     assert main(["verify", str(tmp_path / "v3"), "--trusted-keys", str(keys)]) == 0
-    assert main(["history", str(tmp_path / "v3")]) == 0
+    assert main(["history", "--model", str(tmp_path / "v3")]) == 0
     shown = capsys.readouterr().out
     assert "remove" in shown and "coordinator" in shown
     remove_experts(tmp_path / "v3", ["math"], tmp_path / "public-only")  # one number for top-k, everywhere
@@ -437,14 +437,14 @@ def test_bad_arguments_and_inputs_end_in_one_line(signed, tiny_anchor, corpora, 
                             str(tmp_path / "o")], "--top-k 10 does not fit a model of 3 experts")
     one_line_error(capsys, ["add", "--model", str(model), "--packages", math, "--top-k", "-1", "--out",
                             str(tmp_path / "o")], "--top-k -1 does not fit")
-    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--shard-gb", "nan", "--out",
+    one_line_error(capsys, ["remove", "--model", str(model), "--exclude", "code", "--shard-gb", "nan", "--out",
                             str(tmp_path / "o")], "--shard-gb must be a positive number")
     with pytest.raises(SystemExit) as exit_:  # merge with no experts: argparse names the missing flag
         main(["merge", "--anchor", anchor, "--top-k", "1", "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2 and "required: --packages" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--out", str(blocker / "o")],
+    one_line_error(capsys, ["remove", "--model", str(model), "--exclude", "code", "--out", str(blocker / "o")],
                    "is a file, not a directory")
     truncated = copy(tiny_anchor, tmp_path / "truncated-anchor")
     weights = (truncated / "model.safetensors").read_bytes()
@@ -457,7 +457,7 @@ def test_bad_arguments_and_inputs_end_in_one_line(signed, tiny_anchor, corpora, 
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    one_line_error(capsys, ["remove", "--model", str(model), "--experts", "code", "--out", str(tmp_path / "full")],
+    one_line_error(capsys, ["remove", "--model", str(model), "--exclude", "code", "--out", str(tmp_path / "full")],
                    "disk full while writing")
     assert nothing_written(tmp_path / "full") and nothing_written(tmp_path / "o")
 

@@ -15,7 +15,7 @@ from flexolmo.cli.common import add_command
 
 def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="show a merged model's merge log", description=__doc__)
-    parser.add_argument("model", type=Path, help="merged model directory")
+    parser.add_argument("--model", type=Path, required=True, help="merged model directory")
     parser.set_defaults(run=run)
 
 

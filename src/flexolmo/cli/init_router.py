@@ -2,7 +2,7 @@
 
 Anchors made by `flexolmo pretrain` already have them; run this once on any other supported checkpoint before
 publishing it. flexolmo never downloads: fetch a released checkpoint first, for example with
-`huggingface-cli download allenai/OLMo-2-0425-1B --local-dir OLMo-2-0425-1B`. The rows are part of the
+`hf download allenai/OLMo-2-0425-1B --local-dir OLMo-2-0425-1B`. The rows are part of the
 anchor's fingerprint, so do this before owners start training: recomputing them later (`--force`) orphans
 every expert package trained on the anchor.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from flexolmo.cli.common import (
     add_command,
-    add_data_flag,
     add_data_flags,
     add_device_flags,
     path_list,
@@ -26,7 +25,7 @@ def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="add public router rows to an anchor (coordinator, once)",
                          description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory (modified in place)")
-    add_data_flag(parser, help="public text files")
+    parser.add_argument("--public-data", nargs="+", required=True, metavar="FILE", help="public text files")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per averaged sequence")
     parser.add_argument("--sequences", type=int, default=256, help="public sequences to average")
     parser.add_argument("--force", action="store_true",
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.core.progress import console
     from flexolmo.model.router_init import compute_public_rows
 
-    before, after = compute_public_rows(Path(args.anchor), path_list(args.data), args.seq_len, args.sequences,
+    before, after = compute_public_rows(Path(args.anchor), path_list(args.public_data), args.seq_len, args.sequences,
                                         args.text_field, args.device, torch_dtype(args.dtype), args.force)
     print(f"public router rows written to {args.anchor}; its fingerprint is now {after}")
     if before is not None and before != after:

@@ -24,7 +24,7 @@ def register(subparsers, name: str) -> None:
                         help="experts used per token at inference (1 to the number of experts, public included)")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
-    parser.add_argument("--dtype", default="anchor", choices=["anchor", "float32", "bfloat16"],
+    parser.add_argument("--save-dtype", default="anchor", choices=["anchor", "float32", "bfloat16"],
                         help="dtype of the merged checkpoint: the anchor's own, or float32 to keep experts trained "
                         "in float32 exact")
     add_coordinator_flags(parser, joining=True)
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     trust = coordinator_trust(args, anchor_dir=Path(args.anchor))
     metadata = merge(Path(args.anchor), path_list(args.packages), Path(args.out), args.top_k,
-                     shard_bytes=shard_bytes(args.shard_gb), trust=trust, dtype=args.dtype)
+                     shard_bytes=shard_bytes(args.shard_gb), trust=trust, dtype=args.save_dtype)
     print_experts(Path(args.out), metadata)
     return 0
 

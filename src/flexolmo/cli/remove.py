@@ -19,7 +19,7 @@ def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="write a merged model without the named experts",
                          description=__doc__)
     parser.add_argument("--model", required=True, help="merged model directory")
-    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME",
+    parser.add_argument("--exclude", nargs="+", required=True, metavar="NAME",
                         help="names of the experts to remove")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.cli.merge import print_experts
     from flexolmo.coordinator.merge import remove_experts
 
-    metadata = remove_experts(Path(args.model), args.experts, Path(args.out), shard_bytes=shard_bytes(args.shard_gb),
+    metadata = remove_experts(Path(args.model), args.exclude, Path(args.out), shard_bytes=shard_bytes(args.shard_gb),
                               trust=coordinator_trust(args))
     print_experts(Path(args.out), metadata)
     return 0

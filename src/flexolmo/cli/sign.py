@@ -16,7 +16,7 @@ def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="sign an expert package or merged model with your key",
                          description=__doc__)
     parser.add_argument("path", type=Path, help="expert package or merged model directory")
-    parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.add_argument("--sign-key", required=True, type=Path, help="your private key (NAME.key)")
     parser.set_defaults(run=run)
 
 
@@ -24,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.coordinator.artefacts import sign_artefact
     from flexolmo.core.progress import announce_output
 
-    signer = sign_artefact(args.path, args.key)
+    signer = sign_artefact(args.path, args.sign_key)
     announce_output(f"signature by '{signer.name}'", args.path / "model.sig")
     return 0

@@ -25,12 +25,12 @@ admission checks, the operation is appended to the merge log and the coordinator
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
+from flexolmo.coordinator.expert_sources import AnchorExpert, ExpertSource, MergedExpert, PackageExpert
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import MergeError, TrustError
 from flexolmo.core.fileio import atomic_directory, atomic_write_json
@@ -38,7 +38,7 @@ from flexolmo.core.precision import DTYPES, dtype_name
 from flexolmo.core.progress import console, progress_bar
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, LazyReader, ShardedWriter
-from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
+from flexolmo.core.weights import parse
 from flexolmo.data.public_sample import PUBLIC_SAMPLE_FILE
 from flexolmo.model.anchor import (
     PUBLIC_ROUTER_FILE,
@@ -61,93 +61,15 @@ from flexolmo.model.merged_format import (
     read_merged_info,
 )
 from flexolmo.model.router_init import load_public_rows
-from flexolmo.owner.package import TENSOR_FILE, ExpertPackage, load_package
+from flexolmo.owner.package import load_package
 from flexolmo.trust.history import HISTORY_FILE, check_unchanged
-from flexolmo.trust.record import SlotRecorder, expert_entry, verify_slots
+from flexolmo.trust.record import SlotRecorder, verify_slots
 from flexolmo.trust.signing import SIGNATURE_FILE
 
 # Written by flexolmo or transformers beside the weights; everything else in a model directory (tokenizer
 # files, generation config) is copied into the merged checkpoint as it is.
 _NOT_COPIED = {"config.json", SINGLE_FILE, INDEX_FILE, MERGED_METADATA_FILE, PUBLIC_ROUTER_FILE,
                "flexolmo_pretrain.json", "flexolmo_import.json", HISTORY_FILE, SIGNATURE_FILE, PUBLIC_SAMPLE_FILE}
-class ExpertSource(Protocol):
-    """Where one expert's tensors come from."""
-
-    name: str
-
-    def ffn(self, layer: int, proj: str) -> torch.Tensor: ...
-
-    def router_row(self, layer: int) -> torch.Tensor: ...
-
-    def record(self) -> dict: ...
-
-
-@dataclass
-class AnchorExpert:
-    """Expert 0: the anchor's own FFN and the coordinator's public router row."""
-
-    reader: LazyReader
-    rows: list[torch.Tensor]
-    family: AnchorFamily
-    name: str = PUBLIC_EXPERT
-
-    def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self.reader.get(self.family.anchor_ffn.format(layer=layer, proj=proj))
-
-    def router_row(self, layer: int) -> torch.Tensor:
-        return self.rows[layer]
-
-    def record(self) -> dict:
-        return {"name": self.name, "source": "anchor"}
-
-
-class PackageExpert:
-    """An owner's expert, read lazily from its (already verified) package."""
-
-    def __init__(self, package: ExpertPackage):
-        self.package = package
-        self.name = package.name
-        self._reader = LazyReader(package.path, files=[TENSOR_FILE])
-
-    def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self._reader.get(PACKAGE_FFN.format(layer=layer, proj=proj))
-
-    def router_row(self, layer: int) -> torch.Tensor:
-        return self._reader.get(PACKAGE_ROUTER.format(layer=layer))[0]
-
-    def record(self) -> dict:
-        entry = expert_entry(self.package)
-        layers = sum(1 for name in self.package.manifest["tensors"] if parse(PACKAGE_ROUTER, name) is not None)
-        if PACKAGE_BIAS.format(layer=0) in self.package.manifest["tensors"]:
-            # No merged format has a router bias: kept here for flexolmo's runtime (`load_model(router_bias=True)`).
-            entry["router_bias"] = [float(self._reader.get(PACKAGE_BIAS.format(layer=layer)))
-                                    for layer in range(layers)]
-        return entry
-
-
-@dataclass
-class MergedExpert:
-    """An expert already inside a merged checkpoint (kept by add or remove)."""
-
-    reader: LazyReader
-    index: int
-    entry: dict
-    family: AnchorFamily
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    def ffn(self, layer: int, proj: str) -> torch.Tensor:
-        return self.reader.get(self.family.merged_expert.format(layer=layer, expert=self.index, proj=proj))
-
-    def router_row(self, layer: int) -> torch.Tensor:
-        return self.reader.get(self.family.merged_router.format(layer=layer))[self.index]
-
-    def record(self) -> dict:
-        return self.entry
-
-
 def _check_names(experts: list[ExpertSource]) -> None:
     seen: set[str] = set()
     for expert in experts:
@@ -169,81 +91,103 @@ def _check_kept_slots(experts: list[ExpertSource], digests: list[str]) -> None:
                              "weights its record names; the source model was altered")
 
 
-def _write_merged(
-    out: Path,
-    base: LazyReader,
-    shared_names: list[str],
-    experts: list[ExpertSource],
-    anchor_config: dict,
-    anchor_fingerprint: str,
-    family: AnchorFamily,
-    top_k: int,
-    files_from: Path,
-    shard_bytes: int,
-    seal=None,
-    dtype: torch.dtype | None = None,
-    router_rows: list[torch.Tensor] | None = None,
-    extra_metadata: dict | None = None,
-) -> dict:
-    """Write the merged checkpoint; `seal(staging, metadata)` runs inside the staging directory once every file
-    is written, before it is published (trust checks, log, signature). `router_rows` (one (E, H) matrix per
-    layer) replaces the experts' own rows (router tuning); `extra_metadata` adds keys to the metadata (records
-    of later steps such as tuning)."""
-    _check_names(experts)
-    check_top_k(top_k, len(experts))
-    clashes = [name for name in shared_names if is_extra_tensor(family, name)]
+@dataclass
+class MergePlan:
+    """One merge described as data: where the shared tensors and each expert slot come from, and what the
+    checkpoint says about itself. Merge, add, remove and router tuning each build one and `_write_merged` runs
+    it. `router_rows` (one (E, H) matrix per layer) replaces the experts' own rows (router tuning);
+    `extra_metadata` adds records of earlier steps (such as tuning)."""
+
+    out: Path
+    base: LazyReader
+    shared_names: list[str]
+    experts: list[ExpertSource]
+    anchor_config: dict
+    anchor_fingerprint: str
+    family: AnchorFamily
+    top_k: int
+    files_from: Path
+    shard_bytes: int
+    dtype: torch.dtype | None = None
+    router_rows: list[torch.Tensor] | None = None
+    extra_metadata: dict = field(default_factory=dict)
+
+
+def _check_plan(plan: MergePlan) -> None:
+    _check_names(plan.experts)
+    check_top_k(plan.top_k, len(plan.experts))
+    clashes = [name for name in plan.shared_names if is_extra_tensor(plan.family, name)]
     if clashes:
-        raise MergeError(f"the anchor has {clashes[0]}, which the {family.moe_model_type} format reserves for a "
-                         "zero tensor; this anchor is not supported")
-    layers = anchor_config["num_hidden_layers"]
-    dtype = dtype or base.dtype(shared_names[0])
-    records = [expert.record() for expert in experts]
+        raise MergeError(f"the anchor has {clashes[0]}, which the {plan.family.moe_model_type} format reserves for "
+                         "a zero tensor; this anchor is not supported")
+
+
+def _merged_metadata(plan: MergePlan, dtype: torch.dtype) -> dict:
+    """The record of the merged model, before the slot digests are known."""
+    records = [expert.record() for expert in plan.experts]
     dropped_bias = [record["name"] for record in records if "router_bias" in record]
     for name in dropped_bias:
-        console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {family.moe_model_type} format "
-                      f"has no router bias, so transformers and vLLM run without it (kept in {MERGED_METADATA_FILE} "
-                      "for flexolmo's runtime only)")
-    metadata = {
+        console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {plan.family.moe_model_type} "
+                      f"format has no router bias, so transformers and vLLM run without it (kept in "
+                      f"{MERGED_METADATA_FILE} for flexolmo's runtime only)")
+    return {
         "format": MERGED_FORMAT,
         "format_version": MERGED_FORMAT_VERSION,
-        "anchor": {"fingerprint": anchor_fingerprint, "config": _public_anchor_config(anchor_config)},
-        "top_k": top_k,
+        "anchor": {"fingerprint": plan.anchor_fingerprint, "config": _public_anchor_config(plan.anchor_config)},
+        "top_k": plan.top_k,
         "dtype": dtype_name(dtype),
         "experts": records,
         "router_bias_dropped": dropped_bias,
-        **(extra_metadata or {}),
+        **plan.extra_metadata,
         "created": utc_now(),
         "versions": software_versions(),
     }
-    with atomic_directory(out) as staging:
-        writer = SlotRecorder(ShardedWriter(staging, shard_bytes))
-        with progress_bar("merging", total=len(shared_names) + layers, unit="tensors/layers") as advance:
-            for name in shared_names:
-                writer.add(name, base.get(name).to(dtype))
-                advance()
-            for layer in range(layers):
-                for index, expert in enumerate(experts):
-                    for proj in family.ffn_projections:
-                        writer.add(family.merged_expert.format(layer=layer, expert=index, proj=proj),
-                                   expert.ffn(layer, proj).to(dtype))
-                if router_rows is None:
-                    rows = torch.stack([expert.router_row(layer).to(dtype) for expert in experts])
-                else:
-                    rows = router_rows[layer].to(dtype)
-                writer.add(family.merged_router.format(layer=layer), rows)
-                for extra in family.extra_tensors:
-                    zeros = torch.zeros(extra.shape(anchor_config), dtype=dtype)
-                    writer.add(extra.template.format(layer=layer), zeros)
-                advance()
-            writer.finish()
-        digests = writer.digests([expert.name for expert in experts])
-        if router_rows is None:  # new rows change the digests on purpose; the source was verified instead
-            _check_kept_slots(experts, digests)
+
+
+def _write_tensors(plan: MergePlan, writer: SlotRecorder, dtype: torch.dtype) -> None:
+    """Every tensor of the merged checkpoint, one at a time: shared ones, then layer by layer each slot's FFN,
+    the router and the format's zero tensors."""
+    layers = plan.anchor_config["num_hidden_layers"]
+    family = plan.family
+    with progress_bar("merging", total=len(plan.shared_names) + layers, unit="tensors/layers") as advance:
+        for name in plan.shared_names:
+            writer.add(name, plan.base.get(name).to(dtype))
+            advance()
+        for layer in range(layers):
+            for index, expert in enumerate(plan.experts):
+                for proj in family.ffn_projections:
+                    writer.add(family.merged_expert.format(layer=layer, expert=index, proj=proj),
+                               expert.ffn(layer, proj).to(dtype))
+            if plan.router_rows is None:
+                rows = torch.stack([expert.router_row(layer).to(dtype) for expert in plan.experts])
+            else:
+                rows = plan.router_rows[layer].to(dtype)
+            writer.add(family.merged_router.format(layer=layer), rows)
+            for extra in family.extra_tensors:
+                writer.add(extra.template.format(layer=layer),
+                           torch.zeros(extra.shape(plan.anchor_config), dtype=dtype))
+            advance()
+        writer.finish()
+
+
+def _write_merged(plan: MergePlan, seal=None) -> dict:
+    """Write the merged checkpoint; `seal(staging, metadata)` runs inside the staging directory once every file
+    is written, before it is published (trust checks, log, signature)."""
+    _check_plan(plan)
+    dtype = plan.dtype or plan.base.dtype(plan.shared_names[0])
+    metadata = _merged_metadata(plan, dtype)
+    with atomic_directory(plan.out) as staging:
+        writer = SlotRecorder(ShardedWriter(staging, plan.shard_bytes))
+        _write_tensors(plan, writer, dtype)
+        digests = writer.digests([expert.name for expert in plan.experts])
+        if plan.router_rows is None:  # new rows change the digests on purpose; the source was verified instead
+            _check_kept_slots(plan.experts, digests)
         for entry, digest in zip(metadata["experts"], digests):
             entry["slot_sha256"] = digest
-        atomic_write_json(staging / "config.json", merged_config(anchor_config, family, len(experts), top_k, dtype))
+        atomic_write_json(staging / "config.json", merged_config(plan.anchor_config, plan.family,
+                                                                 len(plan.experts), plan.top_k, dtype))
         atomic_write_json(staging / MERGED_METADATA_FILE, metadata)
-        for item in sorted(files_from.iterdir()):
+        for item in sorted(plan.files_from.iterdir()):
             if item.is_file() and item.name not in _NOT_COPIED and not item.name.endswith(".safetensors"):
                 shutil.copy2(item, staging / item.name)
         if seal is not None:
@@ -305,9 +249,9 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     public = AnchorExpert(reader, load_public_rows(anchor_dir, anchor_config["num_hidden_layers"]), family)
     joining = _verified_packages(package_paths, fingerprint, anchor_config, trust)
     shared = [name for name in reader.names() if parse(family.anchor_ffn, name) is None]
-    return _write_merged(out, reader, shared, [public, *joining], anchor_config, fingerprint, family, top_k,
-                         anchor_dir, shard_bytes, _sealer(trust, None, "merge", joining, []),
-                         None if dtype == "anchor" else DTYPES[dtype])
+    plan = MergePlan(out, reader, shared, [public, *joining], anchor_config, fingerprint, family, top_k, anchor_dir,
+                     shard_bytes, dtype=None if dtype == "anchor" else DTYPES[dtype])
+    return _write_merged(plan, _sealer(trust, None, "merge", joining, []))
 
 
 def _merged_sources(info: MergedModelInfo,
@@ -337,9 +281,9 @@ def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | st
     clashes = sorted(set(info.expert_names) & {package.name for package in joining})
     if clashes:
         raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
-    return _write_merged(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint,
-                         family, top_k, info.path, shard_bytes, _sealer(trust, info.path, "add", joining, []),
-                         extra_metadata=_carried_records(info))
+    plan = MergePlan(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint, family,
+                     top_k, info.path, shard_bytes, extra_metadata=_carried_records(info))
+    return _write_merged(plan, _sealer(trust, info.path, "add", joining, []))
 
 
 def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
@@ -370,9 +314,9 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
     if top_k < info.metadata["top_k"]:
         console.print(f"[yellow]note:[/] top-k lowered from {info.metadata['top_k']} to {top_k}: only {len(kept)} "
                       "expert(s) are left")
-    return _write_merged(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
-                         info.path, shard_bytes, _sealer(trust, info.path, "remove", [], removed),
-                         extra_metadata=_carried_records(info))
+    plan = MergePlan(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
+                     info.path, shard_bytes, extra_metadata=_carried_records(info))
+    return _write_merged(plan, _sealer(trust, info.path, "remove", [], removed))
 
 
 def _carried_records(info: MergedModelInfo) -> dict:
@@ -400,8 +344,8 @@ def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Pa
         raise MergeError(f"replacement router rows do not fit {model_dir}: need "
                          f"{info.anchor_config['num_hidden_layers']} matrices of shape {expected}")
     history = [*info.metadata.get(ROUTER_TUNING_KEY, []), record]
-    return _write_merged(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
-                         info.metadata["top_k"], info.path, shard_bytes,
-                         _sealer(trust, info.path, "tune-router", [], []), router_rows=rows,
-                         extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
+    plan = MergePlan(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
+                     info.metadata["top_k"], info.path, shard_bytes, router_rows=rows,
+                     extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
+    return _write_merged(plan, _sealer(trust, info.path, "tune-router", [], []))
 

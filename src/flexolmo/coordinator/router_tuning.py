@@ -56,8 +56,7 @@ class TuneConfig(BaseModel):
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each batch's sequences from public text")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=DEFAULT_STEPS, lr=DEFAULT_LR,
-                                                                   warmup_steps=DEFAULT_STEPS // 10))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=DEFAULT_STEPS, lr=DEFAULT_LR))
 
 
 def check_proxies(info: MergedModelInfo, paths: list[Path]) -> list[dict]:

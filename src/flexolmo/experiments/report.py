@@ -64,24 +64,31 @@ ABLATION = (("flexolmo", "FlexOlmo, full method (coordinated experts, domain-inf
             ("flexolmo_bias_untuned", "the same experts with the bias applied (flexolmo's runtime; no tuning)"))
 
 
-def write_report(out: Path, results: dict) -> None:
-    domains = results["domains"]
-    methods = results["methods"]
+def _intro(results: dict) -> list[str]:
+    """The report's opening: what was run and how every model is scored."""
     lines = ["# FlexOlmo demo report", ""]
     if results["quick"]:
         lines += ["> **Quick smoke run: a few training steps and sequences. These numbers are not meaningful.**", ""]
-    lines += [
+    return lines + [
         "Produced by `flexolmo demo" + (" --quick" if results["quick"] else "") + "` on the shipped anchor and "
-        "corpora. Every model is scored by the same evaluation (`flexolmo.evaluation.scoring.evaluate`) on held-out "
-        f"documents: at most {results['config']['eval_max_sequences']} windows of {results['config']['seq_len']} "
-        f"tokens per domain, the first {results['config']['context_tokens']} tokens of each window context only "
-        "(never scored, for every method). Bits per byte = summed loss in bits / the UTF-8 bytes that exactly the "
-        "scored tokens encode; lower is better.",
+        "corpora. Every model is scored by the same evaluation (`flexolmo.evaluation.scoring.evaluate`) on "
+        f"held-out documents: at most {results['config']['eval_max_sequences']} windows of "
+        f"{results['config']['seq_len']} tokens per domain, the first {results['config']['context_tokens']} tokens "
+        "of each window context only (never scored, for every method). Bits per byte = summed loss in bits / the "
+        "UTF-8 bytes that exactly the scored tokens encode; lower is better.",
         "",
+    ]
+
+
+def _quality_tables(results: dict) -> list[str]:
+    """Costs, bits per byte, change against the anchor, and the ablation."""
+    domains, methods = results["domains"], results["methods"]
+    return [
         "## What each method is and what it costs",
         "",
-        "Training FLOPs are matmul FLOPs over all of a method's training runs (`flexolmo.experiments.compute`; the anchor's "
-        "pretraining, shared by all, is not counted). Owner tokens: tokens of the owners' private text among them.",
+        "Training FLOPs are matmul FLOPs over all of a method's training runs (`flexolmo.experiments.compute`; the "
+        "anchor's pretraining, shared by all, is not counted). Owner tokens: tokens of the owners' private text "
+        "among them.",
         "",
         markdown_table(["method", "members", "training PFLOPs", "training tokens", "owner tokens",
                         "inference GFLOPs/token", "forward passes/token"],
@@ -112,11 +119,18 @@ def write_report(out: Path, results: dict) -> None:
                        [[label, *[methods[m][d] for d in domains], methods[m]["closed_average"]]
                         for m, label in ABLATION if m in methods]),
         "",
+    ]
+
+
+def _tuning_opt_out_and_routing(results: dict) -> list[str]:
+    """Router tuning's choice on validation, the opt-out deltas and the routing shares."""
+    domains = results["domains"]
+    candidates = next(iter(results["router_tuning"].values()))["validation"]
+    experts = list(next(iter(results["routing"].values())))
+    return [
         "## Router tuning: kept only where it helps on validation text (closed-domain average, bits per byte)",
         "",
-        markdown_table(["method", *[name if name == "untuned" else f"lr {name}"
-                                    for name in next(iter(results["router_tuning"].values()))["validation"]],
-                        "chosen"],
+        markdown_table(["method", *[name if name == "untuned" else f"lr {name}" for name in candidates], "chosen"],
                        [[m, *[v["closed_average"] for v in sel["validation"].values()],
                          "untuned" if sel["chosen_lr"] is None else f"lr {sel['chosen_lr']:g}"]
                         for m, sel in results["router_tuning"].items()]),
@@ -129,10 +143,15 @@ def write_report(out: Path, results: dict) -> None:
         "",
         "## Routing: share of tokens sent to each expert (FlexOlmo, mean over layers; shares sum to top-k)",
         "",
+        markdown_table(["domain", *experts], [[d, *[share[e] for e in experts]]
+                                              for d, share in results["routing"].items()]),
+        "",
     ]
-    experts = list(next(iter(results["routing"].values())))
-    lines += [markdown_table(["domain", *experts], [[d, *[share[e] for e in experts]]
-                                                     for d, share in results["routing"].items()]), ""]
+
+
+def write_report(out: Path, results: dict) -> None:
+    """`report.md` and its plots for a finished demo's results."""
+    lines = _intro(results) + _quality_tables(results) + _tuning_opt_out_and_routing(results)
     lines += ["## What the paper leads us to expect, and whether it holds here", ""]
     for claim, holds, detail in expectation_checks(results):
         lines.append(f"- {'holds' if holds else 'does NOT hold'}: {claim} ({detail})")

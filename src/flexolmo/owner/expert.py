@@ -79,8 +79,8 @@ class ExpertConfig(BaseModel):
     out: Path = Field(description="where to write the expert package (a directory)")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
-    router_init: str | None = Field(None, description="initialisation of the owner's router row "
-                                    "(default: mean_hidden, or public under DP)")
+    router_init: str | None = Field(None, description="initialisation of the owner's router row; unset: "
+                                    "mean_hidden, or public under DP")
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
@@ -91,7 +91,7 @@ class ExpertConfig(BaseModel):
     eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1, description="held-out sequences scored "
                                     "before and after training (the first ones)")
     dp: DPConfig | None = Field(None, description="train with DP-SGD to this privacy target")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3))
     parallel: ParallelConfig = Field(default_factory=ParallelConfig,
                                      description="sharding and activation checkpointing")
 
@@ -246,6 +246,48 @@ def write_owner_package(config: ExpertConfig, tensors: dict[str, torch.Tensor], 
         raise
 
 
+def _streams(config: ExpertConfig, anchor: Anchor) -> tuple[TokenStream, TokenStream, MixedBatches | None,
+                                                             TokenStream]:
+    """The owner's training stream, what training reads (public text mixed in), its sampler, and the held-out
+    stream."""
+    split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
+    with main_process_first():  # one process fills the tokenization cache, the others read it
+        owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
+                                         config.heldout_fraction)
+        train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
+        heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
+                                           config.text_field, config.heldout_fraction)
+    return owner_stream, train_stream, sampler, heldout_stream
+
+
+def _owner_rows(config: ExpertConfig, router_init: str, anchor: Anchor,
+                owner_stream: TokenStream) -> tuple[list[torch.Tensor], list[tuple]]:
+    """The owner's initial router rows (rank 0's, on every rank) and the DP releases they already spent."""
+    optim, prior_releases = config.optim, []
+    if router_init == DP_ROUTER_INIT:
+        owner_rows, rate = dp_mean_direction_rows(anchor.model, owner_stream, optim.seq_len,
+                                                  config.router_init_sequences, config.dp.router_noise_multiplier,
+                                                  optim.seed)
+        prior_releases.append((config.dp.router_noise_multiplier, rate, 1))
+    else:
+        owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
+                                  optim.seed)
+    return broadcast_from_main(owner_rows, optim.device), prior_releases
+
+
+def _evaluate_and_package(config: ExpertConfig, anchor: Anchor, tensors: dict[str, torch.Tensor],
+                          streams: tuple[TokenStream, TokenStream], result: TrainResult, privacy: dict,
+                          sign_key: Path | None) -> dict:
+    """Score the expert as the merged model will run it, and write the package; returns its manifest."""
+    owner_stream, heldout_stream = streams
+    eval_dtype = stored_dtype(anchor.path)  # what `merge` keeps by default
+    before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
+    facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
+    return write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
+        "anchor": anchor_record(anchor), "privacy": privacy, "created": utc_now(), "versions": software_versions(),
+    })
+
+
 def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
     """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
     given) and the owner's report beside it; return the package's manifest.
@@ -264,28 +306,13 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
     optim = config.optim
     strategy = make_strategy(config.parallel, optim.dtype)
     anchor = load_anchor(config.anchor, with_model=False)
-    split_train, split_heldout = ("all", "all") if config.heldout else ("train", "heldout")
-    with main_process_first():  # one process fills the tokenization cache, the others read it
-        owner_stream = load_token_stream(config.data, anchor.tokenizer, split_train, config.text_field,
-                                         config.heldout_fraction)
-        train_stream, sampler = mix_public(owner_stream, config, anchor.tokenizer)
-        heldout_stream = load_token_stream(config.heldout or config.data, anchor.tokenizer, split_heldout,
-                                           config.text_field, config.heldout_fraction)
+    owner_stream, train_stream, sampler, heldout_stream = _streams(config, anchor)
     public_stream = train_stream.streams[1] if sampler else None
     identity = run_identity(config, anchor, owner_stream, public_stream, heldout_stream)
     if resume:  # refused before the model is loaded; `train` checks the optimisation settings too
         check_identity(work, read_state(work), identity, only_given=True)
     anchor.model = load_pretrained(anchor.path, strategy.precision.frozen, optim.device)
-    prior_releases = []
-    if router_init == DP_ROUTER_INIT:
-        owner_rows, rate = dp_mean_direction_rows(anchor.model, owner_stream, optim.seq_len,
-                                                  config.router_init_sequences, config.dp.router_noise_multiplier,
-                                                  optim.seed)
-        prior_releases.append((config.dp.router_noise_multiplier, rate, 1))
-    else:
-        owner_rows = initial_rows(router_init, anchor, owner_stream, optim.seq_len, config.router_init_sequences,
-                                  optim.seed)
-    owner_rows = broadcast_from_main(owner_rows, optim.device)  # every rank starts from rank 0's rows
+    owner_rows, prior_releases = _owner_rows(config, router_init, anchor, owner_stream)
     if config.parallel.fsdp:  # built in host memory; sharding moves one layer at a time to the device
         anchor.model.to("cpu")
     torch.manual_seed(optim.seed)
@@ -317,17 +344,10 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
         _free(optim.device)
         if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the package
             return {}
-        eval_dtype = stored_dtype(anchor.path)  # what `merge` keeps by default
-        before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
-        facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
-        manifest = write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
-            "anchor": anchor_record(anchor),
-            "privacy": {"dp": private.record() if private else None,
-                        "router_init": router_init,
-                        "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
-            "created": utc_now(),
-            "versions": software_versions(),
-        })
+        privacy = {"dp": private.record() if private else None, "router_init": router_init,
+                   "router_row_from_private_data": router_init in READS_PRIVATE_DATA}
+        manifest = _evaluate_and_package(config, anchor, tensors, (owner_stream, heldout_stream), result, privacy,
+                                         sign_key)
     shutil.rmtree(work)
     return manifest
 

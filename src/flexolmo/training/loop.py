@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -53,14 +53,21 @@ class OptimConfig(BaseModel):
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
-    warmup_steps: int = Field(20, ge=0, description="linear warmup steps before the cosine decay")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps before the cosine decay; unset: "
+                                     "10% of the steps, at least 1")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
     seed: int = Field(0, description="seed for initialisation and data order")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
-    dtype: str = Field("float32", description="compute dtype: float32, or bfloat16 for mixed precision (float32 "
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype: float32, or bfloat16 for "
+                                                  "mixed precision (float32 "
                        "master weights and optimizer state, bf16 matmuls, frozen weights stored in bf16)")
+
+    @property
+    def warmup(self) -> int:
+        """The warmup actually run: the one place its default is decided, for the API and every command."""
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
 
     @property
     def tokens_per_step(self) -> int:
@@ -70,10 +77,10 @@ class OptimConfig(BaseModel):
 def learning_rate(step: int, config: OptimConfig) -> float:
     """Linear warmup to the peak, then cosine decay towards `min_lr_ratio * lr`, which step `steps` would reach
     (the last step taken, `steps - 1`, is one cosine step above it)."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
@@ -214,6 +221,60 @@ def _restore_hooks(hooks: Sequence[TrainHook], states: list) -> None:
             hook.restore(hook_state)
 
 
+def _check_fits(stream: TokenStream, config: OptimConfig, dp: bool) -> int:
+    """The number of training sequences, once the data and the batch fit this run's processes."""
+    num_sequences = stream.num_sequences(config.seq_len)
+    if num_sequences < 1:
+        raise DataError(
+            f"the training data has {stream.num_tokens} tokens, fewer than one sequence of {config.seq_len}; "
+            "add data or lower --seq-len"
+        )
+    world_size = world()[1]
+    if config.batch_size % world_size:
+        raise DataError(f"--batch-size {config.batch_size} does not split over {world_size} processes; use a "
+                        "multiple of the number of processes")
+    if world_size > 1 and dp:
+        raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
+    return num_sequences
+
+
+@dataclass
+class _StepParts:
+    """What one optimizer step uses besides the model and data; `clip` is None when the optimizer clips."""
+
+    optimizer: torch.optim.Optimizer
+    sampler: BatchSampler
+    loss_fn: LossFn
+    strategy: TrainingStrategy
+    clip: list[torch.nn.Parameter] | None
+
+
+def _optimizer_step(model: torch.nn.Module, stream: TokenStream, config: OptimConfig, step: int,
+                    parts: _StepParts) -> float:
+    """One optimizer step over `config.grad_accum` micro-batches; returns the mean LM loss over the ranks."""
+    rank, world_size = world()
+    for group in parts.optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    parts.optimizer.zero_grad(set_to_none=True)
+    step_loss, micro_batches = 0.0, 0
+    for micro in range(config.grad_accum):
+        indices = parts.sampler.indices(step, micro)[rank::world_size]
+        if len(indices) == 0:  # a Poisson batch can be empty: nothing to learn from this draw
+            continue
+        batch = make_batch(stream, indices, config.seq_len, config.device)
+        with parts.strategy.forward_context(config.device):
+            loss, lm_loss = parts.loss_fn(model, batch)
+        (loss / config.grad_accum).backward()
+        step_loss += float(lm_loss)
+        micro_batches += 1
+    step_loss = _mean_across_ranks(step_loss / max(micro_batches, 1), config.device)
+    if micro_batches:
+        if parts.clip is not None:
+            parts.strategy.clip_grad_norm(parts.clip, config.grad_clip)
+        parts.optimizer.step()
+    return step_loss
+
+
 def train(
     model: torch.nn.Module,
     named_params: Sequence[tuple[str, torch.nn.Parameter]],
@@ -238,18 +299,7 @@ def train(
     the precision of `config.dtype`); `identity` describes the caller's settings and data, so that a checkpoint
     is resumed only by the same run. The trained tensors are float32 master weights after the call.
     """
-    num_sequences = stream.num_sequences(config.seq_len)
-    if num_sequences < 1:
-        raise DataError(
-            f"the training data has {stream.num_tokens} tokens, fewer than one sequence of {config.seq_len}; "
-            "add data or lower --seq-len"
-        )
-    rank, world_size = world()
-    if config.batch_size % world_size:
-        raise DataError(f"--batch-size {config.batch_size} does not split over {world_size} processes; use a "
-                        "multiple of the number of processes")
-    if world_size > 1 and make_optimizer is not None:
-        raise FlexOlmoError("DP-SGD training runs in one process; launch it without torchrun")
+    num_sequences = _check_fits(stream, config, dp=make_optimizer is not None)
     strategy = strategy or ReplicatedStrategy(PrecisionPolicy.from_name(config.dtype))
     identity = run_identity(config, named_params, strategy, identity or {})
     check_work_dir(run_dir, resume)
@@ -270,28 +320,12 @@ def train(
     model.train()
     began = time.perf_counter()
     tokens_this_process = 0
-    bar = progress_bar(description, total=config.steps, start=start) if rank == 0 else nullcontext(_no_progress)
+    main = world()[0] == 0
+    bar = progress_bar(description, total=config.steps, start=start) if main else nullcontext(_no_progress)
     with bar as advance:
         for step in range(start, config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, micro_batches = 0.0, 0
-            for micro in range(config.grad_accum):
-                indices = sampler.indices(step, micro)[rank::world_size]
-                if len(indices) == 0:  # a Poisson batch can be empty: nothing to learn from this draw
-                    continue
-                batch = make_batch(stream, indices, config.seq_len, config.device)
-                with strategy.forward_context(config.device):
-                    loss, lm_loss = loss_fn(model, batch)
-                (loss / config.grad_accum).backward()
-                step_loss += float(lm_loss)
-                micro_batches += 1
-            step_loss = _mean_across_ranks(step_loss / max(micro_batches, 1), config.device)
-            if micro_batches:
-                if clip_grad_norm:
-                    strategy.clip_grad_norm(params, config.grad_clip)
-                optimizer.step()
+            step_loss = _optimizer_step(model, stream, config, step, _StepParts(
+                optimizer, sampler, loss_fn, strategy, params if clip_grad_norm else None))
             for hook in hooks:
                 hook.after_optimizer_step(step)
             losses.append(step_loss)

@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.model.anchor import anchor_family, read_config
+from flexolmo.training.loop import OptimConfig
 
 GIB = 1024**3
 DEVICE_RESERVE = 0.10  # share of device memory the plan keeps free
@@ -57,9 +58,12 @@ class PlanSettings(BaseModel):
     """The training settings a plan is made for (flags of `flexolmo plan`)."""
 
     world_size: int = Field(1, ge=1, description="processes, one per device")
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch over all processes")
-    seq_len: int = Field(4096, ge=1, description="tokens per sequence")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype (bfloat16: mixed precision)")
+    # Defaults are train-expert's (`OptimConfig`), so a plan without flags describes train-expert without flags.
+    batch_size: int = Field(OptimConfig.model_fields["batch_size"].default, ge=1,
+                            description="sequences per micro-batch over all processes")
+    seq_len: int = Field(OptimConfig.model_fields["seq_len"].default, ge=1, description="tokens per sequence")
+    dtype: Literal["bfloat16", "float32"] = Field(OptimConfig.model_fields["dtype"].default,
+                                                  description="compute dtype (bfloat16: mixed precision)")
     fsdp: bool = Field(False, description="FSDP2 sharding")
     replicate_frozen: bool = Field(False, description="under FSDP, frozen weights replicated rather than sharded")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward pass")
