@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_bias.py --demo runs/demo
 
-What the bias is worth is measured by `flexolmo demo --ablation` (BENCHMARKS.md, "Ablation"): the same experts
+What the bias is worth is measured by `flexolmo demo --ablation` (benchmarks/docs/ablation.md): the same experts
 scored with and without it. This script answers the other half of the question. OLMo-2 layers are post-norm, so
 the router's input is the raw residual stream h. A bias b_e could ride in the router row only if some coordinate
 k of h were a constant c at every token: r_e[k] += b_e / c. Per layer, the script finds the coordinate of h with

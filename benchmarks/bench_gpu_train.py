@@ -1,6 +1,6 @@
 """GPU checks of expert training (issue 12): bf16 throughput and model FLOPs utilisation at the OLMo-2 1B shape
 against dense FFN fine-tuning, and the NCCL path of `--fsdp` on one GPU. NOT YET RUN: no GPU was lent to the
-session that wrote it; BENCHMARKS.md has no number from it.
+session that wrote it; benchmarks/docs/sharded-training.md has no number from it.
 
     PYTHONPATH=src python benchmarks/bench_gpu_train.py --anchor benchmarks/anchors/OLMo-2-0425-1B
 

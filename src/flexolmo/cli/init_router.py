@@ -1,10 +1,10 @@
 """`flexolmo init-router`: the coordinator computes the anchor's public router rows from public text.
 
 Anchors made by `flexolmo pretrain` already have them; run this once on any other supported checkpoint before
-publishing it. flexolmo never downloads: fetch a released checkpoint first, for example with
-`hf download allenai/OLMo-2-0425-1B --local-dir OLMo-2-0425-1B`. The rows are part of the
-anchor's fingerprint, so do this before owners start training: recomputing them later (`--force`) orphans
-every expert package trained on the anchor.
+publishing it. flexolmo never downloads: fetch a released checkpoint first, for example with huggingface_hub's
+CLI, `hf download allenai/OLMo-2-0425-1B --local-dir OLMo-2-0425-1B`. The rows are part of the anchor's
+fingerprint, so do this before owners start training: recomputing them later (`--force`) orphans every expert
+package trained on the anchor.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ candidate is measured inside the model it would join:
   outranks every other expert (its router logit is the highest, whatever top-k), the share on which it is in
   the top-k, and the change in public bits per byte with it against without it (masked).
 A candidate beyond a limit is refused with one line naming the number and the limit; a NaN or infinite
-number is always refused. The default limits come from the demo's honest experts (BENCHMARKS.md, "Admission
-checks"), with margin; flags change them.
+number is always refused. The default limits come from the demo's honest experts
+(benchmarks/docs/trust.md, admission checks), with margin; flags change them.
 
 Public text is the one domain every member agrees the public expert should keep; an honest expert, trained
 next to the frozen public expert on its own data (and some public text), wins few public tokens.
@@ -40,7 +40,7 @@ from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.moe import moe_blocks, set_active_experts
 from flexolmo.model.runtime import load_model
 
-# From the demo's five honest experts (BENCHMARKS.md, "Admission checks"): their largest row-norm ratio is 0.99,
+# From the demo's five honest experts (benchmarks/docs/trust.md): their largest row-norm ratio is 0.99,
 # top-logit share of public tokens 7.5% and public bits-per-byte rise 0.013; every hijacker measured 1.5-45,
 # 66-84% and 0.13-0.16. Each limit is about 3x the honest maximum and below every hijacker but the
 # public-aligned row for the norm (which the top-logit share catches).

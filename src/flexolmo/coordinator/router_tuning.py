@@ -38,7 +38,7 @@ from flexolmo.owner.expert import owner_loss
 from flexolmo.owner.proxy import read_proxies, text_sha256
 from flexolmo.training.loop import MixedBatches, OptimConfig, config_digest, train
 
-# Chosen on the demo's validation text (BENCHMARKS.md, router tuning).
+# Chosen on the demo's validation text (benchmarks/docs/router-tuning.md).
 DEFAULT_STEPS = 40
 DEFAULT_LR = 1e-3
 SETTINGS_FILE = "tune_settings.json"

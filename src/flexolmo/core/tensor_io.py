@@ -27,7 +27,7 @@ class LazyReader:
 
     Each read opens its file anew: safetensors returns tensors backed by a memory map, and pages read through a
     map that stays open keep counting as resident memory. Opened per read, a tensor's pages are released with
-    the tensor, so reading a whole checkpoint costs one tensor of memory (measured: BENCHMARKS.md).
+    the tensor, so reading a whole checkpoint costs one tensor of memory (measured: benchmarks/docs/merge.md).
     """
 
     def __init__(self, path: Path | str, files: list[str] | None = None):

@@ -6,8 +6,8 @@ size; norms, softmaxes and the optimizer are left out. Per training token:
   causal), every FFN expert a token runs through, and the LM head;
 - backward: gradients with respect to inputs wherever they must flow to reach a trained tensor (everything above
   layer 0's FFN, since embeddings and attention are frozen), plus weight gradients of the trained tensors only.
-The formula was checked against measured training throughput on the demo anchor (BENCHMARKS.md, coordinated vs
-dense FFN fine-tuning: measured/predicted ratio 1.10).
+The formula was checked against measured training throughput on the demo anchor
+(benchmarks/docs/expert-training.md, coordinated vs dense FFN fine-tuning: measured/predicted ratio 1.10).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ The first layer keeps only its MoE block onward (nothing before it trains). With
 layer keeps only its input (c x H) and the backward pass recomputes one layer at a time. The loss adds 12 bytes
 per vocabulary entry per token at its peak (float32 log-probabilities, their gradient and the logits'
 gradient). A test checks the per-token count against the tensors autograd actually saves on a small model,
-and BENCHMARKS.md checks the totals against measured peaks.
+and benchmarks/docs/sharded-training.md checks the totals against measured peaks.
 
 `fits` leaves 10% of the device for the CUDA context, communication buffers and allocator fragmentation.
 Before sharding, each process briefly holds the owner's model in host memory (not on the device).
