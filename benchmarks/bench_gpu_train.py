@@ -140,7 +140,8 @@ def main() -> None:
         best = max(run_["tokens_per_second"] for run_ in measured)
         plan = plan_memory(config, PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len,
                                                 fsdp=variant == "coordinated-fsdp",
-                                                activation_checkpointing=args.activation_checkpointing))
+                                                activation_checkpointing=args.activation_checkpointing,
+                                                dtype="bfloat16"))
         report["variants"][variant] = {
             "tokens_per_second": [run_["tokens_per_second"] for run_ in measured], "best_tokens_per_second": best,
             "flops_per_token": flops, "mfu": flops * best / (peak * 1e12),

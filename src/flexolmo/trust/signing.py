@@ -192,7 +192,7 @@ def _read_bundle(path: Path) -> dict:
     signature = path / SIGNATURE_FILE
     if not signature.exists():
         raise TrustError(f"{path}: not signed (no {SIGNATURE_FILE}); its author signs it with "
-                         f"`flexolmo sign {path} --key NAME{PRIVATE_SUFFIX}`")
+                         f"`flexolmo sign {path} --sign-key NAME{PRIVATE_SUFFIX}`")
     try:
         bundle = json.loads(signature.read_text())
         bundle["verificationMaterial"]["publicKey"]["hint"]
