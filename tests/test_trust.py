@@ -28,7 +28,7 @@ from flexolmo.model.router_init import load_public_rows
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.manifest import owner_report_path
-from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, load_package, tensors_checksum
+from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, check_name, load_package, tensors_checksum
 from flexolmo.trust.history import HISTORY_FILE, read_history
 from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory
 
@@ -493,3 +493,34 @@ def test_a_rerun_removes_the_staging_directories_of_killed_runs_only(signed, tin
         assert out.exists() and not killed.exists() and running.exists()
     finally:
         handle.close()
+
+
+# -- separate roots of trust (issue 25, findings 1, 2, 6 and 7) -------------------------------------------------
+
+def test_only_the_coordinator_vouches_for_a_merged_model(signed, keys, tiny_anchor, tmp_path, capsys):
+    """A member re-signs a tampered merged model with its own (trusted) key: verify must refuse it, and the
+    member's key cannot sign a merged model at all."""
+    trusted = TrustedKeys(keys)
+    model = tmp_path / "v1"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2,
+          trust=CoordinatorTrust(trusted_keys=trusted, sign_key=keys / "private" / "coordinator.key"))
+    sign_directory(model, keys / "private" / "math.key")  # what a dishonest member can always do
+    with pytest.raises(TrustError, match="not by the coordinator"):
+        verify_merged_model(model, trusted)
+    assert main(["verify", str(model), "--trusted-keys", str(keys)]) == 1
+    assert "only the coordinator's key vouches" in capsys.readouterr().err
+    assert main(["sign", str(model), "--sign-key", str(keys / "private" / "math.key")]) == 1
+    assert "only the coordinator signs merged models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["code\n", "code\nx", "public", "coordinator", ""])
+def test_expert_names_match_whole_and_reserved_names_are_refused(name):
+    with pytest.raises(PackageError):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["legal\n", "public"])
+def test_keygen_refuses_reserved_and_newline_names(name, tmp_path):
+    with pytest.raises(TrustError):
+        generate_key_pair(name, tmp_path)
+    assert not list(tmp_path.iterdir())

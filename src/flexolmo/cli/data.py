@@ -3,7 +3,8 @@
 - `overlap`: how much of each held-out file also occurs in the training files (exact N-character strings), per
   file and for the worst documents (named by id, never shown). A report: it exits 0 whatever the overlap.
 
-  flexolmo data overlap --train code.train.jsonl.gz legal.train.jsonl.gz --heldout code.heldout.jsonl.gz
+  flexolmo data overlap --train data/demo/code.train.jsonl.gz data/demo/legal.train.jsonl.gz \\
+      --heldout data/demo/code.heldout.jsonl.gz
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ heldout` scores only the documents that `train-expert` held out of a training fi
 domain with fewer than 4,096 scored tokens gets a warning.
 
 Example:
-  flexolmo eval --model merged --data code.heldout.jsonl.gz legal.heldout.jsonl.gz --json r.json
+  flexolmo eval --model runs/demo/models/flexolmo_untuned \\
+      --data data/demo/code.heldout.jsonl.gz data/demo/legal.heldout.jsonl.gz --json runs/eval.json
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from flexolmo.owner.package import load_package
 from flexolmo.trust.history import check_unchanged, read_history
 from flexolmo.trust.record import verify_slots
 from flexolmo.trust.signing import (
+    COORDINATOR_KEY_NAME,
     Signer,
     TrustedKeys,
     check_signing_key,
@@ -43,6 +44,9 @@ def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = Non
     signer = None
     if trusted_keys is not None:
         signer = verify_directory(path, trusted_keys)
+        if signer.name != COORDINATOR_KEY_NAME:
+            raise TrustError(f"{path}: signed by '{signer.name}', not by the coordinator ({COORDINATOR_KEY_NAME}.pub in "
+                             f"{trusted_keys.directory}); only the coordinator's key vouches for a merged model")
         for entry in info.metadata["experts"]:
             recorded = entry.get("signer")
             if recorded and trusted_keys.key_id_of(recorded["name"]) != recorded["key_id"]:
@@ -56,7 +60,9 @@ def sign_artefact(path: Path | str, key_path: Path | str) -> Signer:
     last logged operation); returns who signed."""
     path = Path(path)
     if is_merged_model(path):
-        key_signer(key_path)
+        if key_signer(key_path).name != COORDINATOR_KEY_NAME:
+            raise TrustError(f"{key_path} is not the coordinator's key ({COORDINATOR_KEY_NAME}.key); only the "
+                             "coordinator signs merged models, and verifiers refuse any other signer")
         check_unchanged(path)
     else:
         package = load_package(path, with_tensors=False)

@@ -34,7 +34,14 @@ from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION, NAME_REGEX, ExpertManifest, describe_validation
 from flexolmo.owner.privacy import spent_epsilon
-from flexolmo.trust.signing import SIGNATURE_FILE, Signer, TrustedKeys, sign_directory, verify_directory
+from flexolmo.trust.signing import (
+    COORDINATOR_KEY_NAME,
+    SIGNATURE_FILE,
+    Signer,
+    TrustedKeys,
+    sign_directory,
+    verify_directory,
+)
 
 MANIFEST_FILE = "manifest.json"
 TENSOR_FILE = "expert.safetensors"
@@ -64,12 +71,15 @@ class ExpertPackage:
 
 def check_name(name: str) -> str:
     """Expert names become file and flag values; keep them plain. `public` is the anchor's own expert."""
-    if not re.match(NAME_REGEX, name):
+    if not re.fullmatch(NAME_REGEX, name):  # fullmatch: `$` would let a trailing newline through
         raise PackageError(
             f"invalid expert name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     if name == "public":
         raise PackageError("the name 'public' is reserved for the anchor's own expert; choose another --name")
+    if name == COORDINATOR_KEY_NAME:
+        raise PackageError(f"the name '{name}' is the coordinator's key; an expert must not share it; choose "
+                           "another --name")
     return name
 
 

@@ -89,7 +89,7 @@ def check_record(path: Path, metadata: dict) -> None:
     if len(set(names)) != len(names) or not all(isinstance(name, str) for name in names):
         raise TrustError(f"{path}: flexolmo_experts.json names an expert twice or not at all; it was altered")
     for index, entry in enumerate(metadata["experts"]):
-        if not _HEX64.match(str(entry.get("slot_sha256", ""))):
+        if not _HEX64.fullmatch(str(entry.get("slot_sha256", ""))):
             raise TrustError(f"{path}: expert slot {index} ('{entry['name']}') has no slot digest; it was altered")
         manifest = entry.get("manifest")
         if manifest is not None and manifest.get("name") != entry["name"]:

@@ -29,7 +29,12 @@ from flexolmo.core.fileio import atomic_write_bytes, sha256_file
 SIGNATURE_FILE = "model.sig"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# The key that vouches for merged models. Which file that is, the verifier decides: it is the `coordinator.pub`
+# of the verifier's own trusted-keys directory, so no member can vouch for a merged model with its own key.
+COORDINATOR_KEY_NAME = "coordinator"
+# The anchor's own expert: no member's key may carry its name.
+RESERVED_KEY_NAMES = frozenset({"public"})
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ def generate_key_pair(name: str, out_dir: Path | str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise TrustError(f"invalid key name {name!r}: use the member's expert name (letters, digits, '.', '_', '-')")
+    if name in RESERVED_KEY_NAMES:
+        raise TrustError(f"'{name}' is the anchor's own expert and cannot be a member's key name; choose another --name")
     out_dir = Path(out_dir)
     private_path, public_path = out_dir / f"{name}{PRIVATE_SUFFIX}", out_dir / f"{name}{PUBLIC_SUFFIX}"
     for path in (private_path, public_path):
