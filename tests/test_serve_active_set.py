@@ -59,10 +59,10 @@ def test_a_withdrawn_expert_is_masked_from_the_next_request_and_bad_sets_fail_cl
         in_flight.join(timeout=60)
         assert httpx.get(f"{url}/health").json()["active_set"]["state"] == "ok"
 
-        for bad, reason in ((dict(version=1, names=["code", "math"]), "older than version 2"),
-                            (dict(version=3, names=["code", "math"], key="member/member.key"), "not signed"),
-                            (dict(version=3, names=["code"], now=datetime.now(timezone.utc) - timedelta(hours=2)),
-                             "expired")):
+        past = datetime.now(timezone.utc) - timedelta(hours=2)
+        for bad, reason in (({"version": 1, "names": ["code", "math"]}, "older than version 2"),
+                            ({"version": 3, "names": ["code", "math"], "key": "member/member.key"}, "not signed"),
+                            ({"version": 3, "names": ["code"], "now": past}, "expired")):
             publish(setup, **bad)
             shares, _ = ask(url)
             assert shares == {"public": pytest.approx(1.0), "code": 0.0, "math": 0.0}
