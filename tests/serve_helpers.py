@@ -1,44 +1,12 @@
-"""What the serving tests share: a tiny merged model, a real uvicorn server on a free loopback port, and the
-reference each response is checked against (the same model run alone, with the whole-model exclusion)."""
+"""What the serving tests share: the reference each response is checked against (the same model run alone,
+with the whole-model exclusion). The server itself runs through `flexolmo.serve.threaded.running_server`."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-import uvicorn
 
 from flexolmo.model.moe import decoder_layers
 from flexolmo.model.runtime import LoadedModel
-from flexolmo.serve.app import create_app
-from flexolmo.serve.server import ModelServer
-
-
-@contextmanager
-def running_server(server: ModelServer) -> Iterator[str]:
-    """Serve `server` on 127.0.0.1 in a thread; yields its base URL, and stops it (gracefully) on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(server), log_level="warning", lifespan="on")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
 
 
 @torch.no_grad()

@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import openai
 import pytest
-from serve_helpers import running_server
 
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.runtime import load_model
 from flexolmo.serve.server import ModelServer, ServeOptions
+from flexolmo.serve.threaded import running_server
 from flexolmo.trust.active_set import ActiveExpert, new_active_set, sign_active_set, write_active_set
 from flexolmo.trust.signing import generate_key_pair
 

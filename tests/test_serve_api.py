@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_helpers import running_server, solo_greedy, solo_routing
+from serve_helpers import solo_greedy, solo_routing
 
 from flexolmo.model.runtime import load_model
 from flexolmo.serve.server import ModelServer, ServeOptions
+from flexolmo.serve.threaded import running_server
 
 KEYS = {"all-key": ["*"], "code-key": ["code"], "public-key": []}
 PROMPTS = ["def return self", "one plus two", "the cat sat on", "print len list"]
