@@ -107,6 +107,13 @@ def test_streaming_gives_the_same_text_and_usage_last(served):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_sampling_with_the_same_seed_gives_the_same_text(served):
+    _, url = served
+    runs = [client(url).completions.create(model="merged", prompt=PROMPTS[2], max_tokens=8, temperature=1.0,
+                                           seed=7).choices[0].text for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
 def test_chat_needs_a_chat_template(served):
     server, url = served
     with pytest.raises(openai.BadRequestError, match="no chat template"):

@@ -86,7 +86,7 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the current step; requests still running are told the server is stopping."""
+        """Stop after the current step; requests still running or waiting are told the server is stopping."""
         self._stop.set()
         self._thread.join(timeout=30)
 
@@ -108,6 +108,8 @@ class Scheduler:
                 for request in self._running:
                     request.listener(("error", f"generation failed: {error}"))
                 self._running = []
+        while not self._waiting.empty():  # never admitted: their callers must not wait forever
+            self._running.append(self._waiting.get())
         for request in self._running:
             request.listener(("error", "the server is stopping"))
 
