@@ -98,9 +98,11 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._admit()
-            if not self._running:
-                continue
+            if not self._running:  # idle: wait for a request, briefly, so that a stop is seen
+                try:
+                    self._running.append(self._waiting.get(timeout=0.05))
+                except queue.Empty:
+                    continue
             try:
                 self.step()
             except Exception as error:  # a failed step must not take the server down
@@ -114,17 +116,17 @@ class Scheduler:
             request.listener(("error", "the server is stopping"))
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch; block briefly when there is nothing to do."""
+        """Move waiting requests into the batch, up to `max_batch`, without waiting."""
         while len(self._running) < self.max_batch:
             try:
-                block = not self._running
-                self._running.append(self._waiting.get(block=block, timeout=0.05 if block else None))
+                self._running.append(self._waiting.get_nowait())
             except queue.Empty:
                 return
 
     @torch.no_grad()
     def step(self) -> None:
-        """One forward over every running request, then one new token for each."""
+        """Admit waiting requests, then one forward over every running request and one new token for each."""
+        self._admit()
         self._running = [request for request in self._running if not request.cancelled]
         if not self._running:
             return
