@@ -120,6 +120,9 @@ def test_chat_needs_a_chat_template(served):
         client(url).chat.completions.create(model="merged", messages=[{"role": "user", "content": "hi"}])
     server.loaded.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     try:
+        with pytest.raises(openai.BadRequestError, match="max_tokens must be between 1"):
+            client(url).chat.completions.create(model="merged", max_completion_tokens=0,
+                                                messages=[{"role": "user", "content": "hi"}])
         reply = client(url).chat.completions.create(model="merged", max_tokens=4, temperature=0,
                                                     messages=[{"role": "user", "content": PROMPTS[0]}])
         streamed = client(url).chat.completions.create(model="merged", max_tokens=4, temperature=0, stream=True,
@@ -137,6 +140,7 @@ def test_chat_needs_a_chat_template(served):
     ({"model": "merged", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens must be between 1"),
     ({"model": "merged", "prompt": "print " * 200}, 400, "has a context of"),
     ({"model": "merged"}, 400, "prompt: Field required"),
+    ({"model": "merged", "prompt": "x", "n": 2}, 400, "n: Input should be less than or equal to 1"),
 ])
 def test_bad_input_is_one_clear_error(served, body, status, message):
     _, url = served

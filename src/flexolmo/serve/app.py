@@ -87,7 +87,8 @@ class _Handler:
         mask, active = server.mask(allowed, body.experts)
         if self.chat:
             ids = server.encode(None, [message.model_dump() for message in body.messages])
-            asked, default = body.max_completion_tokens or body.max_tokens, server.context
+            asked = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            default = server.context
         else:
             ids = server.encode(single_prompt(body.prompt), None)
             asked, default = body.max_tokens, COMPLETION_DEFAULT_TOKENS

@@ -24,6 +24,7 @@ fed back through the model (the last completion token never is, so it has no rou
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -93,7 +94,9 @@ class Scheduler:
     def submit(self, request: GenerationRequest) -> None:
         if request.temperature > 0:
             request.generator = torch.Generator(device=self.device)
-            request.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+            # An unseeded request draws its seed from the OS, leaving torch's global generator alone.
+            seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            request.generator.manual_seed(seed)
         self._waiting.put(request)
 
     def _loop(self) -> None:
