@@ -165,7 +165,8 @@ class FlexMoEBlock(nn.Module):
         grouped_hidden = flat_hidden[order // k]
         outputs = [expert(group) for expert, group, size in zip(self.experts, grouped_hidden.split(sizes), sizes)
                    if size]
-        per_slot = torch.zeros_like(grouped_hidden)
+        # Skipped slots (only under row masks) stay zero; otherwise every row is written, so no fill is paid.
+        per_slot = torch.zeros_like(grouped_hidden) if sizes[-1] else torch.empty_like(grouped_hidden)
         per_slot[order[: len(order) - sizes[-1]]] = torch.cat(outputs)  # back to (token, slot) order
         weighted = per_slot.view(-1, k, hidden.shape[-1]) * top_weights.reshape(-1, k, 1)
         return weighted.sum(dim=1).reshape(hidden.shape)
