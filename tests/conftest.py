@@ -74,3 +74,20 @@ def tiny_anchor(tmp_path_factory, corpora) -> Path:
         optim=tiny_optim(steps=40),
     ))
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_merged(tmp_path_factory, tiny_anchor, corpora) -> Path:
+    """A tiny merged model (public, code, math; top-2 of 3) for the serving tests: experts trained a few steps
+    only, enough that they differ from the public expert and from each other."""
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+
+    root = tmp_path_factory.mktemp("serve")
+    packages = []
+    for domain in ("code", "math"):
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora[domain]], name=domain, out=root / domain,
+                                  optim=tiny_optim(steps=6, lr=3e-2)))
+        packages.append(root / domain)
+    merge(tiny_anchor, packages, root / "merged", top_k=2)
+    return root / "merged"

@@ -26,6 +26,7 @@ COMMANDS = {
     "select-proxy": "select_proxy",
     "tune-router": "tune_router",
     "generate": "generate",
+    "serve": "serve",
     "eval": "evaluate",
     "eval-tasks": "eval_tasks",
     "audit-extraction": "audit",

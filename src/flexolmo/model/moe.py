@@ -15,12 +15,20 @@ per-sample gradients. When top-k < active experts (merged inference), each exper
 back to (token, slot) order and are summed over the k slots (a single token, as in batch-1 decoding, just runs
 its k experts in turn). That costs one host sync per layer (the group sizes) and no scatter-add, whose CPU
 kernel dominated one-token decoding, and whose CUDA kernel is not deterministic.
+
+A server batches requests whose callers may use different experts, so besides the whole-model mask (`active`)
+a block can carry a per-row mask (`row_active`, (batch, E), set by `row_masks`): row b's masked experts get
+logit -inf for that row only, so each row computes exactly what the model computes alone with that mask, with
+one copy of the weights. A row with fewer allowed experts than top-k keeps them all (top-k capped per row);
+its other top-k slots have weight 0 and are skipped, not computed. `row_masks` can also collect each forward's
+kept routing weights, which is what a server attributes to each expert's owner.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -81,17 +89,29 @@ class FlexMoEBlock(nn.Module):
         self.top_k = top_k
         self.register_buffer("active", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.last_z_loss: torch.Tensor | None = None
+        self.row_active: torch.Tensor | None = None  # (batch, E) per-row masks, set by `row_masks`
+        self.routing_sink: list[torch.Tensor] | None = None  # receives each forward's kept weights (batch, seq, E)
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def _mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The allowed experts, broadcastable to (..., E): the model's mask, and each row's where set."""
+        if self.row_active is None:
+            return self.active
+        rows = self.active & self.row_active
+        return rows.reshape(rows.shape[0], *([1] * (hidden.dim() - 2)), rows.shape[1])
+
     def _active_count(self) -> int:
-        return int(self.active.sum())
+        """The most experts any row may use: top-k is capped at that, and rows with fewer skip empty slots."""
+        if self.row_active is None:
+            return int(self.active.sum())
+        return int((self.active & self.row_active).sum(dim=-1).max())
 
     def _router_probs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(softmax over the active experts, masked logits); both (..., E) float32."""
-        logits = self.gate(hidden).float().masked_fill(~self.active, float("-inf"))
+        logits = self.gate(hidden).float().masked_fill(~self._mask(hidden), float("-inf"))
         return torch.softmax(logits, dim=-1), logits
 
     def routing_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,14 +129,22 @@ class FlexMoEBlock(nn.Module):
             active_logits = logits[..., self.active]
             self.last_z_loss = torch.logsumexp(active_logits, dim=-1).pow(2).mean()
         if self.top_k >= self._active_count():
+            self._record(probs)
             return self._dense_forward(hidden, probs.to(hidden.dtype))
         top_weights, top_index = probs.topk(self.top_k, dim=-1)
+        if self.routing_sink is not None:
+            self._record(torch.zeros_like(probs).scatter(-1, top_index, top_weights))
         return self._grouped_forward(hidden, top_weights.to(hidden.dtype), top_index)
 
+    def _record(self, kept: torch.Tensor) -> None:
+        if self.routing_sink is not None:
+            self.routing_sink.append(kept.detach())
+
     def _dense_forward(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        used = self.active if self.row_active is None else self.active & self.row_active.any(dim=0)
         output = torch.zeros_like(hidden)
         for index, expert in enumerate(self.experts):
-            if self.active[index]:
+            if used[index]:
                 output = output + weights[..., index : index + 1] * expert(hidden)
         return output
 
@@ -130,13 +158,16 @@ class FlexMoEBlock(nn.Module):
                        for slot, expert in enumerate(top_index.reshape(k).tolist()))
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         slots = top_index.reshape(-1)  # expert of each (token, slot) pair, token-major
+        if self.row_active is not None:  # a row allowed fewer than k experts: its empty slots (weight 0) go last
+            slots = slots.masked_fill(top_weights.reshape(-1) == 0, self.num_experts)
         order = slots.argsort(stable=True)  # the pairs grouped by expert
-        sizes = torch.bincount(slots, minlength=self.num_experts).tolist()  # the one host sync
+        sizes = torch.bincount(slots, minlength=self.num_experts + 1).tolist()  # the one host sync
         grouped_hidden = flat_hidden[order // k]
         outputs = [expert(group) for expert, group, size in zip(self.experts, grouped_hidden.split(sizes), sizes)
                    if size]
-        per_slot = torch.empty_like(grouped_hidden)
-        per_slot[order] = torch.cat(outputs)  # back to (token, slot) order
+        # Skipped slots (only under row masks) stay zero; otherwise every row is written, so no fill is paid.
+        per_slot = torch.zeros_like(grouped_hidden) if sizes[-1] else torch.empty_like(grouped_hidden)
+        per_slot[order[: len(order) - sizes[-1]]] = torch.cat(outputs)  # back to (token, slot) order
         weighted = per_slot.view(-1, k, hidden.shape[-1]) * top_weights.reshape(-1, k, 1)
         return weighted.sum(dim=1).reshape(hidden.shape)
 
@@ -180,6 +211,26 @@ def set_active_experts(model: nn.Module, active: Sequence[bool]) -> None:
         raise ValueError("at least one expert must stay active")
     for block in moe_blocks(model):
         block.active.copy_(torch.tensor(list(active), dtype=torch.bool))
+
+
+@contextmanager
+def row_masks(model: nn.Module, masks: torch.Tensor,
+              routing_sink: list[torch.Tensor] | None = None) -> Iterator[None]:
+    """Within the block, row b of every batch uses only the experts `masks[b]` allows ((batch, E) bool), on top
+    of the model's own mask; with `routing_sink`, each layer's kept routing weights (batch, seq, E) are
+    appended to it, in layer order, on every forward."""
+    if not bool(masks.any(dim=-1).all()):
+        raise ValueError("every row must keep at least one expert")
+    blocks = list(moe_blocks(model))
+    for block in blocks:
+        block.row_active = masks.to(block.active.device)
+        block.routing_sink = routing_sink
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.row_active = None
+            block.routing_sink = None
 
 
 def router_z_loss(model: nn.Module) -> torch.Tensor:

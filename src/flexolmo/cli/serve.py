@@ -1,0 +1,52 @@
+"""`flexolmo serve`: serve a merged model over an OpenAI-compatible HTTP API (FastAPI + uvicorn).
+
+Every request runs only the experts its API key may use (`--keys`: a JSON object from key to expert names,
+["*"] for all; a request's `experts` field narrows them; the public expert is always on), and reports each
+expert's share of its routing in `usage.experts`. With `--active-set` and `--coordinator-keys` the server
+follows the coordinator's signed active set: an expert that leaves it is masked from the next request on; a
+set that is expired or wrongly signed makes the server serve the public expert only (see /health).
+
+Example:
+  flexolmo serve --model merged/ --keys keys.json
+  curl http://127.0.0.1:8000/v1/completions -H 'Authorization: Bearer KEY' \\
+       -H 'Content-Type: application/json' -d '{"model": "merged", "prompt": "def ", "max_tokens": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flexolmo.cli.common import add_command, add_device_flags, torch_dtype
+from flexolmo.core.errors import TrustError
+
+
+def register(subparsers, name: str) -> None:
+    parser = add_command(subparsers, name, help="serve a merged model over an OpenAI-compatible API",
+                         description=__doc__)
+    parser.add_argument("--model", required=True, help="merged model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--keys", type=Path, default=None,
+                        help="JSON object from API key to the experts it may use; without it, anyone may use all")
+    parser.add_argument("--active-set", type=Path, default=None, help="the coordinator's signed active set file")
+    parser.add_argument("--coordinator-keys", type=Path, default=None,
+                        help="directory with the coordinator's public key, which signs the active set")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    add_device_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from flexolmo.model.runtime import load_model
+    from flexolmo.serve.app import create_app
+    from flexolmo.serve.server import ModelServer, ServeOptions
+
+    if (args.active_set is None) != (args.coordinator_keys is None):
+        raise TrustError("--active-set and --coordinator-keys go together: the set is only as good as its signer")
+    loaded = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
+    options = ServeOptions(args.keys, args.active_set, args.coordinator_keys, args.max_batch)
+    uvicorn.run(create_app(ModelServer(loaded, options)), host=args.host, port=args.port, log_level="info")
+    return 0

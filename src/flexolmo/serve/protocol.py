@@ -1,0 +1,97 @@
+"""The OpenAI-compatible request bodies this server accepts, and its errors in OpenAI's shape.
+
+Bodies are parsed here rather than by FastAPI so that every bad input is one clear 400 (FastAPI would answer
+422 with a list), and fields the server cannot honour (`n` > 1, `stop` strings, ...) are refused, not ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flexolmo.serve.access import AccessError
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields this server has no use for (user, logprobs=None, ...): extra ones are
+    # accepted, but each one that would change the output is declared below and refused when set.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    seed: int | None = None
+    stream: bool = False
+    experts: list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stop: str | list[str] | None = None
+    stream_options: dict | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    echo: bool = Field(default=False)
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
+    """The request body as `kind`, or a 400 that says what is wrong."""
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        raise AccessError(400, f"the request body is not valid JSON: {error}") from None
+    try:
+        body = kind.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise AccessError(400, f"{where}: {first['msg']}") from None
+    if body.stop:
+        raise AccessError(400, "stop strings are not supported; the completion stops at the end-of-text token "
+                          "or at max_tokens")
+    if getattr(body, "echo", False):
+        raise AccessError(400, "echo is not supported")
+    return body
+
+
+def single_prompt(prompt: str | list[str]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise AccessError(400, "prompt must be one string (batches of prompts are not supported; send requests "
+                          "concurrently instead, they are batched together)")
+    return prompt[0]
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 503: "service_unavailable"}
+    return JSONResponse({"error": {"message": message, "type": kinds.get(status, "server_error"), "code": status}},
+                        status_code=status)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event as OpenAI streams them."""
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()

@@ -1,0 +1,156 @@
+"""One served model: what a request may use, how its prompt is checked, and how its tokens and attribution come
+back from the scheduler's thread to the request's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexolmo.core.errors import MergeError
+from flexolmo.model.anchor import ANCHOR_FAMILIES
+from flexolmo.model.runtime import LoadedModel
+from flexolmo.serve.access import (
+    AccessError,
+    ActiveSetFollower,
+    ActiveState,
+    allowed_experts,
+    read_keys,
+    requested_experts,
+)
+from flexolmo.serve.engine import Event, GenerationRequest, Scheduler
+from flexolmo.serve.metrics import ServeMetrics
+from flexolmo.trust.record import verify_slots
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    keys: Path | None = None
+    active_set: Path | None = None
+    coordinator_keys: Path | None = None
+    max_batch: int = 16
+
+
+class Job:
+    """A request in flight: the scheduler's thread posts its events into this asyncio queue."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, active: ActiveState):
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.loop = loop
+        self.active = active
+        self.request = request
+        request.listener = self._post
+
+    def _post(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.request.cancelled = True
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The request's events up to its end; leaving early (a client gone) cancels it in the scheduler."""
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if event[0] != "token":
+                    return
+        finally:
+            self.request.cancelled = True
+
+
+class ModelServer:
+    """A loaded merged model, its scheduler, its access rules and its metrics."""
+
+    def __init__(self, loaded: LoadedModel, options: ServeOptions):
+        if not loaded.is_moe:
+            raise MergeError(f"{loaded.path} is a dense model; flexolmo serve serves merged models")
+        self.loaded = loaded
+        self.model_id = loaded.path.name
+        self.expert_names = loaded.expert_names
+        family = ANCHOR_FAMILIES[loaded.record["anchor"]["config"]["model_type"]]
+        # Names are the record's; every slot is checked to hold the expert its name says, as --exclude does.
+        verify_slots(loaded.path, loaded.record, self.expert_names, family.ffn_projections)
+        self.keys = read_keys(options.keys, self.expert_names) if options.keys else None
+        self.follower = (ActiveSetFollower(options.active_set, options.coordinator_keys, loaded.record)
+                         if options.active_set else None)
+        self.context = int(loaded.model.config.max_position_embeddings)
+        tokenizer = loaded.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.scheduler = Scheduler(loaded.model, pad_id=pad or 0, max_batch=options.max_batch)
+        eos = tokenizer.eos_token_id
+        self.stop_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.metrics = ServeMetrics()
+
+    def active_state(self) -> ActiveState:
+        if self.follower is None:
+            return ActiveState(tuple(True for _ in self.expert_names), None)
+        return self.follower.current()
+
+    def allowed(self, api_key: str | None) -> frozenset[str]:
+        return allowed_experts(self.keys, api_key, self.expert_names)
+
+    def mask(self, allowed: frozenset[str], requested: list[str] | None) -> tuple[torch.Tensor, ActiveState]:
+        """The request's mask (key, narrowing and active set together) and the active set it was taken under."""
+        names = requested_experts(allowed, requested, self.expert_names)
+        active = self.active_state()
+        mask = [name in names and on for name, on in zip(self.expert_names, active.mask)]
+        return torch.tensor(mask, dtype=torch.bool), active
+
+    def encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
+        tokenizer = self.loaded.tokenizer
+        if messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise AccessError(400, f"model {self.model_id} has no chat template; use /v1/completions")
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise AccessError(400, "the prompt is empty")
+        return list(ids)
+
+    def max_tokens(self, prompt_length: int, asked: int | None, default: int) -> int:
+        """The tokens to generate: 400 for a prompt or a total beyond the model's context."""
+        room = self.context - prompt_length
+        if room < 1:
+            raise AccessError(400, f"the prompt is {prompt_length} tokens; model {self.model_id} has a context of "
+                              f"{self.context}, so at most {self.context - 1} prompt tokens")
+        if asked is None:
+            return min(default, room)
+        if asked < 1 or asked > room:
+            raise AccessError(400, f"max_tokens must be between 1 and {room} (context {self.context} minus the "
+                              f"prompt's {prompt_length} tokens), got {asked}")
+        return asked
+
+    def start(self, prompt_ids: list[int], mask: torch.Tensor, active: ActiveState, max_tokens: int,
+              temperature: float, seed: int | None) -> Job:
+        request = GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
+                                    temperature=temperature, seed=seed, stop_ids=self.stop_ids)
+        job = Job(request, asyncio.get_running_loop(), active)
+        self.scheduler.submit(request)
+        return job
+
+    def usage(self, job: Job) -> dict:
+        """OpenAI's usage, plus `experts`: each expert's share of the request's routing weight, prompt and
+        completion apart (see `attribution_shares`), and the active-set version the request ran under."""
+        request = job.request
+        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.tokens),
+                 "total_tokens": len(request.prompt_ids) + len(request.tokens),
+                 "experts": {"prompt": attribution_shares(request.prompt_routing, self.expert_names),
+                             "completion": attribution_shares(request.completion_routing, self.expert_names)},
+                 "active_set_version": job.active.version}
+        self.metrics.record_usage(usage)
+        return usage
+
+
+def attribution_shares(routing: torch.Tensor | None, names: list[str]) -> dict[str, float]:
+    """Each expert's share of the kept routing weight, summed over layers and tokens and normalised to sum to 1
+    (an expert masked for the request has 0); empty when no token was routed (a completion of one token)."""
+    if routing is None or float(routing.sum()) == 0:
+        return {}
+    shares = routing / routing.sum()
+    return {name: float(share) for name, share in zip(names, shares)}

@@ -1,0 +1,76 @@
+"""Live opt-out: the server follows the coordinator's signed active set without a restart, and fails closed to
+the public expert on a set it cannot trust."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import openai
+import pytest
+
+from flexolmo.model.merged_format import read_merged_info
+from flexolmo.model.runtime import load_model
+from flexolmo.serve.server import ModelServer, ServeOptions
+from flexolmo.serve.threaded import running_server
+from flexolmo.trust.active_set import ActiveExpert, new_active_set, sign_active_set, write_active_set
+from flexolmo.trust.signing import generate_key_pair
+
+PROMPT = "theorem proof lemma def return"
+
+
+@pytest.fixture(scope="module")
+def setup(serve_merged, tmp_path_factory):
+    root = tmp_path_factory.mktemp("active")
+    generate_key_pair("coordinator", root / "coordinator")
+    generate_key_pair("member", root / "member")
+    info = read_merged_info(serve_merged)
+    experts = {entry["name"]: ActiveExpert(name=entry["name"], package_sha256=entry["package_sha256"])
+               for entry in info.metadata["experts"] if entry["name"] != "public"}
+    return root, info.anchor_fingerprint, experts
+
+
+def publish(setup, version, names, key="coordinator/coordinator.key", now=None, lifetime=timedelta(hours=1)):
+    root, fingerprint, experts = setup
+    active = new_active_set(version, fingerprint, [experts[name] for name in names], lifetime, now=now)
+    write_active_set(root / "active.json", sign_active_set(active, root / key))
+
+
+def ask(url, max_tokens=3):
+    client = openai.OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0, timeout=30)
+    usage = client.completions.create(model="merged", prompt=PROMPT, max_tokens=max_tokens,
+                                      temperature=0).usage.model_extra
+    return usage["experts"]["prompt"], usage["active_set_version"]
+
+
+def test_a_withdrawn_expert_is_masked_from_the_next_request_and_bad_sets_fail_closed(serve_merged, setup):
+    root = setup[0]
+    publish(setup, 1, ["code", "math"])
+    options = ServeOptions(active_set=root / "active.json", coordinator_keys=root / "coordinator")
+    with running_server(ModelServer(load_model(serve_merged), options)) as url:
+        shares, version = ask(url)
+        assert version == 1 and shares["math"] > 0 and shares["code"] > 0
+        in_flight = threading.Thread(target=ask, args=(url, 30))
+        in_flight.start()
+        publish(setup, 2, ["code"])  # math opts out while a request is running
+        shares, version = ask(url)
+        assert version == 2 and shares["math"] == 0 and shares["code"] > 0
+        in_flight.join(timeout=60)
+        assert httpx.get(f"{url}/health").json()["active_set"]["state"] == "ok"
+
+        past = datetime.now(timezone.utc) - timedelta(hours=2)
+        for bad, reason in (({"version": 1, "names": ["code", "math"]}, "older than version 2"),
+                            ({"version": 3, "names": ["code", "math"], "key": "member/member.key"}, "not signed"),
+                            ({"version": 3, "names": ["code"], "now": past}, "expired")):
+            publish(setup, **bad)
+            shares, _ = ask(url)
+            assert shares == {"public": pytest.approx(1.0), "code": 0.0, "math": 0.0}
+            health = httpx.get(f"{url}/health").json()
+            assert health["status"] == "failed_closed" and reason in health["active_set"]["reason"]
+            assert "flexolmo_failed_closed 1.0" in httpx.get(f"{url}/metrics").text
+
+        publish(setup, 4, ["math"])
+        shares, version = ask(url)
+        assert version == 4 and shares["code"] == 0 and shares["math"] > 0
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"

@@ -1,0 +1,64 @@
+"""`flexolmo serve` as a process: it starts from the command line, and SIGTERM lets the requests in flight
+finish before it exits."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"the server did not come up: {process.communicate(timeout=5)}")
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(serve_merged):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "flexolmo", "serve", "--model", str(serve_merged),
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(url, process)
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {"model": "merged", "prompt": "def return", "max_tokens": 110, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    events.append(line)
+                    started.set()
+
+        client = threading.Thread(target=stream)
+        client.start()
+        assert started.wait(30)
+        process.send_signal(signal.SIGTERM)
+        at_signal = list(events)
+        client.join(timeout=60)
+        # uvicorn re-raises the signal once it has shut down gracefully, so the exit status says SIGTERM.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "data: [DONE]" not in at_signal and len(events) > len(at_signal)  # it was in flight, and went on
+    assert "Finished server process" in log and [line for line in events if line][-1] == "data: [DONE]"
+    assert any('"finish_reason": "length"' in line or '"finish_reason": "stop"' in line for line in events)
