@@ -143,3 +143,17 @@ class RunningService:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def service_keys(tmp_path_factory) -> Path:
+    return make_keys(tmp_path_factory.mktemp("service-keys"), ["coordinator", "code", "math", "hostile"])
+
+
+@pytest.fixture(scope="session")
+def service_packages(tmp_path_factory, tiny_anchor, corpora, service_keys) -> dict[str, Path]:
+    """Two honest signed experts and a hostile one (router rows x20, signed by its own member)."""
+    root = tmp_path_factory.mktemp("service-packages")
+    packages = {domain: train_signed(tiny_anchor, corpora, service_keys, root, domain) for domain in ("code", "math")}
+    packages["hostile"] = hostile_copy(packages["math"], root / "hostile", "hostile", service_keys / "hostile.key")
+    return packages
