@@ -1,0 +1,87 @@
+"""Who may do what: every write must be signed by a registered member's key with a fresh nonce and a current
+timestamp (else 401), acts on the member's own expert only (else 403); a damaged upload, a full disk and an
+unreachable database are each refused in one line and store nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import namedtuple
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+from service_support import service_keys, service_packages  # noqa: F401 (fixtures)
+
+from flexolmo.core.errors import ServiceError
+from flexolmo.service import store
+from flexolmo.service.app import create_app
+from flexolmo.service.auth import HEADER_MEMBER, sign_request
+from flexolmo.service.database import in_transaction, migrate, open_engine
+from flexolmo.service.registry import add_member, initialise
+from flexolmo.service.store import HEADER_DIGEST, pack_directory
+
+
+@pytest.fixture
+def service(tmp_path, tiny_anchor, service_keys):
+    engine = open_engine(f"sqlite:///{tmp_path / 'db'}")
+    migrate(engine)
+    in_transaction(engine, lambda s: initialise(s, tiny_anchor, tmp_path / "store", service_keys / "coordinator.key"))
+    for name in ("code", "math"):
+        in_transaction(engine, lambda s, n=name: add_member(s, n, service_keys / f"{n}.pub"))
+    return TestClient(create_app(engine))
+
+
+def signed(keys, member: str, path: str, body: bytes = b"", key: str | None = None, **kwargs) -> dict:
+    return sign_request(keys / f"{key or member}.key", member, "POST", path, body, **kwargs)
+
+
+def refused(response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"] and "\n" not in response.json()["error"]
+
+
+def test_unsigned_forged_stale_replayed_and_unknown_requests_are_refused(service, service_keys):
+    path = "/v1/experts/code/withdraw"
+    refused(service.post(path), 401, "unsigned request")
+    refused(service.post(path, headers=signed(service_keys, "code", path, key="math")), 401, "does not verify")
+    refused(service.post(path, headers=signed(service_keys, "code", "/v1/experts/math/withdraw")), 401,
+            "does not verify")
+    old = datetime.now(timezone.utc) - timedelta(minutes=6)
+    refused(service.post(path, headers=signed(service_keys, "code", path, now=old)), 401, "stale")
+    refused(service.post(path, headers={**signed(service_keys, "code", path), HEADER_MEMBER: "stranger"}), 401,
+            "unknown or revoked member 'stranger'")
+    headers = signed(service_keys, "code", path)
+    refused(service.post(path, headers=headers), 404, "no admitted expert")
+    refused(service.post(path, headers=headers), 401, "already used")
+
+
+def test_a_member_acts_on_its_own_expert_only(service, service_keys, service_packages, tmp_path):
+    path = "/v1/experts/math/withdraw"
+    refused(service.post(path, headers=signed(service_keys, "code", path)), 403, "its own expert only")
+    body = pack_directory(service_packages["math"])
+    headers = {**signed(service_keys, "code", "/v1/submissions", body), HEADER_DIGEST: hashlib.sha256(body).hexdigest()}
+    refused(service.post("/v1/submissions", content=body, headers=headers), 403, "cannot submit the expert 'math'")
+    assert not list((tmp_path / "store").glob(".upload-*"))
+
+
+def test_a_damaged_upload_and_a_full_disk_store_nothing(service, service_keys, service_packages, tmp_path,
+                                                        monkeypatch):
+    body = pack_directory(service_packages["code"])
+    headers = {**signed(service_keys, "code", "/v1/submissions", body), HEADER_DIGEST: "0" * 64}
+    refused(service.post("/v1/submissions", content=body, headers=headers), 422, "damaged in transit")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _path: usage(10 << 20, 10 << 20, 1024))
+    headers = {**signed(service_keys, "code", "/v1/submissions", body), HEADER_DIGEST: hashlib.sha256(body).hexdigest()}
+    refused(service.post("/v1/submissions", content=body, headers=headers), 413, "nothing was stored")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == []
+    assert service.get("/v1/status").json()["submissions"] == []
+
+
+def test_an_unreachable_database_is_one_clear_error():
+    with pytest.raises(ServiceError, match=r"cannot use the database postgresql\+psycopg://nobody@127.0.0.1:1/x: .*retry"):
+        migrate(open_engine("postgresql+psycopg://nobody@127.0.0.1:1/x"))
+
+
+def test_the_web_page_shows_the_consortium(service):
+    page = service.get("/")
+    assert page.status_code == 200 and "Active set version" in page.text and "<td>code</td>" in page.text
