@@ -44,6 +44,8 @@ def register(subparsers, name: str) -> None:
     serve.add_argument("--port", type=int, default=8700, help="port to listen on")
     publish = _sub(actions, "publish", "merge the admitted, active experts into the next version")
     publish.add_argument("--top-k", type=int, default=2, help="experts active per token")
+    publish.add_argument("--release-stale", action="store_true",
+                         help="first release reservations over an hour old (left by a killed publisher)")
     log = _sub(actions, "log", "verify and export the audit log")
     log.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if broken")
     log.add_argument("--export", type=Path, help="write every event as JSON lines")
@@ -84,7 +86,7 @@ def _log(engine, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service import registry
-    from flexolmo.service.versions import publish
+    from flexolmo.service.versions import publish, release_stale
 
     if args.action == "verify":
         from flexolmo.service.versions import verify_version
@@ -108,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
         uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
     elif args.action == "publish":
+        if args.release_stale:
+            print(f"released stale reservations: {release_stale(engine) or 'none'}")
         print(json.dumps(publish(engine, args.top_k), indent=1))
     else:
         return _log(engine, args)

@@ -52,7 +52,8 @@ def _reserve_once(session: Session) -> tuple[Version, list[Path], dict]:
     digest = inputs_digest(get_setting(session, "anchor_fingerprint"), experts)
     existing = session.scalar(select(Version).where(Version.inputs_sha256 == digest))
     if existing is not None:
-        raise Conflict(f"these experts were already published as version {existing.number} ({existing.status})")
+        hint = "; if its publisher was killed, publish with --release-stale" if existing.status == "publishing" else ""
+        raise Conflict(f"these experts were already published as version {existing.number} ({existing.status}){hint}")
     number = (session.scalar(select(func.max(Version.number))) or 0) + 1
     version = Version(number=number, inputs_sha256=digest, experts=json.dumps(experts), status="publishing",
                       created_at=now_iso())
