@@ -31,7 +31,7 @@ def _sub(subparsers, name: str, help: str) -> argparse.ArgumentParser:
 def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="run the consortium service (members, admission, versions, log)",
                          description=__doc__)
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do")
     init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key")
     init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
     init.add_argument("--key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
