@@ -39,7 +39,7 @@ def _as_postgres_user() -> list[str]:
     """initdb and postgres refuse to run as root: run them as the `postgres` (or `nobody`) user then."""
     if os.geteuid() != 0:
         return []
-    user = "postgres" if subprocess.run(["id", "postgres"], capture_output=True).returncode == 0 else "nobody"
+    user = "postgres" if subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode == 0 else "nobody"
     return ["runuser", "-u", user, "--"]
 
 
@@ -62,7 +62,8 @@ def postgres_server():
     try:
         yield f"postgresql+psycopg://flexolmo@127.0.0.1:{port}"
     finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
+                       check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

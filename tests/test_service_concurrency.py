@@ -10,7 +10,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from service_support import database_url, postgres_server, service_keys, service_packages  # noqa: F401
+from service_support import database_url
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

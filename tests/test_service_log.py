@@ -8,7 +8,7 @@ import sqlite3
 import threading
 
 import pytest
-from service_support import database_url, postgres_server  # noqa: F401 (fixture)
+from service_support import database_url
 from sqlalchemy.orm import Session
 
 from flexolmo.service.audit import append_event, export_log, verify_log
@@ -40,8 +40,8 @@ def test_an_intact_log_verifies_and_exports_as_json_lines(kind, request, tmp_pat
     ("UPDATE audit_log SET actor = 'someone-else' WHERE seq = 1", "row 1 (test) was edited"),
     ("DELETE FROM audit_log WHERE seq = 4", "row 5 found where row 4 should be"),
     ("DELETE FROM audit_log WHERE seq = 6", "rows were deleted from its end"),
-    ("UPDATE audit_log SET seq = -seq WHERE seq IN (2, 3); UPDATE audit_log SET seq = 3 WHERE seq = -2; "
-     "UPDATE audit_log SET seq = 2 WHERE seq = -3", "row 2 does not follow row 1"),
+    (("UPDATE audit_log SET seq = -seq WHERE seq IN (2, 3); UPDATE audit_log SET seq = 3 WHERE seq = -2; "
+      "UPDATE audit_log SET seq = 2 WHERE seq = -3"), "row 2 does not follow row 1"),
 ])
 def test_an_edited_reordered_or_deleted_row_is_found(change, found, tmp_path):
     engine = logged(f"sqlite:///{tmp_path / 'db'}")

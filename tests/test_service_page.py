@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from service_support import RunningService, service_keys, service_packages  # noqa: F401 (fixtures)
+from service_support import RunningService
 
 from flexolmo.service.app import submit
 from flexolmo.service.database import in_transaction, migrate, open_engine

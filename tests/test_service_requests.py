@@ -10,14 +10,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
-from service_support import service_keys, service_packages  # noqa: F401 (fixtures)
 
 from flexolmo.core.errors import ServiceError
 from flexolmo.service import store
 from flexolmo.service.app import create_app
 from flexolmo.service.auth import HEADER_MEMBER, sign_request
 from flexolmo.service.database import in_transaction, migrate, open_engine
-from flexolmo.service.registry import add_member, initialise
+from flexolmo.service.registry import add_member, initialise, revoke_member
 from flexolmo.service.store import HEADER_DIGEST, pack_directory
 
 
@@ -28,7 +27,9 @@ def service(tmp_path, tiny_anchor, service_keys):
     in_transaction(engine, lambda s: initialise(s, tiny_anchor, tmp_path / "store", service_keys / "coordinator.key"))
     for name in ("code", "math"):
         in_transaction(engine, lambda s, n=name: add_member(s, n, service_keys / f"{n}.pub"))
-    return TestClient(create_app(engine))
+    client = TestClient(create_app(engine))
+    client.engine = engine
+    return client
 
 
 def signed(keys, member: str, path: str, body: bytes = b"", key: str | None = None, **kwargs) -> dict:
@@ -53,6 +54,16 @@ def test_unsigned_forged_stale_replayed_and_unknown_requests_are_refused(service
     headers = signed(service_keys, "code", path)
     refused(service.post(path, headers=headers), 404, "no admitted expert")
     refused(service.post(path, headers=headers), 401, "already used")
+
+
+def test_a_revoked_member_is_refused_and_a_rotated_key_takes_over(service, service_keys):
+    path = "/v1/experts/code/withdraw"
+    in_transaction(service.engine, lambda s: revoke_member(s, "code"))
+    refused(service.post(path, headers=signed(service_keys, "code", path)), 401, "unknown or revoked member 'code'")
+    in_transaction(service.engine, lambda s: add_member(s, "code", service_keys / "hostile.pub"))  # rotation
+    refused(service.post(path, headers=signed(service_keys, "code", path)), 401, "does not verify")
+    refused(service.post(path, headers=signed(service_keys, "code", path, key="hostile")), 404, "no admitted expert")
+    assert "key-rotated" in service.get("/").text and "member-revoked" in service.get("/").text
 
 
 def test_a_member_acts_on_its_own_expert_only(service, service_keys, service_packages, tmp_path):

@@ -9,8 +9,7 @@ import json
 import sqlite3
 
 import pytest
-from service_support import (RunningService, database_url, postgres_server,  # noqa: F401 (fixtures)
-                             service_keys, service_packages)
+from service_support import RunningService, database_url
 
 from flexolmo.cli import main
 from flexolmo.service.client import ConsortiumClient

@@ -2,6 +2,7 @@
 
   flexolmo coordinator init --anchor ANCHOR --key coordinator.key [--db URL] [--store DIR]
   flexolmo coordinator add-member NAME --key NAME.pub [--db URL]
+  flexolmo coordinator revoke-member NAME [--db URL]
   flexolmo coordinator serve [--db URL] [--host H] [--port P]
   flexolmo coordinator publish [--db URL] [--top-k K]
   flexolmo coordinator log --verify [--export FILE.jsonl] [--db URL]
@@ -39,6 +40,8 @@ def register(subparsers, name: str) -> None:
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
     member.add_argument("name", help="the member's name (its expert's name)")
     member.add_argument("--key", required=True, type=Path, help="the member's public key (NAME.pub)")
+    revoke = _sub(actions, "revoke-member", "revoke a member's key: its requests are refused from now on")
+    revoke.add_argument("name", help="the member's name")
     serve = _sub(actions, "serve", "serve the HTTP API and web page")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8700, help="port to listen on")
@@ -103,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "add-member":
         member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.key).key_id)
         print(f"member {args.name} registered (key id {member[:16]}...)")
+    elif args.action == "revoke-member":
+        _in_session(engine, lambda s: registry.revoke_member(s, args.name))
+        print(f"member {args.name} revoked")
     elif args.action == "serve":
         import uvicorn
 

@@ -29,6 +29,7 @@ from flexolmo.service.registry import record_submission, renew_if_due, withdraw
 from flexolmo.service.status import status
 from flexolmo.service.store import HEADER_DIGEST, check_digest, keep, unpack
 
+
 def _authenticated(engine: Engine, request: Request, body: bytes) -> Member:
     """Authenticate and spend the nonce in its own transaction, so even a failed request cannot be replayed."""
     return in_transaction(engine, lambda session: authenticate(session, request.headers, request.method,

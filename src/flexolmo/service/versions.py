@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 from flexolmo.coordinator.artefacts import verify_merged_model
 from flexolmo.coordinator.merge import merge
 from flexolmo.coordinator.publish import CoordinatorTrust
+from flexolmo.core.errors import TrustError
 from flexolmo.service.audit import append_event, now_iso
 from flexolmo.service.database import get_setting, in_transaction
-from flexolmo.core.errors import TrustError
 from flexolmo.service.envelopes import INTOTO_TYPE, sign_json, verify_json
 from flexolmo.service.errors import Conflict
 from flexolmo.service.model_card import model_card
