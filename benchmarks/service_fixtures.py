@@ -12,16 +12,17 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from typing_extensions import Self
 
 from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
 from flexolmo.core.fileio import sha256_file
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, tensors_checksum
 from flexolmo.service.app import create_app
-from flexolmo.trust.signing import sign_directory
 from flexolmo.training.loop import OptimConfig
+from flexolmo.trust.signing import sign_directory
 
-WORDS = "the of and a to in is was for on that with as by it from at are an this be which or river city".split()
+WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "from", "at", "are", "an", "this", "be", "which", "or", "river", "city"]
 
 
 def _corpus(path: Path, words: list[str], seed: int, count: int = 200) -> Path:
@@ -33,8 +34,8 @@ def _corpus(path: Path, words: list[str], seed: int, count: int = 200) -> Path:
 
 def tiny_anchor_and_expert(root: Path) -> tuple[Path, Path]:
     public = _corpus(root / "public.jsonl", WORDS, 1)
-    private = _corpus(root / "code.jsonl", "def return self import class if else for range print".split() + WORDS[:8], 2)
-    optim = dict(batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3, checkpoint_every=10, seed=0)
+    private = _corpus(root / "code.jsonl", ["def", "return", "self", "import", "class", "if", "else", "for", "range", "print"] + WORDS[:8], 2)
+    optim = {"batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 3, "checkpoint_every": 10, "seed": 0}
     pretrain(PretrainConfig(data=[public], out=root / "anchor", optim=OptimConfig(steps=40, **optim),
                             shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
                                               intermediate_size=64, max_position_embeddings=128)))
@@ -73,7 +74,7 @@ class ServerThread:
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)

@@ -10,11 +10,13 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
+from service_support import RunningService
 
 from flexolmo.core.errors import ServiceError
 from flexolmo.service import store
 from flexolmo.service.app import create_app
 from flexolmo.service.auth import HEADER_MEMBER, sign_request
+from flexolmo.service.client import ConsortiumClient
 from flexolmo.service.database import in_transaction, migrate, open_engine
 from flexolmo.service.registry import add_member, initialise, revoke_member
 from flexolmo.service.store import HEADER_DIGEST, pack_directory
@@ -96,3 +98,22 @@ def test_an_unreachable_database_is_one_clear_error():
 def test_the_web_page_shows_the_consortium(service):
     page = service.get("/")
     assert page.status_code == 200 and "Active set version" in page.text and "<td>code</td>" in page.text
+
+
+def test_an_interrupted_upload_resumes_where_it_stopped_and_only_its_member_may_touch_it(
+        service, service_keys, service_packages, tmp_path, request):
+    body = pack_directory(service_packages["code"])
+    server = RunningService(service.engine)
+    request.addfinalizer(server.close)
+    client = ConsortiumClient(server.url, service_keys / "code.key", chunk_size=len(body) // 5 + 1)
+    upload = client.upload(body, chunks=2)  # the connection drops after two chunks
+    assert (tmp_path / "store" / "uploads" / f"{upload}.part").stat().st_size == 2 * client.chunk_size
+    path = f"/v1/uploads/{upload}/0"
+    refused(service.put(path, content=b"x", headers=sign_request(service_keys / "code.key", "code", "PUT", path, b"x")),
+            409, f"send the chunk at offset {2 * client.chunk_size}")
+    finish = f"/v1/uploads/{upload}/finish"
+    refused(service.post(finish, headers=signed(service_keys, "code", finish)), 409, "send the rest first")
+    refused(service.post(finish, headers=signed(service_keys, "math", finish)), 403, "its own uploads only")
+    answer = client.submit(service_packages["code"])  # a new start finds the partial upload and sends the rest
+    assert answer["status"] == "admitted" and answer["member"] == "code"
+    assert not list((tmp_path / "store" / "uploads").iterdir())

@@ -9,6 +9,7 @@ the database cannot be reached (the request may be retried).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from flexolmo.coordinator.admission import recorded_public_heldout
-from flexolmo.core.errors import FlexOlmoError, ServiceError
+from flexolmo.core.errors import FlexOlmoError, PackageError, ServiceError
 from flexolmo.service.admission import admit, check_owner
 from flexolmo.service.auth import authenticate
 from flexolmo.service.database import get_setting, in_transaction, unreachable
@@ -28,6 +29,7 @@ from flexolmo.service.page import render_page
 from flexolmo.service.registry import record_submission, renew_if_due, withdraw
 from flexolmo.service.status import status
 from flexolmo.service.store import HEADER_DIGEST, check_digest, keep, unpack
+from flexolmo.service.uploads import put_chunk, start_upload, take_upload
 
 
 def _authenticated(engine: Engine, request: Request, body: bytes) -> Member:
@@ -55,6 +57,21 @@ def submit(engine: Engine, member: Member, body: bytes, claimed: str) -> dict:
             "status": row.status, "report": outcome.report}
 
 
+def _store(engine: Engine) -> Path:
+    with Session(engine) as session:
+        return Path(get_setting(session, "store"))
+
+
+def _json(body: bytes) -> dict:
+    try:
+        value = json.loads(body or b"{}")
+    except json.JSONDecodeError:
+        raise PackageError("the request body must be JSON: {\"sha256\": ..., \"size\": ...}") from None
+    if not isinstance(value, dict):
+        raise PackageError("the request body must be a JSON object")
+    return value
+
+
 def _error(error: Exception, engine: Engine) -> JSONResponse:
     if isinstance(error, OperationalError):
         return JSONResponse({"error": str(unreachable(engine, error))}, status_code=503)
@@ -78,6 +95,24 @@ def create_app(engine: Engine) -> FastAPI:
     def post_submission(request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
         return submit(engine, member, body, request.headers.get(HEADER_DIGEST, ""))
+
+    @app.post("/v1/uploads")
+    def post_upload(request: Request, body: bytes = Body(b"")) -> dict:
+        member = _authenticated(engine, request, body)
+        declared = _json(body)
+        return start_upload(_store(engine), member.name, str(declared.get("sha256", "")),
+                            int(declared.get("size", 0)))
+
+    @app.put("/v1/uploads/{upload}/{offset}")
+    def put_upload(upload: str, offset: int, request: Request, body: bytes = Body(b"")) -> dict:
+        member = _authenticated(engine, request, body)
+        return put_chunk(_store(engine), member.name, upload, offset, body)
+
+    @app.post("/v1/uploads/{upload}/finish")
+    def finish_upload(upload: str, request: Request, body: bytes = Body(b"")) -> dict:
+        member = _authenticated(engine, request, body)
+        package, sha256 = take_upload(_store(engine), member.name, upload)
+        return submit(engine, member, package, sha256)
 
     @app.post("/v1/experts/{name}/withdraw")
     def post_withdrawal(name: str, request: Request, body: bytes = Body(b"")) -> dict:

@@ -17,17 +17,19 @@ from flexolmo.service.auth import sign_request
 from flexolmo.service.store import HEADER_DIGEST, pack_directory
 from flexolmo.trust.signing import key_name
 
+CHUNK_BYTES = 8 << 20
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 
 class ConsortiumClient:
     """One member's (or an anonymous reader's) connection to a consortium service at `url`."""
 
-    def __init__(self, url: str, key_path: Path | None = None, transport: httpx.BaseTransport | None = None):
+    def __init__(self, url: str, key_path: Path | None = None, chunk_size: int = CHUNK_BYTES):
         self.url = url.rstrip("/")
+        self.chunk_size = chunk_size
         self.key_path = Path(key_path) if key_path else None
         self.member = key_name(key_path) if key_path else None
-        self._http = httpx.Client(base_url=self.url, timeout=TIMEOUT, transport=transport)
+        self._http = httpx.Client(base_url=self.url, timeout=TIMEOUT)
 
     def _answer(self, response: httpx.Response) -> dict:
         try:
@@ -38,21 +40,40 @@ class ConsortiumClient:
             raise ServiceError(f"{self.url} refused ({response.status_code}): {answer.get('error', answer)}")
         return answer
 
-    def _signed_post(self, path: str, body: bytes, extra: dict | None = None) -> dict:
+    def _signed(self, method: str, path: str, body: bytes, extra: dict | None = None) -> dict:
         if self.key_path is None or self.member is None:
             raise ServiceError("a write must be signed: pass --key NAME.key")
-        headers = {**sign_request(self.key_path, self.member, "POST", path, body), **(extra or {})}
+        headers = {**sign_request(self.key_path, self.member, method, path, body), **(extra or {})}
         try:
-            return self._answer(self._http.post(path, content=body, headers=headers))
+            return self._answer(self._http.request(method, path, content=body, headers=headers))
         except httpx.TransportError as error:
             raise ServiceError(f"cannot reach the consortium service at {self.url}: {error}") from None
 
-    def submit(self, package: Path) -> dict:
+    def submit_whole(self, package: Path) -> dict:
+        """One request with the whole package (small packages; what `curl` users do)."""
         body = pack_directory(Path(package))
-        return self._signed_post("/v1/submissions", body, {HEADER_DIGEST: hashlib.sha256(body).hexdigest()})
+        return self._signed("POST", "/v1/submissions", body, {HEADER_DIGEST: hashlib.sha256(body).hexdigest()})
+
+    def upload(self, body: bytes, chunks: int | None = None) -> str:
+        """Send `body` in chunks from wherever an earlier, interrupted upload of it stopped; returns its id.
+        `chunks` stops after that many chunks (as a dropped connection would)."""
+        declared = json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}).encode()
+        state = self._signed("POST", "/v1/uploads", declared)
+        sent = 0
+        while state["received"] < len(body) and (chunks is None or sent < chunks):
+            offset = state["received"]
+            state = self._signed("PUT", f"/v1/uploads/{state['upload']}/{offset}",
+                                 body[offset:offset + self.chunk_size])
+            sent += 1
+        return state["upload"]
+
+    def submit(self, package: Path) -> dict:
+        """Upload the package in resumable chunks, then submit it; the answer carries its admission verdict."""
+        upload = self.upload(pack_directory(Path(package)))
+        return self._signed("POST", f"/v1/uploads/{upload}/finish", b"")
 
     def withdraw(self, name: str) -> dict:
-        return self._signed_post(f"/v1/experts/{name}/withdraw", b"")
+        return self._signed("POST", f"/v1/experts/{name}/withdraw", b"")
 
     def get(self, path: str) -> dict:
         try:

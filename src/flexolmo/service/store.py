@@ -37,9 +37,10 @@ def check_digest(body: bytes, claimed: str) -> None:
                            "with: it was damaged in transit; submit it again")
 
 
-def _check_room(store: Path, size: int) -> None:
+def check_room(store: Path, size: int) -> None:
     if size > MAX_UPLOAD_BYTES:
         raise TooLarge(f"the upload is {size} bytes, above the service's limit of {MAX_UPLOAD_BYTES}")
+    store.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(store).free
     if free < 2 * size + DISK_MARGIN_BYTES:
         raise TooLarge(f"the store {store} has {free} bytes free, too few for a {size}-byte upload; nothing "
@@ -49,7 +50,7 @@ def _check_room(store: Path, size: int) -> None:
 def unpack(body: bytes, store: Path) -> Path:
     """The uploaded tar unpacked into a new scratch directory under the store (the caller removes it)."""
     store.mkdir(parents=True, exist_ok=True)
-    _check_room(store, len(body))
+    check_room(store, len(body))
     scratch = Path(tempfile.mkdtemp(prefix=".upload-", dir=store))
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
