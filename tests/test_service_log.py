@@ -72,3 +72,17 @@ def test_concurrent_writers_with_their_own_engines_never_break_the_chain(kind, r
     assert check.ok and check.rows == 1 + 3 * 15, check.problems
     with Session(engines[0]) as session:
         assert session.connection().exec_driver_sql("SELECT count(DISTINCT seq) FROM audit_log").scalar() == 46
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_the_migrations_build_exactly_the_tables_the_models_declare(kind, request, tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from flexolmo.service.models import Base
+
+    engine = open_engine(database_url(kind, request, tmp_path))
+    migrate(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert [d for d in differences if d[0] != "remove_table" or d[1].name != "alembic_version"] == []
