@@ -37,7 +37,7 @@ from flexolmo.trust.active_set import verify_active_set
 from flexolmo.trust.signing import TrustedKeys, generate_key_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
-from service_fixtures import ServerThread, owner_packages, tiny_anchor_and_expert  # noqa: E402
+from service_fixtures import ServerThread, owner_packages, tiny_anchor_and_expert
 
 RESULTS = Path(__file__).parent / "results"
 OWNERS = [f"owner{i}" for i in range(1, 9)]
