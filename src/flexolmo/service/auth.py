@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -82,4 +82,6 @@ def authenticate(session: Session, headers, method: str, path: str, body: bytes)
     except IntegrityError:
         raise Unauthorized(f"nonce {nonce[:16]} was already used by '{name}': a replayed request is refused") \
             from None
+    # A nonce older than the accepted skew can be forgotten: its request's signed timestamp is refused anyway.
+    session.execute(delete(Nonce).where(Nonce.used_at < (now - 2 * MAX_SKEW).isoformat()))
     return member
