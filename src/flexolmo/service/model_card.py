@@ -13,6 +13,7 @@ def _expert_line(expert: dict, package: Path) -> str:
     manifest = read_manifest(package)
     training, privacy = manifest["training"], manifest["privacy"]
     dp = privacy.get("dp")
+    # The package format has no licence field yet, so the card says so rather than guess.
     dp_words = f"DP epsilon {dp['epsilon']:.3g} (delta {dp['delta']:.1e})" if dp else "no DP"
     public = ", ".join(f["name"] for f in training.get("public_data", [])) or "none"
     return (f"| {expert['name']} | `{expert['package_sha256'][:16]}...` | {training.get('tokens', '?')} tokens, "
@@ -38,7 +39,8 @@ Anchor fingerprint: `{statement['predicate']['anchor']['fingerprint']}`
 ## Verify
 
 The directory is signed by the coordinator (`model.sig`, OpenSSF model-signing format); `attestation.intoto.json`
-is a DSSE envelope over the in-toto statement below, signed with the same key:
+is a DSSE envelope over the in-toto statement below, signed with the same key. One command checks all of it:
+`flexolmo coordinator verify THIS_DIRECTORY --key coordinator.pub`.
 
 ```json
 {json.dumps(statement, indent=1, sort_keys=True)}
