@@ -32,9 +32,9 @@ def coordinator_keys(keys, tmp_path) -> TrustedKeys:
     return TrustedKeys(directory)
 
 
-def start(url: str, anchor, keys, tmp_path, capsys) -> RunningService:
+def start(url: str, anchor, keys, tmp_path, capsys, probe) -> RunningService:
     assert run_cli(capsys, "coordinator", "init", "--anchor", str(anchor), "--key", str(keys / "coordinator.key"),
-                   "--db", url, "--store", str(tmp_path / "store"))[0] == 0
+                   "--db", url, "--store", str(tmp_path / "store"), "--probe-data", str(probe))[0] == 0
     for name in ("code", "math", "hostile"):
         assert run_cli(capsys, "coordinator", "add-member", name, "--key", str(keys / f"{name}.pub"),
                        "--db", url)[0] == 0
@@ -62,14 +62,17 @@ def publish_and_verify(url: str, keys, capsys, number: int, experts: list[str]) 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_consortium_admits_publishes_honours_an_opt_out_and_keeps_a_verifiable_log(
-        kind, request, tmp_path, tiny_anchor, service_keys, service_packages, capsys):
+        kind, request, tmp_path, tiny_anchor, corpora, service_keys, service_packages, capsys):
     url, keys = database_url(kind, request, tmp_path), service_keys
-    service = start(url, tiny_anchor, keys, tmp_path, capsys)
+    service = start(url, tiny_anchor, keys, tmp_path, capsys, corpora["public"])
     try:
         submit_all(service, service_packages, keys, capsys)
         state = ConsortiumClient(service.url).status()
         assert [(s["member"], s["status"]) for s in state["submissions"]] == [
             ("code", "admitted"), ("math", "admitted"), ("hostile", "refused")]
+        hostile = state["submissions"][2]["report"]
+        assert "skipped" not in hostile["probe"], hostile["probe"]
+        assert hostile["verdicts"][0]["public_top_share"] > 0.5
         assert not list((tmp_path / "store").glob(".upload-*"))  # the refusal left nothing but its record
         assert len(list((tmp_path / "store" / "packages").iterdir())) == 2
         publish_and_verify(url, keys, capsys, 1, ["code", "math"])

@@ -1,6 +1,6 @@
 """`flexolmo coordinator`: run a consortium as a service, with its state in one database.
 
-  flexolmo coordinator init --anchor ANCHOR --key coordinator.key [--db URL] [--store DIR]
+  flexolmo coordinator init --anchor ANCHOR --key coordinator.key [--db URL] [--store DIR] [--probe-data F..]
   flexolmo coordinator add-member NAME --key NAME.pub [--db URL]
   flexolmo coordinator revoke-member NAME [--db URL]
   flexolmo coordinator serve [--db URL] [--host H] [--port P]
@@ -37,6 +37,8 @@ def register(subparsers, name: str) -> None:
     init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
     init.add_argument("--key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
     init.add_argument("--store", type=Path, default=Path("consortium-store"), help="package and version store")
+    init.add_argument("--probe-data", nargs="+", type=Path, default=None,
+                      help="public text admission probes with (default: the held-out text the anchor records)")
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
     member.add_argument("name", help="the member's name (its expert's name)")
     member.add_argument("--key", required=True, type=Path, help="the member's public key (NAME.pub)")
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = _engine(args.db)
     if args.action == "init":
-        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.key))
+        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.key,
+                                                                            args.probe_data))
         print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
     elif args.action == "add-member":
         member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.key).key_id)

@@ -42,7 +42,7 @@ def _trusting(member: str, public_key_pem: str, directory: Path) -> TrustedKeys:
 
 
 def admit(package: Path, member: str, public_key_pem: str, anchor: Path,
-          probe: tuple[list[Path], str] | None) -> Outcome:
+          probe: tuple[list[Path], str] | None, no_probe_reason: str) -> Outcome:
     """Verify, authenticate and measure `package`; every refusal is an outcome, not an exception."""
     digest = package_digest(package) if (package / "manifest.json").is_file() else "0" * 64
     reports: list[AdmissionReport] = []
@@ -51,7 +51,7 @@ def admit(package: Path, member: str, public_key_pem: str, anchor: Path,
         (root / "keys").mkdir()
         trust = CoordinatorTrust(trusted_keys=_trusting(member, public_key_pem, root / "keys"),
                                  admission=AdmissionPolicy(), probe=probe,
-                                 no_probe_reason="the consortium was initialised without --probe-data",
+                                 no_probe_reason=no_probe_reason,
                                  on_admission=reports.append)
         try:
             merge(anchor, [package], root / "model", top_k=2, trust=trust)

@@ -19,14 +19,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from flexolmo.coordinator.admission import recorded_public_heldout
 from flexolmo.core.errors import FlexOlmoError, PackageError, ServiceError
 from flexolmo.service.admission import admit, check_owner
 from flexolmo.service.auth import authenticate
 from flexolmo.service.database import get_setting, in_transaction, unreachable
 from flexolmo.service.models import Member
 from flexolmo.service.page import render_page
-from flexolmo.service.registry import record_submission, renew_if_due, withdraw
+from flexolmo.service.registry import admission_probe, record_submission, renew_if_due, withdraw
 from flexolmo.service.status import status
 from flexolmo.service.store import HEADER_DIGEST, check_digest, keep, unpack
 from flexolmo.service.uploads import put_chunk, start_upload, take_upload
@@ -42,11 +41,12 @@ def submit(engine: Engine, member: Member, body: bytes, claimed: str) -> dict:
     """Check, unpack, admit and record one upload; a refused package leaves only its record."""
     with Session(engine) as session:
         anchor, store = Path(get_setting(session, "anchor")), Path(get_setting(session, "store"))
+        probe, no_probe_reason = admission_probe(session)
     check_digest(body, claimed)
     scratch = unpack(body, store)
     try:
         check_owner(scratch, member.name)
-        outcome = admit(scratch, member.name, member.public_key_pem, anchor, recorded_public_heldout(anchor))
+        outcome = admit(scratch, member.name, member.public_key_pem, anchor, probe, no_probe_reason)
         stored = keep(scratch, store, outcome.digest) if outcome.admitted else None
     finally:
         if scratch.exists():

@@ -11,9 +11,10 @@ from securesystemslib.dsse import Envelope
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flexolmo.coordinator.admission import recorded_public_heldout
 from flexolmo.model.anchor import compute_fingerprint
 from flexolmo.service.audit import append_event, log_head, now_iso
-from flexolmo.service.database import get_setting, put_setting
+from flexolmo.service.database import get_setting, optional_setting, put_setting
 from flexolmo.service.envelopes import RECEIPT_TYPE, sign_json
 from flexolmo.service.errors import Conflict, Forbidden, NotFound
 from flexolmo.service.models import ActiveSetRow, Member, Submission, Version
@@ -23,19 +24,33 @@ from flexolmo.trust.signing import key_id, load_private_key, load_public_key
 ACTIVE_SET_LIFETIME = timedelta(hours=24)
 
 
-def initialise(session: Session, anchor: Path, store: Path, coordinator_key: Path) -> dict:
-    """Fix the anchor, the package store and the coordinator's key; refuse to re-initialise."""
+def initialise(session: Session, anchor: Path, store: Path, coordinator_key: Path,
+               probe_data: list[Path] | None = None) -> dict:
+    """Fix the anchor, the package store, the coordinator's key and (optionally) the public text admission
+    probes with; refuse to re-initialise."""
     if session.get(ActiveSetRow, 1) is not None:
         raise Conflict("this database already holds a consortium; use another --db to start a new one")
     load_private_key(coordinator_key)
     settings = {"anchor": str(anchor.resolve()), "store": str(store.resolve()),
-                "coordinator_key": str(coordinator_key.resolve()), "anchor_fingerprint": compute_fingerprint(anchor)}
+                "coordinator_key": str(coordinator_key.resolve()), "anchor_fingerprint": compute_fingerprint(anchor),
+                "probe_data": json.dumps([str(path.resolve()) for path in probe_data or []])}
     for key, value in settings.items():
         put_setting(session, key, value)
     store.mkdir(parents=True, exist_ok=True)
     append_event(session, "initialised", "coordinator", settings)
     issue_active_set(session, "initialised")
     return settings
+
+
+def admission_probe(session: Session) -> tuple[tuple[list[Path], str] | None, str]:
+    """The public text admission probes with, as `flexolmo merge` chooses it: --probe-data given at init, else
+    the held-out public text the anchor records; with the reason when there is none."""
+    files = [Path(name) for name in json.loads(optional_setting(session, "probe_data") or "[]")]
+    if files:
+        return (files, "all"), ""
+    anchor = Path(get_setting(session, "anchor"))
+    return recorded_public_heldout(anchor), (f"{anchor} records no public held-out file that is present and "
+                                             "unchanged, and the consortium was initialised without --probe-data")
 
 
 def add_member(session: Session, name: str, public_key: Path) -> Member:
