@@ -32,6 +32,10 @@ COMMANDS = {
     "audit-extraction": "audit",
     "demo": "demo",
     "data": "data",
+    "coordinator": "coordinator",
+    "submit": "submit",
+    "withdraw": "withdraw",
+    "status": "status",
 }
 
 

@@ -39,3 +39,9 @@ class DeviceError(FlexOlmoError):
 
 class ProxyError(FlexOlmoError):
     """A proxy file is missing or malformed, or cannot be used to tune this model's router."""
+
+
+class ServiceError(FlexOlmoError):
+    """The consortium service refuses a request or cannot reach its database; `status` is its HTTP code."""
+
+    status = 400

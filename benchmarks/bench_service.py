@@ -1,0 +1,151 @@
+"""The consortium service's timings, on one machine, over real HTTP (uvicorn) and a real database.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_service.py [--db URL]
+
+Builds a tiny anchor and one honest expert in a scratch directory (a few seconds of CPU), makes eight owners
+(the expert renamed to each and signed by its own key), then measures:
+- submission -> admission result: one owner's signed upload until the answer with its admission verdict
+  (verification, authentication, the merge admission measures in, row-norm and public-probe checks), 5 times;
+- 8 owners submitting at the same moment: wall time, and that all 8 are admitted and the log verifies;
+- withdrawal -> new active set: from the signed withdrawal until a client has fetched and verified an active
+  set without the expert, for 5 owners (what `flexolmo serve` polls; serving itself is not measured here);
+- audit-log verification at 100,000 events (chained rows bulk-written to a fresh SQLite file first).
+Results: printed, and `benchmarks/results/service.json` (`service-postgresql.json` with a PostgreSQL --db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import insert
+
+from flexolmo.service.audit import GENESIS, HEAD_KEY, now_iso, row_hash, verify_log
+from flexolmo.service.client import ConsortiumClient
+from flexolmo.service.database import in_transaction, migrate, open_engine, put_setting
+from flexolmo.service.models import AuditEvent
+from flexolmo.service.registry import add_member, initialise
+from flexolmo.trust.active_set import verify_active_set
+from flexolmo.trust.signing import TrustedKeys, generate_key_pair
+
+sys.path.insert(0, str(Path(__file__).parent))
+from service_fixtures import ServerThread, owner_packages, tiny_anchor_and_expert
+
+RESULTS = Path(__file__).parent / "results"
+OWNERS = [f"owner{i}" for i in range(1, 9)]
+
+
+def timed(action) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result
+
+
+def submissions(url: str, keys: Path, packages: dict[str, Path]) -> list[float]:
+    client = ConsortiumClient(url, keys / "owner1.key")
+    seconds = []
+    for _ in range(5):
+        elapsed, answer = timed(lambda: client.submit(packages["owner1"]))
+        assert answer["status"] == "admitted", answer
+        seconds.append(elapsed)
+    return seconds
+
+
+def concurrent_submissions(url: str, keys: Path, packages: dict[str, Path]) -> dict:
+    barrier, answers = threading.Barrier(len(OWNERS)), {}
+
+    def owner(name: str) -> None:
+        barrier.wait()
+        answers[name] = ConsortiumClient(url, keys / f"{name}.key").submit(packages[name])["status"]
+
+    threads = [threading.Thread(target=owner, args=(name,)) for name in OWNERS]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"owners": len(OWNERS), "wall_seconds": time.perf_counter() - start,
+            "admitted": sum(status == "admitted" for status in answers.values())}
+
+
+def withdrawals(url: str, keys: Path, trusted: TrustedKeys) -> list[float]:
+    seconds = []
+    for name in OWNERS[1:6]:
+        start = time.perf_counter()
+        ConsortiumClient(url, keys / f"{name}.key").withdraw(name)
+        active = verify_active_set(ConsortiumClient(url).active_set(), trusted)
+        assert name not in {expert.name for expert in active.experts}
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def log_verification(path: Path, events: int = 100_000) -> dict:
+    engine = open_engine(f"sqlite:///{path}")
+    migrate(engine)
+    rows, prev = [], GENESIS
+    for seq in range(1, events + 1):
+        time_, payload = now_iso(), json.dumps({"index": seq})
+        digest = row_hash(seq, time_, "bench", "owner1", payload, prev)
+        rows.append({"seq": seq, "time": time_, "kind": "bench", "actor": "owner1", "payload": payload,
+                     "prev_hash": prev, "hash": digest})
+        prev = digest
+
+    def write(session) -> None:
+        session.execute(insert(AuditEvent), rows)
+        put_setting(session, HEAD_KEY, f"{events}:{prev}")
+
+    in_transaction(engine, write)
+    elapsed, check = timed(lambda: verify_log(engine))
+    assert check.ok and check.rows == events, check.problems
+    return {"events": events, "verify_seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", help="database URL (default: a fresh SQLite file in the scratch directory)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as scratch:
+        root = Path(scratch)
+        anchor, expert = tiny_anchor_and_expert(root)
+        keys = root / "keys"
+        for name in ("coordinator", *OWNERS):
+            generate_key_pair(name, keys)
+        (root / "trusted").mkdir()
+        (root / "trusted" / "coordinator.pub").write_bytes((keys / "coordinator.pub").read_bytes())
+        packages = owner_packages(expert, root / "packages", keys, OWNERS)
+        url = args.db or f"sqlite:///{root / 'consortium.db'}"
+        engine = open_engine(url)
+        migrate(engine)
+        in_transaction(engine, lambda s: initialise(s, anchor, root / "store", keys / "coordinator.key"))
+        for name in OWNERS:
+            in_transaction(engine, lambda s, n=name: add_member(s, n, keys / f"{n}.pub"))
+        with ServerThread(engine) as server:
+            submit_seconds = submissions(server.url, keys, packages)
+            concurrent = concurrent_submissions(server.url, keys, packages)
+            withdraw_seconds = withdrawals(server.url, keys, TrustedKeys(root / "trusted"))
+        check = verify_log(engine)
+        log = log_verification(root / "log.db")
+    results = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
+        "database": "sqlite" if not args.db else engine.url.get_backend_name(),
+        "submission_to_admission_seconds": {"median": statistics.median(submit_seconds), "all": submit_seconds},
+        "concurrent_submissions": {**concurrent, "log_intact": check.ok},
+        "withdrawal_to_verified_active_set_seconds": {"median": statistics.median(withdraw_seconds),
+                                                      "all": withdraw_seconds},
+        "log_verification": log,
+    }
+    out = RESULTS / ("service.json" if results["database"] == "sqlite" else f"service-{results['database']}.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

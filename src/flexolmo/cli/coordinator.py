@@ -1,0 +1,127 @@
+"""`flexolmo coordinator`: run a consortium as a service, with its state in one database.
+
+  flexolmo coordinator init --anchor ANCHOR --key coordinator.key [--db URL] [--store DIR] [--probe-data F..]
+  flexolmo coordinator add-member NAME --key NAME.pub [--db URL]
+  flexolmo coordinator revoke-member NAME [--db URL]
+  flexolmo coordinator serve [--db URL] [--host H] [--port P]
+  flexolmo coordinator publish [--db URL] [--top-k K]
+  flexolmo coordinator log --verify [--export FILE.jsonl] [--db URL]
+  flexolmo coordinator verify VERSION_DIR --key coordinator.pub
+
+--db is a SQLAlchemy URL: a SQLite file by default, postgresql+psycopg://USER@HOST:PORT/DB when it grows.
+Every subcommand takes the same --db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flexolmo.cli.common import HelpFormatter, add_command
+
+
+def _sub(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    from flexolmo.service.database import DEFAULT_DB
+
+    parser = subparsers.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    parser.add_argument("--db", default=DEFAULT_DB, help="database URL (SQLAlchemy)")
+    return parser
+
+
+def register(subparsers, name: str) -> None:
+    parser = add_command(subparsers, name, help="run the consortium service (members, admission, versions, log)",
+                         description=__doc__)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do")
+    init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key")
+    init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
+    init.add_argument("--key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
+    init.add_argument("--store", type=Path, default=Path("consortium-store"), help="package and version store")
+    init.add_argument("--probe-data", nargs="+", type=Path, default=None,
+                      help="public text admission probes with (default: the held-out text the anchor records)")
+    member = _sub(actions, "add-member", "register a member (or rotate its key)")
+    member.add_argument("name", help="the member's name (its expert's name)")
+    member.add_argument("--key", required=True, type=Path, help="the member's public key (NAME.pub)")
+    revoke = _sub(actions, "revoke-member", "revoke a member's key: its requests are refused from now on")
+    revoke.add_argument("name", help="the member's name")
+    serve = _sub(actions, "serve", "serve the HTTP API and web page")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8700, help="port to listen on")
+    publish = _sub(actions, "publish", "merge the admitted, active experts into the next version")
+    publish.add_argument("--top-k", type=int, default=2, help="experts active per token")
+    publish.add_argument("--release-stale", action="store_true",
+                         help="first release reservations over an hour old (left by a killed publisher)")
+    log = _sub(actions, "log", "verify and export the audit log")
+    log.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if broken")
+    log.add_argument("--export", type=Path, help="write every event as JSON lines")
+    verify = actions.add_parser("verify", help="verify a published version (signature, log, attestation)",
+                                formatter_class=HelpFormatter)
+    verify.add_argument("version_dir", type=Path, help="the version's model directory")
+    verify.add_argument("--key", required=True, type=Path, help="the coordinator's public key (NAME.pub)")
+    parser.set_defaults(run=run)
+
+
+def _engine(url: str):
+    from flexolmo.service.database import migrate, open_engine
+
+    engine = open_engine(url)
+    migrate(engine)
+    return engine
+
+
+def _in_session(engine, action):
+    from flexolmo.service.database import in_transaction
+
+    return in_transaction(engine, action)
+
+
+def _log(engine, args: argparse.Namespace) -> int:
+    from flexolmo.service.audit import export_log, verify_log
+
+    if args.export:
+        print(f"exported {export_log(engine, args.export)} events to {args.export}")
+    if args.verify:
+        check = verify_log(engine)
+        if not check.ok:
+            print(f"audit log BROKEN ({check.rows} rows): {check.problems[0]}")
+            return 1
+        print(f"audit log intact: {check.rows} events, hash chain and head verified")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexolmo.service import registry
+    from flexolmo.service.versions import publish, release_stale
+
+    if args.action == "verify":
+        from flexolmo.service.versions import verify_version
+
+        statement = verify_version(args.version_dir, args.key)
+        print(f"version {statement['predicate']['version']} verified: signed by the coordinator, attested "
+              f"output {statement['subject'][0]['digest']['sha256'][:16]}..., inputs "
+              f"{', '.join(i['name'] for i in statement['predicate']['inputs'])}")
+        return 0
+    engine = _engine(args.db)
+    if args.action == "init":
+        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.key,
+                                                                            args.probe_data))
+        print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
+    elif args.action == "add-member":
+        member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.key).key_id)
+        print(f"member {args.name} registered (key id {member[:16]}...)")
+    elif args.action == "revoke-member":
+        _in_session(engine, lambda s: registry.revoke_member(s, args.name))
+        print(f"member {args.name} revoked")
+    elif args.action == "serve":
+        import uvicorn
+
+        from flexolmo.service.app import create_app
+
+        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
+    elif args.action == "publish":
+        if args.release_stale:
+            print(f"released stale reservations: {release_stale(engine) or 'none'}")
+        print(json.dumps(publish(engine, args.top_k), indent=1))
+    else:
+        return _log(engine, args)
+    return 0

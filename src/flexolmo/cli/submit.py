@@ -1,0 +1,27 @@
+"""`flexolmo submit PACKAGE --coordinator URL --key NAME.key`: send your signed expert package to the
+consortium service; it is verified and admitted (or refused, with its reasons) before the answer comes back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flexolmo.cli.common import add_command
+
+
+def register(subparsers, name: str) -> None:
+    parser = add_command(subparsers, name, help="submit an expert package to a consortium service",
+                         description=__doc__)
+    parser.add_argument("package", type=Path, help="the package directory")
+    parser.add_argument("--coordinator", required=True, help="the service's URL, e.g. http://127.0.0.1:8700")
+    parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexolmo.service.client import ConsortiumClient
+
+    answer = ConsortiumClient(args.coordinator, args.key).submit(args.package)
+    print(json.dumps(answer, indent=1))
+    return 0 if answer["status"] == "admitted" else 1

@@ -1,0 +1,160 @@
+"""Shared by the service tests: a real PostgreSQL server started from its binaries, fresh databases on it or
+in SQLite files, signed tiny packages (honest and hostile), and the service on a real HTTP port."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import tiny_optim
+from safetensors.torch import load_file, save_file
+
+PG_BIN_DIRS = ["/usr/local/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pg_binary(name: str) -> str | None:
+    for directory in PG_BIN_DIRS:
+        if Path(directory, name).is_file():
+            return str(Path(directory, name))
+    return shutil.which(name)
+
+
+def _as_postgres_user() -> list[str]:
+    """initdb and postgres refuse to run as root: run them as the `postgres` (or `nobody`) user then."""
+    if os.geteuid() != 0:
+        return []
+    user = "postgres" if subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode == 0 else "nobody"
+    return ["runuser", "-u", user, "--"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of its own, in a temporary directory on a free port of 127.0.0.1; yields its base URL."""
+    initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed; install postgresql from Debian")
+    root = Path(tempfile.mkdtemp(prefix="flexolmo-pg-"))
+    prefix = _as_postgres_user()
+    if prefix:
+        shutil.chown(root, prefix[2])
+    data, port = root / "data", free_port()
+    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "flexolmo", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://flexolmo@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
+                       check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def new_postgres_database(server: str) -> str:
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres",
+                         autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+def database_url(kind: str, request, tmp_path: Path) -> str:
+    """A fresh, empty database of `kind` (sqlite or postgresql)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'consortium.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+def make_keys(directory: Path, names: list[str]) -> Path:
+    from flexolmo.trust.signing import generate_key_pair
+
+    for name in names:
+        generate_key_pair(name, directory)
+    return directory
+
+
+def train_signed(anchor: Path, corpora: dict, keys: Path, root: Path, domain: str) -> Path:
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+
+    out = root / domain
+    train_expert(ExpertConfig(anchor=anchor, data=[corpora[domain]], name=domain, out=out,
+                              public_data=[corpora["public"]], public_share=0.5, eval_max_sequences=8,
+                              optim=tiny_optim(steps=10, lr=5e-3)),
+                 sign_key=keys / f"{domain}.key")
+    return out
+
+
+def hostile_copy(source: Path, target: Path, name: str, key: Path, scale: float = 20.0) -> Path:
+    """What a router hijacker submits: an honest package renamed as its own, router rows scaled, checksums
+    recomputed with flexolmo's functions and signed with its own key, so only admission can refuse it."""
+    from flexolmo.core.fileio import sha256_file
+    from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, tensors_checksum
+    from flexolmo.trust.signing import sign_directory
+
+    shutil.copytree(source, target)
+    tensors = load_file(target / TENSOR_FILE)
+    tensors = {k: v * scale if k.endswith("router.weight") else v for k, v in tensors.items()}
+    save_file(tensors, target / TENSOR_FILE, metadata={"format": "flexolmo-expert", "name": name})
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    manifest.update(name=name, tensors_sha256=tensors_checksum(tensors), file_sha256=sha256_file(target / TENSOR_FILE))
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    sign_directory(target, key)
+    return target
+
+
+class RunningService:
+    """The FastAPI app served by uvicorn on a free port in a thread, stopped on `close`."""
+
+    def __init__(self, engine):
+        import uvicorn
+
+        from flexolmo.service.app import create_app
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not start within 30 s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def service_keys(tmp_path_factory) -> Path:
+    return make_keys(tmp_path_factory.mktemp("service-keys"), ["coordinator", "code", "math", "hostile"])
+
+
+@pytest.fixture(scope="session")
+def service_packages(tmp_path_factory, tiny_anchor, corpora, service_keys) -> dict[str, Path]:
+    """Two honest signed experts and a hostile one (router rows x20, signed by its own member)."""
+    root = tmp_path_factory.mktemp("service-packages")
+    packages = {domain: train_signed(tiny_anchor, corpora, service_keys, root, domain) for domain in ("code", "math")}
+    packages["hostile"] = hostile_copy(packages["math"], root / "hostile", "hostile", service_keys / "hostile.key")
+    return packages
