@@ -9,8 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-from service_support import RunningService
+from service_support import RunningService, missing_service
 
 from flexolmo.service.app import submit
 from flexolmo.service.database import in_transaction, migrate, open_engine
@@ -48,10 +47,10 @@ def populated(url: str, anchor, keys, packages, store):
     return engine
 
 
-@pytest.mark.skipif(not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)),
-                    reason="Chromium and chromedriver (Debian packages chromium, chromium-driver) are not installed")
 def test_the_page_shows_members_reports_versions_withdrawals_and_the_log(tmp_path, tiny_anchor, service_keys,
                                                                         service_packages):
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
+        missing_service("Chromium and chromedriver (Debian packages chromium, chromium-driver) are not installed")
     from selenium.webdriver.common.by import By
 
     engine = populated(f"sqlite:///{tmp_path / 'db'}", tiny_anchor, service_keys, service_packages,

@@ -33,10 +33,10 @@ def coordinator_keys(keys, tmp_path) -> TrustedKeys:
 
 
 def start(url: str, anchor, keys, tmp_path, capsys, probe) -> RunningService:
-    assert run_cli(capsys, "coordinator", "init", "--anchor", str(anchor), "--key", str(keys / "coordinator.key"),
+    assert run_cli(capsys, "coordinator", "init", "--anchor", str(anchor), "--sign-key", str(keys / "coordinator.key"),
                    "--db", url, "--store", str(tmp_path / "store"), "--probe-data", str(probe))[0] == 0
     for name in ("code", "math", "hostile"):
-        assert run_cli(capsys, "coordinator", "add-member", name, "--key", str(keys / f"{name}.pub"),
+        assert run_cli(capsys, "coordinator", "add-member", name, "--public-key", str(keys / f"{name}.pub"),
                        "--db", url)[0] == 0
     return RunningService(open_engine(url))
 
@@ -44,10 +44,10 @@ def start(url: str, anchor, keys, tmp_path, capsys, probe) -> RunningService:
 def submit_all(service, packages, keys, capsys) -> None:
     for name in ("code", "math"):
         status, out = run_cli(capsys, "submit", str(packages[name]), "--coordinator", service.url,
-                              "--key", str(keys / f"{name}.key"))
+                              "--sign-key", str(keys / f"{name}.key"))
         assert status == 0 and '"status": "admitted"' in out, out
     status, out = run_cli(capsys, "submit", str(packages["hostile"]), "--coordinator", service.url,
-                          "--key", str(keys / "hostile.key"))
+                          "--sign-key", str(keys / "hostile.key"))
     assert status == 1 and "router rows are" in out and "above the limit" in out, out
 
 
@@ -56,7 +56,7 @@ def publish_and_verify(url: str, keys, capsys, number: int, experts: list[str]) 
     assert status == 0, out
     published = json.JSONDecoder().raw_decode(out)[0]  # stdout first; merge progress follows on stderr
     assert published["number"] == number and [e["name"] for e in published["experts"]] == experts
-    status, out = run_cli(capsys, "coordinator", "verify", published["path"], "--key", str(keys / "coordinator.pub"))
+    status, out = run_cli(capsys, "coordinator", "verify", published["path"], "--public-key", str(keys / "coordinator.pub"))
     assert status == 0 and f"version {number} verified" in out, out
 
 
@@ -77,7 +77,7 @@ def test_a_consortium_admits_publishes_honours_an_opt_out_and_keeps_a_verifiable
         assert len(list((tmp_path / "store" / "packages").iterdir())) == 2
         publish_and_verify(url, keys, capsys, 1, ["code", "math"])
 
-        status, out = run_cli(capsys, "withdraw", "math", "--coordinator", service.url, "--key",
+        status, out = run_cli(capsys, "withdraw", "math", "--coordinator", service.url, "--sign-key",
                               str(keys / "math.key"), "--receipt", str(tmp_path / "receipt.json"))
         assert status == 0, out
         receipt = verify_json(json.loads((tmp_path / "receipt.json").read_text()), RECEIPT_TYPE,

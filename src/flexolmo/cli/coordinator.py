@@ -1,12 +1,12 @@
 """`flexolmo coordinator`: run a consortium as a service, with its state in one database.
 
-  flexolmo coordinator init --anchor ANCHOR --key coordinator.key [--db URL] [--store DIR] [--probe-data F..]
-  flexolmo coordinator add-member NAME --key NAME.pub [--db URL]
+  flexolmo coordinator init --anchor ANCHOR --sign-key coordinator.key [--db URL] [--store DIR] [--probe-data F..]
+  flexolmo coordinator add-member NAME --public-key NAME.pub [--db URL]
   flexolmo coordinator revoke-member NAME [--db URL]
   flexolmo coordinator serve [--db URL] [--host H] [--port P]
   flexolmo coordinator publish [--db URL] [--top-k K]
   flexolmo coordinator log --verify [--export FILE.jsonl] [--db URL]
-  flexolmo coordinator verify VERSION_DIR --key coordinator.pub
+  flexolmo coordinator verify VERSION_DIR --public-key coordinator.pub
 
 --db is a SQLAlchemy URL: a SQLite file by default, postgresql+psycopg://USER@HOST:PORT/DB when it grows.
 Every subcommand takes the same --db.
@@ -35,13 +35,13 @@ def register(subparsers, name: str) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do")
     init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key")
     init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
-    init.add_argument("--key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
+    init.add_argument("--sign-key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
     init.add_argument("--store", type=Path, default=Path("consortium-store"), help="package and version store")
     init.add_argument("--probe-data", nargs="+", type=Path, default=None,
                       help="public text admission probes with (default: the held-out text the anchor records)")
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
     member.add_argument("name", help="the member's name (its expert's name)")
-    member.add_argument("--key", required=True, type=Path, help="the member's public key (NAME.pub)")
+    member.add_argument("--public-key", required=True, type=Path, help="the member's public key (NAME.pub)")
     revoke = _sub(actions, "revoke-member", "revoke a member's key: its requests are refused from now on")
     revoke.add_argument("name", help="the member's name")
     serve = _sub(actions, "serve", "serve the HTTP API and web page")
@@ -57,7 +57,7 @@ def register(subparsers, name: str) -> None:
     verify = actions.add_parser("verify", help="verify a published version (signature, log, attestation)",
                                 formatter_class=HelpFormatter)
     verify.add_argument("version_dir", type=Path, help="the version's model directory")
-    verify.add_argument("--key", required=True, type=Path, help="the coordinator's public key (NAME.pub)")
+    verify.add_argument("--public-key", required=True, type=Path, help="the coordinator's public key (NAME.pub)")
     parser.set_defaults(run=run)
 
 
@@ -96,18 +96,18 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "verify":
         from flexolmo.service.versions import verify_version
 
-        statement = verify_version(args.version_dir, args.key)
+        statement = verify_version(args.version_dir, args.public_key)
         print(f"version {statement['predicate']['version']} verified: signed by the coordinator, attested "
               f"output {statement['subject'][0]['digest']['sha256'][:16]}..., inputs "
               f"{', '.join(i['name'] for i in statement['predicate']['inputs'])}")
         return 0
     engine = _engine(args.db)
     if args.action == "init":
-        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.key,
+        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.sign_key,
                                                                             args.probe_data))
         print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
     elif args.action == "add-member":
-        member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.key).key_id)
+        member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.public_key).key_id)
         print(f"member {args.name} registered (key id {member[:16]}...)")
     elif args.action == "revoke-member":
         _in_session(engine, lambda s: registry.revoke_member(s, args.name))

@@ -1,4 +1,4 @@
-"""`flexolmo submit PACKAGE --coordinator URL --key NAME.key`: send your signed expert package to the
+"""`flexolmo submit PACKAGE --coordinator URL --sign-key NAME.key`: send your signed expert package to the
 consortium service; it is verified and admitted (or refused, with its reasons) before the answer comes back."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("package", type=Path, help="the package directory")
     parser.add_argument("--coordinator", required=True, help="the service's URL, e.g. http://127.0.0.1:8700")
-    parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.add_argument("--sign-key", required=True, type=Path, help="your private key (NAME.key)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service.client import ConsortiumClient
 
-    answer = ConsortiumClient(args.coordinator, args.key).submit(args.package)
+    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package)
     print(json.dumps(answer, indent=1))
     return 0 if answer["status"] == "admitted" else 1

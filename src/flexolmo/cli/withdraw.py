@@ -1,4 +1,4 @@
-"""`flexolmo withdraw NAME --coordinator URL --key NAME.key`: take your expert out of the consortium now;
+"""`flexolmo withdraw NAME --coordinator URL --sign-key NAME.key`: take your expert out of the consortium now;
 prints the coordinator's signed receipt naming the active-set version from which it is no longer used."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("name", help="your expert's name")
     parser.add_argument("--coordinator", required=True, help="the service's URL")
-    parser.add_argument("--key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.add_argument("--sign-key", required=True, type=Path, help="your private key (NAME.key)")
     parser.add_argument("--receipt", type=Path, help="also write the signed receipt to this file")
     parser.set_defaults(run=run)
 
@@ -23,7 +23,7 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service.client import ConsortiumClient
 
-    receipt = ConsortiumClient(args.coordinator, args.key).withdraw(args.name)
+    receipt = ConsortiumClient(args.coordinator, args.sign_key).withdraw(args.name)
     if args.receipt:
         args.receipt.write_text(json.dumps(receipt, indent=1))
     print(json.dumps(receipt, indent=1))

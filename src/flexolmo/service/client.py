@@ -42,7 +42,7 @@ class ConsortiumClient:
 
     def _signed(self, method: str, path: str, body: bytes, extra: dict | None = None) -> dict:
         if self.key_path is None or self.member is None:
-            raise ServiceError("a write must be signed: pass --key NAME.key")
+            raise ServiceError("a write must be signed: pass --sign-key NAME.key")
         headers = {**sign_request(self.key_path, self.member, method, path, body), **(extra or {})}
         try:
             return self._answer(self._http.request(method, path, content=body, headers=headers))

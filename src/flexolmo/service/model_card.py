@@ -40,7 +40,7 @@ Anchor fingerprint: `{statement['predicate']['anchor']['fingerprint']}`
 
 The directory is signed by the coordinator (`model.sig`, OpenSSF model-signing format); `attestation.intoto.json`
 is a DSSE envelope over the in-toto statement below, signed with the same key. One command checks all of it:
-`flexolmo coordinator verify THIS_DIRECTORY --key coordinator.pub`.
+`flexolmo coordinator verify THIS_DIRECTORY --public-key coordinator.pub`.
 
 ```json
 {json.dumps(statement, indent=1, sort_keys=True)}
