@@ -249,6 +249,7 @@ def write_anchor(anchor_dir: Path, shape: dict, seed: int, shard_bytes: int) -> 
 def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: dict) -> None:
     import torch
 
+    from flexolmo.core.provenance import software_versions, utc_now
     from flexolmo.core.weights import PACKAGE_FFN, PACKAGE_ROUTER
     from flexolmo.owner.package import write_package
 
@@ -261,7 +262,13 @@ def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: di
                 proj_shape, seed * 1_000_003 + layer * 10 + offset, torch.bfloat16)
         generator = torch.Generator().manual_seed(seed * 7919 + layer)
         tensors[PACKAGE_ROUTER.format(layer=layer)] = torch.randn(1, hidden, generator=generator) * 0.02
-    write_package(out, name, tensors, {"anchor": anchor_record, "training": {"kind": "synthetic benchmark package"}})
+    # A complete manifest (the package schema refuses a partial one), declaring what the package is: synthetic.
+    write_package(out, name, tensors, {
+        "anchor": anchor_record,
+        "training": {"config": {"kind": "synthetic benchmark package"}, "tokens": 0, "public_share": 0.0,
+                     "public_data": []},
+        "privacy": {"dp": None, "router_init": "synthetic", "router_row_from_private_data": False},
+        "created": utc_now(), "versions": software_versions()})
     del tensors
     gc.collect()
 

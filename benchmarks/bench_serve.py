@@ -37,37 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import DEMO_ANCHOR, EXPERTS, SMALL_SHAPE
-from bench_merge import PROJECTIONS, filled, write_anchor
+from bench_merge import write_anchor, write_expert
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 WORDS = ["the", "of", "and", "river", "city", "music", "science", "language", "country", "people", "century", "war", "king", "water", "animal"]
 
 
-def write_expert(out: Path, name: str, seed: int, anchor_record: dict) -> None:
-    """A synthetic package with a complete manifest (`bench_merge.write_expert` writes an older, partial one)."""
-    from flexolmo.core.provenance import software_versions, utc_now
-    from flexolmo.core.weights import PACKAGE_FFN, PACKAGE_ROUTER
-    from flexolmo.owner.package import write_package
-
-    hidden, inter = SMALL_SHAPE["hidden_size"], SMALL_SHAPE["intermediate_size"]
-    tensors = {}
-    for layer in range(SMALL_SHAPE["num_hidden_layers"]):
-        for offset, proj in enumerate(PROJECTIONS):
-            proj_shape = (hidden, inter) if proj == "down_proj" else (inter, hidden)
-            tensors[PACKAGE_FFN.format(layer=layer, proj=proj)] = filled(
-                proj_shape, seed * 1_000_003 + layer * 10 + offset, torch.bfloat16)
-        generator = torch.Generator().manual_seed(seed * 7919 + layer)
-        tensors[PACKAGE_ROUTER.format(layer=layer)] = torch.randn(1, hidden, generator=generator) * 0.02
-    write_package(out, name, tensors, {
-        "anchor": anchor_record,
-        "training": {"config": {"kind": "synthetic benchmark package"}, "tokens": 0, "public_share": 0.0,
-                     "public_data": []},
-        "privacy": {"dp": None, "router_init": "synthetic", "router_row_from_private_data": False},
-        "created": utc_now(), "versions": software_versions()})
-
-
 def build_model(workdir: Path) -> Path:
-    """`bench_load.py`'s small merge (its own builder writes packages the manifest no longer accepts)."""
+    """A small merge of `bench_load.py`'s shape: the shipped demo anchor's tokenizer and synthetic experts."""
     import shutil
 
     from flexolmo.coordinator.merge import merge
@@ -85,7 +62,7 @@ def build_model(workdir: Path) -> Path:
     packages = [workdir / f"expert{index}" for index in range(EXPERTS)]
     for index, package in enumerate(packages):
         if not package.exists():
-            write_expert(package, f"expert{index}", seed=index + 1, anchor_record=record)
+            write_expert(package, f"expert{index}", SMALL_SHAPE, seed=index + 1, anchor_record=record)
     merge(anchor, packages, merged, top_k=2)
     return merged
 
