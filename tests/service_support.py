@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -92,6 +93,44 @@ def database_url(kind: str, request, tmp_path: Path) -> str:
     return new_postgres_database(request.getfixturevalue("postgres_server"))
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on a free port of 127.0.0.1, as a process of its own (never the internet), with
+    dummy credentials in the environment for boto3; yields its endpoint URL."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        missing_service("moto's server is not installed: pip install 'moto[server]'")
+    import boto3
+
+    port = free_port()
+    saved = {key: os.environ.get(key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    client, deadline = boto3.client("s3", endpoint_url=endpoint), time.monotonic() + 60
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not start within 60 s") from None
+            time.sleep(0.1)
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def make_keys(directory: Path, names: list[str]) -> Path:
     from flexolmo.trust.signing import generate_key_pair
 
@@ -129,17 +168,35 @@ def hostile_copy(source: Path, target: Path, name: str, key: Path, scale: float 
     return target
 
 
+def submit_now(engine, member, package: Path) -> dict:
+    """Submit `package` as `member` and run admission in this thread (what the service's worker does)."""
+    import hashlib
+
+    from sqlalchemy.orm import Session
+
+    from flexolmo.service.store import pack_directory
+    from flexolmo.service.submissions import receive, submission
+    from flexolmo.service.worker import run_pending
+
+    body = pack_directory(package)
+    answer = receive(engine, member, body, hashlib.sha256(body).hexdigest())
+    assert answer["status"] == "pending", answer
+    run_pending(engine)
+    with Session(engine) as session:
+        return submission(session, answer["submission"])
+
+
 class RunningService:
     """The FastAPI app served by uvicorn on a free port in a thread, stopped on `close`."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, workers: int = 1):
         import uvicorn
 
         from flexolmo.service.app import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, workers), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -5,21 +5,18 @@ released and the version published on the next try."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from datetime import timedelta
 
 import pytest
-from service_support import database_url
+from service_support import database_url, submit_now
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flexolmo.core.errors import ServiceError
-from flexolmo.service.app import submit
 from flexolmo.service.database import in_transaction, migrate, open_engine
 from flexolmo.service.models import Version
 from flexolmo.service.registry import add_member, initialise
-from flexolmo.service.store import pack_directory
 from flexolmo.service.versions import publish, release_stale, reserve
 
 
@@ -29,8 +26,7 @@ def consortium(url: str, anchor, keys, packages, store) -> None:
     in_transaction(engine, lambda s: initialise(s, anchor, store, keys / "coordinator.key"))
     for name in ("code", "math"):
         member = in_transaction(engine, lambda s, n=name: add_member(s, n, keys / f"{n}.pub"))
-        body = pack_directory(packages[name])
-        assert submit(engine, member, body, hashlib.sha256(body).hexdigest())["status"] == "admitted"
+        assert submit_now(engine, member, packages[name])["status"] == "admitted"
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])

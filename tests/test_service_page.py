@@ -4,17 +4,14 @@ refusal's reason, versions, the withdrawal and the log. Writes the docs' screens
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-from service_support import RunningService, missing_service
+from service_support import RunningService, missing_service, submit_now
 
-from flexolmo.service.app import submit
 from flexolmo.service.database import in_transaction, migrate, open_engine
 from flexolmo.service.registry import add_member, initialise, withdraw
-from flexolmo.service.store import pack_directory
 from flexolmo.service.versions import publish
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -40,8 +37,7 @@ def populated(url: str, anchor, keys, packages, store):
     members = {n: in_transaction(engine, lambda s, n=n: add_member(s, n, keys / f"{n}.pub"))
                for n in ("code", "math", "hostile")}
     for name, member in members.items():
-        body = pack_directory(packages[name])
-        submit(engine, member, body, hashlib.sha256(body).hexdigest())
+        submit_now(engine, member, packages[name])
     publish(engine)
     in_transaction(engine, lambda s: withdraw(s, members["math"], "math"))
     return engine

@@ -1,9 +1,11 @@
 """`flexolmo coordinator`: run a consortium as a service, with its state in one database.
 
-  flexolmo coordinator init --anchor ANCHOR --sign-key coordinator.key [--db URL] [--store DIR] [--probe-data F..]
+  flexolmo coordinator init --anchor ANCHOR --sign-key coordinator.key [--db URL] [--store DIR|s3://BUCKET/PREFIX]
+      [--store-endpoint URL] [--work-dir DIR] [--probe-data F..]
   flexolmo coordinator add-member NAME --public-key NAME.pub [--db URL]
   flexolmo coordinator revoke-member NAME [--db URL]
-  flexolmo coordinator serve [--db URL] [--host H] [--port P]
+  flexolmo coordinator serve [--db URL] [--host H] [--port P] [--workers N]
+  flexolmo coordinator worker [--db URL]
   flexolmo coordinator publish [--db URL] [--top-k K]
   flexolmo coordinator log --verify [--export FILE.jsonl] [--db URL]
   flexolmo coordinator verify VERSION_DIR --public-key coordinator.pub
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import timedelta
 from pathlib import Path
 
 from flexolmo.cli.common import HelpFormatter, add_command
@@ -36,7 +39,14 @@ def register(subparsers, name: str) -> None:
     init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key")
     init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
     init.add_argument("--sign-key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
-    init.add_argument("--store", type=Path, default=Path("consortium-store"), help="package and version store")
+    init.add_argument("--store", default="consortium-store",
+                      help="package store: a directory, or s3://BUCKET/PREFIX (credentials from the AWS_* "
+                           "environment)")
+    init.add_argument("--store-endpoint", default=None,
+                      help="the S3-compatible service's URL for an s3:// store (default: AWS)")
+    init.add_argument("--work-dir", type=Path, default=None,
+                      help="local directory for uploads in progress, scratch space and published versions "
+                           "(default: the --store directory; consortium-work with an s3:// store)")
     init.add_argument("--probe-data", nargs="+", type=Path, default=None,
                       help="public text admission probes with (default: the held-out text the anchor records)")
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
@@ -47,10 +57,16 @@ def register(subparsers, name: str) -> None:
     serve = _sub(actions, "serve", "serve the HTTP API and web page")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8700, help="port to listen on")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="admission workers in this process (0: only `coordinator worker` processes admit)")
+    _lease(serve)
+    worker = _sub(actions, "worker", "run an admission worker process (beside or instead of serve's own)")
+    _lease(worker)
     publish = _sub(actions, "publish", "merge the admitted, active experts into the next version")
     publish.add_argument("--top-k", type=int, default=2, help="experts active per token")
     publish.add_argument("--release-stale", action="store_true",
                          help="first release reservations over an hour old (left by a killed publisher)")
+    _lease(publish)
     log = _sub(actions, "log", "verify and export the audit log")
     log.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if broken")
     log.add_argument("--export", type=Path, help="write every event as JSON lines")
@@ -59,6 +75,12 @@ def register(subparsers, name: str) -> None:
     verify.add_argument("version_dir", type=Path, help="the version's model directory")
     verify.add_argument("--public-key", required=True, type=Path, help="the coordinator's public key (NAME.pub)")
     parser.set_defaults(run=run)
+
+
+def _lease(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lease-seconds", type=float, default=30.0,
+                        help="how long a job or publication is held without renewal before another process may "
+                             "take it over (its holder is presumed dead)")
 
 
 def _engine(url: str):
@@ -89,6 +111,20 @@ def _log(engine, args: argparse.Namespace) -> int:
     return 0
 
 
+def _work(engine, lease) -> None:
+    import signal
+    import threading
+
+    from flexolmo.service.worker import Worker
+
+    stop = threading.Event()
+    worker = Worker(engine, lease)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: (stop.set(), worker.wake.set()))
+    print(f"admission worker {worker.name} started", flush=True)
+    worker.run(stop)
+
+
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service import registry
     from flexolmo.service.versions import publish, release_stale
@@ -104,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     engine = _engine(args.db)
     if args.action == "init":
         settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.sign_key,
-                                                                            args.probe_data))
+                                                                            args.probe_data, args.work_dir,
+                                                                            args.store_endpoint))
         print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
     elif args.action == "add-member":
         member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.public_key).key_id)
@@ -117,11 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
         from flexolmo.service.app import create_app
 
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, args.workers, timedelta(seconds=args.lease_seconds)), host=args.host,
+                    port=args.port, log_level="warning")
+    elif args.action == "worker":
+        _work(engine, timedelta(seconds=args.lease_seconds))
     elif args.action == "publish":
         if args.release_stale:
             print(f"released stale reservations: {release_stale(engine) or 'none'}")
-        print(json.dumps(publish(engine, args.top_k), indent=1))
+        print(json.dumps(publish(engine, args.top_k, timedelta(seconds=args.lease_seconds)), indent=1))
     else:
         return _log(engine, args)
     return 0

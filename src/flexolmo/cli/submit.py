@@ -1,5 +1,6 @@
 """`flexolmo submit PACKAGE --coordinator URL --sign-key NAME.key`: send your signed expert package to the
-consortium service; it is verified and admitted (or refused, with its reasons) before the answer comes back."""
+consortium service. The service queues it for admission at once; this command then waits for the verdict
+(admitted, or refused with its reasons) unless --no-wait, and exits 1 on a refusal."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("package", type=Path, help="the package directory")
     parser.add_argument("--coordinator", required=True, help="the service's URL, e.g. http://127.0.0.1:8700")
     parser.add_argument("--sign-key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="return once the package is queued (status pending); read the verdict later with "
+                             "`flexolmo status`")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service.client import ConsortiumClient
 
-    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package)
+    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package, wait=not args.no_wait)
     print(json.dumps(answer, indent=1))
-    return 0 if answer["status"] == "admitted" else 1
+    return 0 if answer["status"] in ("admitted", "pending") else 1

@@ -1,5 +1,6 @@
 """The HTTP service (FastAPI): members submit and withdraw over signed requests; anyone reads the status,
-the active set and the web page. Publication is the coordinator's command on the same database, not an
+a submission's verdict, the active set and the web page. A submission is answered `pending` at once and
+admitted by a worker (`worker`), in a thread of this process or in `coordinator worker` processes. Publication is the coordinator's command on the same database, not an
 endpoint, so no coordinator key ever has to be sent over the network.
 
 Every refusal is JSON `{"error": "<one line>"}` with the status of its `ServiceError` (401 unsigned, replayed
@@ -10,7 +11,10 @@ the database cannot be reached (the request may be retried).
 from __future__ import annotations
 
 import json
-import shutil
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import Body, FastAPI, Request
@@ -20,15 +24,18 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from flexolmo.core.errors import FlexOlmoError, PackageError, ServiceError
-from flexolmo.service.admission import admit, check_owner
 from flexolmo.service.auth import authenticate
-from flexolmo.service.database import get_setting, in_transaction, unreachable
+from flexolmo.service.database import in_transaction, unreachable
+from flexolmo.service.jobs import LEASE
 from flexolmo.service.models import Member
 from flexolmo.service.page import render_page
-from flexolmo.service.registry import admission_probe, record_submission, renew_if_due, withdraw
+from flexolmo.service.registry import renew_if_due, withdraw
 from flexolmo.service.status import status
-from flexolmo.service.store import HEADER_DIGEST, check_digest, keep, unpack
+from flexolmo.service.storage import configured
+from flexolmo.service.store import HEADER_DIGEST
+from flexolmo.service.submissions import receive, submission
 from flexolmo.service.uploads import put_chunk, start_upload, take_upload
+from flexolmo.service.worker import Worker
 
 
 def _authenticated(engine: Engine, request: Request, body: bytes) -> Member:
@@ -37,29 +44,9 @@ def _authenticated(engine: Engine, request: Request, body: bytes) -> Member:
                                                                request.url.path, body), attempts=1)
 
 
-def submit(engine: Engine, member: Member, body: bytes, claimed: str) -> dict:
-    """Check, unpack, admit and record one upload; a refused package leaves only its record."""
+def _work(engine: Engine) -> Path:
     with Session(engine) as session:
-        anchor, store = Path(get_setting(session, "anchor")), Path(get_setting(session, "store"))
-        probe, no_probe_reason = admission_probe(session)
-    check_digest(body, claimed)
-    scratch = unpack(body, store)
-    try:
-        check_owner(scratch, member.name)
-        outcome = admit(scratch, member.name, member.public_key_pem, anchor, probe, no_probe_reason)
-        stored = keep(scratch, store, outcome.digest) if outcome.admitted else None
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
-    row = in_transaction(engine, lambda session: record_submission(session, member.name, outcome.digest, stored,
-                                                                   outcome.report))
-    return {"submission": row.id, "member": row.member, "package_sha256": row.package_sha256,
-            "status": row.status, "report": outcome.report}
-
-
-def _store(engine: Engine) -> Path:
-    with Session(engine) as session:
-        return Path(get_setting(session, "store"))
+        return configured(session)[1]
 
 
 def _json(body: bytes) -> dict:
@@ -79,9 +66,28 @@ def _error(error: Exception, engine: Engine) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=code)
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The service over `engine` (already migrated and initialised)."""
-    app = FastAPI(title="FlexOlmo consortium")
+def create_app(engine: Engine, workers: int = 1, lease: timedelta = LEASE) -> FastAPI:
+    """The service over `engine` (already migrated and initialised), with `workers` admission workers in
+    threads of this process (0: only separate `coordinator worker` processes admit)."""
+    wake, stop = threading.Event(), threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        threads = [threading.Thread(target=Worker(engine, lease, wake=wake).run, args=(stop,), daemon=True,
+                                    name=f"admission-worker-{index}") for index in range(workers)]
+        for thread in threads:
+            thread.start()
+        yield
+        stop.set()
+        wake.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+    app = FastAPI(title="FlexOlmo consortium", lifespan=lifespan)
+
+    def queued(answer: dict) -> dict:
+        wake.set()
+        return answer
 
     @app.exception_handler(FlexOlmoError)
     async def _refused(_request: Request, error: FlexOlmoError) -> JSONResponse:
@@ -94,25 +100,30 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/submissions")
     def post_submission(request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
-        return submit(engine, member, body, request.headers.get(HEADER_DIGEST, ""))
+        return queued(receive(engine, member, body, request.headers.get(HEADER_DIGEST, "")))
 
     @app.post("/v1/uploads")
     def post_upload(request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
         declared = _json(body)
-        return start_upload(_store(engine), member.name, str(declared.get("sha256", "")),
+        return start_upload(_work(engine), member.name, str(declared.get("sha256", "")),
                             int(declared.get("size", 0)))
 
     @app.put("/v1/uploads/{upload}/{offset}")
     def put_upload(upload: str, offset: int, request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
-        return put_chunk(_store(engine), member.name, upload, offset, body)
+        return put_chunk(_work(engine), member.name, upload, offset, body)
 
     @app.post("/v1/uploads/{upload}/finish")
     def finish_upload(upload: str, request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
-        package, sha256 = take_upload(_store(engine), member.name, upload)
-        return submit(engine, member, package, sha256)
+        package, sha256 = take_upload(_work(engine), member.name, upload)
+        return queued(receive(engine, member, package, sha256))
+
+    @app.get("/v1/submissions/{number}")
+    def get_submission(number: int) -> dict:
+        with Session(engine) as session:
+            return submission(session, number)
 
     @app.post("/v1/experts/{name}/withdraw")
     def post_withdrawal(name: str, request: Request, body: bytes = Body(b"")) -> dict:

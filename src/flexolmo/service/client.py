@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from flexolmo.trust.signing import key_name
 
 CHUNK_BYTES = 8 << 20
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+WAIT_SECONDS = 3600.0
 
 
 class ConsortiumClient:
@@ -67,10 +69,25 @@ class ConsortiumClient:
             sent += 1
         return state["upload"]
 
-    def submit(self, package: Path) -> dict:
-        """Upload the package in resumable chunks, then submit it; the answer carries its admission verdict."""
+    def submit(self, package: Path, wait: bool = True, timeout: float = WAIT_SECONDS) -> dict:
+        """Upload the package in resumable chunks, then submit it; the answer says `pending`, and with `wait`
+        this waits for a worker's verdict and returns it with its reasons."""
         upload = self.upload(pack_directory(Path(package)))
-        return self._signed("POST", f"/v1/uploads/{upload}/finish", b"")
+        answer = self._signed("POST", f"/v1/uploads/{upload}/finish", b"")
+        return self.verdict(answer["submission"], timeout) if wait else answer
+
+    def verdict(self, submission: int, timeout: float = WAIT_SECONDS) -> dict:
+        """The submission once admitted or refused (polled, a little less often the longer it takes)."""
+        deadline, pause = time.monotonic() + timeout, 0.05
+        while True:
+            answer = self.get(f"/v1/submissions/{submission}")
+            if answer["status"] != "pending":
+                return answer
+            if time.monotonic() > deadline:
+                raise ServiceError(f"submission {submission} is still pending after {timeout:.0f} s; its verdict "
+                                   f"will be at {self.url}/v1/submissions/{submission}")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2.0)
 
     def withdraw(self, name: str) -> dict:
         return self._signed("POST", f"/v1/experts/{name}/withdraw", b"")

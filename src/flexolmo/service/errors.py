@@ -33,3 +33,9 @@ class TooLarge(ServiceError):
     """An upload beyond the service's limit or beyond the free disk."""
 
     status = 413
+
+
+class StoreUnavailable(ServiceError):
+    """The package store (a directory or an S3 bucket) cannot be read or written; the request may be retried."""
+
+    status = 503

@@ -2,7 +2,8 @@
 `migrations/`, never by `create_all`, so a database made by one release upgrades in place under the next.
 
 Unique constraints carry the invariants two service processes must never break, whatever they interleave:
-one row per version number, one version per set of inputs, one use per (member, nonce), one audit row per seq.
+one row per version number, one version per set of inputs, one use per (member, nonce), one audit row per seq; a job's lease is taken by a conditional update, so
+only one worker's claim succeeds.
 """
 
 from __future__ import annotations
@@ -56,6 +57,24 @@ class Version(Base):
     output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     status: Mapped[str] = mapped_column(String(16))  # publishing, published, withdrawn
+    created_at: Mapped[str] = mapped_column(String(40))
+    # While publishing: until when its publisher holds it (renewed as it works); past it, the publisher is dead.
+    lease_until: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class Job(Base):
+    """Work for a worker (admitting one submission): claimed with a lease, so a job runs in one worker at a
+    time and a dead worker's job is taken again once its lease has run out."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # admission
+    payload: Mapped[str] = mapped_column(Text)  # JSON: what the job works on
+    state: Mapped[str] = mapped_column(String(16))  # queued, running, done, failed
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the worker holding the lease
+    lease_until: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[str] = mapped_column(String(40))
 
 

@@ -1,5 +1,5 @@
-"""The consortium's state changes that are not publication: initialisation, members, submissions with their
-admission, withdrawals and the active set. Each runs in one transaction with its audit event."""
+"""The consortium's state changes that are not publication or admission: initialisation, members,
+withdrawals and the active set. Each runs in one transaction with its audit event."""
 
 from __future__ import annotations
 
@@ -18,25 +18,29 @@ from flexolmo.service.database import get_setting, optional_setting, put_setting
 from flexolmo.service.envelopes import RECEIPT_TYPE, sign_json
 from flexolmo.service.errors import Conflict, Forbidden, NotFound
 from flexolmo.service.models import ActiveSetRow, Member, Submission, Version
+from flexolmo.service.storage import open_store, store_settings
 from flexolmo.trust.active_set import ActiveExpert, new_active_set, sign_active_set
 from flexolmo.trust.signing import key_id, load_private_key, load_public_key
 
 ACTIVE_SET_LIFETIME = timedelta(hours=24)
 
 
-def initialise(session: Session, anchor: Path, store: Path, coordinator_key: Path,
-               probe_data: list[Path] | None = None) -> dict:
-    """Fix the anchor, the package store, the coordinator's key and (optionally) the public text admission
-    probes with; refuse to re-initialise."""
+def initialise(session: Session, anchor: Path, store: Path | str, coordinator_key: Path,
+               probe_data: list[Path] | None = None, work_dir: Path | None = None,
+               store_endpoint: str | None = None) -> dict:
+    """Fix the anchor, the package store (a directory or `s3://BUCKET/PREFIX` at `store_endpoint`), the local
+    work directory, the coordinator's key and (optionally) the public text admission probes with; refuse to
+    re-initialise, and refuse a store that cannot be reached."""
     if session.get(ActiveSetRow, 1) is not None:
         raise Conflict("this database already holds a consortium; use another --db to start a new one")
     load_private_key(coordinator_key)
-    settings = {"anchor": str(anchor.resolve()), "store": str(store.resolve()),
+    settings = {"anchor": str(anchor.resolve()), **store_settings(store, work_dir, store_endpoint),
                 "coordinator_key": str(coordinator_key.resolve()), "anchor_fingerprint": compute_fingerprint(anchor),
                 "probe_data": json.dumps([str(path.resolve()) for path in probe_data or []])}
+    open_store(settings["store"], store_endpoint).names("packages")  # reachable now, or refused now
     for key, value in settings.items():
         put_setting(session, key, value)
-    store.mkdir(parents=True, exist_ok=True)
+    Path(settings["work_dir"]).mkdir(parents=True, exist_ok=True)
     append_event(session, "initialised", "coordinator", settings)
     issue_active_set(session, "initialised")
     return settings
@@ -110,25 +114,6 @@ def current_active_set(session: Session) -> ActiveSetRow:
     row = session.scalars(select(ActiveSetRow).order_by(ActiveSetRow.version.desc()).limit(1)).first()
     if row is None:
         raise Conflict("no active set yet: run `flexolmo coordinator init` first")
-    return row
-
-
-def record_submission(session: Session, member: str, digest: str, stored: Path | None, report: dict) -> Submission:
-    """Store admission's outcome; an admitted package supersedes its member's earlier one."""
-    admitted = stored is not None
-    if admitted:
-        for earlier in session.scalars(select(Submission).where(Submission.member == member,
-                                                                Submission.status == "admitted")):
-            earlier.status = "superseded"
-    row = Submission(member=member, package_sha256=digest, stored_path=str(stored) if stored else None,
-                     status="admitted" if admitted else "refused", report=json.dumps(report, sort_keys=True),
-                     created_at=now_iso())
-    session.add(row)
-    session.flush()
-    append_event(session, "admission-result", member, {"submission": row.id, "package_sha256": digest,
-                                                       "status": row.status, "report": report})
-    if admitted:
-        issue_active_set(session, f"admitted {member}")
     return row
 
 

@@ -4,9 +4,11 @@ attestation and a model card, published atomically.
 A version number is reserved first, in its own transaction: the `versions` table's primary key (the number)
 and its unique `inputs_sha256` (anchor and input digests) make two processes publishing at once either take
 different numbers for different inputs or refuse the second merge of the same inputs. The merge is then
-written into a staging directory and renamed into place, so a crash leaves no half-published version;
-a reservation whose merge failed is released, and one left by a killed process can be cleared with
-`release_stale`.
+written into a staging directory under the local work directory (the input packages fetched from the store
+and checked against their digests) and renamed into place, so a crash leaves no half-published version. A
+reservation whose merge failed is released at once; one left by a killed publisher holds a lease it no longer
+renews (`jobs.Heartbeat`), and the next publisher releases it, and its staging directory, once that lease has
+run out, then publishes those inputs again.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from flexolmo.coordinator.artefacts import verify_merged_model
@@ -29,9 +31,12 @@ from flexolmo.service.audit import append_event, now_iso
 from flexolmo.service.database import get_setting, in_transaction
 from flexolmo.service.envelopes import INTOTO_TYPE, sign_json, verify_json
 from flexolmo.service.errors import Conflict
+from flexolmo.service.jobs import LEASE, Heartbeat, LeaseLost, lease_time
 from flexolmo.service.model_card import model_card
 from flexolmo.service.models import Version
 from flexolmo.service.registry import active_submissions
+from flexolmo.service.storage import configured
+from flexolmo.service.store import fetch_package
 from flexolmo.trust.history import append_record, model_digest, read_history
 from flexolmo.trust.signing import TrustedKeys, sign_directory
 
@@ -44,7 +49,25 @@ def inputs_digest(anchor_fingerprint: str, experts: list[dict]) -> str:
                                      sort_keys=True).encode()).hexdigest()
 
 
-def _reserve_once(session: Session) -> tuple[Version, list[Path], dict]:
+def _release(session: Session, version: Version, work: Path, why: str) -> None:
+    shutil.rmtree(work / "versions" / f".{version.number}.staging", ignore_errors=True)
+    append_event(session, "reservation-released", "coordinator", {"version": version.number, "reason": why})
+    session.delete(version)
+    session.flush()
+
+
+def _clear_dead(session: Session, work: Path) -> list[int]:
+    """Release reservations whose publisher's lease ran out: it was killed mid-merge (or lost the database)."""
+    dead = session.scalars(select(Version).where(Version.status == "publishing",
+                                                 Version.lease_until < lease_time())).all()
+    for version in dead:
+        _release(session, version, work, "its publisher stopped renewing its lease")
+    return [version.number for version in dead]
+
+
+def _reserve_once(session: Session, lease: timedelta) -> tuple[Version, list[str], dict]:
+    _, work = configured(session)
+    _clear_dead(session, work)
     rows = active_submissions(session)
     if not rows:
         raise Conflict("no admitted, active expert to publish")
@@ -52,24 +75,32 @@ def _reserve_once(session: Session) -> tuple[Version, list[Path], dict]:
     digest = inputs_digest(get_setting(session, "anchor_fingerprint"), experts)
     existing = session.scalar(select(Version).where(Version.inputs_sha256 == digest))
     if existing is not None:
-        hint = "; if its publisher was killed, publish with --release-stale" if existing.status == "publishing" else ""
-        raise Conflict(f"these experts were already published as version {existing.number} ({existing.status}){hint}")
+        hint = (" by a publisher that is still working (its lease runs until "
+                f"{existing.lease_until})" if existing.status == "publishing" else "")
+        raise Conflict(f"these experts were already published as version {existing.number} ({existing.status})"
+                       f"{hint}")
     number = (session.scalar(select(func.max(Version.number))) or 0) + 1
     version = Version(number=number, inputs_sha256=digest, experts=json.dumps(experts), status="publishing",
-                      created_at=now_iso())
+                      created_at=now_iso(), lease_until=lease_time(lease))
     session.add(version)
-    settings = {key: get_setting(session, key) for key in ("anchor", "store", "coordinator_key",
-                                                           "anchor_fingerprint")}
-    return version, [Path(r.stored_path) for r in rows], settings
+    settings = {key: get_setting(session, key) for key in ("anchor", "coordinator_key", "anchor_fingerprint")}
+    return version, [r.package_sha256 for r in rows], {**settings, "work_dir": str(work)}
 
 
-def reserve(engine: Engine) -> tuple[int, list[dict], list[Path], dict]:
+def reserve(engine: Engine, lease: timedelta = LEASE) -> tuple[int, list[dict], list[str], dict]:
     """Take the next version number for the current inputs; a collision with another process is retried."""
-    def take(session: Session) -> tuple[int, list[dict], list[Path], dict]:
-        version, paths, settings = _reserve_once(session)
-        return version.number, json.loads(version.experts), paths, settings
+    def take(session: Session) -> tuple[int, list[dict], list[str], dict]:
+        version, digests, settings = _reserve_once(session, lease)
+        return version.number, json.loads(version.experts), digests, settings
 
     return in_transaction(engine, take)
+
+
+def _fetch_inputs(engine: Engine, digests: list[str], work: Path) -> list[Path]:
+    """The input packages as local, digest-checked directories (downloaded to the cache from an S3 store)."""
+    with Session(engine) as session:
+        store, _ = configured(session)
+    return [fetch_package(store, digest, work / "cache") for digest in digests]
 
 
 def attestation(number: int, settings: dict, experts: list[dict], output: str) -> dict:
@@ -84,8 +115,8 @@ def attestation(number: int, settings: dict, experts: list[dict], output: str) -
 
 
 def _build(number: int, experts: list[dict], paths: list[Path], settings: dict, top_k: int) -> tuple[Path, str]:
-    store, key = Path(settings["store"]), Path(settings["coordinator_key"])
-    staging, final = store / "versions" / f".{number}.staging", store / "versions" / str(number)
+    work, key = Path(settings["work_dir"]), Path(settings["coordinator_key"])
+    staging, final = work / "versions" / f".{number}.staging", work / "versions" / str(number)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model = staging / "model"
@@ -103,18 +134,34 @@ def _build(number: int, experts: list[dict], paths: list[Path], settings: dict, 
     return final / "published", output
 
 
-def publish(engine: Engine, top_k: int = 2) -> dict:
-    """Publish the next version; returns its row as a dict. A failure releases the reservation."""
-    number, experts, paths, settings = reserve(engine)
+def _renew(number: int):
+    def renew(session: Session, until: str) -> bool:
+        return session.execute(update(Version).where(Version.number == number, Version.status == "publishing")
+                               .values(lease_until=until)).rowcount == 1
+    return renew
+
+
+def publish(engine: Engine, top_k: int = 2, lease: timedelta = LEASE) -> dict:
+    """Publish the next version; returns its row as a dict. A failure releases the reservation; a killed
+    publisher's reservation is released by the next publisher once its lease has run out."""
+    number, experts, digests, settings = reserve(engine, lease)
+    work = Path(settings["work_dir"])
     try:
-        path, output = _build(number, experts, paths, settings, top_k)
+        with Heartbeat(engine, _renew(number), lease):
+            path, output = _build(number, experts, _fetch_inputs(engine, digests, work), settings, top_k)
     except BaseException:
-        shutil.rmtree(Path(settings["store"]) / "versions" / f".{number}.staging", ignore_errors=True)
-        in_transaction(engine, lambda session: session.delete(session.get(Version, number)))
+        shutil.rmtree(work / "versions" / f".{number}.staging", ignore_errors=True)
+        in_transaction(engine, lambda session: session.execute(delete(Version).where(Version.number == number,
+                                                                                    Version.status == "publishing")))
         raise
+
     def finish(session: Session) -> None:
         version = session.get(Version, number)
+        if version is None or version.status != "publishing":
+            raise LeaseLost(f"version {number}'s reservation was released while it was merged (its lease ran out); "
+                            f"{path} is not published")
         version.status, version.path, version.output_sha256 = "published", str(path), output
+        version.lease_until = None
         append_event(session, "version-published", "coordinator",
                      {"version": number, "experts": experts, "output_sha256": output})
 
@@ -123,17 +170,17 @@ def publish(engine: Engine, top_k: int = 2) -> dict:
 
 
 def release_stale(engine: Engine, older_than: timedelta = STALE_AFTER) -> list[int]:
-    """Release reservations left by a killed publisher, so their inputs can be published again."""
+    """Release reservations left by a killed publisher, so their inputs can be published again: those whose
+    lease ran out, and any reserved more than `older_than` ago."""
     cutoff = (datetime.now(timezone.utc) - older_than).isoformat()
     with Session(engine) as session, session.begin():
-        stale = session.scalars(select(Version).where(Version.status == "publishing",
-                                                      Version.created_at < cutoff)).all()
-        for version in stale:
-            shutil.rmtree(Path(get_setting(session, "store")) / "versions" / f".{version.number}.staging",
-                          ignore_errors=True)
-            append_event(session, "reservation-released", "coordinator", {"version": version.number})
-            session.delete(version)
-        return [version.number for version in stale]
+        _, work = configured(session)
+        released = _clear_dead(session, work)
+        for version in session.scalars(select(Version).where(Version.status == "publishing",
+                                                             Version.created_at < cutoff)).all():
+            _release(session, version, work, f"reserved more than {older_than} ago")
+            released.append(version.number)
+        return sorted(released)
 
 
 def verify_version(model: Path, coordinator_public_key: Path) -> dict:
