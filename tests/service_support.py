@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,6 +185,55 @@ def submit_now(engine, member, package: Path) -> dict:
     run_pending(engine)
     with Session(engine) as session:
         return submission(session, answer["submission"])
+
+
+# Run `flexolmo ARGV...` in a process of its own, with `target` ("module:attribute" or "module:Class.method") wrapped so that after the
+# original returns the process says so in the file FLEXOLMO_TEST_SIGNAL and then hangs: a point at which a test
+# kills it (kill -9) deterministically, instead of racing a timer against the work.
+_HANG_AFTER = """
+import functools, importlib, os, sys, time
+module, _, path = sys.argv[1].partition(":")
+owner = importlib.import_module(module)
+*parents, attribute = path.split(".")
+for name in parents:
+    owner = getattr(owner, name)
+original = getattr(owner, attribute)
+@functools.wraps(original)
+def hang(*args, **kwargs):
+    original(*args, **kwargs)
+    open(os.environ["FLEXOLMO_TEST_SIGNAL"], "w").write(str(os.getpid()))
+    while True:
+        time.sleep(60)
+setattr(owner, attribute, hang)
+from flexolmo.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def start_hanging(target: str, argv: list[str], signal_file: Path, timeout: float = 180.0) -> subprocess.Popen:
+    """`flexolmo ARGV` in a new process that hangs right after `target` returned; returns once it hangs."""
+    import flexolmo
+
+    env = {**os.environ, "FLEXOLMO_TEST_SIGNAL": str(signal_file),
+           "PYTHONPATH": os.pathsep.join([str(Path(flexolmo.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-c", _HANG_AFTER, target, *argv], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not signal_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"flexolmo {' '.join(argv)} exited ({process.returncode}) before it reached "
+                               f"{target}: {process.stdout.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"flexolmo {' '.join(argv)} did not reach {target} within {timeout:.0f} s")
+        time.sleep(0.05)
+    return process
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
 
 
 class RunningService:
