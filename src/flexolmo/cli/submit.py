@@ -17,6 +17,11 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("package", type=Path, help="the package directory")
     parser.add_argument("--coordinator", required=True, help="the service's URL, e.g. http://127.0.0.1:8700")
     parser.add_argument("--sign-key", required=True, type=Path, help="your private key (NAME.key)")
+    parser.add_argument("--licence", default=None,
+                        help="the licence your expert is offered under (an SPDX identifier such as CC-BY-4.0), "
+                             "printed in the model card of every version that holds it")
+    parser.add_argument("--data-description", default=None,
+                        help="what your expert was trained on, in your words, for the model card")
     parser.add_argument("--no-wait", action="store_true",
                         help="return once the package is queued (status pending); read the verdict later with "
                              "`flexolmo status`")
@@ -26,6 +31,9 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexolmo.service.client import ConsortiumClient
 
-    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package, wait=not args.no_wait)
+    declaration = {key: value for key, value in (("licence", args.licence), ("data", args.data_description))
+                   if value is not None}
+    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package, wait=not args.no_wait,
+                                                                      declaration=declaration)
     print(json.dumps(answer, indent=1))
     return 0 if answer["status"] in ("admitted", "pending") else 1

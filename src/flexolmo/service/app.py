@@ -33,7 +33,7 @@ from flexolmo.service.registry import renew_if_due, withdraw
 from flexolmo.service.status import status
 from flexolmo.service.storage import configured
 from flexolmo.service.store import HEADER_DIGEST
-from flexolmo.service.submissions import receive, submission
+from flexolmo.service.submissions import checked_declaration, receive, submission
 from flexolmo.service.uploads import put_chunk, start_upload, take_upload
 from flexolmo.service.worker import Worker
 
@@ -107,7 +107,7 @@ def create_app(engine: Engine, workers: int = 1, lease: timedelta = LEASE) -> Fa
         member = _authenticated(engine, request, body)
         declared = _json(body)
         return start_upload(_work(engine), member.name, str(declared.get("sha256", "")),
-                            int(declared.get("size", 0)))
+                            int(declared.get("size", 0)), checked_declaration(declared.get("declaration")))
 
     @app.put("/v1/uploads/{upload}/{offset}")
     def put_upload(upload: str, offset: int, request: Request, body: bytes = Body(b"")) -> dict:
@@ -117,8 +117,8 @@ def create_app(engine: Engine, workers: int = 1, lease: timedelta = LEASE) -> Fa
     @app.post("/v1/uploads/{upload}/finish")
     def finish_upload(upload: str, request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
-        package, sha256 = take_upload(_work(engine), member.name, upload)
-        return queued(receive(engine, member, package, sha256))
+        package, sha256, declaration = take_upload(_work(engine), member.name, upload)
+        return queued(receive(engine, member, package, sha256, declaration))
 
     @app.get("/v1/submissions/{number}")
     def get_submission(number: int) -> dict:

@@ -56,10 +56,12 @@ class ConsortiumClient:
         body = pack_directory(Path(package))
         return self._signed("POST", "/v1/submissions", body, {HEADER_DIGEST: hashlib.sha256(body).hexdigest()})
 
-    def upload(self, body: bytes, chunks: int | None = None) -> str:
+    def upload(self, body: bytes, chunks: int | None = None, declaration: dict | None = None) -> str:
         """Send `body` in chunks from wherever an earlier, interrupted upload of it stopped; returns its id.
-        `chunks` stops after that many chunks (as a dropped connection would)."""
-        declared = json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}).encode()
+        `chunks` stops after that many chunks (as a dropped connection would); `declaration` (licence, data
+        description) travels in the signed request that starts the upload."""
+        declared = json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "size": len(body),
+                               "declaration": declaration or {}}).encode()
         state = self._signed("POST", "/v1/uploads", declared)
         sent = 0
         while state["received"] < len(body) and (chunks is None or sent < chunks):
@@ -69,10 +71,12 @@ class ConsortiumClient:
             sent += 1
         return state["upload"]
 
-    def submit(self, package: Path, wait: bool = True, timeout: float = WAIT_SECONDS) -> dict:
+    def submit(self, package: Path, wait: bool = True, timeout: float = WAIT_SECONDS,
+               declaration: dict | None = None) -> dict:
         """Upload the package in resumable chunks, then submit it; the answer says `pending`, and with `wait`
-        this waits for a worker's verdict and returns it with its reasons."""
-        upload = self.upload(pack_directory(Path(package)))
+        this waits for a worker's verdict and returns it with its reasons. `declaration`: the licence and
+        data description the model card will print, e.g. {"licence": "CC-BY-4.0", "data": "..."}."""
+        upload = self.upload(pack_directory(Path(package)), declaration=declaration)
         answer = self._signed("POST", f"/v1/uploads/{upload}/finish", b"")
         return self.verdict(answer["submission"], timeout) if wait else answer
 

@@ -45,6 +45,8 @@ class Submission(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending, admitted, refused, withdrawn, superseded
     report: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[str] = mapped_column(String(40))
+    # JSON {licence, data}: what the member declared with its signed upload, printed in the model card.
+    declaration: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Version(Base):

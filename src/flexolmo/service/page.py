@@ -32,7 +32,8 @@ def _sections(state: dict) -> list[str]:
     members = [[escape(m["name"]), f"<code>{m['key_id'][:16]}</code>", _badge(m["status"])]
                for m in state["members"]]
     submissions = [[str(s["id"]), escape(s["member"]), f"<code>{s['package_sha256'][:16]}</code>",
-                    _badge(s["status"]), _reasons(s["report"])] for s in state["submissions"]]
+                    _badge(s["status"]), _reasons(s["report"]),
+                    escape(s.get("declaration", {}).get("licence", ""))] for s in state["submissions"]]
     versions = [[str(v["number"]), _badge(v["status"]), escape(", ".join(e["name"] for e in v["experts"])),
                  f"<code>{(v['output_sha256'] or '')[:16]}</code>"] for v in state["versions"]]
     withdrawals = [[escape(w["member"]), f"<code>{w['package_sha256'][:16]}</code>"] for w in state["withdrawals"]]
@@ -40,7 +41,8 @@ def _sections(state: dict) -> list[str]:
             f"<code>{e['hash'][:16]}</code>"] for e in state.get("log", [])]
     return [
         "<h2>Members</h2>" + _table("members", ["member", "key id", "status"], members),
-        "<h2>Submissions</h2>" + _table("submissions", ["#", "member", "package", "admission", "reasons"],
+        "<h2>Submissions</h2>" + _table("submissions", ["#", "member", "package", "admission", "reasons",
+                                                         "declared licence"],
                                         submissions),
         "<h2>Versions</h2>" + _table("versions", ["version", "status", "experts", "output digest"], versions),
         "<h2>Withdrawals</h2>" + _table("withdrawals", ["member", "package"], withdrawals),

@@ -16,7 +16,8 @@ LOG_ROWS_SHOWN = 200
 
 def _submission(row: Submission) -> dict:
     return {"id": row.id, "member": row.member, "package_sha256": row.package_sha256, "status": row.status,
-            "created_at": row.created_at, "report": json.loads(row.report)}
+            "created_at": row.created_at, "report": json.loads(row.report),
+            "declaration": json.loads(row.declaration or "{}")}
 
 
 def _version(row: Version) -> dict:

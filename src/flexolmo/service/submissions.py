@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from flexolmo.core.errors import PackageError
 from flexolmo.owner.package import package_digest
 from flexolmo.service.admission import Outcome, admit, check_owner
 from flexolmo.service.audit import append_event, now_iso
@@ -30,24 +31,47 @@ from flexolmo.service.registry import admission_probe, issue_active_set
 from flexolmo.service.storage import configured
 from flexolmo.service.store import check_digest, checked_digest, incoming_name, package_name, unpack
 
+DECLARED = {"licence": 100, "data": 2000}  # what a member may declare, and at most how many characters
+
 
 def answer(row: Submission) -> dict:
     return {"submission": row.id, "member": row.member, "package_sha256": row.package_sha256,
-            "status": row.status, "report": json.loads(row.report)}
+            "status": row.status, "report": json.loads(row.report), "declaration": json.loads(row.declaration or "{}")}
 
 
-def _enqueue(session: Session, member: str, digest: str, token: str) -> Submission:
+def checked_declaration(value: object) -> dict:
+    """What a member may declare about its expert for the model card: `licence` (an SPDX identifier or a short
+    name) and `data` (what it was trained on, in its owner's words); both optional, both plain text."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) - set(DECLARED):
+        raise PackageError(f"a declaration holds only {', '.join(DECLARED)}, as text")
+    declared = {}
+    for key, limit in DECLARED.items():
+        text = value.get(key)
+        if text is None:
+            continue
+        if not isinstance(text, str) or len(text) > limit:
+            raise PackageError(f"the declared {key} must be text of at most {limit} characters")
+        declared[key] = " ".join(text.split())
+    return declared
+
+
+def _enqueue(session: Session, member: str, digest: str, token: str, declaration: dict) -> Submission:
     row = Submission(member=member, package_sha256=digest, stored_path=None, status="pending", report="{}",
-                     created_at=now_iso())
+                     created_at=now_iso(), declaration=json.dumps(declaration, sort_keys=True))
     session.add(row)
     session.flush()
     enqueue(session, "admission", {"submission": row.id, "incoming": token})
-    append_event(session, "submission-received", member, {"submission": row.id, "package_sha256": digest})
+    append_event(session, "submission-received", member, {"submission": row.id, "package_sha256": digest,
+                                                          "declaration": declaration})
     return row
 
 
-def receive(engine: Engine, member: Member, body: bytes, claimed: str) -> dict:
-    """Check one upload and queue it for admission; the answer says `pending` and names the submission."""
+def receive(engine: Engine, member: Member, body: bytes, claimed: str, declaration: dict | None = None) -> dict:
+    """Check one upload and queue it for admission; the answer says `pending` and names the submission.
+    `declaration` is the member's licence and data description, sent with its signed upload."""
+    declaration = checked_declaration(declaration)
     with Session(engine) as session:
         store, work = configured(session)
     check_digest(body, claimed)
@@ -59,7 +83,7 @@ def receive(engine: Engine, member: Member, body: bytes, claimed: str) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     try:
-        row = in_transaction(engine, lambda session: _enqueue(session, member.name, digest, token))
+        row = in_transaction(engine, lambda session: _enqueue(session, member.name, digest, token, declaration))
     except BaseException:
         store.delete(incoming_name(token))
         raise

@@ -33,8 +33,9 @@ def _owned(work: Path, member: str, upload: str) -> tuple[Path, dict]:
     return part, json.loads(meta.read_text())
 
 
-def start_upload(work: Path, member: str, sha256: str, size: int) -> dict:
-    """Start an upload, or find the member's unfinished upload of the same content; returns how much arrived."""
+def start_upload(work: Path, member: str, sha256: str, size: int, declaration: dict | None = None) -> dict:
+    """Start an upload, or find the member's unfinished upload of the same content; returns how much arrived.
+    `declaration` (licence, data description) is kept with it for the submission."""
     if not _SHA256.fullmatch(sha256):
         raise PackageError("an upload is declared by the SHA-256 of its tar (64 lower-case hex digits)")
     if not 0 < size <= MAX_UPLOAD_BYTES:
@@ -45,7 +46,8 @@ def start_upload(work: Path, member: str, sha256: str, size: int) -> dict:
     if not meta.is_file():
         check_room(work, size)
         part.write_bytes(b"")
-        meta.write_text(json.dumps({"member": member, "sha256": sha256, "size": size}))
+        meta.write_text(json.dumps({"member": member, "sha256": sha256, "size": size,
+                                    "declaration": declaration or {}}))
     return {"upload": upload, "received": part.stat().st_size, "size": size}
 
 
@@ -63,12 +65,13 @@ def put_chunk(work: Path, member: str, upload: str, offset: int, chunk: bytes) -
     return {"upload": upload, "received": received + len(chunk), "size": meta["size"]}
 
 
-def take_upload(work: Path, member: str, upload: str) -> tuple[bytes, str]:
-    """The whole upload and its declared SHA-256, removed from the upload area (the caller submits it)."""
+def take_upload(work: Path, member: str, upload: str) -> tuple[bytes, str, dict]:
+    """The whole upload, its declared SHA-256 and the member's declaration, removed from the upload area (the
+    caller submits it)."""
     part, meta = _owned(work, member, upload)
     if part.stat().st_size != meta["size"]:
         raise Conflict(f"upload {upload} has {part.stat().st_size} of {meta['size']} bytes; send the rest first")
     body = part.read_bytes()
     part.unlink()
     _paths(work, upload)[1].unlink()
-    return body, meta["sha256"]
+    return body, meta["sha256"], meta.get("declaration", {})

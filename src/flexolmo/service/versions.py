@@ -84,7 +84,9 @@ def _reserve_once(session: Session, lease: timedelta) -> tuple[Version, list[str
                       created_at=now_iso(), lease_until=lease_time(lease))
     session.add(version)
     settings = {key: get_setting(session, key) for key in ("anchor", "coordinator_key", "anchor_fingerprint")}
-    return version, [r.package_sha256 for r in rows], {**settings, "work_dir": str(work)}
+    declarations = {r.member: json.loads(r.declaration or "{}") for r in rows}
+    return version, [r.package_sha256 for r in rows], {**settings, "work_dir": str(work),
+                                                        "declarations": declarations}
 
 
 def reserve(engine: Engine, lease: timedelta = LEASE) -> tuple[int, list[dict], list[str], dict]:
@@ -103,13 +105,22 @@ def _fetch_inputs(engine: Engine, digests: list[str], work: Path) -> list[Path]:
     return [fetch_package(store, digest, work / "cache") for digest in digests]
 
 
+def _input(expert: dict, declared: dict) -> dict:
+    """An input package as an in-toto resource descriptor; its owner's declaration as annotations."""
+    descriptor = {"name": expert["name"], "digest": {"sha256": expert["package_sha256"]}}
+    if declared:
+        descriptor["annotations"] = dict(declared)
+    return descriptor
+
+
 def attestation(number: int, settings: dict, experts: list[dict], output: str) -> dict:
-    """The in-toto statement: subject the merged model, materials the anchor and every input package."""
+    """The in-toto statement: subject the merged model, materials the anchor and every input package (with the
+    licence and data description its owner declared)."""
     return {"_type": "https://in-toto.io/Statement/v1",
             "subject": [{"name": f"flexolmo-version-{number}", "digest": {"sha256": output}}],
             "predicateType": "https://flexolmo.dev/consortium-version/v1",
             "predicate": {"version": number, "anchor": {"fingerprint": settings["anchor_fingerprint"]},
-                          "inputs": [{"name": e["name"], "digest": {"sha256": e["package_sha256"]}}
+                          "inputs": [_input(e, settings.get("declarations", {}).get(e["name"], {}))
                                      for e in experts],
                           "builder": "flexolmo coordinator publish", "published_at": now_iso()}}
 
@@ -125,7 +136,7 @@ def _build(number: int, experts: list[dict], paths: list[Path], settings: dict, 
     output = model_digest(model)
     statement = attestation(number, settings, experts, output)
     (model / ATTESTATION_FILE).write_text(json.dumps(sign_json(statement, INTOTO_TYPE, key), indent=1))
-    (model / "README.md").write_text(model_card(number, experts, paths, statement))
+    (model / "README.md").write_text(model_card(number, experts, paths, statement, settings["declarations"]))
     # The card and attestation are logged as one more operation and signed, so the model still verifies.
     append_record(model, model, {"operation": "publish", "version": number, "output_sha256": output})
     sign_directory(model, key)

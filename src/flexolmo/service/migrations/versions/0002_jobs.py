@@ -1,4 +1,5 @@
-"""Admission as background jobs claimed with a lease, and a publisher's lease on the version it publishes."""
+"""Admission as background jobs claimed with a lease, a publisher's lease on the version it publishes, and
+the licence and data description a member declares with its submission."""
 
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ def upgrade() -> None:
                     sa.Column("created_at", sa.String(40), nullable=False))
     with op.batch_alter_table("versions") as batch:
         batch.add_column(sa.Column("lease_until", sa.String(40), nullable=True))
+    with op.batch_alter_table("submissions") as batch:
+        batch.add_column(sa.Column("declaration", sa.Text, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("submissions") as batch:
+        batch.drop_column("declaration")
     with op.batch_alter_table("versions") as batch:
         batch.drop_column("lease_until")
     op.drop_table("jobs")
