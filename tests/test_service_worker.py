@@ -1,7 +1,8 @@
 """Admission in the background, on SQLite and PostgreSQL: a submission is answered `pending` at once and a
 worker records the verdict; a worker killed (kill -9) after measuring but before recording leaves its job to
 the next worker, which runs it once more after the lease has run out; two workers with their own engines on one
-database never run a job twice, and a worker whose lease was taken over cannot record its result."""
+database never run a job twice, and a worker whose lease was taken over cannot record its result. With a
+publication policy the workers publish a version after every N admissions."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import json
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from service_support import RunningService, database_url, kill_9, start_hanging
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from flexolmo.cli import main
 from flexolmo.service import submissions
 from flexolmo.service.audit import verify_log
 from flexolmo.service.client import ConsortiumClient
 from flexolmo.service.database import in_transaction, migrate, open_engine
 from flexolmo.service.jobs import LeaseLost, claim, finish
-from flexolmo.service.models import AuditEvent, Job, Submission
+from flexolmo.service.models import AuditEvent, Job, Submission, Version
 from flexolmo.service.registry import add_member, initialise
 from flexolmo.service.store import pack_directory
+from flexolmo.service.versions import verify_version
 from flexolmo.service.worker import Worker, run_pending
 
 
@@ -142,3 +146,31 @@ def test_a_worker_whose_lease_was_taken_over_cannot_record_its_result(
         in_transaction(engine, lambda session: finish(session, slow.id, "slow"))
     in_transaction(engine, lambda session: finish(session, fast.id, "fast"))
     assert claim(engine, "third") is None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_policy_publishes_after_every_n_admissions_through_the_workers(
+        kind, request, tmp_path, tiny_anchor, service_keys, service_packages):
+    url = database_url(kind, request, tmp_path)
+    engine, members = consortium(url, tiny_anchor, service_keys, tmp_path)
+    assert main(["coordinator", "policy", "--publish-after", "2", "--db", url]) == 0
+    receive(engine, members["code"], service_packages["code"])
+    assert run_pending(engine) == 1  # one admission: no publication yet
+    receive(engine, members["math"], service_packages["math"])
+    assert run_pending(engine) == 2  # the second admission queued a publication, which a worker ran
+    with Session(engine) as session:
+        versions = session.scalars(select(Version)).all()
+        kinds = [e.kind for e in session.scalars(select(AuditEvent).order_by(AuditEvent.seq))]
+    assert [(v.number, v.status, [e["name"] for e in json.loads(v.experts)]) for v in versions] == [
+        (1, "published", ["code", "math"])]
+    verify_version(Path(versions[0].path), service_keys / "coordinator.pub")
+    assert kinds.index("policy-set") < kinds.index("publication-queued") < kinds.index("version-published")
+
+    assert main(["coordinator", "policy", "--publish-after", "1", "--db", url]) == 0
+    receive(engine, members["code"], service_packages["code"])  # the same package again: same inputs
+    assert run_pending(engine) == 2
+    with Session(engine) as session:
+        last = session.scalars(select(Job).order_by(Job.id.desc())).first()
+        assert session.scalar(select(func.count()).select_from(Version)) == 1
+    assert (last.kind, last.state) == ("publish", "done") and "already published as version 1" in last.error
+    assert verify_log(engine).ok

@@ -7,6 +7,7 @@
   flexolmo coordinator serve [--db URL] [--host H] [--port P] [--workers N]
   flexolmo coordinator worker [--db URL]
   flexolmo coordinator publish [--db URL] [--top-k K]
+  flexolmo coordinator policy --publish-after N [--top-k K] [--db URL]
   flexolmo coordinator log --verify [--export FILE.jsonl] [--db URL]
   flexolmo coordinator verify VERSION_DIR --public-key coordinator.pub
 
@@ -67,6 +68,10 @@ def register(subparsers, name: str) -> None:
     publish.add_argument("--release-stale", action="store_true",
                          help="first release reservations over an hour old (left by a killed publisher)")
     _lease(publish)
+    policy = _sub(actions, "policy", "publish by policy: a new version after every N admissions, by the workers")
+    policy.add_argument("--publish-after", type=int, required=True,
+                        help="admissions between publications (1: on each admission; 0: only on command)")
+    policy.add_argument("--top-k", type=int, default=2, help="experts active per token in those versions")
     log = _sub(actions, "log", "verify and export the audit log")
     log.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if broken")
     log.add_argument("--export", type=Path, help="write every event as JSON lines")
@@ -158,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
                     port=args.port, log_level="warning")
     elif args.action == "worker":
         _work(engine, timedelta(seconds=args.lease_seconds))
+    elif args.action == "policy":
+        from flexolmo.service.policy import set_policy
+
+        policy = _in_session(engine, lambda s: set_policy(s, args.publish_after, args.top_k))
+        print(f"publication policy: {policy}")
     elif args.action == "publish":
         if args.release_stale:
             print(f"released stale reservations: {release_stale(engine) or 'none'}")

@@ -65,12 +65,12 @@ class Version(Base):
 
 
 class Job(Base):
-    """Work for a worker (admitting one submission): claimed with a lease, so a job runs in one worker at a
+    """Work for a worker (admitting one submission, publishing by policy): claimed with a lease, so a job runs in one worker at a
     time and a dead worker's job is taken again once its lease has run out."""
 
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # admission
+    kind: Mapped[str] = mapped_column(String(16))  # admission, publish
     payload: Mapped[str] = mapped_column(Text)  # JSON: what the job works on
     state: Mapped[str] = mapped_column(String(16))  # queued, running, done, failed
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the worker holding the lease

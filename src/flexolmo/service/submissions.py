@@ -27,6 +27,7 @@ from flexolmo.service.database import get_setting, in_transaction
 from flexolmo.service.errors import NotFound, StoreUnavailable
 from flexolmo.service.jobs import enqueue, finish
 from flexolmo.service.models import Job, Member, Submission
+from flexolmo.service.policy import count_admission
 from flexolmo.service.registry import admission_probe, issue_active_set
 from flexolmo.service.storage import configured
 from flexolmo.service.store import check_digest, checked_digest, incoming_name, package_name, unpack
@@ -111,6 +112,7 @@ def _record(session: Session, job_id: int, owner: str, row_id: int, outcome: Out
                                                            "status": row.status, "report": outcome.report})
     if outcome.admitted:
         issue_active_set(session, f"admitted {row.member}")
+        count_admission(session)
 
 
 def run_admission(engine: Engine, job: Job, owner: str) -> str:

@@ -1,4 +1,5 @@
-"""The admission worker: takes queued jobs (`jobs.claim`) and runs them until told to stop.
+"""The worker: takes queued jobs (`jobs.claim`: admissions, and publications the policy queued) and runs
+them until told to stop.
 
 `flexolmo coordinator serve` runs one in a thread of the service process (`--workers N`), so a small
 consortium needs one command; `flexolmo coordinator worker` runs one as a process of its own, for admissions
@@ -19,7 +20,9 @@ from datetime import timedelta
 from sqlalchemy import Engine
 
 from flexolmo.core.errors import FlexOlmoError
-from flexolmo.service.jobs import LEASE, MAX_ATTEMPTS, Heartbeat, LeaseLost, claim, release, renew_job
+from flexolmo.service.database import in_transaction
+from flexolmo.service.jobs import LEASE, MAX_ATTEMPTS, Heartbeat, LeaseLost, claim, finish, release, renew_job
+from flexolmo.service.policy import run_publication
 from flexolmo.service.submissions import give_up, run_admission, sweep
 
 POLL_SECONDS = 1.0
@@ -40,12 +43,20 @@ class Worker:
         if job is None:
             return False
         if job.attempts > MAX_ATTEMPTS:
-            give_up(self.engine, job, self.name, f"admission did not finish in {MAX_ATTEMPTS} attempts (its "
-                    f"worker stopped or failed each time; last error: {job.error or 'none recorded'})")
+            reason = (f"{job.kind} did not finish in {MAX_ATTEMPTS} attempts (its worker stopped or failed each "
+                      f"time; last error: {job.error or 'none recorded'})")
+            if job.kind == "admission":
+                give_up(self.engine, job, self.name, reason)
+            else:
+                in_transaction(self.engine, lambda session: finish(session, job.id, self.name, "failed", reason))
             return True
         try:
             with Heartbeat(self.engine, renew_job(job.id, self.name), self.lease):
-                run_admission(self.engine, job, self.name)
+                if job.kind == "admission":
+                    run_admission(self.engine, job, self.name)
+                else:
+                    print(f"worker {self.name}: published by policy: "
+                          f"{run_publication(self.engine, job, self.name, self.lease)}", file=sys.stderr)
         except LeaseLost as error:
             print(f"worker {self.name}: {error}", file=sys.stderr)
         except Exception as error:  # noqa: BLE001 - a job's failure must not stop the worker
