@@ -1,16 +1,20 @@
 """The consortium service's timings, on one machine, over real HTTP (uvicorn) and a real database.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_service.py [--db URL]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_service.py [--db URL] [--store s3://BUCKET/PREFIX
+        --store-endpoint URL]
 
 Builds a tiny anchor and one honest expert in a scratch directory (a few seconds of CPU), makes eight owners
 (the expert renamed to each and signed by its own key), then measures:
-- submission -> admission result: one owner's signed upload until the answer with its admission verdict
-  (verification, authentication, the merge admission measures in, row-norm and public-probe checks), 5 times;
+- submission -> answer (`pending`, the package queued in the store) and -> admission result: one owner's signed
+  upload until the service answers, then until the client, polling, holds the verdict the service's worker
+  recorded (verification, authentication, the merge admission measures in, row-norm and public-probe checks),
+  5 times;
 - 8 owners submitting at the same moment: wall time, and that all 8 are admitted and the log verifies;
 - withdrawal -> new active set: from the signed withdrawal until a client has fetched and verified an active
   set without the expert, for 5 owners (what `flexolmo serve` polls; serving itself is not measured here);
 - audit-log verification at 100,000 events (chained rows bulk-written to a fresh SQLite file first).
-Results: printed, and `benchmarks/results/service.json` (`service-postgresql.json` with a PostgreSQL --db).
+Results: printed, and `benchmarks/results/service.json` (`service-postgresql.json` with a PostgreSQL --db;
+`-s3` added with an S3 --store, e.g. moto's server: `python -m moto.server -p 5000` and AWS_* variables set).
 """
 
 from __future__ import annotations
@@ -49,14 +53,17 @@ def timed(action) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def submissions(url: str, keys: Path, packages: dict[str, Path]) -> list[float]:
+def submissions(url: str, keys: Path, packages: dict[str, Path]) -> tuple[list[float], list[float]]:
+    """Seconds to the `pending` answer, and to the verdict, of five submissions one after the other."""
     client = ConsortiumClient(url, keys / "owner1.key")
-    seconds = []
+    answered, decided = [], []
     for _ in range(5):
-        elapsed, answer = timed(lambda: client.submit(packages["owner1"]))
-        assert answer["status"] == "admitted", answer
-        seconds.append(elapsed)
-    return seconds
+        start = time.perf_counter()
+        queued = client.submit(packages["owner1"], wait=False)
+        answered.append(time.perf_counter() - start)
+        assert client.verdict(queued["submission"])["status"] == "admitted"
+        decided.append(time.perf_counter() - start)
+    return answered, decided
 
 
 def concurrent_submissions(url: str, keys: Path, packages: dict[str, Path]) -> dict:
@@ -111,6 +118,8 @@ def log_verification(path: Path, events: int = 100_000) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", help="database URL (default: a fresh SQLite file in the scratch directory)")
+    parser.add_argument("--store", help="package store (default: a directory in the scratch directory)")
+    parser.add_argument("--store-endpoint", help="the S3-compatible service's URL for an s3:// --store")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-service-") as scratch:
         root = Path(scratch)
@@ -124,11 +133,12 @@ def main() -> None:
         url = args.db or f"sqlite:///{root / 'consortium.db'}"
         engine = open_engine(url)
         migrate(engine)
-        in_transaction(engine, lambda s: initialise(s, anchor, root / "store", keys / "coordinator.key"))
+        in_transaction(engine, lambda s: initialise(s, anchor, args.store or root / "store", keys / "coordinator.key",
+                                                    work_dir=root / "work", store_endpoint=args.store_endpoint))
         for name in OWNERS:
             in_transaction(engine, lambda s, n=name: add_member(s, n, keys / f"{n}.pub"))
         with ServerThread(engine) as server:
-            submit_seconds = submissions(server.url, keys, packages)
+            answer_seconds, submit_seconds = submissions(server.url, keys, packages)
             concurrent = concurrent_submissions(server.url, keys, packages)
             withdraw_seconds = withdrawals(server.url, keys, TrustedKeys(root / "trusted"))
         check = verify_log(engine)
@@ -136,13 +146,18 @@ def main() -> None:
     results = {
         "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
         "database": "sqlite" if not args.db else engine.url.get_backend_name(),
+        "store": "s3" if (args.store or "").startswith("s3://") else "local",
+        "admission_workers": 1,
+        "submission_to_pending_answer_seconds": {"median": statistics.median(answer_seconds), "all": answer_seconds},
         "submission_to_admission_seconds": {"median": statistics.median(submit_seconds), "all": submit_seconds},
         "concurrent_submissions": {**concurrent, "log_intact": check.ok},
         "withdrawal_to_verified_active_set_seconds": {"median": statistics.median(withdraw_seconds),
                                                       "all": withdraw_seconds},
         "log_verification": log,
     }
-    out = RESULTS / ("service.json" if results["database"] == "sqlite" else f"service-{results['database']}.json")
+    name = "service" + ("" if results["database"] == "sqlite" else f"-{results['database']}") + (
+        "-s3" if results["store"] == "s3" else "")
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from service_support import RunningService, database_url
@@ -43,8 +44,9 @@ def start(url: str, anchor, keys, tmp_path, capsys, probe) -> RunningService:
 
 def submit_all(service, packages, keys, capsys) -> None:
     for name in ("code", "math"):
+        declared = ["--licence", "Apache-2.0", "--data-description", "Python we wrote"] if name == "code" else []
         status, out = run_cli(capsys, "submit", str(packages[name]), "--coordinator", service.url,
-                              "--sign-key", str(keys / f"{name}.key"))
+                              "--sign-key", str(keys / f"{name}.key"), *declared)
         assert status == 0 and '"status": "admitted"' in out, out
     status, out = run_cli(capsys, "submit", str(packages["hostile"]), "--coordinator", service.url,
                           "--sign-key", str(keys / "hostile.key"))
@@ -56,6 +58,8 @@ def publish_and_verify(url: str, keys, capsys, number: int, experts: list[str]) 
     assert status == 0, out
     published = json.JSONDecoder().raw_decode(out)[0]  # stdout first; merge progress follows on stderr
     assert published["number"] == number and [e["name"] for e in published["experts"]] == experts
+    assert "| code | " in (card := (Path(published["path"]) / "README.md").read_text())
+    assert "| Apache-2.0 | Python we wrote |" in card
     status, out = run_cli(capsys, "coordinator", "verify", published["path"], "--public-key", str(keys / "coordinator.pub"))
     assert status == 0 and f"version {number} verified" in out, out
 
