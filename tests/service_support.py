@@ -169,7 +169,7 @@ def hostile_copy(source: Path, target: Path, name: str, key: Path, scale: float 
     return target
 
 
-def submit_now(engine, member, package: Path) -> dict:
+def submit_now(engine, member, package: Path, declaration: dict | None = None) -> dict:
     """Submit `package` as `member` and run admission in this thread (what the service's worker does)."""
     import hashlib
 
@@ -180,7 +180,7 @@ def submit_now(engine, member, package: Path) -> dict:
     from flexolmo.service.worker import run_pending
 
     body = pack_directory(package)
-    answer = receive(engine, member, body, hashlib.sha256(body).hexdigest())
+    answer = receive(engine, member, body, hashlib.sha256(body).hexdigest(), declaration)
     assert answer["status"] == "pending", answer
     run_pending(engine)
     with Session(engine) as session:

@@ -37,7 +37,7 @@ def populated(url: str, anchor, keys, packages, store):
     members = {n: in_transaction(engine, lambda s, n=n: add_member(s, n, keys / f"{n}.pub"))
                for n in ("code", "math", "hostile")}
     for name, member in members.items():
-        submit_now(engine, member, packages[name])
+        submit_now(engine, member, packages[name], {"licence": "Apache-2.0"} if name == "code" else None)
     publish(engine)
     in_transaction(engine, lambda s: withdraw(s, members["math"], "math"))
     return engine
@@ -62,6 +62,7 @@ def test_the_page_shows_members_reports_versions_withdrawals_and_the_log(tmp_pat
         assert [r.split()[0] for r in rows("members")] == ["code", "hostile", "math"]
         submissions = rows("submissions")
         assert "hostile" in submissions[2] and "refused" in submissions[2] and "router rows are" in submissions[2]
+        assert submissions[0].endswith("Apache-2.0")
         assert "withdrawn" in rows("versions")[0] and "code, math" in rows("versions")[0]
         assert rows("withdrawals")[0].startswith("math")
         assert any("withdrawal" in row for row in rows("log"))
