@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from flexolmo.cli.common import add_command
@@ -33,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
     declaration = {key: value for key, value in (("licence", args.licence), ("data", args.data_description))
                    if value is not None}
-    answer = ConsortiumClient(args.coordinator, args.sign_key).submit(args.package, wait=not args.no_wait,
-                                                                      declaration=declaration)
+    client = ConsortiumClient(args.coordinator, args.sign_key)
+    answer = client.submit(args.package, wait=False, declaration=declaration)
+    if not args.no_wait:
+        print(f"queued as submission {answer['submission']}; waiting for its admission verdict", file=sys.stderr)
+        answer = client.verdict(answer["submission"])
     print(json.dumps(answer, indent=1))
     return 0 if answer["status"] in ("admitted", "pending") else 1

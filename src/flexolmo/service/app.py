@@ -31,7 +31,7 @@ from flexolmo.service.models import Member
 from flexolmo.service.page import render_page
 from flexolmo.service.registry import renew_if_due, withdraw
 from flexolmo.service.status import status
-from flexolmo.service.storage import configured
+from flexolmo.service.storage import work_dir
 from flexolmo.service.store import HEADER_DIGEST
 from flexolmo.service.submissions import checked_declaration, receive, submission
 from flexolmo.service.uploads import put_chunk, start_upload, take_upload
@@ -46,7 +46,7 @@ def _authenticated(engine: Engine, request: Request, body: bytes) -> Member:
 
 def _work(engine: Engine) -> Path:
     with Session(engine) as session:
-        return configured(session)[1]
+        return work_dir(session)
 
 
 def _json(body: bytes) -> dict:

@@ -34,8 +34,11 @@ def store_settings(store: str | Path, work_dir: Path | None, endpoint: str | Non
     return settings
 
 
+def work_dir(session: Session) -> Path:
+    """The local work directory (databases made before S3 stores have one directory for both)."""
+    return Path(optional_setting(session, "work_dir") or get_setting(session, "store"))
+
+
 def configured(session: Session) -> tuple[PackageStore, Path]:
     """The consortium's package store and its local work directory."""
-    url = get_setting(session, "store")
-    work = optional_setting(session, "work_dir") or url  # databases made before S3 stores: one directory
-    return open_store(url, optional_setting(session, "store_endpoint")), Path(work)
+    return open_store(get_setting(session, "store"), optional_setting(session, "store_endpoint")), work_dir(session)

@@ -35,7 +35,7 @@ from flexolmo.service.jobs import LEASE, Heartbeat, LeaseLost, lease_time
 from flexolmo.service.model_card import model_card
 from flexolmo.service.models import Version
 from flexolmo.service.registry import active_submissions
-from flexolmo.service.storage import configured
+from flexolmo.service.storage import configured, work_dir
 from flexolmo.service.store import fetch_package
 from flexolmo.trust.history import append_record, model_digest, read_history
 from flexolmo.trust.signing import TrustedKeys, sign_directory
@@ -66,7 +66,7 @@ def _clear_dead(session: Session, work: Path) -> list[int]:
 
 
 def _reserve_once(session: Session, lease: timedelta) -> tuple[Version, list[str], dict]:
-    _, work = configured(session)
+    work = work_dir(session)
     _clear_dead(session, work)
     rows = active_submissions(session)
     if not rows:
@@ -185,7 +185,7 @@ def release_stale(engine: Engine, older_than: timedelta = STALE_AFTER) -> list[i
     lease ran out, and any reserved more than `older_than` ago."""
     cutoff = (datetime.now(timezone.utc) - older_than).isoformat()
     with Session(engine) as session, session.begin():
-        _, work = configured(session)
+        work = work_dir(session)
         released = _clear_dead(session, work)
         for version in session.scalars(select(Version).where(Version.status == "publishing",
                                                              Version.created_at < cutoff)).all():
