@@ -49,8 +49,8 @@ def test_the_card_and_attestation_carry_each_members_declared_licence_and_data(
 
     version = Path(publish(engine)["path"])
     card = (version / "README.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line for line in card.splitlines() if line.startswith("| code")
-            or line.startswith("| math")}
+    rows = {line.split(" | ")[0].strip("| "): line for line in card.splitlines()
+            if line.startswith(("| code", "| math"))}
     assert "| Apache-2.0 | Python from our own repositories \\| permissive licences only |" in rows["code"]
     assert "| not declared | not declared |" in rows["math"]
     statement = verify_version(version, service_keys / "coordinator.pub")
