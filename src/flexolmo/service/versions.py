@@ -75,8 +75,10 @@ def _reserve_once(session: Session, lease: timedelta) -> tuple[Version, list[str
     digest = inputs_digest(get_setting(session, "anchor_fingerprint"), experts)
     existing = session.scalar(select(Version).where(Version.inputs_sha256 == digest))
     if existing is not None:
-        hint = (" by a publisher that is still working (its lease runs until "
-                f"{existing.lease_until})" if existing.status == "publishing" else "")
+        hint = ""
+        if existing.status == "publishing":
+            hint = (f" by a publisher that is still working (its lease runs until {existing.lease_until})"
+                    if existing.lease_until else "; if its publisher was killed, publish with --release-stale")
         raise Conflict(f"these experts were already published as version {existing.number} ({existing.status})"
                        f"{hint}")
     number = (session.scalar(select(func.max(Version.number))) or 0) + 1
