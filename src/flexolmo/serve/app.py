@@ -137,9 +137,9 @@ class _Handler:
 def create_app(server: ModelServer) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        server.scheduler.start()
+        server.startup()
         yield
-        server.scheduler.stop()
+        server.shutdown()
 
     app = FastAPI(title="flexolmo serve", lifespan=lifespan)
 
@@ -181,7 +181,8 @@ def create_app(server: ModelServer) -> FastAPI:
         active = server.active_state()
         return JSONResponse({"status": "failed_closed" if active.failed_closed else "ok", "model": server.model_id,
                              "experts": server.expert_names,
-                             "active_set": active.as_dict() if server.follower else None,
+                             "active_set": ({**active.as_dict(), "source": server.follower.source}
+                                            if server.follower else None),
                              "running": server.scheduler.running, "waiting": server.scheduler.waiting})
 
     @app.get("/metrics")

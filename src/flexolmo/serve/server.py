@@ -13,15 +13,9 @@ import torch
 from flexolmo.core.errors import MergeError
 from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.model.runtime import LoadedModel
-from flexolmo.serve.access import (
-    AccessError,
-    ActiveSetFollower,
-    ActiveState,
-    allowed_experts,
-    read_keys,
-    requested_experts,
-)
+from flexolmo.serve.access import AccessError, allowed_experts, read_keys, requested_experts
 from flexolmo.serve.engine import Event, GenerationRequest, Scheduler
+from flexolmo.serve.follow import DEFAULT_POLL, ActiveSetFollower, ActiveState
 from flexolmo.serve.metrics import ServeMetrics
 from flexolmo.trust.record import verify_slots
 
@@ -29,9 +23,10 @@ from flexolmo.trust.record import verify_slots
 @dataclass(frozen=True)
 class ServeOptions:
     keys: Path | None = None
-    active_set: Path | None = None
+    active_set: Path | str | None = None  # a file, or the consortium service's http(s) URL
     coordinator_keys: Path | None = None
     max_batch: int = 16
+    active_set_poll: float = DEFAULT_POLL  # seconds between fetches of an active-set URL
 
 
 class Job:
@@ -75,8 +70,8 @@ class ModelServer:
         # Names are the record's; every slot is checked to hold the expert its name says, as --exclude does.
         verify_slots(loaded.path, loaded.record, self.expert_names, family.ffn_projections)
         self.keys = read_keys(options.keys, self.expert_names) if options.keys else None
-        self.follower = (ActiveSetFollower(options.active_set, options.coordinator_keys, loaded.record)
-                         if options.active_set else None)
+        self.follower = (ActiveSetFollower(options.active_set, options.coordinator_keys, loaded.record,
+                                           options.active_set_poll) if options.active_set else None)
         self.context = int(loaded.model.config.max_position_embeddings)
         tokenizer = loaded.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -84,6 +79,17 @@ class ModelServer:
         eos = tokenizer.eos_token_id
         self.stop_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = ServeMetrics()
+
+    def startup(self) -> None:
+        """Before the first request: the scheduler's thread, and the active set's first fetch and poller."""
+        if self.follower is not None:
+            self.follower.start()
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+        if self.follower is not None:
+            self.follower.stop()
 
     def active_state(self) -> ActiveState:
         if self.follower is None:
