@@ -4,6 +4,7 @@ back from the scheduler's thread to the request's event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from flexolmo.serve.access import AccessError, allowed_experts, read_keys, reque
 from flexolmo.serve.engine import Event, GenerationRequest, Scheduler
 from flexolmo.serve.follow import DEFAULT_POLL, ActiveSetFollower, ActiveState
 from flexolmo.serve.metrics import ServeMetrics
+from flexolmo.serve.text import StopStrings
 from flexolmo.trust.record import verify_slots
 
 
@@ -30,31 +32,41 @@ class ServeOptions:
 
 
 class Job:
-    """A request in flight: the scheduler's thread posts its events into this asyncio queue."""
+    """A request in flight, as `n` generation requests (its choices) run side by side in the batch: the
+    scheduler's thread posts their events, tagged with the choice's index, into this asyncio queue."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, active: ActiveState):
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+    def __init__(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop, active: ActiveState):
+        self.queue: asyncio.Queue[tuple[int, str, object]] = asyncio.Queue()
         self.loop = loop
         self.active = active
-        self.request = request
-        request.listener = self._post
+        self.requests = requests
+        for index, request in enumerate(requests):
+            request.listener = functools.partial(self._post, index)
 
-    def _post(self, event: Event) -> None:
+    def _post(self, index: int, event: Event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, *event))
         except RuntimeError:  # the loop has closed: nobody is listening any more
-            self.request.cancelled = True
+            self.cancel()
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The request's events up to its end; leaving early (a client gone) cancels it in the scheduler."""
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled = True
+
+    async def events(self) -> AsyncIterator[tuple[int, str, object]]:
+        """(choice, kind, value) up to the end of every choice, or to the first error; leaving early (a client
+        gone) cancels the choices still running in the scheduler."""
+        running = len(self.requests)
         try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if event[0] != "token":
+            while running:
+                index, kind, value = await self.queue.get()
+                yield index, kind, value
+                if kind == "error":
                     return
+                if kind != "token":
+                    running -= 1
         finally:
-            self.request.cancelled = True
+            self.cancel()
 
 
 class ModelServer:
@@ -132,22 +144,34 @@ class ModelServer:
                               f"prompt's {prompt_length} tokens), got {asked}")
         return asked
 
+    def stop_strings(self, stop: list[str]) -> StopStrings | None:
+        return StopStrings(self.loaded.tokenizer, stop) if stop else None
+
     def start(self, prompt_ids: list[int], mask: torch.Tensor, active: ActiveState, max_tokens: int,
-              temperature: float, seed: int | None) -> Job:
-        request = GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
-                                    temperature=temperature, seed=seed, stop_ids=self.stop_ids)
-        job = Job(request, asyncio.get_running_loop(), active)
-        self.scheduler.submit(request)
+              temperature: float, seed: int | None, n: int = 1, stop: StopStrings | None = None) -> Job:
+        """Submit the request's `n` choices, each its own row of the batch with the same mask. With a seed,
+        choice i samples with seed + i, so that the choices differ and a repeated request repeats them."""
+        requests = [GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
+                                      temperature=temperature, seed=None if seed is None else seed + index,
+                                      stop_ids=self.stop_ids, stop_when=stop)
+                    for index in range(n)]
+        job = Job(requests, asyncio.get_running_loop(), active)
+        for request in requests:
+            self.scheduler.submit(request)
         return job
 
     def usage(self, job: Job) -> dict:
         """OpenAI's usage, plus `experts`: each expert's share of the request's routing weight, prompt and
-        completion apart (see `attribution_shares`), and the active-set version the request ran under."""
-        request = job.request
-        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.tokens),
-                 "total_tokens": len(request.prompt_ids) + len(request.tokens),
-                 "experts": {"prompt": attribution_shares(request.prompt_routing, self.expert_names),
-                             "completion": attribution_shares(request.completion_routing, self.expert_names)},
+        completion apart (see `attribution_shares`), and the active-set version the request ran under. As in
+        OpenAI's, the prompt counts once and the completion tokens of all `n` choices add up; the completion's
+        routing is summed over the choices."""
+        prompt_ids, first = job.requests[0].prompt_ids, job.requests[0]
+        completion = sum(len(request.tokens) for request in job.requests)
+        routed = [request.completion_routing for request in job.requests if request.completion_routing is not None]
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                 "total_tokens": len(prompt_ids) + completion,
+                 "experts": {"prompt": attribution_shares(first.prompt_routing, self.expert_names),
+                             "completion": attribution_shares(sum(routed) if routed else None, self.expert_names)},
                  "active_set_version": job.active.version}
         self.metrics.record_usage(usage)
         return usage
