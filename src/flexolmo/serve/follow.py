@@ -1,7 +1,7 @@
 """Following the coordinator's signed active set, from a file or from the consortium service over HTTP(S).
 
-`--active-set FILE`: the file is re-verified whenever its modification time or size changes (one `stat` per
-request), so a new set written there applies from the next request on.
+`--active-set FILE`: the file is re-verified whenever its inode, modification time or size changes (one `stat`
+per request), so a new set written there applies from the next request on.
 
 `--active-set URL` (the consortium service's `GET /v1/active-set`): a thread of its own fetches the URL every
 `poll_interval` seconds (bounded: `MIN_POLL`..`MAX_POLL`, so an opt-out reaches the server within one
@@ -82,7 +82,7 @@ class ActiveSetFollower:
         self.record = record
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
-        self._seen: object = None  # the file's (mtime, size), or the URL's last envelope bytes
+        self._seen: object = None  # the file's (inode, mtime, size), or the URL's last envelope bytes
         self._active: ActiveSet | None = None
         self._accepted_version: int | None = None
         self._refusal: str | None = "no active set read yet"
@@ -153,7 +153,7 @@ class ActiveSetFollower:
     def _follow_file(self) -> None:
         try:
             stat = self.path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size)
+            seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # a new file (atomic write) is a new inode
             if seen == self._seen:
                 return
             envelope = self.path.read_bytes()
