@@ -87,7 +87,11 @@ class ModelServer:
         self.context = int(loaded.model.config.max_position_embeddings)
         tokenizer = loaded.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.scheduler = Scheduler(loaded.model, pad_id=pad or 0, max_batch=options.max_batch)
+        # Right padding is never attended to by a real token, so any id the model can embed will do; a
+        # tokenizer's pad or eos may lie beyond a smaller model's vocabulary (an index error, not a pad).
+        if pad is None or not 0 <= pad < int(loaded.model.config.vocab_size):
+            pad = 0
+        self.scheduler = Scheduler(loaded.model, pad_id=pad, max_batch=options.max_batch)
         eos = tokenizer.eos_token_id
         self.stop_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = ServeMetrics()
@@ -129,6 +133,9 @@ class ModelServer:
             ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise AccessError(400, "the prompt is empty")
+        vocab = int(self.loaded.model.config.vocab_size)
+        if max(ids) >= vocab:  # a tokenizer larger than the model's embedding: refuse, don't fail the batch
+            raise AccessError(400, f"the prompt has token ids beyond the model's vocabulary of {vocab}")
         return list(ids)
 
     def max_tokens(self, prompt_length: int, asked: int | None, default: int) -> int:
