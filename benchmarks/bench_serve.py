@@ -93,7 +93,9 @@ def build_model(workdir: Path) -> Path:
 
 def prompts(count: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (12,), generator=generator))
+    # Each starts with "the": some words at the very start have token ids beyond the small model's vocabulary
+    # (the demo tokenizer has 8192, the small shape 4096).
+    return [" ".join(["the", *(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (12,), generator=generator))])
             for _ in range(count)]
 
 
