@@ -15,8 +15,10 @@ import httpx
 import openai
 import pytest
 
+from flexolmo.core.errors import TrustError
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.runtime import load_model
+from flexolmo.serve.follow import MAX_ENVELOPE_BYTES, ActiveSetFollower
 from flexolmo.serve.server import ModelServer, ServeOptions
 from flexolmo.serve.threaded import running_server
 from flexolmo.trust.active_set import ActiveExpert, new_active_set, sign_active_set, write_active_set
@@ -136,7 +138,7 @@ def test_a_server_follows_an_active_set_url_and_fails_closed_only_once_the_last_
             assert ask(url)[0] == {"public": pytest.approx(1.0), "code": 0.0, "math": 0.0}
 
             # The service goes away: the last set it served stays in force until it expires, then no longer.
-            publish(setup, 7, ["math"], lifetime=timedelta(seconds=4))
+            publish(setup, 7, ["math"], lifetime=timedelta(seconds=8))
             wait_for(url, lambda health: health["active_set"]["version"] == 7 and health["status"] == "ok")
             files.close()
             health = wait_for(url, lambda health: health["active_set"]["fetch_error"] is not None)
@@ -156,3 +158,24 @@ def test_a_server_follows_an_active_set_url_and_fails_closed_only_once_the_last_
     logged = caplog.text
     assert f"active set version 6 accepted from {source}: serving public, code" in logged
     assert "failing closed: serving the public expert only" in logged and "keeping version 7" in logged
+
+
+def test_an_answer_that_is_no_active_set_is_a_fetch_error_and_the_interval_is_bounded(serve_merged, setup,
+                                                                                    tmp_path):
+    root = setup[0]
+    info = read_merged_info(serve_merged)
+    record = {"experts": info.metadata["experts"], "anchor": {"fingerprint": info.anchor_fingerprint}}
+    with pytest.raises(TrustError, match="between 0.1 and 300"):
+        ActiveSetFollower("http://127.0.0.1:1/x", root / "coordinator", record, poll_interval=0.01)
+    (tmp_path / "huge.json").write_bytes(b" " * (MAX_ENVELOPE_BYTES + 1))
+    files = FileServer(tmp_path)
+    try:
+        for name, error in (("huge.json", "over 1048576 bytes"), ("missing.json", "HTTP 404")):
+            follower = ActiveSetFollower(f"http://127.0.0.1:{files.port}/{name}", root / "coordinator", record)
+            follower.start()
+            state = follower.current()
+            follower.stop()
+            assert state.failed_closed == "no active set read yet" and error in state.fetch_error
+            assert state.mask == (True, False, False)  # public only
+    finally:
+        files.close()
