@@ -177,25 +177,17 @@ class Scheduler:
         self._prefilled = {}
         self._batch = None
 
-    def _key(self, request: GenerationRequest, allowed: torch.Tensor, version: int | None) -> CacheKey:
-        return CacheKey(version, tuple((request.mask & allowed).tolist()))
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """Admit waiting requests, then one new token for every running request: a prefill for those without a
-        cache under the current key, a decode over the cached others."""
-        self._admit()
-        self._running = [request for request in self._running if not request.cancelled]
-        if not self._running:
-            self._drop_caches()
-            return
+    def _keyed(self) -> tuple[list[GenerationRequest], list[GenerationRequest]]:
+        """The running requests split by their cache under the active set now: (to prefill, to decode). A
+        request whose key changed is counted in `recomputed` and goes to prefill; one left with no expert at all
+        is ended with an error (the server never admits one: the public expert is always on)."""
         state = self.active() if self.active is not None else None
         allowed = torch.ones_like(self._running[0].mask) if state is None else torch.tensor(state.mask)
         version = None if state is None else state.version
         fresh, cached = [], []
         for request in list(self._running):
-            key = self._key(request, allowed, version)
-            if not any(key.mask):  # cannot happen through the server (the public expert is always on)
+            key = CacheKey(version, tuple((request.mask & allowed).tolist()))
+            if not any(key.mask):
                 request.listener(("error", "none of the request's experts is in the active set"))
                 self._running.remove(request)
             elif request.cache_key == key:
@@ -207,6 +199,18 @@ class Scheduler:
                              version)
                 request.cache_key = key
                 fresh.append(request)
+        return fresh, cached
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit waiting requests, then one new token for every running request: a prefill for those without a
+        cache under the current key, a decode over the cached others."""
+        self._admit()
+        self._running = [request for request in self._running if not request.cancelled]
+        if not self._running:
+            self._drop_caches()
+            return
+        fresh, cached = self._keyed()
         # Caches prefilled last step for requests gone since (cancelled, finished, re-keyed) are dropped.
         self._prefilled = {request: rows for request, rows in self._prefilled.items() if request in cached}
         logits: dict[GenerationRequest, torch.Tensor] = {}
@@ -224,6 +228,8 @@ class Scheduler:
                 request.listener(("done", reason))
                 finished.append(request)
         self._running = [request for request in self._running if request not in finished]
+        if not self._running:
+            self._drop_caches()
         self.steps += 1
 
     def _forward(self, masks: list[tuple[bool, ...]], **inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
