@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from serve_helpers import solo_greedy, solo_routing
+from test_families import FAMILY_CONFIGS, SHAPE
 from transformers import DynamicCache
 
-from flexolmo.model.moe import row_masks
+from flexolmo.model.moe import convert_to_moe, decoder_layers, row_masks, set_active_experts
 from flexolmo.model.runtime import load_model
 from flexolmo.serve.engine import CacheKey, GenerationRequest, Scheduler
 from flexolmo.serve.follow import ActiveState
@@ -34,12 +35,16 @@ def request(loaded, prompt, allowed, max_tokens):
                              events.append, stop_ids=frozenset([loaded.tokenizer.eos_token_id]))
 
 
-@torch.no_grad()
 def computed_alone(loaded, ids, allowed) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's keys and values of `ids` run alone (batch 1, no padding) with `allowed` only."""
+    return keys_and_values(loaded.model, ids, mask_of(loaded, allowed))
+
+
+@torch.no_grad()
+def keys_and_values(model, ids, mask) -> list[tuple[torch.Tensor, torch.Tensor]]:
     cache = DynamicCache()
-    with row_masks(loaded.model, mask_of(loaded, allowed).unsqueeze(0)):
-        loaded.model(torch.tensor([ids]), use_cache=True, **{cache_kwarg(loaded.model): cache})
+    with row_masks(model, mask.unsqueeze(0)):
+        model(torch.tensor([ids]), use_cache=True, **{cache_kwarg(model): cache})
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -197,3 +202,50 @@ def test_attribution_with_the_cache_equals_the_routing_of_the_sequence_alone(loa
         whole = solo_routing(loaded, one.prompt_ids + one.tokens[:-1], exclude)
         assert torch.allclose(one.prompt_routing, prompt, atol=1e-4)
         assert torch.allclose(one.completion_routing, whole - prompt, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
+def test_every_anchor_family_decodes_with_the_cache_as_it_does_alone(model_type):
+    """Left padding, the attention mask and per-row position ids through each family's own attention (Llama-3
+    RoPE scaling, q/k/v biases, per-head norms, a sliding window): each row's greedy tokens equal its solo run,
+    recomputed from scratch with its mask set for the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **SHAPE, **FAMILY_CONFIGS[model_type])
+    dense = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in dense.parameters():
+            param.normal_(0.0, 0.2, generator=generator)
+    rows = [torch.randn(4, SHAPE["hidden_size"], generator=generator) for _ in decoder_layers(dense)]
+    model = convert_to_moe(dense, rows, 4, top_k=2).eval()
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for expert in list(layer.mlp.experts)[1:]:
+                for param in expert.parameters():
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    masks = [[True, True, True, True], [True, False, True, False], [True, False, False, False],
+             [True, True, False, True]]
+    prompts = [torch.randint(0, 300, (length,), generator=generator).tolist() for length in (17, 3, 9, 1)]
+    scheduler = Scheduler(model, pad_id=0)
+    requests = [GenerationRequest(prompt, torch.tensor(mask), 10, lambda _event: None)
+                for prompt, mask in zip(prompts, masks)]
+    for each in requests:
+        scheduler.submit(each)
+        scheduler.step()  # each joins a step later than the one before: caches of different lengths
+    scheduler.step()
+    for each in requests:  # every row's cache, unpadded, is its sequence computed alone: positions included
+        assert largest_difference(scheduler.cached(each), keys_and_values(model, each.sequence()[:-1],
+                                                                          each.mask)) <= 1e-5
+    run(scheduler)
+    for each, mask in zip(requests, masks):
+        set_active_experts(model, mask)
+        try:
+            with torch.no_grad():
+                alone: list[int] = []
+                for _ in range(10):
+                    alone.append(int(model(torch.tensor([each.prompt_ids + alone])).logits[0, -1].argmax()))
+        finally:
+            set_active_experts(model, [True] * 4)
+        assert each.tokens == alone
