@@ -24,9 +24,8 @@ the mask is the whole point here. This one is deliberately small:
 Attribution: every layer's kept routing weights (top-k of the softmax over the allowed experts, renormalised
 where the model's format does) are summed per expert over the request's prompt tokens, and apart over its
 completion tokens fed back through the model (the last completion token never is, so it has no routing of its
-own). Each
-position counts once, from the first forward that fed it: a recompute after a withdrawal feeds the prompt
-again and counts only the token that was new to it, so the tokens computed before the withdrawal stay
+own). Each position counts once, from the first forward that fed it: a recompute after a withdrawal feeds the
+prompt again and counts only the token that was new to it, so the tokens computed before the withdrawal stay
 credited to the experts that computed them.
 """
 
