@@ -184,7 +184,7 @@ class Scheduler:
         state = self.active() if self.active is not None else None
         allowed = torch.ones_like(self._running[0].mask) if state is None else torch.tensor(state.mask)
         version = None if state is None else state.version
-        fresh, cached = [], []
+        fresh, cached, recomputed = [], [], 0
         for request in list(self._running):
             key = CacheKey(version, tuple((request.mask & allowed).tolist()))
             if not any(key.mask):
@@ -195,10 +195,12 @@ class Scheduler:
             else:
                 if request.cache_key is not None:
                     request.recomputed += 1
-                    log.info("active set version %s: recomputing a running request's cache under its new mask",
-                             version)
+                    recomputed += 1
                 request.cache_key = key
                 fresh.append(request)
+        if recomputed:
+            log.info("active set version %s: recomputing %d running request(s) under their new masks", version,
+                     recomputed)
         return fresh, cached
 
     @torch.no_grad()
