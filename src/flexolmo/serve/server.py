@@ -91,7 +91,8 @@ class ModelServer:
         # tokenizer's pad or eos may lie beyond a smaller model's vocabulary (an index error, not a pad).
         if pad is None or not 0 <= pad < int(loaded.model.config.vocab_size):
             pad = 0
-        self.scheduler = Scheduler(loaded.model, pad_id=pad, max_batch=options.max_batch)
+        # The scheduler reads the active set at every step: a withdrawal reaches running requests too.
+        self.scheduler = Scheduler(loaded.model, pad_id=pad, max_batch=options.max_batch, active=self.active_state)
         eos = tokenizer.eos_token_id
         self.stop_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = ServeMetrics()
