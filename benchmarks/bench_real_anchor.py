@@ -93,8 +93,8 @@ SMOKE = dict(smoke=True, expert_steps=2, batch_size=2, seq_len=64, router_sequen
 class RealAnchorBench:
     """The steps, in order; each is skipped when its output exists."""
 
-    def __init__(self, config: BenchConfig, out: Path):
-        self.config, self.out = config, out
+    def __init__(self, config: BenchConfig, out: Path, baselines: bool = True):
+        self.config, self.out, self.baselines = config, out, baselines
         self.anchor = out / "anchor"
         self.timings = out / "timings.json"
 
@@ -136,25 +136,29 @@ class RealAnchorBench:
             resume = (package.with_name(package.name + ".ckpt") / "checkpoint").exists()
             paths[f"expert_{d}"] = self.timed(f"expert {d}", package,
                                               lambda e=expert, r=resume: train_expert(e, resume=r))
+            if not self.baselines:
+                continue
             paths[f"dense_{d}"] = self.timed(f"dense {d}", dense, lambda d=d, p=dense: train_dense_expert(
                 self.anchor, [self.file(d, "train")], p, c.optim()))
-        members = [self.anchor, *[paths[f"dense_{d}"] for d in OWNERS]]
         packages = [paths[f"expert_{d}"] for d in OWNERS]
         for name, top_k in (("flexolmo", c.top_k), *((f"flexolmo_top{k}", k) for k in c.extra_top_ks)):
             merged = self.out / "models" / name
             paths[name] = self.timed(f"merge {name}", merged, lambda m=merged, k=top_k: merge(
                 self.anchor, packages, m, k))
-        soup = self.out / "models" / "model_soup"
-        paths["model_soup"] = self.timed("model soup", soup, lambda: model_soup(self.anchor, members, soup))
-        paths["members"] = members
+        if self.baselines:
+            members = [self.anchor, *[paths[f"dense_{d}"] for d in OWNERS]]
+            soup = self.out / "models" / "model_soup"
+            paths["model_soup"] = self.timed("model soup", soup, lambda: model_soup(self.anchor, members, soup))
+            paths["members"] = members
         return paths
 
     def methods(self, paths: dict) -> dict[str, tuple]:
         """Method -> (model directory or BTM member list, experts excluded)."""
         methods = {"anchor": (self.anchor, [])}
-        methods.update({f"dense_{d}": (paths[f"dense_{d}"], []) for d in OWNERS})
-        methods["model_soup"] = (paths["model_soup"], [])
-        methods["btm"] = (paths["members"], [])
+        if self.baselines:
+            methods.update({f"dense_{d}": (paths[f"dense_{d}"], []) for d in OWNERS})
+            methods["model_soup"] = (paths["model_soup"], [])
+            methods["btm"] = (paths["members"], [])
         methods["flexolmo"] = (paths["flexolmo"], [])
         methods.update({f"flexolmo_top{k}": (paths[f"flexolmo_top{k}"], []) for k in self.config.extra_top_ks})
         methods.update({f"flexolmo_top{k}{UNNORMALISED}": (paths[f"flexolmo_top{k}"], [])
@@ -298,6 +302,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of the fine-tuning")
     parser.add_argument("--top-k", type=int, default=None, help="experts per token in the merged model")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where a full run's JSON goes")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="FlexOlmo rows and the anchor only: no dense experts, model soup or BTM (their numbers "
+                             "do not depend on how the merged model routes)")
+    parser.add_argument("--no-tasks", action="store_true", help="bits per byte only, no lm-eval task accuracy")
     args = parser.parse_args()
     source = args.source or default_source()
     if source is None:
@@ -306,14 +314,15 @@ def main() -> None:
                                                ("top_k", args.top_k)) if value is not None}
     config = BenchConfig(source=source, data_dir=args.data_dir, **(SMOKE if args.smoke else {}), **overrides)
     out = args.out or Path("runs/real-anchor-smoke" if args.smoke else "runs/real-anchor")
-    bench = RealAnchorBench(config, out)
+    bench = RealAnchorBench(config, out, baselines=not args.no_baselines)
     began = time.perf_counter()
     try:
         bench.check_inputs()
         paths = bench.build()
         methods = bench.methods(paths)
         evals = {method: bench.scores(method, *spec) for method, spec in methods.items()}
-        tasks = {method: bench.task_scores(method, *spec) for method, spec in methods.items()}
+        tasks = {method: {"skipped": "--no-tasks"} if args.no_tasks else bench.task_scores(method, *spec)
+                 for method, spec in methods.items()}
         agreement = bench.transformers_agreement(paths)
     except FlexOlmoError as error:
         sys.exit(f"error: {error}")
