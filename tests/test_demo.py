@@ -105,6 +105,10 @@ def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
     # Routing shares are per-expert selection rates: over the experts they sum to top-k in every domain.
     for domain, shares in saved["routing"].items():
         assert sum(shares.values()) == pytest.approx(config.top_k), domain
+        kept = saved["kept_mass"][domain]
+        assert kept == {key: saved["details"]["flexolmo"]["domains"][domain]["routing"]["kept_mass"][key]
+                        for key in ("mean", "lowest_layer_p5")}
+        assert 0 < kept["lowest_layer_p5"] <= 1 and 0 < kept["mean"] <= 1
     # Opt-out: each row is the masked model's score minus the full model's, on every domain, and the own/other
     # columns are read from those differences.
     for removed, row in saved["opt_out"].items():

@@ -74,8 +74,11 @@ def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[st
         others = [change[d] for d in CLOSED_DOMAINS if d != removed]
         deltas[removed] = {"delta_bits_per_byte": change, "own_domain": change[removed],
                            "other_closed_mean": sum(others) / len(others)}
-    routing = {domain: score["routing"]["mean_share"]
-               for domain, score in evaluations["flexolmo"]["domains"].items() if "routing" in score}
+    routed = {domain: score["routing"] for domain, score in evaluations["flexolmo"]["domains"].items()
+              if "routing" in score}
+    routing = {domain: r["mean_share"] for domain, r in routed.items()}
+    kept_mass = {domain: {key: r["kept_mass"][key] for key in ("mean", "lowest_layer_p5")}
+                 for domain, r in routed.items()}
     return {
         "quick": config.quick,
         "note": "smoke run: a few steps, numbers are not meaningful" if config.quick else "full demo",
@@ -83,6 +86,7 @@ def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[st
         "domains": [PUBLIC, *CLOSED_DOMAINS, MIXED],
         "methods": methods,
         "routing": routing,
+        "kept_mass": kept_mass,
         "opt_out": deltas,
         "costs": costs,
         "details": evaluations,

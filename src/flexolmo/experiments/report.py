@@ -143,8 +143,13 @@ def _tuning_opt_out_and_routing(results: dict) -> list[str]:
         "",
         "## Routing: share of tokens sent to each expert (FlexOlmo, mean over layers; shares sum to top-k)",
         "",
-        markdown_table(["domain", *experts], [[d, *[share[e] for e in experts]]
-                                              for d, share in results["routing"].items()]),
+        "Kept mass: the softmax weight of the selected experts before any renormalisation (mean over tokens and "
+        "layers; p5: the 5th percentile of the lowest layer). OLMo-2's post-FFN norm cancels it; a pre-norm "
+        "merge renormalises it to 1.",
+        "",
+        markdown_table(["domain", *experts, "kept mass", "kept mass p5"],
+                       [[d, *[share[e] for e in experts], results["kept_mass"][d]["mean"],
+                         results["kept_mass"][d]["lowest_layer_p5"]] for d, share in results["routing"].items()]),
         "",
     ]
 
