@@ -524,3 +524,79 @@ def test_keygen_refuses_reserved_and_newline_names(name, tmp_path):
     with pytest.raises(TrustError):
         generate_key_pair(name, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# -- every command that acts on a merged model authenticates it first (issue 25, finding 3) ------------------
+
+def swap_names_recomputing_digests(model: Path, out: Path) -> Path:
+    """What whoever hosts the files can do without any key: swap the record's entries for slots 1 and 2 (names,
+    manifests, signers), recompute the unkeyed slot digests under the new names and the log's model digest.
+    Only the coordinator's signature still tells."""
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.trust.history import model_digest
+    from flexolmo.trust.record import read_slot_digest
+
+    swapped = copy(model, out)
+    record = json.loads((swapped / MERGED_METADATA_FILE).read_text())
+    experts = record["experts"]
+    experts[1], experts[2] = experts[2], experts[1]
+    reader, layers = LazyReader(swapped), record["anchor"]["config"]["num_hidden_layers"]
+    for index, entry in enumerate(experts):
+        entry["slot_sha256"] = read_slot_digest(reader, index, entry["name"], layers,
+                                                ("gate_proj", "up_proj", "down_proj"))
+    (swapped / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    log = read_history(swapped)
+    log[-1]["model_sha256"] = model_digest(swapped)
+    (swapped / HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    return swapped
+
+
+def test_a_name_swap_is_refused_by_every_command_given_keys_and_named_without(signed, keys, tiny_anchor, corpora,
+                                                                             tmp_path, capsys):
+    trusted = TrustedKeys(keys)
+    coordinator = keys / "private" / "coordinator.key"
+    model = tmp_path / "v1"
+    merge(tiny_anchor, [signed["code"], signed["math"]], model, top_k=2,
+          trust=CoordinatorTrust(trusted_keys=trusted, sign_key=coordinator))
+    swapped = swap_names_recomputing_digests(model, tmp_path / "swapped")
+    assert verify_merged_model(swapped)["experts"][1]["name"] == "math"  # unauthenticated, the swap passes
+    capsys.readouterr()
+
+    with pytest.raises(TrustError, match="does not match the files"):
+        remove_experts(swapped, ["code"], tmp_path / "r1", trust=CoordinatorTrust(trusted_keys=trusted))
+    with pytest.raises(TrustError, match="does not match the files"):
+        load_model(swapped, exclude=["code"], trusted_keys=trusted)
+    out = tmp_path / "refused"
+    key_flag = ["--trusted-keys", str(keys)]
+    refusals = {
+        "remove": ["remove", "--model", str(swapped), "--exclude", "code", "--out", str(out), *key_flag],
+        "add": ["add", "--model", str(swapped), "--packages", str(signed["code"]), "--out", str(out), *key_flag],
+        "tune-router": ["tune-router", "--model", str(swapped), "--public-data", str(corpora["public"]),
+                        "--proxies", str(corpora["code"]), "--out", str(out), *key_flag],
+        "sign": ["sign", str(swapped), "--sign-key", str(coordinator), *key_flag],
+        "eval": ["eval", "--model", str(swapped), "--data", str(corpora["code"]), "--exclude", "code", *key_flag],
+        "generate": ["generate", "--model", str(swapped), "--prompt", "def", "--exclude", "code", *key_flag],
+    }
+    for command, argv in refusals.items():
+        assert main(argv) == 1, command
+        error = capsys.readouterr().err
+        assert "does not match the files" in error and len(error.strip().splitlines()) == 1, (command, error)
+        assert nothing_written(out), command
+
+    # Without keys every one of them runs, and says loudly that it trusts whoever wrote the files.
+    assert main(["generate", "--model", str(swapped), "--prompt", "def", "--exclude", "code",
+                 "--max-new-tokens", "1"]) == 0
+    assert "warning: --exclude acts on" in capsys.readouterr().err
+    assert main(["remove", "--model", str(swapped), "--exclude", "code", "--out", str(tmp_path / "r2")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "unauthenticated" in line]
+    assert len(warning) == 1 and "remove acts on" in warning[0] and "no --trusted-keys" in warning[0]
+
+    # The honest model passes every authentication, and the opt-out removes the expert it names.
+    remove_experts(model, ["code"], tmp_path / "r3", trust=CoordinatorTrust(trusted_keys=trusted,
+                                                                           sign_key=coordinator))
+    assert load_model(tmp_path / "r3", trusted_keys=trusted).expert_names == ["public", "math"]
+    assert main(["generate", "--model", str(model), "--prompt", "def", "--exclude", "code", "--max-new-tokens",
+                 "1", *key_flag]) == 0
+    assert "unauthenticated" not in capsys.readouterr().err
+    with pytest.raises(TrustError, match="dense model"):
+        load_model(tiny_anchor, trusted_keys=trusted)

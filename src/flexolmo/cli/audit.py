@@ -21,6 +21,7 @@ from flexolmo.cli.common import (
     add_device_flags,
     add_exclude_flag,
     path_list,
+    trusted_keys,
 )
 
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         device=args.device, dtype=args.dtype, show_text=args.show_text,
     )
-    result = audit_extraction(config)
+    result = audit_extraction(config, trusted_keys(args))
     print_result(result)
     if args.json:
         atomic_write_json(args.json, result.as_dict())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype
+from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype, trusted_keys
 
 
 def register(subparsers, name: str) -> None:
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.evaluation.tasks import evaluate_tasks
     from flexolmo.model.runtime import load_model
 
-    loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
+    loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
+                        trusted_keys=trusted_keys(args))
     scores = evaluate_tasks(loaded, args.tasks, args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=args.batch_size, seed=args.seed)
     title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")

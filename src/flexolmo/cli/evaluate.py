@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_data_flag, add_data_flags, add_device_flags, add_exclude_flag
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_device_flags,
+    add_exclude_flag,
+    trusted_keys,
+)
 
 
 def register(subparsers, name: str) -> None:
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                              split=args.split, text_field=args.text_field, device=args.device, dtype=args.dtype,
                              context_tokens=args.context_tokens)
-    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude)
+    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude, trusted_keys(args))
     rows = [[name, s.bits_per_byte, s.loss, s.perplexity, f"{s.tokens:,}", f"{s.bytes:,}"]
             for name, s in result.domains.items()]
     title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")

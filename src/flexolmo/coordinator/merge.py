@@ -55,6 +55,7 @@ from flexolmo.model.merged_format import (
     PUBLIC_EXPERT,
     ROUTER_TUNING_KEY,
     MergedModelInfo,
+    authenticate_merged_model,
     check_top_k,
     is_extra_tensor,
     merged_config,
@@ -267,10 +268,13 @@ def _merged_sources(info: MergedModelInfo,
 
 def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int | None = None,
                 shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
-    """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor."""
+    """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor. With
+    `trust.trusted_keys` the model is authenticated first (`authenticate_merged_model`), else a warning says it
+    is not."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
     _refuse_existing(out)
+    authenticate_merged_model(model_dir, trust.trusted_keys, "add")
     info = read_merged_info(model_dir)
     top_k = info.metadata["top_k"] if top_k is None else top_k
     check_top_k(top_k, len(info.expert_names) + len(package_paths))
@@ -290,13 +294,16 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
                    shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
     """An opt-out: a smaller checkpoint without the named experts (the public expert always stays).
 
-    Names are resolved through the model's record and each removed slot is checked against its recorded
-    digest first, so a record with swapped names cannot make an opt-out remove another member's expert. The
+    The model is authenticated first with `trust.trusted_keys` (else a warning says it is not): only the
+    coordinator's signature binds names to slots, since anyone can recompute the unkeyed slot digests. Names
+    are then resolved through the model's record and each removed slot is checked against its recorded
+    digest, so a record with swapped names cannot make an opt-out remove another member's expert. The
     top-k is lowered to the number of experts left when it exceeds it. The log records the removed experts by
     name and package digest only."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
     _refuse_existing(out)
+    authenticate_merged_model(model_dir, trust.trusted_keys, "remove")
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
     unknown = sorted(set(names) - set(info.expert_names))
