@@ -600,3 +600,87 @@ def test_a_name_swap_is_refused_by_every_command_given_keys_and_named_without(si
     assert "unauthenticated" not in capsys.readouterr().err
     with pytest.raises(TrustError, match="dense model"):
         load_model(tiny_anchor, trusted_keys=trusted)
+
+
+# -- staging directories, result files and outputs inside inputs (issue 25, finding 6) -----------------------
+
+def test_a_staging_directory_is_never_loaded_and_the_next_writer_in_its_folder_removes_it(signed, tiny_anchor,
+                                                                                         corpora, tmp_path, capsys):
+    import fcntl
+
+    from flexolmo.model.merged_format import read_merged_info
+
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    killed = tmp_path / ".v2.tmp-killed"  # what kill -9 of `add --out v2` leaves: complete-looking, never sealed
+    shutil.copytree(model, killed / "v2")
+    (killed / ".lock").write_text("")
+    package = tmp_path / ".code.tmp-killed" / "code"
+    shutil.copytree(signed["code"], package)
+    (package.parent / ".lock").write_text("")
+    capsys.readouterr()
+    for load in (read_merged_info, load_model, verify_merged_model, lambda path: load_package(package)):
+        with pytest.raises(FlexOlmoError, match="staging directory of a run that did not finish"):
+            load(killed / "v2")
+    for argv in (["eval", "--model", str(killed / "v2"), "--data", str(corpora["code"])],
+                 ["verify", str(killed / "v2")],
+                 ["merge", "--anchor", str(tiny_anchor), "--packages", str(package), "--top-k", "2", "--out",
+                  str(tmp_path / "x")]):
+        assert main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "staging directory" in errors[0], errors
+    running = tmp_path / ".v3.tmp-running"  # a run still writing holds its lock: left alone
+    (running / "v3").mkdir(parents=True)
+    handle = open(running / ".lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        remove_experts(model, ["code"], tmp_path / "other-name")  # another --out of the same folder
+        assert not killed.exists() and not (tmp_path / ".code.tmp-killed").exists() and running.exists()
+    finally:
+        handle.close()
+
+
+def test_json_results_are_never_overwritten_without_force(corpora, tmp_path, capsys):
+    result = tmp_path / "overlap.json"
+    result.write_text("earlier results")
+    overlap = ["data", "overlap", "--train", str(corpora["code"]), "--heldout", str(corpora["math"]), "--json",
+               str(result)]
+    assert main(overlap) == 1
+    assert "already exists; choose another path or pass --force" in capsys.readouterr().err
+    assert result.read_text() == "earlier results"
+    assert main(["eval", "--model", "nowhere", "--data", str(corpora["code"]), "--json", str(result)]) == 1
+    assert "already exists" in capsys.readouterr().err  # refused before anything is loaded
+    assert main([*overlap, "--force"]) == 0
+    assert json.loads(result.read_text())["chars"] == 50
+    assert main(["data", "overlap", "--train", str(corpora["code"]), "--heldout", str(corpora["math"]), "--json",
+                 str(tmp_path), "--force"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_an_output_inside_an_input_is_refused(signed, tiny_anchor, corpora, tmp_path, capsys):
+    from flexolmo.core.fileio import sha256_file
+
+    def digests(path: Path) -> dict:
+        return {item.name: sha256_file(item) for item in path.rglob("*") if item.is_file()}
+
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    before = {path: digests(path) for path in (tiny_anchor, signed["code"], model)}
+    capsys.readouterr()
+    attempts = [
+        ["merge", "--anchor", str(tiny_anchor), "--packages", str(signed["code"]), "--top-k", "2", "--out",
+         str(tiny_anchor / "merged")],
+        ["merge", "--anchor", str(tiny_anchor), "--packages", str(signed["code"]), "--top-k", "2", "--out",
+         str(signed["code"] / "merged")],
+        ["add", "--model", str(model), "--packages", str(signed["math"]), "--out", str(model / "v2")],
+        ["remove", "--model", str(model), "--exclude", "code", "--out", str(model / "sub" / "v2")],
+        ["tune-router", "--model", str(model), "--public-data", str(corpora["public"]), "--proxies",
+         str(corpora["code"]), "--out", str(model / "tuned")],
+        ["train-expert", "--anchor", str(tiny_anchor), "--data", str(corpora["code"]), "--name", "code", "--out",
+         str(tiny_anchor / "code")],
+    ]
+    for argv in attempts:
+        assert main(argv) == 1, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "lies inside the" in errors[0], errors
+    assert before == {path: digests(path) for path in (tiny_anchor, signed["code"], model)}

@@ -67,6 +67,29 @@ def add_exclude_flag(parser) -> None:
     add_trusted_keys_flag(parser)
 
 
+def add_json_flag(parser, help: str, metavar: str = "FILE") -> None:
+    """`--json FILE` and `--force`: a result file, never written over an existing one unless `--force`."""
+    parser.add_argument("--json", default=None, metavar=metavar, help=help)
+    parser.add_argument("--force", action="store_true", help="replace the --json file when it exists")
+
+
+def json_output(args: argparse.Namespace) -> Path | None:
+    """Before any work: the `--json` path, refused when it exists without `--force` (or is a directory)."""
+    from flexolmo.core.fileio import check_new_file
+
+    return check_new_file(args.json, args.force) if args.json else None
+
+
+def write_json_output(target: Path | None, payload, what: str) -> None:
+    """Write the result file `json_output` checked (nothing when None) and say where it went."""
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output
+
+    if target is not None:
+        atomic_write_json(target, payload)
+        announce_output(what, target)
+
+
 def add_device_flags(parser, dtype_help: str = "dtype the model is loaded in") -> None:
     """`--device` and `--dtype`, on every command that loads a model."""
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")

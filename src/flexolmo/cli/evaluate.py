@@ -22,7 +22,10 @@ from flexolmo.cli.common import (
     add_data_flags,
     add_device_flags,
     add_exclude_flag,
+    add_json_flag,
+    json_output,
     trusted_keys,
+    write_json_output,
 )
 
 
@@ -41,16 +44,16 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-sequences", type=int, default=None, help="cap on windows scored per domain")
     add_device_flags(parser)
-    parser.add_argument("--json", default=None, help="write the results as JSON to this path")
+    add_json_flag(parser, help="write the results as JSON to this file")
     add_data_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.core.fileio import atomic_write_json
-    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.core.progress import print_table
     from flexolmo.evaluation.scoring import EvalSettings, evaluate_path, parse_domains
 
+    target = json_output(args)
     settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                              split=args.split, text_field=args.text_field, device=args.device, dtype=args.dtype,
                              context_tokens=args.context_tokens)
@@ -66,7 +69,5 @@ def run(args: argparse.Namespace) -> int:
                     "so a row sums to top-k)", ["domain", *experts, "sum"],
                     [[name, *[r["mean_share"][e] for e in experts], sum(r["mean_share"].values())]
                      for name, r in routed.items()])
-    if args.json:
-        atomic_write_json(args.json, result.as_dict())
-        announce_output("results", args.json)
+    write_json_output(target, result.as_dict(), "results")
     return 0

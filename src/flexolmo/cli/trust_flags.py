@@ -49,7 +49,7 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
         return CoordinatorTrust(trusted_keys=trusted, sign_key=args.sign_key)
     if trusted is None:
         console.print("[yellow]warning:[/] packages are not authenticated (no --trusted-keys): their names and "
-                      "contents are whatever whoever handed them over wrote")
+                      "contents are whatever whoever handed them over wrote", soft_wrap=True)
     policy = AdmissionPolicy(
         max_row_norm_ratio=args.max_row_norm_ratio, max_public_top_share=args.max_public_top_share,
         max_public_bpb_increase=args.max_public_bpb_increase, probe_sequences=args.probe_sequences,

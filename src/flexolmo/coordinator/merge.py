@@ -33,7 +33,7 @@ import torch
 from flexolmo.coordinator.expert_sources import AnchorExpert, ExpertSource, MergedExpert, PackageExpert
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import MergeError, TrustError
-from flexolmo.core.fileio import atomic_directory, atomic_write_json
+from flexolmo.core.fileio import atomic_directory, atomic_write_json, check_outside_inputs
 from flexolmo.core.precision import DTYPES, dtype_name
 from flexolmo.core.progress import console, progress_bar
 from flexolmo.core.provenance import software_versions, utc_now
@@ -207,9 +207,12 @@ def _verified_packages(paths: list[Path], fingerprint: str, anchor_config: dict,
     return packages
 
 
-def _refuse_existing(out: Path) -> None:
+def _refuse_existing(out: Path, model: Path | str | None = None, packages: list[Path] = (),
+                     anchor: Path | str | None = None) -> None:
+    """Before any work: `out` is new and outside every input (writing it must never change one)."""
     if out.exists():
         raise MergeError(f"{out} already exists: choose another --out or remove it")
+    check_outside_inputs(out, [("model", model), ("anchor", anchor), *(("package", path) for path in packages)])
 
 
 def _added(experts: list[PackageExpert]) -> list[dict]:
@@ -239,7 +242,7 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     `dtype` is the merged checkpoint's: "anchor" (the anchor's own), "float32" or "bfloat16"."""
     anchor_dir, out = Path(anchor_dir), Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, packages=package_paths, anchor=anchor_dir)
     check_top_k(top_k, len(package_paths) + 1)
     if dtype != "anchor" and dtype not in DTYPES:
         raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
@@ -273,7 +276,7 @@ def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | st
     is not."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir, packages=package_paths)
     authenticate_merged_model(model_dir, trust.trusted_keys, "add")
     info = read_merged_info(model_dir)
     top_k = info.metadata["top_k"] if top_k is None else top_k
@@ -302,7 +305,7 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
     name and package digest only."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir)
     authenticate_merged_model(model_dir, trust.trusted_keys, "remove")
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
@@ -340,7 +343,7 @@ def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Pa
     digest covers its router row), logs the operation and, with `trust.sign_key`, is signed."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir)
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
     check_unchanged(info.path)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from flexolmo.coordinator.merge import replace_router_rows
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import CheckpointError, DataError, ProxyError
-from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json, check_outside_inputs, sha256_file
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.data.documents import iter_documents
 from flexolmo.data.public_sample import describe_files
@@ -164,6 +164,7 @@ def tune_router(config: TuneConfig, resume: bool = False, trust: CoordinatorTrus
 
     if config.out.exists():
         raise ProxyError(f"{config.out} already exists: choose another --out or remove it")
+    check_outside_inputs(config.out, [("model", config.model)])
     if not config.proxies:
         raise ProxyError("no proxy files given; pass the owners' files with --proxies")
     authenticate_merged_model(config.model, trust.trusted_keys if trust else None, "tune-router")

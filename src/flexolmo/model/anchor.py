@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flexolmo.core.errors import AnchorError
-from flexolmo.core.fileio import digest_tensor
+from flexolmo.core.fileio import check_not_staging, digest_tensor
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER
 from flexolmo.model.families import (
@@ -107,10 +107,12 @@ class Anchor:
 
 
 def read_config(path: Path | str) -> dict:
-    """Read `config.json` of a model directory, with one-line errors for a missing or broken file."""
+    """Read `config.json` of a model directory, with one-line errors for a missing or broken file. Every model
+    is read through here, so a staging directory left by a run that did not finish is refused here too."""
     path = Path(path)
     if not path.exists():
         raise AnchorError(f"{path}: no such directory; check the path")
+    check_not_staging(path)
     if not path.is_dir():
         raise AnchorError(f"{path}: not a directory; pass the model directory (with config.json)")
     config_file = path / "config.json"

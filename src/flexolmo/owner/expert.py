@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import DataError, PackageError
-from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.fileio import atomic_write_json, check_outside_inputs
 from flexolmo.core.precision import dtype_name
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
@@ -379,6 +379,7 @@ def _check_settings(config: ExpertConfig, router_init: str) -> None:
                         "sequence; change --batch-size or --public-share")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+    check_outside_inputs(config.out, [("anchor", config.anchor)])
 
 
 def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,

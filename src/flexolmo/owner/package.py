@@ -29,7 +29,13 @@ import torch
 from pydantic import ValidationError
 
 from flexolmo.core.errors import PackageError, TrustError
-from flexolmo.core.fileio import atomic_directory, atomic_write_json, digest_tensor, sha256_file
+from flexolmo.core.fileio import (
+    atomic_directory,
+    atomic_write_json,
+    check_not_staging,
+    digest_tensor,
+    sha256_file,
+)
 from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION, NAME_REGEX, ExpertManifest, describe_validation
@@ -305,6 +311,7 @@ def load_package(
     `with_tensors` is False; a package is never trusted on its manifest alone.
     """
     path = Path(path)
+    check_not_staging(path)
     manifest = read_manifest(path)
     _check_files(path)
     signer = _authenticate(path, manifest, trusted_keys) if trusted_keys is not None else None
