@@ -684,3 +684,65 @@ def test_an_output_inside_an_input_is_refused(signed, tiny_anchor, corpora, tmp_
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and "lies inside the" in errors[0], errors
     assert before == {path: digests(path) for path in (tiny_anchor, signed["code"], model)}
+
+
+# -- the tokenizer in the fingerprint, and readmission after an opt-out (issue 25, finding 7) ----------------
+
+def test_the_fingerprint_covers_the_tokenizer_and_older_fingerprints_are_refused_with_the_reason(
+        signed, keys, tiny_anchor, tmp_path, capsys):
+    from flexolmo.trust.history import model_digest
+
+    emptied = copy(tiny_anchor, tmp_path / "emptied-tokenizer")
+    (emptied / "tokenizer.json").write_text("{}")  # the same weights, another (broken) tokenizer
+    assert compute_fingerprint(emptied) != compute_fingerprint(tiny_anchor)
+    with pytest.raises(PackageError, match="trained on another anchor"):
+        merge(emptied, [signed["code"]], tmp_path / "m1", top_k=2)
+    assert nothing_written(tmp_path / "m1")
+
+    # A package from before the tokenizer was covered: its manifest records no fingerprint scheme (1).
+    manifest = json.loads((signed["code"] / MANIFEST_FILE).read_text())
+    older = {key: value for key, value in manifest["anchor"].items() if key != "fingerprint_scheme"}
+    legacy = rewrite(copy(signed["code"], tmp_path / "legacy"), sign_key=keys / "private" / "code.key", anchor=older)
+    with pytest.raises(PackageError, match="scheme 1, which did not cover the tokenizer.*train and package it again"):
+        merge(tiny_anchor, [legacy], tmp_path / "m2", top_k=2)
+    assert main(["verify", str(legacy), "--anchor", str(tiny_anchor)]) == 1
+    error = capsys.readouterr().err
+    assert "did not cover the tokenizer" in error and len(error.strip().splitlines()) == 1
+
+    # A merged model whose record predates it cannot take new packages: it is merged again from the anchor.
+    model = tmp_path / "model"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    record = json.loads((model / MERGED_METADATA_FILE).read_text())
+    assert record["anchor"]["fingerprint_scheme"] == 2
+    del record["anchor"]["fingerprint_scheme"]
+    (model / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    log = read_history(model)
+    log[-1]["model_sha256"] = model_digest(model)
+    (model / HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    with pytest.raises(FlexOlmoError, match="merge again from the anchor"):
+        add_experts(model, [signed["math"]], tmp_path / "m3")
+    remove_experts(model, ["code"], tmp_path / "m4")  # what is kept keeps the scheme it was recorded with
+    assert json.loads((tmp_path / "m4" / MERGED_METADATA_FILE).read_text())["anchor"]["fingerprint_scheme"] == 1
+
+
+def test_an_expert_whose_owner_opted_out_joins_again_only_with_readmit_and_the_log_says_so(
+        signed, tiny_anchor, tmp_path, capsys):
+    merge(tiny_anchor, [signed["code"], signed["math"]], tmp_path / "v1", top_k=2)
+    remove_experts(tmp_path / "v1", ["code"], tmp_path / "v2")
+    with pytest.raises(FlexOlmoError, match="'code' opted out of .* pass --readmit code"):
+        add_experts(tmp_path / "v2", [signed["code"]], tmp_path / "v3")
+    assert nothing_written(tmp_path / "v3")
+    add = ["add", "--model", str(tmp_path / "v2"), "--packages", str(signed["code"]), "--max-public-top-share", "1",
+           "--max-public-bpb-increase", "10", "--out", str(tmp_path / "v3")]
+    capsys.readouterr()
+    assert main(add) == 1 and "needs its owner's consent" in capsys.readouterr().err
+    assert main([*add, "--readmit", "math"]) == 1 and "which no package given adds" in capsys.readouterr().err
+    assert main([*add, "--readmit", "code"]) == 0
+    log = read_history(tmp_path / "v3")
+    assert [entry["operation"] for entry in log] == ["merge", "remove", "add"]
+    assert log[-1]["added"] == [{**log[0]["added"][0], "readmitted": True}]
+    capsys.readouterr()
+    assert main(["history", "--model", str(tmp_path / "v3")]) == 0
+    assert "(readmit" in capsys.readouterr().out  # "(readmitted after opting out)", wrapped in its cell
+    remove_experts(tmp_path / "v3", ["math"], tmp_path / "v4")  # an opt-out of another owner: code stays in
+    add_experts(tmp_path / "v4", [signed["math"]], tmp_path / "v5", readmit=["math"])

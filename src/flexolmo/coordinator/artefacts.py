@@ -12,7 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from flexolmo.core.errors import TrustError
-from flexolmo.model.merged_format import MERGED_METADATA_FILE, authenticate_merged_model, verify_merged_model
+from flexolmo.model.merged_format import (
+    MERGED_METADATA_FILE,
+    authenticate_merged_model,
+    read_merged_info,
+    verify_merged_model,
+)
 from flexolmo.owner.package import load_package
 from flexolmo.trust.history import check_unchanged
 from flexolmo.trust.signing import (
@@ -41,6 +46,7 @@ def sign_artefact(path: Path | str, key_path: Path | str, trusted_keys: TrustedK
             raise TrustError(f"{key_path} is not the coordinator's key ({COORDINATOR_KEY_NAME}.key); only the "
                              "coordinator signs merged models, and verifiers refuse any other signer")
         authenticate_merged_model(path, trusted_keys, "sign")
+        read_merged_info(path)  # a well-formed record, and never another run's staging directory
         check_unchanged(path)
     else:
         if trusted_keys is not None:

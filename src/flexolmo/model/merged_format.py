@@ -67,6 +67,11 @@ class MergedModelInfo:
     def anchor_fingerprint(self) -> str:
         return self.metadata["anchor"]["fingerprint"]
 
+    @property
+    def anchor_fingerprint_scheme(self) -> int:
+        """How the recorded fingerprint was computed (`anchor.FINGERPRINT_SCHEME`; 1 when not recorded)."""
+        return self.metadata["anchor"].get("fingerprint_scheme", 1)
+
 
 def read_merged_info(path: Path | str) -> MergedModelInfo:
     """Config and expert metadata of a checkpoint written by `merge`, with one-line errors otherwise."""

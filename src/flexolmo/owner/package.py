@@ -37,7 +37,7 @@ from flexolmo.core.fileio import (
     sha256_file,
 )
 from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
-from flexolmo.model.anchor import ANCHOR_FAMILIES
+from flexolmo.model.anchor import ANCHOR_FAMILIES, FINGERPRINT_SCHEME
 from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION, NAME_REGEX, ExpertManifest, describe_validation
 from flexolmo.owner.privacy import spent_epsilon
 from flexolmo.trust.signing import (
@@ -266,7 +266,14 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
 
 
 def check_against_anchor(package_path: Path, manifest: dict, anchor_fingerprint: str, anchor_config: dict) -> None:
-    """The package was trained on this anchor, and its recorded shape is the anchor's."""
+    """The package was trained on this anchor, and its recorded shape is the anchor's. A package whose
+    fingerprint was computed by another scheme (an older flexolmo's, without the tokenizer) cannot show it was
+    trained with this anchor's tokenizer: it is refused with that reason, and its owner trains it again."""
+    scheme = manifest["anchor"].get("fingerprint_scheme", 1)
+    if scheme != FINGERPRINT_SCHEME:
+        raise PackageError(f"{package_path}: expert '{manifest['name']}' records an anchor fingerprint of scheme "
+                           f"{scheme}, which did not cover the tokenizer (this flexolmo's is scheme "
+                           f"{FINGERPRINT_SCHEME}); ask the owner to train and package it again on this anchor")
     if manifest["anchor"]["fingerprint"] != anchor_fingerprint:
         raise PackageError(
             f"{package_path}: expert '{manifest['name']}' was trained on another anchor (fingerprint "

@@ -51,6 +51,18 @@ def read_history(path: Path | str) -> list[dict]:
     return records
 
 
+def opted_out(records: list[dict]) -> dict[str, dict]:
+    """The experts whose owners opted out, by name, each with the `remove` record that removed it last, unless
+    a later operation added that name again (with the owner's consent, `add --readmit`)."""
+    out: dict[str, dict] = {}
+    for record in records:
+        for entry in record.get("added") or []:
+            out.pop(entry.get("name"), None)
+        if record.get("operation") == "remove":
+            out.update({entry.get("name"): record for entry in record.get("removed") or []})
+    return out
+
+
 def check_unchanged(path: Path | str) -> None:
     """The model is the version its log's last record wrote: nothing was edited outside flexolmo since."""
     records = read_history(path)
