@@ -631,13 +631,10 @@ def test_a_staging_directory_is_never_loaded_and_the_next_writer_in_its_folder_r
         assert len(errors) == 1 and "staging directory" in errors[0], errors
     running = tmp_path / ".v3.tmp-running"  # a run still writing holds its lock: left alone
     (running / "v3").mkdir(parents=True)
-    handle = open(running / ".lock", "w")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
+    with open(running / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         remove_experts(model, ["code"], tmp_path / "other-name")  # another --out of the same folder
         assert not killed.exists() and not (tmp_path / ".code.tmp-killed").exists() and running.exists()
-    finally:
-        handle.close()
 
 
 def test_json_results_are_never_overwritten_without_force(corpora, tmp_path, capsys):

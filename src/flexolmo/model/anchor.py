@@ -128,9 +128,21 @@ def read_config(path: Path | str) -> dict:
     if not config_file.exists():
         raise AnchorError(f"{path}: no config.json; this is not a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AnchorError(f"{config_file}: corrupt config.json ({error})") from None
+    except OSError as error:
+        raise AnchorError(f"{config_file}: cannot read it ({error.strerror or error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise AnchorError(f"{config_file}: not a JSON object naming a model_type; this is not a Hugging Face config")
+    return config
+
+
+try:  # transformers 5 validates config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs raise TypeError and ValueError only
+    _StrictDataclassError = ValueError
+_CONFIG_ERRORS = (TypeError, ValueError, KeyError, _StrictDataclassError)
 
 
 def complete_config(config: dict, path: Path | str) -> dict:
@@ -143,8 +155,9 @@ def complete_config(config: dict, path: Path | str) -> dict:
     fields = {key: value for key, value in config.items() if key != "model_type"}
     try:
         return json.loads(AutoConfig.for_model(config["model_type"], **fields).to_json_string(use_diff=True))
-    except (TypeError, ValueError) as error:
-        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({error})") from None
+    except _CONFIG_ERRORS as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({first})") from None
 
 
 def anchor_family(config: dict, path: Path | str) -> AnchorFamily:

@@ -82,17 +82,47 @@ def read_merged_info(path: Path | str) -> MergedModelInfo:
         raise MergeError(f"{path}: not a model merged by flexolmo (no {MERGED_METADATA_FILE})")
     try:
         metadata = json.loads(metadata_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MergeError(f"{metadata_file}: corrupt ({error})") from None
+    except OSError as error:
+        raise MergeError(f"{metadata_file}: cannot read it ({error.strerror or error})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != MERGED_FORMAT:
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} is not a flexolmo merged-model record")
     if metadata.get("format_version") != MERGED_FORMAT_VERSION:
         raise MergeError(f"{path}: written by another flexolmo version (record format "
                          f"{metadata.get('format_version')!r}, this one reads {MERGED_FORMAT_VERSION}); merge it again")
-    if len(metadata.get("experts", [])) != config.get("num_experts"):  # top-k is the user's to change
+    problem = _record_problem(metadata)
+    if problem:
+        raise MergeError(f"{path}: {MERGED_METADATA_FILE} is malformed ({problem}); the checkpoint was altered")
+    if len(metadata["experts"]) != config.get("num_experts"):  # top-k is the user's to change
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} does not match config.json; the checkpoint was altered")
     check_record(path, metadata)
     return MergedModelInfo(path, config, metadata)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _record_problem(metadata: dict) -> str | None:
+    """What in a record's fields every reader relies on is not what `merge` writes, or None (the names and
+    digests of the experts are `trust.record.check_record`'s)."""
+    experts, anchor = metadata.get("experts"), metadata.get("anchor")
+    if not isinstance(experts, list) or not experts or not all(isinstance(entry, dict) for entry in experts):
+        return "'experts' is not a list of objects"
+    if not _positive_int(metadata.get("top_k")):
+        return "'top_k' is not a positive integer"
+    if not isinstance(anchor, dict) or not isinstance(anchor.get("fingerprint"), str):
+        return "'anchor' names no fingerprint"
+    if not _positive_int(anchor.get("fingerprint_scheme", 1)):
+        return "'anchor.fingerprint_scheme' is not a positive integer"
+    config = anchor.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return "'anchor.config' names no model type"
+    for key in ("num_hidden_layers", "hidden_size"):
+        if not _positive_int(config.get(key)):
+            return f"'anchor.config.{key}' is not a positive integer"
+    return None
 
 
 def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = None) -> dict:

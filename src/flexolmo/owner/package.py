@@ -168,6 +168,8 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PackageError(f"{manifest_file}: corrupt manifest ({error})") from None
+    except OSError as error:
+        raise PackageError(f"{manifest_file}: cannot read it ({error.strerror or error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PackageError(f"{path}: not a flexolmo expert package (format {found!r})")
