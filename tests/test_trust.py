@@ -743,3 +743,12 @@ def test_an_expert_whose_owner_opted_out_joins_again_only_with_readmit_and_the_l
     assert "(readmit" in capsys.readouterr().out  # "(readmitted after opting out)", wrapped in its cell
     remove_experts(tmp_path / "v3", ["math"], tmp_path / "v4")  # an opt-out of another owner: code stays in
     add_experts(tmp_path / "v4", [signed["math"]], tmp_path / "v5", readmit=["math"])
+
+
+def test_the_next_writer_leaves_directories_that_only_look_like_staging(tiny_anchor, signed, tmp_path):
+    foreign = tmp_path / ".notes.tmp-old"  # another program's: it holds more than a lock and one output
+    (foreign / "notes").mkdir(parents=True)
+    (foreign / "draft.txt").write_text("keep me")
+    (foreign / ".lock").write_text("")
+    merge(tiny_anchor, [signed["code"]], tmp_path / "merged", top_k=2)
+    assert (foreign / "draft.txt").read_text() == "keep me"

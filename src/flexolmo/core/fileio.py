@@ -59,7 +59,7 @@ _STAGING_LOCK = ".lock"
 
 
 # `.NAME.tmp-XXXX`: the hidden parent of a staging directory (and the name of a file being written atomically).
-_STAGING_NAME = re.compile(r"\..+\.tmp-[A-Za-z0-9_]+")
+_STAGING_NAME = re.compile(r"\.(.+)\.tmp-[A-Za-z0-9_]+")
 # The staging directories this process is writing now: only their writer may read them (admission, signing).
 _held_staging: set[Path] = set()
 
@@ -125,6 +125,17 @@ def _is_stale_staging(outer: Path) -> bool:
     return True
 
 
+def _is_ours(outer: Path) -> bool:
+    """Whether `outer` has the shape `atomic_directory` gives a staging directory, `.NAME.tmp-XXXX/` holding
+    nothing but its lock and `NAME/`: another program's directory of a similar name is never removed."""
+    match = _STAGING_NAME.fullmatch(outer.name)
+    try:
+        return bool(match) and outer.is_dir() and {child.name for child in outer.iterdir()} <= {
+            _STAGING_LOCK, match.group(1)}
+    except OSError:
+        return False
+
+
 def remove_stale_staging(target: Path | str) -> list[Path]:
     """Remove the hidden staging directories that killed runs left beside `target`, for any output of that
     folder (not only `target`'s); returns what was removed.
@@ -136,7 +147,7 @@ def remove_stale_staging(target: Path | str) -> list[Path]:
     if not target.parent.is_dir():
         return removed
     for outer in sorted(target.parent.glob(".*.tmp-*")):
-        if _STAGING_NAME.fullmatch(outer.name) and outer.is_dir() and _is_stale_staging(outer):
+        if _is_ours(outer) and _is_stale_staging(outer):
             shutil.rmtree(outer, ignore_errors=True)
             removed.append(outer)
     return removed
