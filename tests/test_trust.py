@@ -600,6 +600,8 @@ def test_a_name_swap_is_refused_by_every_command_given_keys_and_named_without(si
     assert "unauthenticated" not in capsys.readouterr().err
     with pytest.raises(TrustError, match="dense model"):
         load_model(tiny_anchor, trusted_keys=trusted)
+    assert main(["sign", str(swapped), "--sign-key", str(coordinator)]) == 0  # the coordinator's own risk
+    assert "warning: sign acts on" in capsys.readouterr().err
 
 
 # -- staging directories, result files and outputs inside inputs (issue 25, finding 6) -----------------------
