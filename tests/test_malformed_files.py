@@ -1,5 +1,5 @@
-"""Every file flexolmo reads, malformed in any way hypothesis finds (issue 25, finding 5): the reader ends in a
-`FlexOlmoError`, which the command line prints as one line with a non-zero exit, and never in a traceback.
+"""Every file flexolmo reads, malformed in any way hypothesis finds (issue 25, finding 5): the reader ends
+in a `FlexOlmoError`, which the command line prints as one line with a non-zero exit, and never in a traceback.
 
 Each file starts from the shape flexolmo writes; every field is then kept, dropped or replaced by any JSON
 value, and the whole file may be replaced by any bytes. Built without training anything, so the whole module
@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 from flexolmo.cli import main
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.model.anchor import anchor_family, read_config
-from flexolmo.model.merged_format import MERGED_METADATA_FILE, read_merged_info
+from flexolmo.model.merged_format import (
+    MERGED_FORMAT,
+    MERGED_FORMAT_VERSION,
+    MERGED_METADATA_FILE,
+    read_merged_info,
+)
+from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION
 from flexolmo.owner.package import MANIFEST_FILE, read_manifest
 from flexolmo.trust.history import HISTORY_FILE, check_unchanged, opted_out, read_history
 from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, verify_directory
@@ -51,7 +57,7 @@ def contents(valid) -> st.SearchStrategy[bytes]:
 
 ANCHOR_CONFIG = {"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64,
                  "num_attention_heads": 2, "vocab_size": 400}
-RECORD = {"format": "flexolmo-merged", "format_version": 2, "top_k": 1, "dtype": "float32",
+RECORD = {"format": MERGED_FORMAT, "format_version": MERGED_FORMAT_VERSION, "top_k": 1, "dtype": "float32",
           "router_bias_dropped": ["code"], "created": "2026-01-01", "versions": {"flexolmo": "0.1"},
           "anchor": {"fingerprint": HEX, "fingerprint_scheme": 2, "config": ANCHOR_CONFIG},
           "experts": [{"name": "code", "source": "package", "slot_sha256": HEX, "package_sha256": HEX,
@@ -62,7 +68,7 @@ LOG = {"operation": "add", "when": "2026-01-01T00:00:00+00:00", "by": {"name": "
        "added": [{"name": "code", "package_sha256": HEX, "signer": None, "readmitted": True}],
        "removed": [{"name": "math", "package_sha256": HEX}], "experts": ["public", "code"], "top_k": 1,
        "from_model_sha256": HEX, "model_sha256": HEX}
-MANIFEST = {"format": "flexolmo-expert", "format_version": 2, "name": "code",
+MANIFEST = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": "code",
             "anchor": {"fingerprint": HEX, "fingerprint_scheme": 2, "model_type": "olmo2", "num_hidden_layers": 2,
                        "hidden_size": 32, "intermediate_size": 64},
             "tensors": {"layers.0.mlp.up_proj.weight": {"shape": [64, 32], "dtype": "float32"}}}
