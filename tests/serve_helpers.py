@@ -36,7 +36,7 @@ def solo_routing(loaded: LoadedModel, ids: list[int], exclude: list[str]) -> tor
     try:
         loaded.model(torch.tensor([ids]))
         blocks = [layer.mlp for layer in decoder_layers(loaded.model)]
-        return sum(block.routing_weights(hidden)[0].sum(dim=(0, 1)) for block, hidden in zip(blocks, inputs))
+        return sum(block.route(hidden).weights.sum(dim=(0, 1)) for block, hidden in zip(blocks, inputs))
     finally:
         for handle in handles:
             handle.remove()

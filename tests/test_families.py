@@ -104,7 +104,7 @@ def test_transformers_class_of_the_merged_format_equals_the_runtime(family_run):
     family = ANCHOR_FAMILIES[family_run["family"]]
     merged = family_run["merged"]
     config = json.loads((merged / "config.json").read_text())
-    assert config["model_type"] == family.moe_model_type and config["norm_topk_prob"] is False
+    assert config["model_type"] == family.moe_model_type and config["norm_topk_prob"] is family.normalize_top_k
     assert config["num_experts"] == 3 and config["num_experts_per_tok"] == 2 and "rope_theta" in config
     hf, loading = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
     assert type(hf).__name__ == family.moe_architecture
@@ -142,6 +142,24 @@ def test_removing_equals_masking_and_removing_all_is_the_anchor(family_run, tmp_
     assert (logits(load_model(merged, exclude=["math", "code"]).model) - anchor).abs().max() <= TOLERANCE
     public_only = AutoModelForCausalLM.from_pretrained(tmp_path / "public-only")
     assert (logits(public_only) - anchor).abs().max() <= TOLERANCE
+
+
+def test_a_merge_of_identical_experts_is_the_anchor_at_every_top_k(family_run):
+    """Owners trained at top-2 of 2, where the kept routing mass is 1. Whatever the router says, experts that
+    equal the anchor's FFN must then give the anchor at every top-k: pre-norm families renormalise the kept
+    weights for it, OLMo-2's post-FFN norm cancels the mass."""
+    loaded = load_model(family_run["merged"])
+    with torch.no_grad():
+        for layer in loaded.model.model.layers:
+            for expert in list(layer.mlp.experts)[1:]:
+                expert.load_state_dict(layer.mlp.experts[0].state_dict())
+    anchor = logits(load_anchor(family_run["anchor"]).model)
+    # The post-FFN RMSNorm cancels a scale m only up to its eps (m^2 * mean(y^2) + eps): 1e-4, not float rounding.
+    tolerance = 1e-4 if ANCHOR_FAMILIES[family_run["family"]].post_norm else TOLERANCE
+    for top_k in (1, 2, 3):
+        for layer in loaded.model.model.layers:
+            layer.mlp.top_k = top_k
+        assert (logits(loaded.model) - anchor).abs().max() <= tolerance, f"top-{top_k} of 3"
 
 
 def test_runtime_refuses_a_merged_checkpoint_whose_format_tensors_or_config_were_altered(family_run, tmp_path):

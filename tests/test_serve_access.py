@@ -46,3 +46,11 @@ def test_an_active_set_without_its_signer_is_refused_before_loading(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == ("flexolmo serve: error: --active-set and --coordinator-keys go together: the "
                                      "set is only as good as its signer")
+
+
+def test_an_active_set_poll_outside_its_bounds_is_refused_before_loading(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flexolmo", "serve", "--model", str(tmp_path),
+                             "--active-set", "http://127.0.0.1:9/v1/active-set", "--coordinator-keys",
+                             str(tmp_path), "--active-set-poll", "0"], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "flexolmo serve: error: --active-set-poll must be between 0.1 and 300.0 seconds"

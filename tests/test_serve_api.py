@@ -140,7 +140,7 @@ def test_chat_needs_a_chat_template(served):
     ({"model": "merged", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens must be between 1"),
     ({"model": "merged", "prompt": "print " * 200}, 400, "has a context of"),
     ({"model": "merged"}, 400, "prompt: Field required"),
-    ({"model": "merged", "prompt": "x", "n": 2}, 400, "n: Input should be less than or equal to 1"),
+    ({"model": "merged", "prompt": "x", "logprobs": 2}, 400, "logprobs: logprobs are not supported"),
 ])
 def test_bad_input_is_one_clear_error(served, body, status, message):
     _, url = served

@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if routed:
         experts = next(iter(routed.values()))["experts"]
         print_table("share of tokens routed to each expert (mean over layers; every token goes to top-k experts, "
-                    "so a row sums to top-k)", ["domain", *experts, "sum"],
-                    [[name, *[r["mean_share"][e] for e in experts], sum(r["mean_share"].values())]
-                     for name, r in routed.items()])
+                    "so a row sums to top-k), and the kept routing mass (softmax weight of the top-k before any "
+                    "renormalisation: mean, and the 5th percentile of the lowest layer)",
+                    ["domain", *experts, "sum", "kept mass", "kept mass p5"],
+                    [[name, *[r["mean_share"][e] for e in experts], sum(r["mean_share"].values()),
+                      r["kept_mass"]["mean"], r["kept_mass"]["lowest_layer_p5"]] for name, r in routed.items()])
     write_json_output(target, result.as_dict(), "results")
     return 0

@@ -3,8 +3,9 @@
 Every request runs only the experts its API key may use (`--keys`: a JSON object from key to expert names,
 ["*"] for all; a request's `experts` field narrows them; the public expert is always on), and reports each
 expert's share of its routing in `usage.experts`. With `--active-set` and `--coordinator-keys` the server
-follows the coordinator's signed active set: an expert that leaves it is masked from the next request on; a
-set that is expired or wrongly signed makes the server serve the public expert only (see /health).
+follows the coordinator's signed active set, from a file or from the consortium service's URL (polled every
+`--active-set-poll` seconds): an expert that leaves it is masked from the next request on; a set that is
+expired or wrongly signed makes the server serve the public expert only (see /health).
 
 Example:
   flexolmo serve --model merged/ --keys keys.json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from flexolmo.cli.common import add_command, add_device_flags, torch_dtype
 from flexolmo.core.errors import TrustError
+from flexolmo.serve.follow import DEFAULT_POLL, MAX_POLL, MIN_POLL
 
 
 def register(subparsers, name: str) -> None:
@@ -29,7 +31,11 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--keys", type=Path, default=None,
                         help="JSON object from API key to the experts it may use; without it, anyone may use all")
-    parser.add_argument("--active-set", type=Path, default=None, help="the coordinator's signed active set file")
+    parser.add_argument("--active-set", default=None, metavar="FILE|URL",
+                        help="the coordinator's signed active set: a file, or the consortium service's "
+                             "http(s)://HOST/v1/active-set")
+    parser.add_argument("--active-set-poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
+                        help=f"seconds between fetches of an active-set URL ({MIN_POLL} to {MAX_POLL})")
     parser.add_argument("--coordinator-keys", type=Path, default=None,
                         help="directory with the coordinator's public key, which signs the active set")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
@@ -46,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.active_set is None) != (args.coordinator_keys is None):
         raise TrustError("--active-set and --coordinator-keys go together: the set is only as good as its signer")
+    if not MIN_POLL <= args.active_set_poll <= MAX_POLL:
+        raise TrustError(f"--active-set-poll must be between {MIN_POLL} and {MAX_POLL} seconds")
     loaded = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
-    options = ServeOptions(args.keys, args.active_set, args.coordinator_keys, args.max_batch)
+    options = ServeOptions(args.keys, args.active_set, args.coordinator_keys, args.max_batch, args.active_set_poll)
     uvicorn.run(create_app(ModelServer(loaded, options)), host=args.host, port=args.port, log_level="info")
     return 0

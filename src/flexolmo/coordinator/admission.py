@@ -156,7 +156,7 @@ class _PublicRouting:
                 handle.remove()
 
     def _hook(self, block, args, _output) -> None:
-        _, logits = block.routing_weights(args[0])
+        logits = block.route(args[0]).logits
         winners = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1)
         self.top += torch.bincount(winners, minlength=len(self.top)).float().cpu()
         self.tokens += winners.numel()

@@ -58,12 +58,21 @@ class Score:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
+# Kept routing mass is counted in a histogram of this many equal bins over [0, 1]: percentiles to 1/1000 in
+# constant memory, however many tokens are scored.
+KEPT_MASS_BINS = 1000
+
+
 class RoutingCounter:
-    """Counts, per layer and expert, the tokens routed to that expert (selected in its top-k)."""
+    """Counts, per layer and expert, the tokens routed to that expert (selected in its top-k), and per layer the
+    distribution of the kept routing mass (the softmax weight of the selected experts before any
+    renormalisation: what a model that does not renormalise scales its FFN output by)."""
 
     def __init__(self, model: torch.nn.Module):
         self.blocks = list(moe_blocks(model))
         self.counts = torch.zeros(len(self.blocks), self.blocks[0].num_experts if self.blocks else 0)
+        self.mass_sum = torch.zeros(len(self.blocks), dtype=torch.float64)
+        self.mass_histogram = torch.zeros(len(self.blocks), KEPT_MASS_BINS, dtype=torch.int64)
         self.tokens = 0
 
     @contextlib.contextmanager
@@ -77,21 +86,37 @@ class RoutingCounter:
 
     def _hook(self, index: int):
         def hook(block, args, _output):
-            weights, _ = block.routing_weights(args[0])
-            self.counts[index] += (weights > 0).reshape(-1, block.num_experts).sum(0).float().cpu()
+            routing = block.route(args[0])
+            self.counts[index] += (routing.weights > 0).reshape(-1, block.num_experts).sum(0).float().cpu()
+            mass = routing.kept_mass.reshape(-1).double().cpu()
+            self.mass_sum[index] += mass.sum()
+            bins = (mass * KEPT_MASS_BINS).long().clamp_(0, KEPT_MASS_BINS - 1)
+            self.mass_histogram[index] += torch.bincount(bins, minlength=KEPT_MASS_BINS)
             if index == 0:
-                self.tokens += weights.shape[0] * weights.shape[1]
+                self.tokens += mass.numel()
 
         return hook
 
+    def _mass_percentile(self, layer: int, fraction: float) -> float:
+        """The lower edge of the histogram bin holding the `fraction` quantile of a layer's kept mass."""
+        cumulative = self.mass_histogram[layer].cumsum(0)
+        rank = fraction * int(cumulative[-1])
+        return int((cumulative <= rank).sum()) / KEPT_MASS_BINS
+
     def shares(self, expert_names: Sequence[str]) -> dict:
-        """Share of tokens each expert receives, per layer and averaged over layers (shares sum to top-k)."""
-        per_layer = (self.counts / max(self.tokens, 1)).tolist()
-        mean = (self.counts / max(self.tokens, 1)).mean(0).tolist()
+        """Share of tokens each expert receives, per layer and averaged over layers (shares sum to top-k), and
+        the kept routing mass per layer (mean and 5th percentile)."""
+        tokens = max(self.tokens, 1)
+        per_layer = (self.counts / tokens).tolist()
+        mean = (self.counts / tokens).mean(0).tolist()
+        mass_mean = (self.mass_sum / tokens).tolist()
+        mass_p5 = [self._mass_percentile(layer, 0.05) for layer in range(len(self.blocks))]
         return {
             "experts": list(expert_names),
             "mean_share": dict(zip(expert_names, mean)),
             "per_layer_share": [dict(zip(expert_names, layer)) for layer in per_layer],
+            "kept_mass": {"mean": sum(mass_mean) / len(mass_mean), "lowest_layer_p5": min(mass_p5),
+                          "per_layer_mean": mass_mean, "per_layer_p5": mass_p5},
         }
 
 

@@ -66,6 +66,9 @@ class AnchorFamily:
     # Zero tensors this family needs in the merged format on top of the format's own (e.g. q/k/v biases).
     zero_tensors: tuple[ZeroTensor, ...] = ()
     refusals: tuple[Refusal, ...] = ()
+    # OLMo-2 normalises the FFN output before the residual add (post-norm), which cancels the kept routing mass;
+    # pre-norm families add it as it is, so their merged models renormalise the kept weights to sum to 1.
+    post_norm: bool = False
 
     @property
     def moe_model_type(self) -> str:
@@ -80,6 +83,11 @@ class AnchorFamily:
         """Every zero tensor a merged checkpoint of this family holds, per decoder layer."""
         return self.merged.extra_tensors + self.zero_tensors
 
+    @property
+    def normalize_top_k(self) -> bool:
+        """Whether a merged model of this family renormalises its kept routing weights (`norm_topk_prob`)."""
+        return not self.post_norm
+
     def refusal(self, config: dict) -> str | None:
         """Why an anchor of this family cannot be merged exactly, or None."""
         return next((reason for check in self.refusals if (reason := check(config)) is not None), None)
@@ -89,7 +97,7 @@ class AnchorFamily:
 _MOE_REFUSALS = (silu_activation, no_mlp_bias)
 
 ANCHOR_FAMILIES: dict[str, AnchorFamily] = {
-    "olmo2": AnchorFamily(model_type="olmo2", merged=flex_olmo.FORMAT),
+    "olmo2": AnchorFamily(model_type="olmo2", merged=flex_olmo.FORMAT, post_norm=True),
     "llama": AnchorFamily(model_type="llama", merged=qwen2_moe.FORMAT, zero_tensors=qwen2_moe.ZERO_QKV_BIAS,
                           refusals=(*_MOE_REFUSALS, no_attention_output_bias, standard_head_dim)),
     "mistral": AnchorFamily(model_type="mistral", merged=qwen2_moe.FORMAT, zero_tensors=qwen2_moe.ZERO_QKV_BIAS,

@@ -35,7 +35,9 @@ MERGED_METADATA_FILE = "flexolmo_experts.json"
 MERGED_FORMAT = "flexolmo-merged"
 
 
-MERGED_FORMAT_VERSION = 2
+# 3: pre-norm families renormalise the kept routing weights (norm_topk_prob); a version-2 checkpoint of
+# such a family computes without it, so it is merged again rather than read under the new rule.
+MERGED_FORMAT_VERSION = 3
 
 
 # Metadata key: the history of router tunings of a checkpoint (`router_tuning.tune_router`).
@@ -173,7 +175,7 @@ def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, t
         architectures=[family.moe_architecture],
         num_experts=num_experts,
         num_experts_per_tok=top_k,
-        norm_topk_prob=False,
+        norm_topk_prob=family.normalize_top_k,
         output_router_logits=False,
     )
     if dtype is not None:  # what transformers loads it as with dtype="auto"

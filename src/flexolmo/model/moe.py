@@ -5,8 +5,13 @@ anchor family's own FFN modules (expert 0 *is* the anchor's FFN object), and the
 per expert (`gate.rows.E`), so each expert's row can be frozen or trained on its own. Everything else in the
 model (attention, norms, embeddings, LM head) stays transformers' code, untouched.
 
-Routing is the paper's: logits `x . r_e (+ b_e)`, softmax over the *active* experts, top-k, and no
-renormalisation of the kept weights; masking an expert (logit -inf) is exactly removing it.
+Routing is the paper's: logits `x . r_e (+ b_e)`, softmax over the *active* experts, top-k. Whether the kept
+weights are renormalised to sum to 1 depends on where the FFN output goes (`normalize_top_k`, the merged config's
+`norm_topk_prob`). OLMo-2 is post-norm: the block's output passes through an RMSNorm before the residual add, which
+cancels the kept mass, so the paper does not renormalise. Llama, Mistral and Qwen are pre-norm: the output is
+added as it is, so a kept mass of 0.6 would shrink every layer's FFN contribution by 40% against what owners
+trained at top-2 of 2 (mass 1); those merged formats renormalise. Either way masking an expert (logit -inf)
+is exactly removing it: the softmax, the top-k and the renormalisation all run over the active experts only.
 
 The block is batch-first and, when every active expert is selected (owner training: top-2 of 2), runs each
 expert as plain `nn.Linear` calls on the (batch, seq, hidden) tensor. That is what lets Opacus compute exact
@@ -29,6 +34,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -77,16 +83,26 @@ class ExpertRouter(nn.Module):
                 row.bias.clamp_(max=0.0)
 
 
+class Routing(NamedTuple):
+    """One forward's routing decision, every tensor (..., E) float32 except `kept_mass` (...)."""
+
+    weights: torch.Tensor  # the weight each expert's output gets: zero outside the top-k, renormalised if so set
+    logits: torch.Tensor  # router logits, -inf for masked experts
+    kept_mass: torch.Tensor  # softmax mass of the kept experts before any renormalisation (1 when all are kept)
+
+
 class FlexMoEBlock(nn.Module):
     """Experts `[public, e_1, ..., e_n]` behind a top-k softmax router with an active-expert mask."""
 
-    def __init__(self, experts: Sequence[nn.Module], router: ExpertRouter, top_k: int):
+    def __init__(self, experts: Sequence[nn.Module], router: ExpertRouter, top_k: int,
+                 normalize_top_k: bool = False):
         super().__init__()
         if len(experts) != router.num_experts:
             raise ValueError(f"{len(experts)} experts but {router.num_experts} router rows")
         self.experts = nn.ModuleList(experts)
         self.gate = router
         self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
         self.register_buffer("active", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.last_z_loss: torch.Tensor | None = None
         self.row_active: torch.Tensor | None = None  # (batch, E) per-row masks, set by `row_masks`
@@ -114,14 +130,22 @@ class FlexMoEBlock(nn.Module):
         logits = self.gate(hidden).float().masked_fill(~self._mask(hidden), float("-inf"))
         return torch.softmax(logits, dim=-1), logits
 
-    def routing_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights per expert with zeros outside the top-k, masked logits); both (..., E), weights float32."""
-        probs, logits = self._router_probs(hidden)
-        active = self._active_count()
-        if self.top_k >= active:
-            return probs, logits  # every active expert is kept; masked ones already have weight 0
+    def _top_k(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept weights (..., k), their experts (..., k), kept mass (...)): the weights renormalised when the
+        block does so. Masked experts have probability 0, so they are never kept with a positive weight."""
         top_weights, top_index = probs.topk(self.top_k, dim=-1)
-        return torch.zeros_like(probs).scatter(-1, top_index, top_weights), logits
+        kept_mass = top_weights.sum(dim=-1)
+        if self.normalize_top_k:
+            top_weights = top_weights / kept_mass.unsqueeze(-1)
+        return top_weights, top_index, kept_mass
+
+    def route(self, hidden: torch.Tensor) -> Routing:
+        """The routing this block applies to `hidden`, with per-expert weights (zeros outside the top-k)."""
+        probs, logits = self._router_probs(hidden)
+        if self.top_k >= self._active_count():  # every active expert is kept; masked ones already have weight 0
+            return Routing(probs, logits, probs.new_ones(probs.shape[:-1]))
+        top_weights, top_index, kept_mass = self._top_k(probs)
+        return Routing(torch.zeros_like(probs).scatter(-1, top_index, top_weights), logits, kept_mass)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         probs, logits = self._router_probs(hidden)
@@ -131,7 +155,7 @@ class FlexMoEBlock(nn.Module):
         if self.top_k >= self._active_count():
             self._record(probs)
             return self._dense_forward(hidden, probs.to(hidden.dtype))
-        top_weights, top_index = probs.topk(self.top_k, dim=-1)
+        top_weights, top_index, _ = self._top_k(probs)
         if self.routing_sink is not None:
             self._record(torch.zeros_like(probs).scatter(-1, top_index, top_weights))
         return self._grouped_forward(hidden, top_weights.to(hidden.dtype), top_index)
@@ -190,18 +214,20 @@ def convert_to_moe(
     num_experts: int,
     top_k: int,
     bias_experts: Sequence[int] = (),
+    normalize_top_k: bool = False,
 ) -> nn.Module:
     """Replace every layer's dense FFN by a FlexMoEBlock whose experts are the FFN and `num_experts - 1` copies.
 
     `router_rows[layer]` is that layer's (num_experts, H) router matrix. Experts are exact copies, so callers
-    overwrite the ones they have trained weights for.
+    overwrite the ones they have trained weights for. `normalize_top_k` is the merged format's `norm_topk_prob`
+    (it changes nothing when top-k keeps every expert, as in owner training).
     """
     for layer, rows in zip(decoder_layers(model), router_rows, strict=True):
         dense_ffn = layer.mlp
         experts = [dense_ffn] + [copy.deepcopy(dense_ffn) for _ in range(num_experts - 1)]
         like = next(dense_ffn.parameters())
         router = ExpertRouter(rows.shape[1], rows, bias_experts)
-        layer.mlp = FlexMoEBlock(experts, router, top_k).to(device=like.device, dtype=like.dtype)
+        layer.mlp = FlexMoEBlock(experts, router, top_k, normalize_top_k).to(device=like.device, dtype=like.dtype)
     return model
 
 

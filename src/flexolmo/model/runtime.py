@@ -118,7 +118,7 @@ def _load_merged(path: Path, dtype: torch.dtype, device: str, router_bias: bool 
     with no_init_weights(), torch.device(device):
         model = AutoModelForCausalLM.from_config(_dense_config(info.anchor_config), dtype=dtype)
         convert_to_moe(model, [torch.zeros(experts, hidden)] * num_layers, experts,
-                       top_k=config["num_experts_per_tok"])
+                       top_k=config["num_experts_per_tok"], normalize_top_k=bool(config["norm_topk_prob"]))
     _copy_weights(path, model, family, tied_head=bool(config.get("tie_word_embeddings")))
     if router_bias:
         _install_router_bias(model, info.metadata["experts"])

@@ -4,27 +4,19 @@ A request's mask is the intersection of three things, and the public expert is i
 - what its API key may use (`--keys FILE`: a JSON object from each key to a list of expert names, `["*"]` for
   all; without `--keys`, every caller may use every expert, which suits a server on loopback only);
 - the request's `experts` field, which narrows and never widens (an expert the key may not use is a 403);
-- the coordinator's signed active set (`--active-set FILE --coordinator-keys DIR`), re-read whenever the file
-  changes and checked for expiry on every request. An expert leaving it is masked from the next request on.
-  A set that cannot be used (bad signature, expired, replayed, for another anchor, unreadable) makes the
-  server fail closed: it serves the public expert only until a valid set appears, logs why, and says so in
-  `/health`.
+- the coordinator's signed active set (`--active-set FILE|URL --coordinator-keys DIR`, followed by
+  `follow.ActiveSetFollower`). An expert leaving it is masked from the next request on; a set that cannot be
+  used makes the server fail closed to the public expert.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from flexolmo.core.errors import FlexOlmoError, TrustError
 from flexolmo.model.merged_format import PUBLIC_EXPERT
-from flexolmo.trust.active_set import ActiveSetError, read_active_set
-from flexolmo.trust.signing import TrustedKeys
 
-log = logging.getLogger("flexolmo.serve")
 ALL_EXPERTS = "*"
 
 
@@ -80,72 +72,3 @@ def requested_experts(allowed: frozenset[str], requested: list[str] | None, expe
     if forbidden:
         raise AccessError(403, f"this API key may not use expert(s) {', '.join(forbidden)}")
     return {*requested, PUBLIC_EXPERT}
-
-
-@dataclass(frozen=True)
-class ActiveState:
-    """What the server may use right now by the active set: the mask, its version, and why if failing closed."""
-
-    mask: tuple[bool, ...]
-    version: int | None
-    failed_closed: str | None = None
-
-    def as_dict(self) -> dict:
-        state = "failed closed: public expert only" if self.failed_closed else "ok"
-        return {"state": state, "version": self.version, "reason": self.failed_closed}
-
-
-class ActiveSetFollower:
-    """Follows a signed active-set file: re-verified when its modification time or size changes, and checked
-    for expiry on every call. Thread-safe; `current()` is cheap when nothing changed (one stat)."""
-
-    def __init__(self, path: Path | str, coordinator_keys: Path | str, record: dict):
-        self.path = Path(path)
-        self.keys = TrustedKeys(coordinator_keys)
-        self.record = record
-        self._lock = threading.Lock()
-        self._seen: tuple[int, int] | None = None
-        self._active = None
-        self._accepted_version: int | None = None
-        self._state: ActiveState | None = None
-
-    def _public_only(self, reason: str) -> ActiveState:
-        mask = tuple(entry["name"] == PUBLIC_EXPERT for entry in self.record["experts"])
-        state = ActiveState(mask, self._accepted_version, reason)
-        if self._state is None or self._state.failed_closed != reason:
-            log.error("active set %s: %s; failing closed: serving the public expert only", self.path, reason)
-        return state
-
-    def _reload(self) -> None:
-        self._active = None
-        try:
-            active = read_active_set(self.path, self.keys, newer_than=self._accepted_version)
-        except ActiveSetError as error:
-            self._state = self._public_only(str(error))
-            return
-        if active.anchor_fingerprint != self.record["anchor"]["fingerprint"]:
-            self._state = self._public_only(f"active set version {active.version} is for another anchor")
-            return
-        self._active, self._accepted_version = active, active.version
-        log.info("active set version %d accepted: %s", active.version,
-                 ", ".join(expert.name for expert in active.experts) or "public only")
-
-    def current(self) -> ActiveState:
-        with self._lock:
-            try:
-                stat = self.path.stat()
-                seen = (stat.st_mtime_ns, stat.st_size)
-            except OSError as error:
-                seen, self._seen, self._active = None, None, None
-                self._state = self._public_only(f"cannot read {self.path} ({error.strerror})")
-            if seen is not None and seen != self._seen:
-                self._seen = seen
-                self._reload()
-            if self._active is not None:
-                try:
-                    self._active.check_current()
-                    self._state = ActiveState(tuple(self._active.expert_mask(self.record["experts"])),
-                                              self._active.version)
-                except ActiveSetError as error:
-                    self._state = self._public_only(str(error))
-            return self._state

@@ -26,6 +26,7 @@ from flexolmo.serve.protocol import (
     sse,
 )
 from flexolmo.serve.server import Job, ModelServer
+from flexolmo.serve.text import TextStream
 
 # OpenAI's defaults: 16 tokens for a completion; a chat answer may fill the context.
 COMPLETION_DEFAULT_TOKENS = 16
@@ -36,37 +37,12 @@ def _api_key(request: Request) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
-class _Decoder:
-    """The completion's text so far, handed out as deltas; a token that ends inside a multi-byte character is
-    held back until the character is complete."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        return self._delta(final=False)
-
-    def finish(self) -> str:
-        """What is still held back, as the end of the completion decodes it (possibly a replacement char)."""
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
-
-
-def _choice(chat: bool, text: str, reason: str | None, stream: bool) -> dict:
+def _choice(chat: bool, index: int, text: str, reason: str | None, stream: bool) -> dict:
     if not chat:
-        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
     if stream:
-        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
 
 
 class _Handler:
@@ -77,8 +53,10 @@ class _Handler:
         self.chat = chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.object = ("chat.completion" if chat else "text_completion")
+        self.streams: list[TextStream] = []  # one per choice
 
     async def start(self, request: Request) -> tuple[Job, bool]:
+        """Check the request and submit its choices; `self.streams` follow each choice's text."""
         server = self.server
         allowed = server.allowed(_api_key(request))
         body = parse_body(await request.body(), ChatBody if self.chat else CompletionBody)
@@ -93,7 +71,9 @@ class _Handler:
             ids = server.encode(single_prompt(body.prompt), None)
             asked, default = body.max_tokens, COMPLETION_DEFAULT_TOKENS
         max_tokens = server.max_tokens(len(ids), asked, default)
-        return server.start(ids, mask, active, max_tokens, body.temperature, body.seed), body.stream
+        stops = server.stop_strings(body.stop)
+        self.streams = [TextStream(server.loaded.tokenizer, stops) for _ in range(body.n)]
+        return server.start(ids, mask, active, max_tokens, body.temperature, body.seed, body.n, stops), body.stream
 
     def _chunk(self, choice: dict, usage: dict | None = None) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -104,42 +84,48 @@ class _Handler:
         return chunk
 
     async def stream(self, job: Job) -> AsyncIterator[bytes]:
-        decoder = _Decoder(self.server.loaded.tokenizer)
+        """Each choice's deltas as they come, tagged with its index; the usage rides on the last choice's end."""
         if self.chat:
-            yield sse(self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                   "finish_reason": None}))
-        async for kind, value in job.events():
+            for index in range(len(self.streams)):
+                yield sse(self._chunk({"index": index, "delta": {"role": "assistant", "content": ""},
+                                       "finish_reason": None}))
+        running = len(self.streams)
+        async for index, kind, value in job.events():
             if kind == "token":
-                delta = decoder.push(value)
+                delta = self.streams[index].push(value)
                 if delta:
-                    yield sse(self._chunk(_choice(self.chat, delta, None, True)))
+                    yield sse(self._chunk(_choice(self.chat, index, delta, None, True)))
             elif kind == "done":
-                yield sse(self._chunk(_choice(self.chat, decoder.finish(), value, True), self.server.usage(job)))
+                running -= 1
+                usage = self.server.usage(job) if running == 0 else None
+                yield sse(self._chunk(_choice(self.chat, index, self.streams[index].finish(), value, True), usage))
             else:
                 yield sse({"error": {"message": value, "type": "server_error", "code": 503}})
         yield sse("[DONE]")
 
     async def complete(self, job: Job) -> Response:
-        decoder = _Decoder(self.server.loaded.tokenizer)
-        async for kind, value in job.events():
+        reasons: list[str | None] = [None] * len(self.streams)
+        async for index, kind, value in job.events():
             if kind == "token":
-                decoder.push(value)
+                self.streams[index].push(value)
             elif kind == "error":
                 return error_response(503, value)
             else:
-                reason = value
-        decoder.finish()
+                reasons[index] = value
+        for stream in self.streams:
+            stream.finish()
+        choices = [_choice(self.chat, index, stream.text, reason, False)
+                   for index, (stream, reason) in enumerate(zip(self.streams, reasons))]
         return JSONResponse({"id": self.id, "object": self.object, "created": now(), "model": self.server.model_id,
-                             "choices": [_choice(self.chat, decoder.text, reason, False)],
-                             "usage": self.server.usage(job)})
+                             "choices": choices, "usage": self.server.usage(job)})
 
 
 def create_app(server: ModelServer) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        server.scheduler.start()
+        server.startup()
         yield
-        server.scheduler.stop()
+        server.shutdown()
 
     app = FastAPI(title="flexolmo serve", lifespan=lifespan)
 
@@ -181,7 +167,8 @@ def create_app(server: ModelServer) -> FastAPI:
         active = server.active_state()
         return JSONResponse({"status": "failed_closed" if active.failed_closed else "ok", "model": server.model_id,
                              "experts": server.expert_names,
-                             "active_set": active.as_dict() if server.follower else None,
+                             "active_set": ({**active.as_dict(), "source": server.follower.source}
+                                            if server.follower else None),
                              "running": server.scheduler.running, "waiting": server.scheduler.waiting})
 
     @app.get("/metrics")

@@ -51,6 +51,8 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    # Asked after every token with the tokens so far (e.g. `text.StopStrings`): True ends the request, "stop".
+    stop_when: Callable[[list[int]], bool] | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     prompt_routing: torch.Tensor | None = None  # (E,) kept routing weight summed over layers and prompt tokens
@@ -176,6 +178,8 @@ def _next_token(logits: torch.Tensor, request: GenerationRequest) -> int:
 
 def _finish_reason(request: GenerationRequest, token: int) -> str | None:
     if token in request.stop_ids:
+        return "stop"
+    if request.stop_when is not None and request.stop_when(request.tokens):
         return "stop"
     if len(request.tokens) >= request.max_tokens:
         return "length"

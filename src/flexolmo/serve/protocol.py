@@ -1,7 +1,8 @@
 """The OpenAI-compatible request bodies this server accepts, and its errors in OpenAI's shape.
 
 Bodies are parsed here rather than by FastAPI so that every bad input is one clear 400 (FastAPI would answer
-422 with a list), and fields the server cannot honour (`n` > 1, `stop` strings, ...) are refused, not ignored.
+422 with a list), and fields the server cannot honour (`logprobs`, penalties, ...) are refused, not ignored.
+`stop` (a string or up to 4) and `n` (up to `MAX_CHOICES` choices, each a row of the batch) are honoured.
 """
 
 from __future__ import annotations
@@ -15,10 +16,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flexolmo.serve.access import AccessError
 
+# Choices of one request: each is a row of the batch, so `n` is bounded like the batch is.
+MAX_CHOICES = 16
+MAX_STOPS = 4  # as OpenAI
+
+# Fields that would change the output and that this server does not implement: (field, its neutral values, why).
+# Sent with a neutral value (as clients often do) they are fine; otherwise a 400, never silently ignored.
+_REFUSED = (
+    ("logprobs", (None, False), "logprobs are not supported"),
+    ("top_logprobs", (None, 0), "logprobs are not supported"),
+    ("best_of", (None, 1), "best_of is not supported; ask for n choices instead"),
+    ("logit_bias", (None, {}), "logit_bias is not supported"),
+    ("presence_penalty", (None, 0, 0.0), "presence_penalty is not supported"),
+    ("frequency_penalty", (None, 0, 0.0), "frequency_penalty is not supported"),
+    ("top_p", (None, 1, 1.0), "top_p is not supported (sampling is over the whole vocabulary)"),
+    ("suffix", (None, ""), "suffix is not supported"),
+)
+
 
 class _Body(BaseModel):
-    # OpenAI clients send fields this server has no use for (user, logprobs=None, ...): extra ones are
-    # accepted, but each one that would change the output is declared below and refused when set.
+    # OpenAI clients send fields this server has no use for (user, ...): extra ones are accepted, but each one
+    # that would change the output is either declared below or refused through `_REFUSED`.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -27,7 +45,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stream: bool = False
     experts: list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     stream_options: dict | None = None
 
@@ -59,12 +77,25 @@ def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise AccessError(400, f"{where}: {first['msg']}") from None
-    if body.stop:
-        raise AccessError(400, "stop strings are not supported; the completion stops at the end-of-text token "
-                          "or at max_tokens")
+    for name, neutral, why in _REFUSED:
+        value = (body.model_extra or {}).get(name)
+        if not any(value == ok and type(value) is type(ok) for ok in neutral):
+            raise AccessError(400, f"{name}: {why}")
     if getattr(body, "echo", False):
         raise AccessError(400, "echo is not supported")
+    stops = stop_strings(body.stop)
+    body.stop = stops
     return body
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's `stop` as a list: one string or up to `MAX_STOPS`, none of them empty."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise AccessError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}")
+    if any(not text for text in stops):
+        raise AccessError(400, "stop: a stop string must not be empty")
+    return stops
 
 
 def single_prompt(prompt: str | list[str]) -> str:

@@ -4,6 +4,7 @@ back from the scheduler's thread to the request's event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,53 +14,59 @@ import torch
 from flexolmo.core.errors import MergeError
 from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.model.runtime import LoadedModel
-from flexolmo.serve.access import (
-    AccessError,
-    ActiveSetFollower,
-    ActiveState,
-    allowed_experts,
-    read_keys,
-    requested_experts,
-)
+from flexolmo.serve.access import AccessError, allowed_experts, read_keys, requested_experts
 from flexolmo.serve.engine import Event, GenerationRequest, Scheduler
+from flexolmo.serve.follow import DEFAULT_POLL, ActiveSetFollower, ActiveState
 from flexolmo.serve.metrics import ServeMetrics
+from flexolmo.serve.text import StopStrings
 from flexolmo.trust.record import verify_slots
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     keys: Path | None = None
-    active_set: Path | None = None
+    active_set: Path | str | None = None  # a file, or the consortium service's http(s) URL
     coordinator_keys: Path | None = None
     max_batch: int = 16
+    active_set_poll: float = DEFAULT_POLL  # seconds between fetches of an active-set URL
 
 
 class Job:
-    """A request in flight: the scheduler's thread posts its events into this asyncio queue."""
+    """A request in flight, as `n` generation requests (its choices) run side by side in the batch: the
+    scheduler's thread posts their events, tagged with the choice's index, into this asyncio queue."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, active: ActiveState):
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+    def __init__(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop, active: ActiveState):
+        self.queue: asyncio.Queue[tuple[int, str, object]] = asyncio.Queue()
         self.loop = loop
         self.active = active
-        self.request = request
-        request.listener = self._post
+        self.requests = requests
+        for index, request in enumerate(requests):
+            request.listener = functools.partial(self._post, index)
 
-    def _post(self, event: Event) -> None:
+    def _post(self, index: int, event: Event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, *event))
         except RuntimeError:  # the loop has closed: nobody is listening any more
-            self.request.cancelled = True
+            self.cancel()
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The request's events up to its end; leaving early (a client gone) cancels it in the scheduler."""
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled = True
+
+    async def events(self) -> AsyncIterator[tuple[int, str, object]]:
+        """(choice, kind, value) up to the end of every choice, or to the first error; leaving early (a client
+        gone) cancels the choices still running in the scheduler."""
+        running = len(self.requests)
         try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if event[0] != "token":
+            while running:
+                index, kind, value = await self.queue.get()
+                yield index, kind, value
+                if kind == "error":
                     return
+                if kind != "token":
+                    running -= 1
         finally:
-            self.request.cancelled = True
+            self.cancel()
 
 
 class ModelServer:
@@ -75,15 +82,30 @@ class ModelServer:
         # Names are the record's; every slot is checked to hold the expert its name says, as --exclude does.
         verify_slots(loaded.path, loaded.record, self.expert_names, family.ffn_projections)
         self.keys = read_keys(options.keys, self.expert_names) if options.keys else None
-        self.follower = (ActiveSetFollower(options.active_set, options.coordinator_keys, loaded.record)
-                         if options.active_set else None)
+        self.follower = (ActiveSetFollower(options.active_set, options.coordinator_keys, loaded.record,
+                                           options.active_set_poll) if options.active_set else None)
         self.context = int(loaded.model.config.max_position_embeddings)
         tokenizer = loaded.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.scheduler = Scheduler(loaded.model, pad_id=pad or 0, max_batch=options.max_batch)
+        # Right padding is never attended to by a real token, so any id the model can embed will do; a
+        # tokenizer's pad or eos may lie beyond a smaller model's vocabulary (an index error, not a pad).
+        if pad is None or not 0 <= pad < int(loaded.model.config.vocab_size):
+            pad = 0
+        self.scheduler = Scheduler(loaded.model, pad_id=pad, max_batch=options.max_batch)
         eos = tokenizer.eos_token_id
         self.stop_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.metrics = ServeMetrics()
+
+    def startup(self) -> None:
+        """Before the first request: the scheduler's thread, and the active set's first fetch and poller."""
+        if self.follower is not None:
+            self.follower.start()
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+        if self.follower is not None:
+            self.follower.stop()
 
     def active_state(self) -> ActiveState:
         if self.follower is None:
@@ -111,6 +133,9 @@ class ModelServer:
             ids = tokenizer(prompt)["input_ids"]
         if not ids:
             raise AccessError(400, "the prompt is empty")
+        vocab = int(self.loaded.model.config.vocab_size)
+        if max(ids) >= vocab:  # a tokenizer larger than the model's embedding: refuse, don't fail the batch
+            raise AccessError(400, f"the prompt has token ids beyond the model's vocabulary of {vocab}")
         return list(ids)
 
     def max_tokens(self, prompt_length: int, asked: int | None, default: int) -> int:
@@ -126,22 +151,34 @@ class ModelServer:
                               f"prompt's {prompt_length} tokens), got {asked}")
         return asked
 
+    def stop_strings(self, stop: list[str]) -> StopStrings | None:
+        return StopStrings(self.loaded.tokenizer, stop) if stop else None
+
     def start(self, prompt_ids: list[int], mask: torch.Tensor, active: ActiveState, max_tokens: int,
-              temperature: float, seed: int | None) -> Job:
-        request = GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
-                                    temperature=temperature, seed=seed, stop_ids=self.stop_ids)
-        job = Job(request, asyncio.get_running_loop(), active)
-        self.scheduler.submit(request)
+              temperature: float, seed: int | None, n: int = 1, stop: StopStrings | None = None) -> Job:
+        """Submit the request's `n` choices, each its own row of the batch with the same mask. With a seed,
+        choice i samples with seed + i, so that the choices differ and a repeated request repeats them."""
+        requests = [GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
+                                      temperature=temperature, seed=None if seed is None else seed + index,
+                                      stop_ids=self.stop_ids, stop_when=stop)
+                    for index in range(n)]
+        job = Job(requests, asyncio.get_running_loop(), active)
+        for request in requests:
+            self.scheduler.submit(request)
         return job
 
     def usage(self, job: Job) -> dict:
         """OpenAI's usage, plus `experts`: each expert's share of the request's routing weight, prompt and
-        completion apart (see `attribution_shares`), and the active-set version the request ran under."""
-        request = job.request
-        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(request.tokens),
-                 "total_tokens": len(request.prompt_ids) + len(request.tokens),
-                 "experts": {"prompt": attribution_shares(request.prompt_routing, self.expert_names),
-                             "completion": attribution_shares(request.completion_routing, self.expert_names)},
+        completion apart (see `attribution_shares`), and the active-set version the request ran under. As in
+        OpenAI's, the prompt counts once and the completion tokens of all `n` choices add up; the completion's
+        routing is summed over the choices."""
+        prompt_ids, first = job.requests[0].prompt_ids, job.requests[0]
+        completion = sum(len(request.tokens) for request in job.requests)
+        routed = [request.completion_routing for request in job.requests if request.completion_routing is not None]
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                 "total_tokens": len(prompt_ids) + completion,
+                 "experts": {"prompt": attribution_shares(first.prompt_routing, self.expert_names),
+                             "completion": attribution_shares(sum(routed) if routed else None, self.expert_names)},
                  "active_set_version": job.active.version}
         self.metrics.record_usage(usage)
         return usage

@@ -30,7 +30,8 @@ class ZeroTensor:
 @dataclass(frozen=True)
 class MergedFormat:
     """A transformers/vLLM mixture-of-experts format that holds FlexOlmo routing exactly (softmax over all
-    experts, top-k, no renormalisation, no router bias)."""
+    experts, top-k, no router bias; the kept weights renormalised or not as the anchor family needs, see
+    `AnchorFamily.post_norm`)."""
 
     model_type: str
     architecture: str
