@@ -524,3 +524,233 @@ def test_keygen_refuses_reserved_and_newline_names(name, tmp_path):
     with pytest.raises(TrustError):
         generate_key_pair(name, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# -- every command that acts on a merged model authenticates it first (issue 25, finding 3) ------------------
+
+def swap_names_recomputing_digests(model: Path, out: Path) -> Path:
+    """What whoever hosts the files can do without any key: swap the record's entries for slots 1 and 2 (names,
+    manifests, signers), recompute the unkeyed slot digests under the new names and the log's model digest.
+    Only the coordinator's signature still tells."""
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.trust.history import model_digest
+    from flexolmo.trust.record import read_slot_digest
+
+    swapped = copy(model, out)
+    record = json.loads((swapped / MERGED_METADATA_FILE).read_text())
+    experts = record["experts"]
+    experts[1], experts[2] = experts[2], experts[1]
+    reader, layers = LazyReader(swapped), record["anchor"]["config"]["num_hidden_layers"]
+    for index, entry in enumerate(experts):
+        entry["slot_sha256"] = read_slot_digest(reader, index, entry["name"], layers,
+                                                ("gate_proj", "up_proj", "down_proj"))
+    (swapped / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    log = read_history(swapped)
+    log[-1]["model_sha256"] = model_digest(swapped)
+    (swapped / HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    return swapped
+
+
+def test_a_name_swap_is_refused_by_every_command_given_keys_and_named_without(signed, keys, tiny_anchor, corpora,
+                                                                             tmp_path, capsys):
+    trusted = TrustedKeys(keys)
+    coordinator = keys / "private" / "coordinator.key"
+    model = tmp_path / "v1"
+    merge(tiny_anchor, [signed["code"], signed["math"]], model, top_k=2,
+          trust=CoordinatorTrust(trusted_keys=trusted, sign_key=coordinator))
+    swapped = swap_names_recomputing_digests(model, tmp_path / "swapped")
+    assert verify_merged_model(swapped)["experts"][1]["name"] == "math"  # unauthenticated, the swap passes
+    capsys.readouterr()
+
+    with pytest.raises(TrustError, match="does not match the files"):
+        remove_experts(swapped, ["code"], tmp_path / "r1", trust=CoordinatorTrust(trusted_keys=trusted))
+    with pytest.raises(TrustError, match="does not match the files"):
+        load_model(swapped, exclude=["code"], trusted_keys=trusted)
+    out = tmp_path / "refused"
+    key_flag = ["--trusted-keys", str(keys)]
+    refusals = {
+        "remove": ["remove", "--model", str(swapped), "--exclude", "code", "--out", str(out), *key_flag],
+        "add": ["add", "--model", str(swapped), "--packages", str(signed["code"]), "--out", str(out), *key_flag],
+        "tune-router": ["tune-router", "--model", str(swapped), "--public-data", str(corpora["public"]),
+                        "--proxies", str(corpora["code"]), "--out", str(out), *key_flag],
+        "sign": ["sign", str(swapped), "--sign-key", str(coordinator), *key_flag],
+        "eval": ["eval", "--model", str(swapped), "--data", str(corpora["code"]), "--exclude", "code", *key_flag],
+        "generate": ["generate", "--model", str(swapped), "--prompt", "def", "--exclude", "code", *key_flag],
+    }
+    for command, argv in refusals.items():
+        assert main(argv) == 1, command
+        error = capsys.readouterr().err
+        assert "does not match the files" in error and len(error.strip().splitlines()) == 1, (command, error)
+        assert nothing_written(out), command
+
+    # Without keys every one of them runs, and says loudly that it trusts whoever wrote the files.
+    assert main(["generate", "--model", str(swapped), "--prompt", "def", "--exclude", "code",
+                 "--max-new-tokens", "1"]) == 0
+    assert "warning: --exclude acts on" in capsys.readouterr().err
+    assert main(["remove", "--model", str(swapped), "--exclude", "code", "--out", str(tmp_path / "r2")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "unauthenticated" in line]
+    assert len(warning) == 1 and "remove acts on" in warning[0] and "no --trusted-keys" in warning[0]
+
+    # The honest model passes every authentication, and the opt-out removes the expert it names.
+    remove_experts(model, ["code"], tmp_path / "r3", trust=CoordinatorTrust(trusted_keys=trusted,
+                                                                           sign_key=coordinator))
+    assert load_model(tmp_path / "r3", trusted_keys=trusted).expert_names == ["public", "math"]
+    assert main(["generate", "--model", str(model), "--prompt", "def", "--exclude", "code", "--max-new-tokens",
+                 "1", *key_flag]) == 0
+    assert "unauthenticated" not in capsys.readouterr().err
+    with pytest.raises(TrustError, match="dense model"):
+        load_model(tiny_anchor, trusted_keys=trusted)
+    assert main(["sign", str(swapped), "--sign-key", str(coordinator)]) == 0  # the coordinator's own risk
+    assert "warning: sign acts on" in capsys.readouterr().err
+
+
+# -- staging directories, result files and outputs inside inputs (issue 25, finding 6) -----------------------
+
+def test_a_staging_directory_is_never_loaded_and_the_next_writer_in_its_folder_removes_it(signed, tiny_anchor,
+                                                                                         corpora, tmp_path, capsys):
+    import fcntl
+
+    from flexolmo.model.merged_format import read_merged_info
+
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    killed = tmp_path / ".v2.tmp-killed"  # what kill -9 of `add --out v2` leaves: complete-looking, never sealed
+    shutil.copytree(model, killed / "v2")
+    (killed / ".lock").write_text("")
+    package = tmp_path / ".code.tmp-killed" / "code"
+    shutil.copytree(signed["code"], package)
+    (package.parent / ".lock").write_text("")
+    capsys.readouterr()
+    for load in (read_merged_info, load_model, verify_merged_model, lambda path: load_package(package)):
+        with pytest.raises(FlexOlmoError, match="staging directory of a run that did not finish"):
+            load(killed / "v2")
+    for argv in (["eval", "--model", str(killed / "v2"), "--data", str(corpora["code"])],
+                 ["verify", str(killed / "v2")],
+                 ["merge", "--anchor", str(tiny_anchor), "--packages", str(package), "--top-k", "2", "--out",
+                  str(tmp_path / "x")]):
+        assert main(argv) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "staging directory" in errors[0], errors
+    running = tmp_path / ".v3.tmp-running"  # a run still writing holds its lock: left alone
+    (running / "v3").mkdir(parents=True)
+    with open(running / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        remove_experts(model, ["code"], tmp_path / "other-name")  # another --out of the same folder
+        assert not killed.exists() and not (tmp_path / ".code.tmp-killed").exists() and running.exists()
+
+
+def test_json_results_are_never_overwritten_without_force(corpora, tmp_path, capsys):
+    result = tmp_path / "overlap.json"
+    result.write_text("earlier results")
+    overlap = ["data", "overlap", "--train", str(corpora["code"]), "--heldout", str(corpora["math"]), "--json",
+               str(result)]
+    assert main(overlap) == 1
+    assert "already exists; choose another path or pass --force" in capsys.readouterr().err
+    assert result.read_text() == "earlier results"
+    assert main(["eval", "--model", "nowhere", "--data", str(corpora["code"]), "--json", str(result)]) == 1
+    assert "already exists" in capsys.readouterr().err  # refused before anything is loaded
+    assert main([*overlap, "--force"]) == 0
+    assert json.loads(result.read_text())["chars"] == 50
+    assert main(["data", "overlap", "--train", str(corpora["code"]), "--heldout", str(corpora["math"]), "--json",
+                 str(tmp_path), "--force"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_an_output_inside_an_input_is_refused(signed, tiny_anchor, corpora, tmp_path, capsys):
+    from flexolmo.core.fileio import sha256_file
+
+    def digests(path: Path) -> dict:
+        return {item.name: sha256_file(item) for item in path.rglob("*") if item.is_file()}
+
+    model = tmp_path / "merged"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    before = {path: digests(path) for path in (tiny_anchor, signed["code"], model)}
+    capsys.readouterr()
+    attempts = [
+        ["merge", "--anchor", str(tiny_anchor), "--packages", str(signed["code"]), "--top-k", "2", "--out",
+         str(tiny_anchor / "merged")],
+        ["merge", "--anchor", str(tiny_anchor), "--packages", str(signed["code"]), "--top-k", "2", "--out",
+         str(signed["code"] / "merged")],
+        ["add", "--model", str(model), "--packages", str(signed["math"]), "--out", str(model / "v2")],
+        ["remove", "--model", str(model), "--exclude", "code", "--out", str(model / "sub" / "v2")],
+        ["tune-router", "--model", str(model), "--public-data", str(corpora["public"]), "--proxies",
+         str(corpora["code"]), "--out", str(model / "tuned")],
+        ["train-expert", "--anchor", str(tiny_anchor), "--data", str(corpora["code"]), "--name", "code", "--out",
+         str(tiny_anchor / "code")],
+    ]
+    for argv in attempts:
+        assert main(argv) == 1, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "lies inside the" in errors[0], errors
+    assert before == {path: digests(path) for path in (tiny_anchor, signed["code"], model)}
+
+
+# -- the tokenizer in the fingerprint, and readmission after an opt-out (issue 25, finding 7) ----------------
+
+def test_the_fingerprint_covers_the_tokenizer_and_older_fingerprints_are_refused_with_the_reason(
+        signed, keys, tiny_anchor, tmp_path, capsys):
+    from flexolmo.trust.history import model_digest
+
+    emptied = copy(tiny_anchor, tmp_path / "emptied-tokenizer")
+    (emptied / "tokenizer.json").write_text("{}")  # the same weights, another (broken) tokenizer
+    assert compute_fingerprint(emptied) != compute_fingerprint(tiny_anchor)
+    with pytest.raises(PackageError, match="trained on another anchor"):
+        merge(emptied, [signed["code"]], tmp_path / "m1", top_k=2)
+    assert nothing_written(tmp_path / "m1")
+
+    # A package from before the tokenizer was covered: its manifest records no fingerprint scheme (1).
+    manifest = json.loads((signed["code"] / MANIFEST_FILE).read_text())
+    older = {key: value for key, value in manifest["anchor"].items() if key != "fingerprint_scheme"}
+    legacy = rewrite(copy(signed["code"], tmp_path / "legacy"), sign_key=keys / "private" / "code.key", anchor=older)
+    with pytest.raises(PackageError, match="scheme 1, which did not cover the tokenizer.*train and package it again"):
+        merge(tiny_anchor, [legacy], tmp_path / "m2", top_k=2)
+    assert main(["verify", str(legacy), "--anchor", str(tiny_anchor)]) == 1
+    error = capsys.readouterr().err
+    assert "did not cover the tokenizer" in error and len(error.strip().splitlines()) == 1
+
+    # A merged model whose record predates it cannot take new packages: it is merged again from the anchor.
+    model = tmp_path / "model"
+    merge(tiny_anchor, [signed["code"]], model, top_k=2)
+    record = json.loads((model / MERGED_METADATA_FILE).read_text())
+    assert record["anchor"]["fingerprint_scheme"] == 2
+    del record["anchor"]["fingerprint_scheme"]
+    (model / MERGED_METADATA_FILE).write_text(json.dumps(record))
+    log = read_history(model)
+    log[-1]["model_sha256"] = model_digest(model)
+    (model / HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    with pytest.raises(FlexOlmoError, match="merge again from the anchor"):
+        add_experts(model, [signed["math"]], tmp_path / "m3")
+    remove_experts(model, ["code"], tmp_path / "m4")  # what is kept keeps the scheme it was recorded with
+    assert json.loads((tmp_path / "m4" / MERGED_METADATA_FILE).read_text())["anchor"]["fingerprint_scheme"] == 1
+
+
+def test_an_expert_whose_owner_opted_out_joins_again_only_with_readmit_and_the_log_says_so(
+        signed, tiny_anchor, tmp_path, capsys):
+    merge(tiny_anchor, [signed["code"], signed["math"]], tmp_path / "v1", top_k=2)
+    remove_experts(tmp_path / "v1", ["code"], tmp_path / "v2")
+    with pytest.raises(FlexOlmoError, match="'code' opted out of .* pass --readmit code"):
+        add_experts(tmp_path / "v2", [signed["code"]], tmp_path / "v3")
+    assert nothing_written(tmp_path / "v3")
+    add = ["add", "--model", str(tmp_path / "v2"), "--packages", str(signed["code"]), "--max-public-top-share", "1",
+           "--max-public-bpb-increase", "10", "--out", str(tmp_path / "v3")]
+    capsys.readouterr()
+    assert main(add) == 1 and "needs its owner's consent" in capsys.readouterr().err
+    assert main([*add, "--readmit", "math"]) == 1 and "which no package given adds" in capsys.readouterr().err
+    assert main([*add, "--readmit", "code"]) == 0
+    log = read_history(tmp_path / "v3")
+    assert [entry["operation"] for entry in log] == ["merge", "remove", "add"]
+    assert log[-1]["added"] == [{**log[0]["added"][0], "readmitted": True}]
+    capsys.readouterr()
+    assert main(["history", "--model", str(tmp_path / "v3")]) == 0
+    assert "(readmit" in capsys.readouterr().out  # "(readmitted after opting out)", wrapped in its cell
+    remove_experts(tmp_path / "v3", ["math"], tmp_path / "v4")  # an opt-out of another owner: code stays in
+    add_experts(tmp_path / "v4", [signed["math"]], tmp_path / "v5", readmit=["math"])
+
+
+def test_the_next_writer_leaves_directories_that_only_look_like_staging(tiny_anchor, signed, tmp_path):
+    foreign = tmp_path / ".notes.tmp-old"  # another program's: it holds more than a lock and one output
+    (foreign / "notes").mkdir(parents=True)
+    (foreign / "draft.txt").write_text("keep me")
+    (foreign / ".lock").write_text("")
+    merge(tiny_anchor, [signed["code"]], tmp_path / "merged", top_k=2)
+    assert (foreign / "draft.txt").read_text() == "keep me"

@@ -1,7 +1,8 @@
 """`flexolmo add`: a late joiner's expert is added to an existing merged model (written to a new directory).
 
 The new packages are verified, authenticated with --trusted-keys and pass the admission checks like at merge;
-the model's existing experts are checked against their recorded digests as they are copied.
+the model's existing experts are checked against their recorded digests as they are copied. An expert whose
+owner opted out earlier (its removal is in the model's log) joins again only with --readmit NAME.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def register(subparsers, name: str) -> None:
                         help="experts per token in the new model; when not given, the model's")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    parser.add_argument("--readmit", nargs="+", default=[], metavar="NAME",
+                        help="experts whose owners opted out earlier (removed, as the model's log says) and consent "
+                             "to join again; the log marks them readmitted")
     add_coordinator_flags(parser, joining=True)
     parser.set_defaults(run=run)
 
@@ -30,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.coordinator.merge import add_experts
 
     metadata = add_experts(Path(args.model), path_list(args.packages), Path(args.out), args.top_k,
-                           shard_bytes=shard_bytes(args.shard_gb), trust=coordinator_trust(args))
+                           shard_bytes=shard_bytes(args.shard_gb), trust=coordinator_trust(args),
+                           readmit=args.readmit)
     print_experts(Path(args.out), metadata)
     return 0

@@ -20,7 +20,11 @@ from flexolmo.cli.common import (
     add_data_flags,
     add_device_flags,
     add_exclude_flag,
+    add_json_flag,
+    json_output,
     path_list,
+    trusted_keys,
+    write_json_output,
 )
 
 
@@ -41,7 +45,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="prompts per generate call, each with --samples sequences")
     add_device_flags(parser)
-    parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
+    add_json_flag(parser, help="write the full result as JSON to this file")
     parser.add_argument("--show-text", action="store_true",
                         help="also print (and write) prefix, true continuation and best sample of the top "
                              "documents")
@@ -50,10 +54,9 @@ def register(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.core.fileio import atomic_write_json
-    from flexolmo.core.progress import announce_output
     from flexolmo.evaluation.audit import AuditConfig, audit_extraction
 
+    target = json_output(args)
     config = AuditConfig(
         model=Path(args.model), data=path_list(args.data), exclude=args.exclude, num_docs=args.num_docs,
         prefix_tokens=args.prefix_tokens, new_tokens=args.new_tokens, samples=args.samples,
@@ -61,11 +64,9 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
         device=args.device, dtype=args.dtype, show_text=args.show_text,
     )
-    result = audit_extraction(config)
+    result = audit_extraction(config, trusted_keys(args))
     print_result(result)
-    if args.json:
-        atomic_write_json(args.json, result.as_dict())
-        announce_output("audit result", args.json)
+    write_json_output(target, result.as_dict(), "audit result")
     return 0
 
 

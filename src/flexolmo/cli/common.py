@@ -1,5 +1,6 @@
 """What every subcommand shares, defined once: how `--help` looks, and the flags that mean the same thing on
-every command (`--data FILE...`, `--exclude NAME...`, `--device`, `--dtype`, `--text-field`, optimisation)."""
+every command (`--data FILE...`, `--exclude NAME...`, `--trusted-keys DIR`, `--device`, `--dtype`,
+`--text-field`, optimisation)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,51 @@ def add_data_flags(parser) -> None:
     parser.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
 
 
+def add_trusted_keys_flag(parser) -> None:
+    """`--trusted-keys DIR`: one meaning on every command (`verify`, `merge`, `add`, `remove`, `tune-router`,
+    `sign` and every command that runs a model): what is read must be signed by the trusted key that vouches for
+    it, and a command acting on a merged model without it says so on stderr."""
+    parser.add_argument("--trusted-keys", type=Path, default=None,
+                        help="directory of trusted public keys (NAME.pub, coordinator.pub): a package must be "
+                             "signed by the key of its own name, a merged model by coordinator.pub")
+
+
+def trusted_keys(args: argparse.Namespace):
+    """The `TrustedKeys` of `--trusted-keys`, or None."""
+    from flexolmo.trust.signing import TrustedKeys
+
+    return TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
+
+
 def add_exclude_flag(parser) -> None:
-    """`--exclude NAME...`: experts masked by name, on every command that runs a merged model."""
+    """`--exclude NAME...`: experts masked by name, on every command that runs a merged model, with
+    `--trusted-keys` to authenticate the model (and so its names) first."""
     parser.add_argument("--exclude", nargs="*", default=[], metavar="NAME",
                         help="names of experts to mask (merged models; nothing is rewritten)")
+    add_trusted_keys_flag(parser)
+
+
+def add_json_flag(parser, help: str, metavar: str = "FILE") -> None:
+    """`--json FILE` and `--force`: a result file, never written over an existing one unless `--force`."""
+    parser.add_argument("--json", default=None, metavar=metavar, help=help)
+    parser.add_argument("--force", action="store_true", help="replace the --json file when it exists")
+
+
+def json_output(args: argparse.Namespace) -> Path | None:
+    """Before any work: the `--json` path, refused when it exists without `--force` (or is a directory)."""
+    from flexolmo.core.fileio import check_new_file
+
+    return check_new_file(args.json, args.force) if args.json else None
+
+
+def write_json_output(target: Path | None, payload, what: str) -> None:
+    """Write the result file `json_output` checked (nothing when None) and say where it went."""
+    from flexolmo.core.fileio import atomic_write_json
+    from flexolmo.core.progress import announce_output
+
+    if target is not None:
+        atomic_write_json(target, payload)
+        announce_output(what, target)
 
 
 def add_device_flags(parser, dtype_help: str = "dtype the model is loaded in") -> None:

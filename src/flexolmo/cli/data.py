@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import HelpFormatter, add_command, add_data_flags, path_list
+from flexolmo.cli.common import (
+    HelpFormatter,
+    add_command,
+    add_data_flags,
+    add_json_flag,
+    json_output,
+    path_list,
+    write_json_output,
+)
 
 
 def register(subparsers, name: str) -> None:
@@ -32,17 +40,16 @@ def register(subparsers, name: str) -> None:
     overlap.add_argument("--chars", type=int, default=50,
                          help="length N of the strings compared, in characters")
     overlap.add_argument("--top", type=int, default=10, help="worst documents to list per held-out file")
-    overlap.add_argument("--json", default=None, metavar="OUT",
-                         help="also write the full report (ids and counts, no text) as JSON here")
+    add_json_flag(overlap, help="also write the full report (ids and counts, no text) as JSON to this file")
     add_data_flags(overlap)
     overlap.set_defaults(run=run_overlap)
 
 
 def run_overlap(args: argparse.Namespace) -> int:
-    from flexolmo.core.fileio import atomic_write_json
-    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.core.progress import print_table
     from flexolmo.data.overlap import measure_overlap
 
+    target = json_output(args)
     heldout = path_list(args.heldout)
     report = measure_overlap(path_list(args.train), heldout, chars=args.chars, top=args.top,
                              text_field=args.text_field)
@@ -60,9 +67,7 @@ def run_overlap(args: argparse.Namespace) -> int:
     if worst:
         print_table(f"most shared documents (up to {args.top} per file)",
                     ["held-out file", "id", "characters", "share"], worst)
-    if args.json:
-        atomic_write_json(args.json, report.as_dict())
-        announce_output("overlap report", args.json)
+    write_json_output(target, report.as_dict(), "overlap report")
     return 0
 
 

@@ -15,7 +15,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype
+from flexolmo.cli.common import (
+    add_command,
+    add_device_flags,
+    add_exclude_flag,
+    add_json_flag,
+    json_output,
+    torch_dtype,
+    trusted_keys,
+    write_json_output,
+)
 
 
 def register(subparsers, name: str) -> None:
@@ -32,24 +41,23 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling and few-shot choice")
     add_device_flags(parser)
-    parser.add_argument("--json", default=None, help="write the scores as JSON to this path")
+    add_json_flag(parser, help="write the scores as JSON to this file")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.core.fileio import atomic_write_json
-    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.core.progress import print_table
     from flexolmo.evaluation.tasks import evaluate_tasks
     from flexolmo.model.runtime import load_model
 
-    loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
+    target = json_output(args)
+    loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
+                        trusted_keys=trusted_keys(args))
     scores = evaluate_tasks(loaded, args.tasks, args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=args.batch_size, seed=args.seed)
     title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
     print_table(title, ["task", "metric", "value", "stderr", "documents"],
                 [[s.task, s.metric, s.value, "" if s.stderr is None else s.stderr, s.samples] for s in scores])
-    if args.json:
-        atomic_write_json(args.json, {"model": str(args.model), "exclude": args.exclude, "limit": args.limit,
-                                      "num_fewshot": args.num_fewshot, "scores": [s.as_dict() for s in scores]})
-        announce_output("scores", args.json)
+    write_json_output(target, {"model": str(args.model), "exclude": args.exclude, "limit": args.limit,
+                               "num_fewshot": args.num_fewshot, "scores": [s.as_dict() for s in scores]}, "scores")
     return 0

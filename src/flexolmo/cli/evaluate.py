@@ -16,7 +16,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_data_flag, add_data_flags, add_device_flags, add_exclude_flag
+from flexolmo.cli.common import (
+    add_command,
+    add_data_flag,
+    add_data_flags,
+    add_device_flags,
+    add_exclude_flag,
+    add_json_flag,
+    json_output,
+    trusted_keys,
+    write_json_output,
+)
 
 
 def register(subparsers, name: str) -> None:
@@ -34,20 +44,20 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-sequences", type=int, default=None, help="cap on windows scored per domain")
     add_device_flags(parser)
-    parser.add_argument("--json", default=None, help="write the results as JSON to this path")
+    add_json_flag(parser, help="write the results as JSON to this file")
     add_data_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.core.fileio import atomic_write_json
-    from flexolmo.core.progress import announce_output, print_table
+    from flexolmo.core.progress import print_table
     from flexolmo.evaluation.scoring import EvalSettings, evaluate_path, parse_domains
 
+    target = json_output(args)
     settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                              split=args.split, text_field=args.text_field, device=args.device, dtype=args.dtype,
                              context_tokens=args.context_tokens)
-    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude)
+    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude, trusted_keys(args))
     rows = [[name, s.bits_per_byte, s.loss, s.perplexity, f"{s.tokens:,}", f"{s.bytes:,}"]
             for name, s in result.domains.items()]
     title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
@@ -61,7 +71,5 @@ def run(args: argparse.Namespace) -> int:
                     ["domain", *experts, "sum", "kept mass", "kept mass p5"],
                     [[name, *[r["mean_share"][e] for e in experts], sum(r["mean_share"].values()),
                       r["kept_mass"]["mean"], r["kept_mass"]["lowest_layer_p5"]] for name, r in routed.items()])
-    if args.json:
-        atomic_write_json(args.json, result.as_dict())
-        announce_output("results", args.json)
+    write_json_output(target, result.as_dict(), "results")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype
+from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype, trusted_keys
 
 
 def register(subparsers, name: str) -> None:
@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.core.progress import print_generation
     from flexolmo.model.runtime import generate_text, load_model
 
-    loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device)
+    loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
+                        trusted_keys=trusted_keys(args))
     continuation = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
     print_generation(args.prompt, continuation)
     return 0

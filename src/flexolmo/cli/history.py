@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     def experts(entries: list[dict]) -> str:
         return ", ".join(f"{e['name']}@{(e.get('package_sha256') or '-')[:8]}"
-                         + (f" (signed by {e['signer']['name']})" if e.get("signer") else "") for e in entries) or "-"
+                         + (f" (signed by {e['signer']['name']})" if e.get("signer") else "")
+                         + (" (readmitted after opting out)" if e.get("readmitted") else "") for e in entries) or "-"
 
     rows = [[number, r["operation"], r["when"], (r.get("by") or {}).get("name", "unsigned"), experts(r["added"]),
              experts(r["removed"]), f"{len(r['experts'])} (top-{r['top_k']})", r["model_sha256"][:12]]

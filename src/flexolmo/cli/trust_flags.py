@@ -1,23 +1,23 @@
-"""The coordinator's trust flags, shared by `merge`, `add` and `remove`."""
+"""The coordinator's trust flags, shared by `merge`, `add`, `remove` and `tune-router`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from flexolmo.cli.common import add_trusted_keys_flag
+
 
 def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> None:
-    """`--sign-key` always; with `joining` (merge, add) also trusted keys and the admission checks."""
+    """`--sign-key` and `--trusted-keys` always; with `joining` (merge, add) also the admission checks."""
     from flexolmo.coordinator.admission import AdmissionPolicy
 
     group = parser.add_argument_group("trust")
     group.add_argument("--sign-key", type=Path, default=None,
                        help="the coordinator's private key (NAME.key): sign every file of the model written")
+    add_trusted_keys_flag(group)
     if not joining:
         return
-    group.add_argument("--trusted-keys", type=Path, default=None,
-                       help="directory of members' public keys (NAME.pub); every package must then be signed by "
-                            "the key of its own name")
     fields = AdmissionPolicy.model_fields
     admission = parser.add_argument_group("admission checks of joining experts")
     admission.add_argument("--probe-data", nargs="+", type=Path, default=None,
@@ -44,12 +44,12 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
 
     if args.sign_key is not None:
         key_signer(args.sign_key)  # a bad key fails now, not after the merge
-    if not hasattr(args, "trusted_keys"):
-        return CoordinatorTrust(sign_key=args.sign_key)
     trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
+    if not hasattr(args, "probe_data"):  # remove, tune-router: nobody joins, so no admission checks
+        return CoordinatorTrust(trusted_keys=trusted, sign_key=args.sign_key)
     if trusted is None:
         console.print("[yellow]warning:[/] packages are not authenticated (no --trusted-keys): their names and "
-                      "contents are whatever whoever handed them over wrote")
+                      "contents are whatever whoever handed them over wrote", soft_wrap=True)
     policy = AdmissionPolicy(
         max_row_norm_ratio=args.max_row_norm_ratio, max_public_top_share=args.max_public_top_share,
         max_public_bpb_increase=args.max_public_bpb_increase, probe_sequences=args.probe_sequences,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command
+from flexolmo.cli.common import add_command, add_trusted_keys_flag, trusted_keys
 
 
 def register(subparsers, name: str) -> None:
@@ -18,16 +18,14 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("path", type=Path, help="expert package or merged model directory")
     parser.add_argument("--anchor", type=Path, default=None, help="anchor directory a package should belong to")
-    parser.add_argument("--trusted-keys", type=Path, default=None,
-                        help="directory of trusted public keys (NAME.pub): also check who signed it")
+    add_trusted_keys_flag(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.coordinator.artefacts import is_merged_model, verify_merged_model
-    from flexolmo.trust.signing import TrustedKeys
 
-    trusted = TrustedKeys(args.trusted_keys) if args.trusted_keys is not None else None
+    trusted = trusted_keys(args)
     if is_merged_model(args.path):
         result = verify_merged_model(args.path, trusted)
         signed = f", signed by '{result['signer'].name}'" if result["signer"] else " (signature not checked: pass " \

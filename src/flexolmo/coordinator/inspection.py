@@ -124,7 +124,7 @@ def _router_row(privacy: dict) -> str:
     init = privacy.get("router_init", "-")
     if privacy.get("router_row_from_private_data"):
         return f"{init} (a statistic of the training data, not covered by DP)"
-    releases = (privacy.get("dp") or {}).get("prior_releases") or []
+    releases = _object(privacy.get("dp")).get("prior_releases") or []
     return f"{init} (released under DP, counted in epsilon)" if releases else init
 
 
@@ -186,9 +186,9 @@ def describe_merged(path: Path) -> Description:
         ("top-k", str(top_k) + (f" (the merge recorded {recorded})" if recorded not in (None, top_k) else "")),
         ("anchor fingerprint", info.anchor_fingerprint),
         *_shape_fields(config, reader, experts=experts, top_k=top_k),
-        ("router bias dropped", ", ".join(metadata.get("router_bias_dropped") or []) or "none"),
-        ("created", metadata.get("created", "-")),
-        ("flexolmo version", metadata.get("versions", {}).get("flexolmo", "-")),
+        ("router bias dropped", ", ".join(map(str, metadata.get("router_bias_dropped") or [])) or "none"),
+        ("created", str(metadata.get("created", "-"))),
+        ("flexolmo version", str(_object(metadata.get("versions")).get("flexolmo", "-"))),
     ]
     for extra in MERGED_EXTRAS:
         fields += extra(path)
@@ -198,14 +198,20 @@ def describe_merged(path: Path) -> Description:
     return Description(MERGED, path, fields, [table], record={"kind": MERGED, "config": config, **metadata})
 
 
+def _object(value) -> dict:
+    """`value` when it is a JSON object, else an empty one: a record's manifest was verified when its package
+    was merged, but the record may have been edited since, and describing it must not fail on that."""
+    return value if isinstance(value, dict) else {}
+
+
 def _expert_row(index: int, entry: dict) -> list[object]:
-    manifest = entry.get("manifest") or {}
-    training = manifest.get("training", {})
-    dp = (manifest.get("privacy") or {}).get("dp")
-    return [index, entry["name"], entry.get("source", "-"),
-            f"{training['tokens']:,}" if "tokens" in training else "-",
-            "-" if not manifest else ("none" if not dp else f"epsilon {dp['epsilon']:.3g}"),
-            _router_row(manifest.get("privacy", {})) if manifest else "public row"]
+    manifest = _object(entry.get("manifest"))
+    tokens = _object(manifest.get("training")).get("tokens")
+    privacy = _object(manifest.get("privacy"))
+    epsilon = _object(privacy.get("dp")).get("epsilon")
+    dp = "none" if not privacy.get("dp") else f"epsilon {epsilon:.3g}" if isinstance(epsilon, (int, float)) else "?"
+    return [index, entry["name"], entry.get("source", "-"), f"{tokens:,}" if isinstance(tokens, int) else "-",
+            dp if manifest else "-", _router_row(privacy) if manifest else "public row"]
 
 
 # -- shared pieces ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ admission checks, the operation is appended to the merge log and the coordinator
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 from flexolmo.coordinator.expert_sources import AnchorExpert, ExpertSource, MergedExpert, PackageExpert
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import MergeError, TrustError
-from flexolmo.core.fileio import atomic_directory, atomic_write_json
+from flexolmo.core.fileio import atomic_directory, atomic_write_json, check_outside_inputs
 from flexolmo.core.precision import DTYPES, dtype_name
 from flexolmo.core.progress import console, progress_bar
 from flexolmo.core.provenance import software_versions, utc_now
@@ -41,6 +42,7 @@ from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE
 from flexolmo.core.weights import parse
 from flexolmo.data.public_sample import PUBLIC_SAMPLE_FILE
 from flexolmo.model.anchor import (
+    FINGERPRINT_SCHEME,
     PUBLIC_ROUTER_FILE,
     AnchorFamily,
     anchor_family,
@@ -55,6 +57,7 @@ from flexolmo.model.merged_format import (
     PUBLIC_EXPERT,
     ROUTER_TUNING_KEY,
     MergedModelInfo,
+    authenticate_merged_model,
     check_top_k,
     is_extra_tensor,
     merged_config,
@@ -62,7 +65,7 @@ from flexolmo.model.merged_format import (
 )
 from flexolmo.model.router_init import load_public_rows
 from flexolmo.owner.package import load_package
-from flexolmo.trust.history import HISTORY_FILE, check_unchanged
+from flexolmo.trust.history import HISTORY_FILE, check_unchanged, opted_out, read_history
 from flexolmo.trust.record import SlotRecorder, verify_slots
 from flexolmo.trust.signing import SIGNATURE_FILE
 
@@ -111,6 +114,7 @@ class MergePlan:
     dtype: torch.dtype | None = None
     router_rows: list[torch.Tensor] | None = None
     extra_metadata: dict = field(default_factory=dict)
+    fingerprint_scheme: int = FINGERPRINT_SCHEME
 
 
 def _check_plan(plan: MergePlan) -> None:
@@ -133,7 +137,8 @@ def _merged_metadata(plan: MergePlan, dtype: torch.dtype) -> dict:
     return {
         "format": MERGED_FORMAT,
         "format_version": MERGED_FORMAT_VERSION,
-        "anchor": {"fingerprint": plan.anchor_fingerprint, "config": _public_anchor_config(plan.anchor_config)},
+        "anchor": {"fingerprint": plan.anchor_fingerprint, "fingerprint_scheme": plan.fingerprint_scheme,
+                   "config": _public_anchor_config(plan.anchor_config)},
         "top_k": plan.top_k,
         "dtype": dtype_name(dtype),
         "experts": records,
@@ -206,25 +211,47 @@ def _verified_packages(paths: list[Path], fingerprint: str, anchor_config: dict,
     return packages
 
 
-def _refuse_existing(out: Path) -> None:
+def _refuse_existing(out: Path, model: Path | str | None = None, packages: list[Path] = (),
+                     anchor: Path | str | None = None) -> None:
+    """Before any work: `out` is new and outside every input (writing it must never change one)."""
     if out.exists():
         raise MergeError(f"{out} already exists: choose another --out or remove it")
+    check_outside_inputs(out, [("model", model), ("anchor", anchor), *(("package", path) for path in packages)])
 
 
-def _added(experts: list[PackageExpert]) -> list[dict]:
-    """How the merge log names added experts: by name, package digest and signer, never by manifest."""
+def _added(experts: list[PackageExpert], readmitted: Sequence[str] = ()) -> list[dict]:
+    """How the merge log names added experts: by name, package digest and signer, never by manifest; an expert
+    whose owner had opted out is marked as readmitted."""
     return [{"name": e.name, "package_sha256": e.package.digest,
-             "signer": e.package.signer.as_dict() if e.package.signer else None} for e in experts]
+             "signer": e.package.signer.as_dict() if e.package.signer else None,
+             **({"readmitted": True} if e.name in readmitted else {})} for e in experts]
 
 
 def _sealer(trust: CoordinatorTrust, source: Path | None, operation: str, joining: list[PackageExpert],
-            removed: list[dict]):
+            removed: list[dict], readmitted: Sequence[str] = ()):
     def seal(staging: Path, metadata: dict) -> None:
         trust.seal(staging, source, operation, [e.name for e in joining], {
-            "anchor_fingerprint": metadata["anchor"]["fingerprint"], "added": _added(joining), "removed": removed,
-            "experts": [entry["name"] for entry in metadata["experts"]], "top_k": metadata["top_k"]})
+            "anchor_fingerprint": metadata["anchor"]["fingerprint"], "added": _added(joining, readmitted),
+            "removed": removed, "experts": [entry["name"] for entry in metadata["experts"]],
+            "top_k": metadata["top_k"]})
 
     return seal
+
+
+def _check_readmission(model_dir: Path | str, joining: list[PackageExpert], readmit: Sequence[str]) -> list[str]:
+    """An expert whose owner opted out (removed, as the model's log says) joins again only when `readmit` names
+    it; returns the readmitted names, which the log marks."""
+    names = {expert.name for expert in joining}
+    stray = sorted(set(readmit) - names)
+    if stray:
+        raise MergeError(f"--readmit names {', '.join(stray)}, which no package given adds")
+    opted = opted_out(read_history(model_dir))
+    refused = sorted(names & (set(opted) - set(readmit)))
+    if refused:
+        name = refused[0]
+        raise MergeError(f"'{name}' opted out of {model_dir} (removed at {opted[name].get('when')}); adding it "
+                         f"again needs its owner's consent: pass --readmit {name}")
+    return sorted(names & set(opted))
 
 
 def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int,
@@ -238,7 +265,7 @@ def merge(anchor_dir: Path | str, package_paths: list[Path], out: Path | str, to
     `dtype` is the merged checkpoint's: "anchor" (the anchor's own), "float32" or "bfloat16"."""
     anchor_dir, out = Path(anchor_dir), Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, packages=package_paths, anchor=anchor_dir)
     check_top_k(top_k, len(package_paths) + 1)
     if dtype != "anchor" and dtype not in DTYPES:
         raise MergeError(f"unknown --dtype {dtype!r}; use anchor, {', '.join(DTYPES)}")
@@ -266,37 +293,51 @@ def _merged_sources(info: MergedModelInfo,
 
 
 def add_experts(model_dir: Path | str, package_paths: list[Path], out: Path | str, top_k: int | None = None,
-                shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
-    """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor."""
+                shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None,
+                readmit: Sequence[str] = ()) -> dict:
+    """A late joiner: the merged model plus `package_paths`, verified against the model's own anchor. With
+    `trust.trusted_keys` the model is authenticated first (`authenticate_merged_model`), else a warning says it
+    is not. An expert whose owner opted out earlier (its removal is in the model's log) is refused unless
+    `readmit` names it, and the log marks it readmitted."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir, packages=package_paths)
+    authenticate_merged_model(model_dir, trust.trusted_keys, "add")
     info = read_merged_info(model_dir)
     top_k = info.metadata["top_k"] if top_k is None else top_k
     check_top_k(top_k, len(info.expert_names) + len(package_paths))
     family = anchor_family(info.anchor_config, model_dir)
     check_unchanged(info.path)
+    if info.anchor_fingerprint_scheme != FINGERPRINT_SCHEME:
+        raise MergeError(f"{model_dir}: its record names the anchor by a fingerprint of scheme "
+                         f"{info.anchor_fingerprint_scheme}, which did not cover the tokenizer, so no package can "
+                         "be checked against it; merge again from the anchor with packages trained by this flexolmo")
     reader, experts, shared = _merged_sources(info, family)
     joining = _verified_packages(package_paths, info.anchor_fingerprint, info.anchor_config, trust)
     clashes = sorted(set(info.expert_names) & {package.name for package in joining})
     if clashes:
         raise MergeError(f"{model_dir} already has expert(s) {', '.join(clashes)}; remove them first or rename")
+    readmitted = _check_readmission(model_dir, joining, readmit)
     plan = MergePlan(out, reader, shared, [*experts, *joining], info.anchor_config, info.anchor_fingerprint, family,
-                     top_k, info.path, shard_bytes, extra_metadata=_carried_records(info))
-    return _write_merged(plan, _sealer(trust, info.path, "add", joining, []))
+                     top_k, info.path, shard_bytes, extra_metadata=_carried_records(info),
+                     fingerprint_scheme=info.anchor_fingerprint_scheme)
+    return _write_merged(plan, _sealer(trust, info.path, "add", joining, [], readmitted))
 
 
 def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
                    shard_bytes: int = DEFAULT_SHARD_BYTES, trust: CoordinatorTrust | None = None) -> dict:
     """An opt-out: a smaller checkpoint without the named experts (the public expert always stays).
 
-    Names are resolved through the model's record and each removed slot is checked against its recorded
-    digest first, so a record with swapped names cannot make an opt-out remove another member's expert. The
+    The model is authenticated first with `trust.trusted_keys` (else a warning says it is not): only the
+    coordinator's signature binds names to slots, since anyone can recompute the unkeyed slot digests. Names
+    are then resolved through the model's record and each removed slot is checked against its recorded
+    digest, so a record with swapped names cannot make an opt-out remove another member's expert. The
     top-k is lowered to the number of experts left when it exceeds it. The log records the removed experts by
     name and package digest only."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir)
+    authenticate_merged_model(model_dir, trust.trusted_keys, "remove")
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
     unknown = sorted(set(names) - set(info.expert_names))
@@ -315,7 +356,8 @@ def remove_experts(model_dir: Path | str, names: list[str], out: Path | str,
         console.print(f"[yellow]note:[/] top-k lowered from {info.metadata['top_k']} to {top_k}: only {len(kept)} "
                       "expert(s) are left")
     plan = MergePlan(out, reader, shared, kept, info.anchor_config, info.anchor_fingerprint, family, top_k,
-                     info.path, shard_bytes, extra_metadata=_carried_records(info))
+                     info.path, shard_bytes, extra_metadata=_carried_records(info),
+                     fingerprint_scheme=info.anchor_fingerprint_scheme)
     return _write_merged(plan, _sealer(trust, info.path, "remove", [], removed))
 
 
@@ -333,7 +375,7 @@ def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Pa
     digest covers its router row), logs the operation and, with `trust.sign_key`, is signed."""
     out = Path(out)
     trust = trust or CoordinatorTrust()
-    _refuse_existing(out)
+    _refuse_existing(out, model=model_dir)
     info = read_merged_info(model_dir)
     family = anchor_family(info.anchor_config, model_dir)
     check_unchanged(info.path)
@@ -346,6 +388,7 @@ def replace_router_rows(model_dir: Path | str, rows: list[torch.Tensor], out: Pa
     history = [*info.metadata.get(ROUTER_TUNING_KEY, []), record]
     plan = MergePlan(out, reader, shared, experts, info.anchor_config, info.anchor_fingerprint, family,
                      info.metadata["top_k"], info.path, shard_bytes, router_rows=rows,
-                     extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history})
+                     extra_metadata={**_carried_records(info), ROUTER_TUNING_KEY: history},
+                     fingerprint_scheme=info.anchor_fingerprint_scheme)
     return _write_merged(plan, _sealer(trust, info.path, "tune-router", [], []))
 

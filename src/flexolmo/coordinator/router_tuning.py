@@ -26,12 +26,17 @@ from pydantic import BaseModel, Field
 from flexolmo.coordinator.merge import replace_router_rows
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import CheckpointError, DataError, ProxyError
-from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json, check_outside_inputs, sha256_file
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.data.documents import iter_documents
 from flexolmo.data.public_sample import describe_files
 from flexolmo.data.tokens import TokenStream, load_token_stream
-from flexolmo.model.merged_format import MERGED_METADATA_FILE, MergedModelInfo, read_merged_info
+from flexolmo.model.merged_format import (
+    MERGED_METADATA_FILE,
+    MergedModelInfo,
+    authenticate_merged_model,
+    read_merged_info,
+)
 from flexolmo.model.moe import ROUTER_Z_LOSS_COEF, moe_blocks
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import owner_loss
@@ -154,12 +159,15 @@ def _prepare_work(work: Path, settings: dict, resume: bool) -> None:
 
 def tune_router(config: TuneConfig, resume: bool = False, trust: CoordinatorTrust | None = None) -> dict:
     """Tune the router rows of `config.model` on the proxies and public text; write `config.out` (logged, and
-    signed with `trust.sign_key` when given); return the new checkpoint's metadata."""
+    signed with `trust.sign_key` when given); return the new checkpoint's metadata. The model is authenticated
+    first with `trust.trusted_keys` (else a warning says it is not)."""
 
     if config.out.exists():
         raise ProxyError(f"{config.out} already exists: choose another --out or remove it")
+    check_outside_inputs(config.out, [("model", config.model)])
     if not config.proxies:
         raise ProxyError("no proxy files given; pass the owners' files with --proxies")
+    authenticate_merged_model(config.model, trust.trusted_keys if trust else None, "tune-router")
     info = read_merged_info(config.model)
     records = check_proxies(info, config.proxies)
     texts = resolve_proxies(records, config.public, config.text_field)

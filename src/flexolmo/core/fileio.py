@@ -1,7 +1,11 @@
 """Writing outputs so that an interrupted or failed run never leaves something that looks complete.
 
 Every artefact (anchor, checkpoint, expert package, merged model, cache entry) is written under a temporary
-sibling name and renamed into place only once it is whole; rename is atomic on one filesystem. Artefacts get
+sibling name and renamed into place only once it is whole; rename is atomic on one filesystem. A staging
+directory is never read as an artefact by anyone but the run writing it (`check_not_staging`), and the next run
+that writes into the same folder removes those of killed runs. An output is never written inside one of the
+command's inputs (`check_outside_inputs`), and a result file is never overwritten without `force`
+(`check_new_file`). Artefacts get
 the permissions the user's umask gives any new file (a package is handed to another party, a model is served
 by another user), unless a write asks to be private (a key file: owner read/write only).
 """
@@ -14,12 +18,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +58,50 @@ _UNLOCKED_STAGING_GRACE_SECONDS = 600.0
 _STAGING_LOCK = ".lock"
 
 
+# `.NAME.tmp-XXXX`: the hidden parent of a staging directory (and the name of a file being written atomically).
+_STAGING_NAME = re.compile(r"\.(.+)\.tmp-[A-Za-z0-9_]+")
+# The staging directories this process is writing now: only their writer may read them (admission, signing).
+_held_staging: set[Path] = set()
+
+
 def _staging_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
+
+
+def check_not_staging(path: Path | str) -> None:
+    """Refuse `path` when it lies in another run's staging directory: a run killed, failed or still writing,
+    whose output was never checked, logged or signed, is never loaded as an artefact."""
+    resolved = Path(path).resolve()
+    for outer in (resolved, *resolved.parents):
+        if _STAGING_NAME.fullmatch(outer.name) and outer.is_dir() and outer not in _held_staging:
+            raise FlexOlmoError(f"{path}: inside {outer.name}, the staging directory of a run that did not finish "
+                                "(killed, failed or still writing), so never checked, logged or signed; use the "
+                                "finished output, or rerun the command (the next run writing there removes it)")
+
+
+def check_new_file(path: Path | str, force: bool, flag: str = "--json") -> Path:
+    """Before any work: `path` may be written as a result file (it does not exist, or `force` allows replacing
+    a file); returns it as a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise FlexOlmoError(f"{flag} {path}: is a directory; give a file path")
+    if path.exists() and not force:
+        raise FlexOlmoError(f"{flag} {path}: already exists; choose another path or pass --force to replace it")
+    return path
+
+
+def check_outside_inputs(out: Path | str, inputs: Iterable[tuple[str, Path | str | None]],
+                         flag: str = "--out") -> None:
+    """Before any work: the output `out` is not one of the inputs ((role, path) pairs: package, model, anchor)
+    nor inside one, so writing it can never change an input."""
+    target = Path(out).resolve()
+    for role, source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise FlexOlmoError(f"{flag} {out} lies inside the {role} {source}: writing it would change an input; "
+                                "choose an output path outside every input")
 
 
 def _is_stale_staging(outer: Path) -> bool:
@@ -78,8 +125,20 @@ def _is_stale_staging(outer: Path) -> bool:
     return True
 
 
+def _is_ours(outer: Path) -> bool:
+    """Whether `outer` has the shape `atomic_directory` gives a staging directory, `.NAME.tmp-XXXX/` holding
+    nothing but its lock and `NAME/`: another program's directory of a similar name is never removed."""
+    match = _STAGING_NAME.fullmatch(outer.name)
+    try:
+        return bool(match) and outer.is_dir() and {child.name for child in outer.iterdir()} <= {
+            _STAGING_LOCK, match.group(1)}
+    except OSError:
+        return False
+
+
 def remove_stale_staging(target: Path | str) -> list[Path]:
-    """Remove the hidden staging directories that killed runs left for `target`; returns what was removed.
+    """Remove the hidden staging directories that killed runs left beside `target`, for any output of that
+    folder (not only `target`'s); returns what was removed.
 
     Each run holds an exclusive lock on its staging directory while it writes, and the kernel drops the lock
     when the process dies, so a directory whose lock can be taken belongs to no live run."""
@@ -87,8 +146,8 @@ def remove_stale_staging(target: Path | str) -> list[Path]:
     removed = []
     if not target.parent.is_dir():
         return removed
-    for outer in sorted(target.parent.glob(_staging_prefix(target) + "*")):
-        if outer.is_dir() and _is_stale_staging(outer):
+    for outer in sorted(target.parent.glob(".*.tmp-*")):
+        if _is_ours(outer) and _is_stale_staging(outer):
             shutil.rmtree(outer, ignore_errors=True)
             removed.append(outer)
     return removed
@@ -132,6 +191,7 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
     except OSError as error:
         raise FlexOlmoError(_describe_os_error(error, target)) from error
     lock = os.open(outer / _STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    _held_staging.add(outer.resolve())
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         staging = outer / target.name
@@ -154,6 +214,7 @@ def atomic_directory(target: Path | str, overwrite: bool = False) -> Iterator[Pa
     finally:
         os.close(lock)
         shutil.rmtree(outer, ignore_errors=True)
+        _held_staging.discard(outer.resolve())
 
 
 def make_directory(path: Path | str) -> None:

@@ -301,9 +301,10 @@ def audit_loaded(loaded: LoadedModel, config: AuditConfig) -> AuditResult:
     return result
 
 
-def audit_extraction(config: AuditConfig) -> AuditResult:
-    """Load `config.model` (with `config.exclude` masked) and run the extraction audit on `config.data`."""
+def audit_extraction(config: AuditConfig, trusted_keys=None) -> AuditResult:
+    """Load `config.model` (with `config.exclude` masked, and authenticated against `trusted_keys` when given:
+    `runtime.load_model`) and run the extraction audit on `config.data`."""
 
     loaded = load_model(config.model, exclude=config.exclude, dtype=getattr(torch, config.dtype),
-                        device=config.device)
+                        device=config.device, trusted_keys=trusted_keys)
     return audit_loaded(loaded, config)

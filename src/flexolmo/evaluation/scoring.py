@@ -247,9 +247,11 @@ def parse_domains(values: Sequence[str]) -> dict[str, list[Path]]:
 
 
 def evaluate_path(path: Path, domains: Mapping[str, Sequence[Path]], settings: EvalSettings,
-                  exclude: Sequence[str] = ()) -> EvalResult:
-    """Load a dense or merged model directory (with `exclude` experts masked) and evaluate it."""
+                  exclude: Sequence[str] = (), trusted_keys=None) -> EvalResult:
+    """Load a dense or merged model directory (with `exclude` experts masked, and authenticated against
+    `trusted_keys` when given: `runtime.load_model`) and evaluate it."""
 
-    loaded = load_model(path, exclude=exclude, dtype=getattr(torch, settings.dtype), device=settings.device)
+    loaded = load_model(path, exclude=exclude, dtype=getattr(torch, settings.dtype), device=settings.device,
+                        trusted_keys=trusted_keys)
     check_context(getattr(loaded.model.config, "max_position_embeddings", None), settings.seq_len, path)
     return evaluate(loaded.model, loaded.tokenizer, domains, settings, loaded.expert_names, str(path), exclude)

@@ -1,8 +1,8 @@
 """The anchor: the coordinator's dense public model that every expert starts from.
 
-One function loads and validates an anchor directory; one computes its fingerprint (a hash over its config and
-weights) that every expert package carries, so a package can never be merged into a model built on a
-different anchor. Supported architectures are a table, `ANCHOR_FAMILIES`: adding a family means adding a row.
+One function loads and validates an anchor directory; one computes its fingerprint (a hash over its config,
+weights, public router rows and tokenizer files) that every expert package carries, so a package can never be
+merged into a model built on a different anchor, nor on the same weights with another tokenizer. Supported architectures are a table, `ANCHOR_FAMILIES`: adding a family means adding a row.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flexolmo.core.errors import AnchorError
-from flexolmo.core.fileio import digest_tensor
+from flexolmo.core.fileio import check_not_staging, digest_tensor, sha256_file
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import ANCHOR_FFN, MERGED_EXPERT, MERGED_ROUTER
 from flexolmo.model.families import (
@@ -36,6 +36,15 @@ from flexolmo.model.families import (
 # The coordinator's public router rows, shipped beside the weights; part of the fingerprint because every
 # expert is trained against them.
 PUBLIC_ROUTER_FILE = "flexolmo_public_router.safetensors"
+
+# The files a tokenizer is read from (transformers' names). Part of the fingerprint since scheme 2: an expert
+# is trained on the token ids they define, and the merged model ships the anchor's copies.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
+# How `compute_fingerprint` hashes an anchor, recorded beside every fingerprint a package or merged model
+# carries: 1 covered the config, weights and public rows only (no record of a scheme means 1); 2 also covers
+# TOKENIZER_FILES. A fingerprint of another scheme can never match, so it is refused with that reason.
+FINGERPRINT_SCHEME = 2
 
 # Config keys that describe how a checkpoint was saved, not what the model computes.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -115,19 +124,33 @@ class Anchor:
 
 
 def read_config(path: Path | str) -> dict:
-    """Read `config.json` of a model directory, with one-line errors for a missing or broken file."""
+    """Read `config.json` of a model directory, with one-line errors for a missing or broken file. Every model
+    is read through here, so a staging directory left by a run that did not finish is refused here too."""
     path = Path(path)
     if not path.exists():
         raise AnchorError(f"{path}: no such directory; check the path")
+    check_not_staging(path)
     if not path.is_dir():
         raise AnchorError(f"{path}: not a directory; pass the model directory (with config.json)")
     config_file = path / "config.json"
     if not config_file.exists():
         raise AnchorError(f"{path}: no config.json; this is not a Hugging Face model directory")
     try:
-        return json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AnchorError(f"{config_file}: corrupt config.json ({error})") from None
+    except OSError as error:
+        raise AnchorError(f"{config_file}: cannot read it ({error.strerror or error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise AnchorError(f"{config_file}: not a JSON object naming a model_type; this is not a Hugging Face config")
+    return config
+
+
+try:  # transformers 5 validates config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs raise TypeError and ValueError only
+    _StrictDataclassError = ValueError
+_CONFIG_ERRORS = (TypeError, ValueError, KeyError, _StrictDataclassError)
 
 
 def complete_config(config: dict, path: Path | str) -> dict:
@@ -140,8 +163,9 @@ def complete_config(config: dict, path: Path | str) -> dict:
     fields = {key: value for key, value in config.items() if key != "model_type"}
     try:
         return json.loads(AutoConfig.for_model(config["model_type"], **fields).to_json_string(use_diff=True))
-    except (TypeError, ValueError) as error:
-        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({error})") from None
+    except _CONFIG_ERRORS as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AnchorError(f"{path}: config.json is not a valid {config['model_type']} config ({first})") from None
 
 
 def anchor_family(config: dict, path: Path | str) -> AnchorFamily:
@@ -193,7 +217,8 @@ def config_fingerprint_payload(config: dict) -> bytes:
 
 
 def compute_fingerprint(path: Path | str) -> str:
-    """SHA-256 over the config, every tensor (name, dtype, shape, bytes) and the public router rows, read one
+    """SHA-256 over the config, every tensor (name, dtype, shape, bytes), the public router rows and the
+    tokenizer files present (name and SHA-256 of each of TOKENIZER_FILES; scheme FINGERPRINT_SCHEME), read one
     tensor at a time so that fingerprinting a model of any size takes one tensor of memory."""
 
     path = Path(path)
@@ -208,6 +233,9 @@ def compute_fingerprint(path: Path | str) -> str:
                 digest_tensor(digest, name, reader.get(name))
             except Exception as error:  # safetensors raises several types for a damaged file
                 raise AnchorError(f"{path}: corrupt weights ({error}); re-download or re-create the model") from None
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            digest.update(f"tokenizer|{name}|{sha256_file(path / name)}\n".encode())
     return digest.hexdigest()
 
 

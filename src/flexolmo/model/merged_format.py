@@ -1,7 +1,12 @@
 """The merged checkpoint's format: its config, its record of experts (`flexolmo_experts.json`), which tensors
-the format adds, and the reader every consumer uses. The counterpart of `owner.manifest` for packages: the
-writer (`coordinator.merge`), the runtime, admission and verification all read a merged model through this
-module, so none of them imports the writer."""
+the format adds, the reader every consumer uses, and the one authentication of a merged model. The counterpart
+of `owner.manifest` for packages: the writer (`coordinator.merge`), the runtime, admission and verification all
+read a merged model through this module, so none of them imports the writer.
+
+Every command that acts on a merged model (`add`, `remove`, `tune-router`, `sign`, `--exclude` in `eval`,
+`eval-tasks`, `audit` and `generate`) calls `authenticate_merged_model` before it acts: with trusted keys it is
+`verify MODEL --trusted-keys` (the coordinator's signature over every file, the record, every slot, the log),
+and without them it says so on stderr in one loud line."""
 
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ from pathlib import Path
 
 import torch
 
-from flexolmo.core.errors import MergeError
+from flexolmo.core.errors import MergeError, TrustError
 from flexolmo.core.precision import dtype_name
+from flexolmo.core.progress import console
 from flexolmo.core.weights import parse
 from flexolmo.model.anchor import (
+    ANCHOR_FAMILIES,
     AnchorFamily,
     read_config,
 )
-from flexolmo.trust.record import check_record
+from flexolmo.trust.history import check_unchanged, read_history
+from flexolmo.trust.record import check_record, verify_slots
+from flexolmo.trust.signing import COORDINATOR_KEY_NAME, TrustedKeys, verify_directory
 
 MERGED_METADATA_FILE = "flexolmo_experts.json"
 
@@ -60,6 +69,11 @@ class MergedModelInfo:
     def anchor_fingerprint(self) -> str:
         return self.metadata["anchor"]["fingerprint"]
 
+    @property
+    def anchor_fingerprint_scheme(self) -> int:
+        """How the recorded fingerprint was computed (`anchor.FINGERPRINT_SCHEME`; 1 when not recorded)."""
+        return self.metadata["anchor"].get("fingerprint_scheme", 1)
+
 
 def read_merged_info(path: Path | str) -> MergedModelInfo:
     """Config and expert metadata of a checkpoint written by `merge`, with one-line errors otherwise."""
@@ -70,17 +84,84 @@ def read_merged_info(path: Path | str) -> MergedModelInfo:
         raise MergeError(f"{path}: not a model merged by flexolmo (no {MERGED_METADATA_FILE})")
     try:
         metadata = json.loads(metadata_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise MergeError(f"{metadata_file}: corrupt ({error})") from None
+    except OSError as error:
+        raise MergeError(f"{metadata_file}: cannot read it ({error.strerror or error})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != MERGED_FORMAT:
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} is not a flexolmo merged-model record")
     if metadata.get("format_version") != MERGED_FORMAT_VERSION:
         raise MergeError(f"{path}: written by another flexolmo version (record format "
                          f"{metadata.get('format_version')!r}, this one reads {MERGED_FORMAT_VERSION}); merge it again")
-    if len(metadata.get("experts", [])) != config.get("num_experts"):  # top-k is the user's to change
+    problem = _record_problem(metadata)
+    if problem:
+        raise MergeError(f"{path}: {MERGED_METADATA_FILE} is malformed ({problem}); the checkpoint was altered")
+    if len(metadata["experts"]) != config.get("num_experts"):  # top-k is the user's to change
         raise MergeError(f"{path}: {MERGED_METADATA_FILE} does not match config.json; the checkpoint was altered")
     check_record(path, metadata)
     return MergedModelInfo(path, config, metadata)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _record_problem(metadata: dict) -> str | None:
+    """What in a record's fields every reader relies on is not what `merge` writes, or None (the names and
+    digests of the experts are `trust.record.check_record`'s)."""
+    experts, anchor = metadata.get("experts"), metadata.get("anchor")
+    if not isinstance(experts, list) or not experts or not all(isinstance(entry, dict) for entry in experts):
+        return "'experts' is not a list of objects"
+    if not _positive_int(metadata.get("top_k")):
+        return "'top_k' is not a positive integer"
+    if not isinstance(anchor, dict) or not isinstance(anchor.get("fingerprint"), str):
+        return "'anchor' names no fingerprint"
+    if not _positive_int(anchor.get("fingerprint_scheme", 1)):
+        return "'anchor.fingerprint_scheme' is not a positive integer"
+    config = anchor.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return "'anchor.config' names no model type"
+    for key in ("num_hidden_layers", "hidden_size"):
+        if not _positive_int(config.get(key)):
+            return f"'anchor.config.{key}' is not a positive integer"
+    return None
+
+
+def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = None) -> dict:
+    """Check a merged model: its record is well formed, every slot holds the weights its record names, its
+    files are the version its merge log last wrote, and (with `trusted_keys`) the coordinator's key
+    (`coordinator.pub` of that directory, no other) signed every file and each member's recorded signer key is
+    the trusted key of that name.
+    Returns {"experts": [...], "signer": Signer or None, "operations": number of logged operations}."""
+    path = Path(path)
+    info = read_merged_info(path)
+    check_unchanged(path)
+    family = ANCHOR_FAMILIES[info.anchor_config["model_type"]]
+    verify_slots(path, info.metadata, info.expert_names, family.ffn_projections)
+    signer = None
+    if trusted_keys is not None:
+        signer = verify_directory(path, trusted_keys)
+        if signer.name != COORDINATOR_KEY_NAME:
+            raise TrustError(f"{path}: signed by '{signer.name}', not by the coordinator ({COORDINATOR_KEY_NAME}.pub in "
+                             f"{trusted_keys.directory}); only the coordinator's key vouches for a merged model")
+        for entry in info.metadata["experts"]:
+            recorded = entry.get("signer")
+            if recorded and trusted_keys.key_id_of(recorded["name"]) != recorded["key_id"]:
+                raise TrustError(f"{path}: expert '{entry['name']}' was merged as signed by a key that is not the "
+                                 f"trusted key of '{recorded['name']}' in {trusted_keys.directory}")
+    return {"experts": info.metadata["experts"], "signer": signer, "operations": len(read_history(path))}
+
+
+def authenticate_merged_model(path: Path | str, trusted_keys: TrustedKeys | None, action: str) -> dict | None:
+    """What every command that acts on a merged model runs first. With `trusted_keys`: `verify_merged_model`
+    with them, so nothing is built on, signed or masked by name unless the coordinator's signature covers the
+    files as they are (returns its result). Without: one loud line on stderr saying that `action` trusts
+    whoever wrote the files (returns None)."""
+    if trusted_keys is not None:
+        return verify_merged_model(path, trusted_keys)
+    console.print(f"[bold red]warning: {action} acts on {path} unauthenticated (no --trusted-keys): its expert "
+                  "names and weights are whatever whoever hosts the files wrote[/]", soft_wrap=True)
+    return None
 
 
 def merged_config(anchor_config: dict, family: AnchorFamily, num_experts: int, top_k: int,

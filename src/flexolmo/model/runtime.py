@@ -10,7 +10,9 @@ checked to be zero instead. Tests check this runtime against transformers' own c
 Exclusion is a mask, not a rewrite: excluded experts get router logit -inf, which equals removing them; top-k
 is then capped at the number of experts left. Names are resolved through the merged model's record, and each
 excluded slot is checked against its recorded digest first, so an exclusion never masks another expert than
-the one named.
+the one named. Only the coordinator's signature binds names to slots (anyone can recompute the unkeyed slot
+digests), so with trusted keys a merged model is authenticated before it loads (`authenticate_merged_model`),
+and an exclusion without them says on stderr that it trusts whoever wrote the files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from flexolmo.core.devices import check_device
-from flexolmo.core.errors import AnchorError, MergeError
+from flexolmo.core.errors import AnchorError, MergeError, TrustError
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import RUNTIME_ROUTER_ROW, parse
 from flexolmo.model.anchor import (
@@ -37,12 +39,14 @@ from flexolmo.model.anchor import (
 from flexolmo.model.merged_format import (
     PUBLIC_EXPERT,
     MergedModelInfo,
+    authenticate_merged_model,
     is_extra_tensor,
     merged_config,
     read_merged_info,
 )
 from flexolmo.model.moe import convert_to_moe, moe_blocks, set_active_experts
 from flexolmo.trust.record import verify_slots
+from flexolmo.trust.signing import TrustedKeys
 
 # Written by transformers or by hand without changing what the model computes.
 _FREE_CONFIG_KEYS = frozenset({"transformers_version", "num_experts_per_tok", "torch_dtype", "dtype", "use_cache"})
@@ -176,16 +180,24 @@ def _copy_weights(path: Path, model: torch.nn.Module, family: AnchorFamily, tied
 
 
 def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype = torch.float32,
-               device: str = "cpu", router_bias: bool = False) -> LoadedModel:
+               device: str = "cpu", router_bias: bool = False,
+               trusted_keys: TrustedKeys | None = None) -> LoadedModel:
     """Load a dense or merged model directory, with `exclude` experts masked. `router_bias=True` applies the
     owners' learned router biases that a merged checkpoint keeps in its metadata (not read by transformers or
-    vLLM, so the result is then a model only flexolmo runs)."""
+    vLLM, so the result is then a model only flexolmo runs). With `trusted_keys` a merged model must verify
+    against them first (a dense model, which flexolmo never signs, is refused); without them, excluding experts
+    by name warns that the names are not authenticated."""
     path = Path(path)
     check_device(device)
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type in MERGED_MODEL_TYPES:
+        if trusted_keys is not None or exclude:
+            authenticate_merged_model(path, trusted_keys, "--exclude" if exclude else "loading")
         loaded = _load_merged(path, dtype, device, router_bias)
+    elif trusted_keys is not None and model_type in ANCHOR_FAMILIES:
+        raise TrustError(f"{path}: a dense model, which no coordinator signs; --trusted-keys authenticates merged "
+                         "models only: leave it out")
     elif model_type in ANCHOR_FAMILIES:
         loaded = LoadedModel(path, load_pretrained(path, dtype, device), load_tokenizer(path))
     else:

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import DataError, PackageError
-from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.fileio import atomic_write_json, check_outside_inputs
 from flexolmo.core.precision import dtype_name
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
@@ -31,6 +31,7 @@ from flexolmo.data.public_sample import describe_files, resolve_public_mix
 from flexolmo.data.tokens import JoinedStreams, TokenStream, load_token_stream, tokenizer_fingerprint
 from flexolmo.evaluation.scoring import DEFAULT_EVAL_MAX_SEQUENCES, Score, score_stream
 from flexolmo.model.anchor import (
+    FINGERPRINT_SCHEME,
     Anchor,
     check_context,
     load_anchor,
@@ -155,7 +156,8 @@ def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tenso
 
 def anchor_record(anchor: Anchor) -> dict:
     """What a package records about the anchor it was trained on."""
-    return {"fingerprint": anchor.fingerprint, "model_type": anchor.config["model_type"],
+    return {"fingerprint": anchor.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME,
+            "model_type": anchor.config["model_type"],
             **{key: anchor.config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
 
 
@@ -379,6 +381,7 @@ def _check_settings(config: ExpertConfig, router_init: str) -> None:
                         "sequence; change --batch-size or --public-share")
     if config.out.exists():
         raise PackageError(f"{config.out} already exists: choose another --out or remove it")
+    check_outside_inputs(config.out, [("anchor", config.anchor)])
 
 
 def run_identity(config: ExpertConfig, anchor: Anchor, owner: TokenStream, public: TokenStream | None,

@@ -42,7 +42,10 @@ class _Strict(BaseModel):
 class AnchorRecord(_Strict):
     """The anchor the expert was trained on."""
 
-    fingerprint: str = Field(pattern=_HEX64, description="SHA-256 over the anchor's config, weights, public rows")
+    fingerprint: str = Field(pattern=_HEX64, description="SHA-256 over the anchor's config, weights, public rows "
+                             "and tokenizer files")
+    fingerprint_scheme: int = Field(default=1, ge=1, description="how the fingerprint was computed: 1 without the "
+                                    "tokenizer files (packages written before it was recorded), 2 with them")
     model_type: str = Field(description="the anchor's transformers model type")
     num_hidden_layers: int = Field(ge=1, description="decoder layers")
     hidden_size: int = Field(ge=1, description="model width")

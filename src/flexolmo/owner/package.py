@@ -29,9 +29,15 @@ import torch
 from pydantic import ValidationError
 
 from flexolmo.core.errors import PackageError, TrustError
-from flexolmo.core.fileio import atomic_directory, atomic_write_json, digest_tensor, sha256_file
+from flexolmo.core.fileio import (
+    atomic_directory,
+    atomic_write_json,
+    check_not_staging,
+    digest_tensor,
+    sha256_file,
+)
 from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
-from flexolmo.model.anchor import ANCHOR_FAMILIES
+from flexolmo.model.anchor import ANCHOR_FAMILIES, FINGERPRINT_SCHEME
 from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION, NAME_REGEX, ExpertManifest, describe_validation
 from flexolmo.owner.privacy import spent_epsilon
 from flexolmo.trust.signing import (
@@ -162,6 +168,8 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PackageError(f"{manifest_file}: corrupt manifest ({error})") from None
+    except OSError as error:
+        raise PackageError(f"{manifest_file}: cannot read it ({error.strerror or error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PackageError(f"{path}: not a flexolmo expert package (format {found!r})")
@@ -260,7 +268,14 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
 
 
 def check_against_anchor(package_path: Path, manifest: dict, anchor_fingerprint: str, anchor_config: dict) -> None:
-    """The package was trained on this anchor, and its recorded shape is the anchor's."""
+    """The package was trained on this anchor, and its recorded shape is the anchor's. A package whose
+    fingerprint was computed by another scheme (an older flexolmo's, without the tokenizer) cannot show it was
+    trained with this anchor's tokenizer: it is refused with that reason, and its owner trains it again."""
+    scheme = manifest["anchor"].get("fingerprint_scheme", 1)
+    if scheme != FINGERPRINT_SCHEME:
+        raise PackageError(f"{package_path}: expert '{manifest['name']}' records an anchor fingerprint of scheme "
+                           f"{scheme}, which did not cover the tokenizer (this flexolmo's is scheme "
+                           f"{FINGERPRINT_SCHEME}); ask the owner to train and package it again on this anchor")
     if manifest["anchor"]["fingerprint"] != anchor_fingerprint:
         raise PackageError(
             f"{package_path}: expert '{manifest['name']}' was trained on another anchor (fingerprint "
@@ -305,6 +320,7 @@ def load_package(
     `with_tensors` is False; a package is never trusted on its manifest alone.
     """
     path = Path(path)
+    check_not_staging(path)
     manifest = read_manifest(path)
     _check_files(path)
     signer = _authenticate(path, manifest, trusted_keys) if trusted_keys is not None else None

@@ -39,16 +39,64 @@ def read_history(path: Path | str) -> list[dict]:
     log = Path(path) / HISTORY_FILE
     if not log.exists():
         return []
+    try:
+        lines = log.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise TrustError(f"{log}: not UTF-8 text; the log was altered") from None
+    except OSError as error:
+        raise TrustError(f"{log}: cannot read it ({error.strerror or error})") from None
     records = []
-    for number, line in enumerate(log.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise TrustError(f"{log}:{number}: not a JSON record; the log was altered") from None
-        if not isinstance(record, dict) or "operation" not in record:
-            raise TrustError(f"{log}:{number}: not a merge-log record; the log was altered")
+        problem = _record_problem(record)
+        if problem:
+            raise TrustError(f"{log}:{number}: not a merge-log record ({problem}); the log was altered")
         records.append(record)
     return records
+
+
+def _record_problem(record) -> str | None:
+    """What makes `record` other than a record `append_record` writes, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("operation", "when", "model_sha256"):
+        if not isinstance(record.get(key), str):
+            return f"no text '{key}'"
+    if not isinstance(record.get("top_k"), int) or not isinstance(record.get("experts"), list):
+        return "no 'top_k' and 'experts'"
+    for key in ("added", "removed"):
+        entries = record.get(key)
+        if not isinstance(entries, list) or not all(_is_expert(entry) for entry in entries):
+            return f"'{key}' is not a list of named experts"
+    if not (record.get("by") is None or _is_signer(record["by"])):
+        return "'by' is not a signer"
+    return None
+
+
+def _is_signer(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("name"), str)
+
+
+def _is_expert(entry) -> bool:
+    """A logged expert: a name, a package digest (None for the anchor's) and a signer or None."""
+    return (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("package_sha256"), (str, type(None)))
+            and (entry.get("signer") is None or _is_signer(entry["signer"])))
+
+
+def opted_out(records: list[dict]) -> dict[str, dict]:
+    """The experts whose owners opted out, by name, each with the `remove` record that removed it last, unless
+    a later operation added that name again (with the owner's consent, `add --readmit`)."""
+    out: dict[str, dict] = {}
+    for record in records:
+        for entry in record.get("added") or []:
+            out.pop(entry.get("name"), None)
+        if record.get("operation") == "remove":
+            out.update({entry.get("name"): record for entry in record.get("removed") or []})
+    return out
 
 
 def check_unchanged(path: Path | str) -> None:

@@ -92,6 +92,9 @@ def check_record(path: Path, metadata: dict) -> None:
         if not _HEX64.fullmatch(str(entry.get("slot_sha256", ""))):
             raise TrustError(f"{path}: expert slot {index} ('{entry['name']}') has no slot digest; it was altered")
         manifest = entry.get("manifest")
+        if manifest is not None and not isinstance(manifest, dict):
+            raise TrustError(f"{path}: slot {index} ('{entry['name']}') carries a manifest that is not an object; "
+                             "flexolmo_experts.json was altered")
         if manifest is not None and manifest.get("name") != entry["name"]:
             raise TrustError(f"{path}: slot {index} is recorded as '{entry['name']}' but carries the manifest of "
                              f"'{manifest.get('name')}'; flexolmo_experts.json was altered")

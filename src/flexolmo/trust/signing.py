@@ -202,18 +202,23 @@ def _read_bundle(path: Path) -> dict:
                          f"`flexolmo sign {path} --sign-key NAME{PRIVATE_SUFFIX}`")
     try:
         bundle = json.loads(signature.read_text())
-        bundle["verificationMaterial"]["publicKey"]["hint"]
-        bundle["dsseEnvelope"]["payload"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        hint, payload = bundle["verificationMaterial"]["publicKey"]["hint"], bundle["dsseEnvelope"]["payload"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
         raise TrustError(f"{signature}: not a model-signing signature bundle; sign {path} again") from None
+    if not isinstance(hint, str) or not isinstance(payload, str):
+        raise TrustError(f"{signature}: not a model-signing signature bundle; sign {path} again")
     return bundle
 
 
 def _signed_digests(path: Path) -> dict[str, str]:
     """File name -> SHA-256 as the signature lists them (authentic only once the signature verified)."""
     bundle = _read_bundle(path)
-    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
-    return {resource["name"]: resource["digest"] for resource in statement["predicate"]["resources"]}
+    try:
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        return {resource["name"]: resource["digest"] for resource in statement["predicate"]["resources"]}
+    except (ValueError, KeyError, TypeError) as error:  # binascii.Error and JSONDecodeError are ValueErrors
+        raise TrustError(f"{path / SIGNATURE_FILE}: its statement lists no files ({type(error).__name__}); sign "
+                         f"{path} again") from None
 
 
 def _describe_changes(path: Path) -> str:
