@@ -63,7 +63,7 @@ def test_one_flag_means_one_thing_on_every_command():
             for flag in action.option_strings:
                 # a config field named otherwise than its flag (FLAG_NAMES) keeps the flag's meaning
                 dest = FLAG_NAMES.get(action.dest, action.dest).lstrip("-").replace("-", "_")
-                meanings.setdefault(flag, set()).add(dest)
+                meanings.setdefault(flag, set()).add((dest, "switch" if action.nargs == 0 else "value"))
     assert {flag: dests for flag, dests in meanings.items() if len(dests) > 1} == {}
     # The names a new user tripped over: one spelling each.
     assert "--key" not in meanings and "--experts" not in meanings

@@ -154,9 +154,14 @@ def test_verify_reports_each_problem_in_one_line(code_expert, tiny_anchor, tmp_p
         load_package(modified)
 
 
-def test_inspect_shows_the_manifest(code_expert):
-    result = run_cli("inspect", str(code_expert), "--json")
+def test_inspect_shows_the_manifest(code_expert, tmp_path):
+    result = run_cli("inspect", str(code_expert), "--json", "-")
     assert result.returncode == 0 and json.loads(result.stdout)["name"] == "code"
+    # --json FILE means what it means on every command: a result file, kept unless --force.
+    written = run_cli("inspect", str(code_expert), "--json", str(tmp_path / "manifest.json"))
+    assert written.returncode == 0 and json.loads((tmp_path / "manifest.json").read_text()) == json.loads(result.stdout)
+    again = run_cli("inspect", str(code_expert), "--json", str(tmp_path / "manifest.json"))
+    assert again.returncode == 1 and "--force" in again.stderr
     shown = run_cli("inspect", str(code_expert), env={"COLUMNS": "200"}).stdout
     assert "held-out loss" in shown
     # The default router row reads the owner's data outside DP, and inspect says so.

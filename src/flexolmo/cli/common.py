@@ -5,12 +5,15 @@ every command (`--data FILE...`, `--exclude NAME...`, `--trusted-keys DIR`, `--d
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from flexolmo.cli.config_flags import add_config_flags, config_values
 from flexolmo.training.loop import OptimConfig
 
 DTYPES = ("float32", "bfloat16")
+# `--json -`: the result printed to standard output instead of written to a file.
+STDOUT = "-"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -68,15 +71,19 @@ def add_exclude_flag(parser) -> None:
 
 
 def add_json_flag(parser, help: str, metavar: str = "FILE") -> None:
-    """`--json FILE` and `--force`: a result file, never written over an existing one unless `--force`."""
-    parser.add_argument("--json", default=None, metavar=metavar, help=help)
+    """`--json FILE` and `--force`: a result file, never written over an existing one unless `--force`;
+    `--json -` prints it instead."""
+    parser.add_argument("--json", default=None, metavar=metavar, help=f"{help} (- prints it)")
     parser.add_argument("--force", action="store_true", help="replace the --json file when it exists")
 
 
 def json_output(args: argparse.Namespace) -> Path | None:
-    """Before any work: the `--json` path, refused when it exists without `--force` (or is a directory)."""
+    """Before any work: the `--json` path, refused when it exists without `--force` (or is a directory);
+    `-` (standard output) as it is."""
     from flexolmo.core.fileio import check_new_file
 
+    if args.json == STDOUT:
+        return Path(STDOUT)
     return check_new_file(args.json, args.force) if args.json else None
 
 
@@ -85,7 +92,9 @@ def write_json_output(target: Path | None, payload, what: str) -> None:
     from flexolmo.core.fileio import atomic_write_json
     from flexolmo.core.progress import announce_output
 
-    if target is not None:
+    if target == Path(STDOUT):
+        print(json.dumps(payload, indent=2))
+    elif target is not None:
         atomic_write_json(target, payload)
         announce_output(what, target)
 

@@ -4,15 +4,14 @@ and current active-set version."""
 from __future__ import annotations
 
 import argparse
-import json
 
-from flexolmo.cli.common import add_command
+from flexolmo.cli.common import add_command, add_json_flag, json_output, write_json_output
 
 
 def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="show a consortium service's state", description=__doc__)
     parser.add_argument("--coordinator", required=True, help="the service's URL")
-    parser.add_argument("--json", action="store_true", help="print the full state as JSON")
+    add_json_flag(parser, "the full state, as JSON")
     parser.set_defaults(run=run)
 
 
@@ -20,9 +19,10 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.core.progress import print_table
     from flexolmo.service.client import ConsortiumClient
 
+    target = json_output(args)
     state = ConsortiumClient(args.coordinator).status()
-    if args.json:
-        print(json.dumps(state, indent=1))
+    if target is not None:
+        write_json_output(target, state, "state")
         return 0
     print_table(f"submissions (active set version {state['active_set_version']})",
                 ["#", "member", "package", "status"],
