@@ -133,6 +133,20 @@ def test_chat_needs_a_chat_template(served):
     assert reply.choices[0].message.content == text and reply.usage.completion_tokens >= 1
 
 
+def test_a_prompt_beyond_the_models_vocabulary_is_refused_and_the_server_goes_on(served):
+    """A tokenizer larger than the model's embedding table: the request is a 400, not a failed batch."""
+    server, url = served
+    config = server.loaded.model.config
+    vocab = config.vocab_size
+    config.vocab_size = 3  # every real token id now lies beyond it
+    try:
+        with pytest.raises(openai.BadRequestError, match="beyond the model's vocabulary of 3"):
+            client(url).completions.create(model="merged", prompt=PROMPTS[0], max_tokens=2)
+    finally:
+        config.vocab_size = vocab
+    assert client(url).completions.create(model="merged", prompt=PROMPTS[0], max_tokens=2).usage.completion_tokens
+
+
 @pytest.mark.parametrize("body, status, message", [
     (b"{not json", 400, "not valid JSON"),
     ({"model": "other", "prompt": "x"}, 404, "does not exist"),
