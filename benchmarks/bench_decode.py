@@ -202,7 +202,8 @@ def main() -> None:
     summary = {
         **common, "rounds": args.rounds,
         "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "decode_batch": DECODE_BATCH,
-        "long_forward": [args.long_batch, args.long_seq], "checks": checks, "masked_expert": masked_expert, "exclude_seconds": min(exclude_seconds),
+        "long_forward": [args.long_batch, args.long_seq], "checks": checks, "masked_expert": masked_expert,
+        "exclude_seconds": min(exclude_seconds),
         "tokens_per_second": rate,
         "flexolmo_over_transformers": {w: rate[w]["flexolmo"] / rate[w]["transformers"] for w in WORKLOADS},
         "flexolmo_over_transformers_cpu_time": {w: best_cpu[w]["transformers"] / best_cpu[w]["flexolmo"]

