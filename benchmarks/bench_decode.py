@@ -118,7 +118,7 @@ def check_equal(models: dict, inputs: dict, new_tokens: int, tolerance: float) -
     return checks
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"))
     parser.add_argument("--rounds", type=int, default=3)
@@ -132,47 +132,58 @@ def main() -> None:
     parser.add_argument("--blocks-only", action="store_true", help="time only the MoE blocks")
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--results", type=Path)
-    args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "src"))
+    return parser.parse_args()
+
+
+def load_both(merged: Path, dtype_name: str):
+    """flexolmo's loaded model and both runtimes' modules, {"flexolmo", "transformers"}, in eval mode."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from flexolmo.model.runtime import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shape = SMALL_SHAPE if args.small else SHAPE
-    results_path = args.results or (args.workdir / "decode.json" if args.small else RESULTS)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    merged = build_model(args.workdir, shape)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, dtype_name)
     ours = load_model(merged, dtype=dtype)
     models = {"flexolmo": ours.model, "transformers": AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)}
     for model in models.values():
         model.eval()
-    vocab = shape["vocab_size"]
+    return ours, models
+
+
+def workload_inputs(args: argparse.Namespace, vocab: int) -> tuple[dict, dict]:
+    """The input ids of each workload, and the tokens one run of it produces or reads."""
+    import torch
+
     inputs = {"decode_b1": prompts(1, vocab, seed=1), "decode_b8": prompts(DECODE_BATCH, vocab, seed=2),
               "forward": torch.randint(2, vocab, (args.long_batch, args.long_seq),
                                        generator=torch.Generator().manual_seed(3))}
     tokens_per_run = {"decode_b1": args.new_tokens, "decode_b8": DECODE_BATCH * args.new_tokens,
                       "forward": args.long_batch * args.long_seq}
-    blocks = block_timings(models, shape["hidden_size"], [1, 8, args.long_batch * args.long_seq], args.block_reps)
+    return inputs, tokens_per_run
+
+
+def print_blocks(blocks: dict) -> None:
     print(f"{'block (layer 0)':<18}{'flexolmo ms':>16}{'transformers ms':>20}{'ratio':>8}{'max |diff|':>12}")
     for name, timing in blocks.items():
         print(f"{name:<18}{timing['seconds']['flexolmo'] * 1e3:>16.3f}{timing['seconds']['transformers'] * 1e3:>20.3f}"
               f"{timing['flexolmo_over_transformers']:>8.2f}{timing['max_abs_difference']:>12.1e}")
-    common = {"command": "python " + shlex.join(sys.argv), "shape": shape, "experts": len(ours.expert_names),
-              "top_k": models["transformers"].config.num_experts_per_tok, "dtype": args.dtype,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
-              "experts_implementation": models["transformers"].config._experts_implementation, "blocks": blocks}
-    if args.blocks_only:
-        write_results(results_path, common)
-        print(f"results: {results_path}")
-        return
-    checks = check_equal(models, inputs, args.new_tokens, args.tolerance)
-    masked_expert = ours.expert_names[1]
+
+
+def run_description(args: argparse.Namespace, shape: dict, ours, models: dict, blocks: dict) -> dict:
+    """What every result file records: the command, the model, the software and the block timings."""
+    import torch
+    import transformers
+
+    return {"command": "python " + shlex.join(sys.argv), "shape": shape, "experts": len(ours.expert_names),
+            "top_k": models["transformers"].config.num_experts_per_tok, "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
+            "experts_implementation": models["transformers"].config._experts_implementation, "blocks": blocks}
+
+
+def alternated_rounds(ours, models: dict, inputs: dict, args: argparse.Namespace, masked_expert: str):
+    """(wall, CPU) seconds of every run per workload and runtime, the first runtime swapped every round, and
+    the seconds each `exclude` of `masked_expert` took."""
 
     def run(name: str, workload: str) -> tuple[float, float]:
         if workload == "forward":
@@ -191,6 +202,12 @@ def main() -> None:
         exclude_seconds.append(timed(ours.exclude, [masked_expert])[0])
         runs["decode_b1_masked"]["flexolmo"].append(run("flexolmo", "decode_b1"))
         ours.exclude([])
+    return runs, exclude_seconds
+
+
+def summarise(common: dict, args: argparse.Namespace, runs: dict, exclude_seconds: list[float],
+              tokens_per_run: dict, checks: dict, masked_expert: str) -> dict:
+    """The result file's contents: every run's seconds, the best round's rates and the runtimes' ratios."""
     seconds = {w: {name: [wall for wall, _ in times] for name, times in by_name.items()}
                for w, by_name in runs.items()}
     cpu_seconds = {w: {name: [cpu for _, cpu in times] for name, times in by_name.items()}
@@ -199,10 +216,11 @@ def main() -> None:
     best_cpu = {w: {name: min(times) for name, times in by_name.items()} for w, by_name in cpu_seconds.items()}
     rate = {w: {name: tokens_per_run[w.removesuffix("_masked")] / s for name, s in by_name.items()}
             for w, by_name in best.items()}
-    summary = {
+    return {
         **common, "rounds": args.rounds,
         "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_TOKENS, "decode_batch": DECODE_BATCH,
-        "long_forward": [args.long_batch, args.long_seq], "checks": checks, "masked_expert": masked_expert, "exclude_seconds": min(exclude_seconds),
+        "long_forward": [args.long_batch, args.long_seq], "checks": checks, "masked_expert": masked_expert,
+        "exclude_seconds": min(exclude_seconds),
         "tokens_per_second": rate,
         "flexolmo_over_transformers": {w: rate[w]["flexolmo"] / rate[w]["transformers"] for w in WORKLOADS},
         "flexolmo_over_transformers_cpu_time": {w: best_cpu[w]["transformers"] / best_cpu[w]["flexolmo"]
@@ -210,9 +228,12 @@ def main() -> None:
         "masked_over_unmasked_decode_b1": rate["decode_b1_masked"]["flexolmo"] / rate["decode_b1"]["flexolmo"],
         "seconds": seconds, "cpu_seconds": cpu_seconds,
     }
-    write_results(results_path, summary)
-    print(f"{merged}: {len(ours.expert_names)} experts, top-{summary['top_k']}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, best of {args.rounds} alternated rounds")
+
+
+def print_summary(merged: Path, summary: dict, args: argparse.Namespace, threads: int) -> None:
+    rate, checks = summary["tokens_per_second"], summary["checks"]
+    print(f"{merged}: {summary['experts']} experts, top-{summary['top_k']}, {args.dtype}, "
+          f"{threads} threads, best of {args.rounds} alternated rounds")
     print(f"{'workload':<18}{'flexolmo tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}{'ratio (CPU time)':>18}")
     for workload in WORKLOADS:
         print(f"{workload:<18}{rate[workload]['flexolmo']:>16.1f}{rate[workload]['transformers']:>20.1f}"
@@ -223,6 +244,34 @@ def main() -> None:
           f"{summary['exclude_seconds'] * 1e3:.2f} ms)")
     print(f"greedy tokens equal; long forward max |logit diff| {checks['forward_max_abs_logit_difference']:.2e} "
           f"(max |logit| {checks['forward_max_abs_logit']:.1f})")
+
+
+def main() -> None:
+    args = parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = SMALL_SHAPE if args.small else SHAPE
+    results_path = args.results or (args.workdir / "decode.json" if args.small else RESULTS)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    merged = build_model(args.workdir, shape)
+    ours, models = load_both(merged, args.dtype)
+    inputs, tokens_per_run = workload_inputs(args, shape["vocab_size"])
+    blocks = block_timings(models, shape["hidden_size"], [1, 8, args.long_batch * args.long_seq], args.block_reps)
+    print_blocks(blocks)
+    common = run_description(args, shape, ours, models, blocks)
+    if args.blocks_only:
+        write_results(results_path, common)
+        print(f"results: {results_path}")
+        return
+    checks = check_equal(models, inputs, args.new_tokens, args.tolerance)
+    masked_expert = ours.expert_names[1]
+    runs, exclude_seconds = alternated_rounds(ours, models, inputs, args, masked_expert)
+    summary = summarise(common, args, runs, exclude_seconds, tokens_per_run, checks, masked_expert)
+    write_results(results_path, summary)
+    print_summary(merged, summary, args, torch.get_num_threads())
     print(f"results: {results_path}")
 
 

@@ -10,8 +10,8 @@ each is merged at top-2 with the demo's other four experts (`runs/demo/experts`)
 byte per domain, and the share of each domain's tokens the code expert receives (mean over layers). Every DP
 expert is trained here (`bench_privacy.py`'s DP experts mix in the anchor's public sample by default, so none of
 them is the owner-text-only case). A fourth expert adds the DP router statistic (`--router-init
-dp_mean_hidden`: the mean-hidden direction of a Poisson sample of ~1,024 owner sequences, released with noise multiplier 4 and charged to the
-same epsilon 8). Results: a table and `benchmarks/results/dp_merge.json`.
+dp_mean_hidden`: the mean-hidden direction of a Poisson sample of ~1,024 owner sequences, released with noise multiplier
+4 and charged to the same epsilon 8). Results: a table and `benchmarks/results/dp_merge.json`.
 """
 
 from __future__ import annotations

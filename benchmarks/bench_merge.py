@@ -397,7 +397,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "flexolmo-bench-merge",
@@ -412,7 +412,187 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep the anchor, packages and the merged output (default shard size)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_estimate(shape: dict, experts: int, expected: dict, work: Path) -> tuple[Path, int]:
+    """Print the sizes and the disk the run needs; returns the existing folder probed and its free bytes."""
+    probe = work if work.exists() else next(p for p in work.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    print(f"model: {shape}; {experts} experts")
+    print(f"anchor {expected['anchor_params'] / 1e9:.3f}B params ({expected['anchor_bytes'] / 1e9:.2f} GB); "
+          f"output {expected['output_params'] / 1e9:.3f}B params ({expected['bytes_out'] / 1e9:.2f} GB); "
+          f"bytes read by the merge {expected['bytes_in'] / 1e9:.2f} GB")
+    print(f"disk needed at peak: {expected['peak_disk_bytes'] / 1e9:.2f} GB (inputs + the largest output); "
+          f"free on {probe}: {free / 1e9:.1f} GB")
+    return probe, free
+
+
+def refuse_unrunnable(args: argparse.Namespace, expected: dict, work: Path, probe: Path, free: int) -> None:
+    if not args.small and expected["anchor_params"] < 1e9:
+        raise SystemExit("the full benchmark must use an anchor of at least 1B parameters")
+    if free < expected["peak_disk_bytes"] * 1.05:
+        raise SystemExit(f"not enough free disk in {probe}")
+    if work.exists():
+        raise SystemExit(f"{work} already exists: remove it or choose another --workdir")
+
+
+def write_inputs(work: Path, shape: dict, args: argparse.Namespace, anchor_shard: int):
+    """Setup, not measured: the anchor and the expert packages. Returns (anchor dir, packages, seconds)."""
+    from flexolmo.model.anchor import compute_fingerprint
+
+    setup_start = time.perf_counter()
+    anchor_dir = work / "anchor"
+    write_anchor(anchor_dir, shape, args.seed, anchor_shard)
+    print(f"anchor written in {time.perf_counter() - setup_start:.1f} s")
+    fingerprint = compute_fingerprint(anchor_dir)
+    record = {"fingerprint": fingerprint, "model_type": "olmo2",
+              **{key: shape[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
+    packages = []
+    for number in range(1, args.experts + 1):
+        package = work / "packages" / f"expert{number}"
+        write_expert(package, f"expert{number}", shape, args.seed + 100 * number, record)
+        packages.append(package)
+        print(f"package {number} written ({time.perf_counter() - setup_start:.1f} s)")
+    return anchor_dir, packages, time.perf_counter() - setup_start
+
+
+def anchor_files_of(anchor_dir: Path) -> list[Path]:
+    """The anchor's weight files (its shards, or its single file) and its public router rows."""
+    from flexolmo.core.tensor_io import INDEX_FILE, SINGLE_FILE
+    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE
+
+    index = json.loads((anchor_dir / INDEX_FILE).read_text()) if (anchor_dir / INDEX_FILE).exists() else None
+    anchor_files = ([anchor_dir / f for f in sorted(set(index["weight_map"].values()))] if index
+                    else [anchor_dir / SINGLE_FILE])
+    anchor_files.append(anchor_dir / PUBLIC_ROUTER_FILE)
+    return anchor_files
+
+
+def measure_copy(work: Path, anchor_files: list[Path], packages: list[Path], inputs: list[Path]) -> dict:
+    """The baseline: a plain copy of every file the merge reads, from a warm page cache, in a child process."""
+    from flexolmo.owner.package import TENSOR_FILE
+
+    os.sync()
+    warm_seconds = warm(inputs)
+    copy_targets = [[str(f), f.name] for f in anchor_files] + [
+        [str(package / TENSOR_FILE), f"{package.name}.{TENSOR_FILE}"] for package in packages]
+    copy = run_child({"op": "copy", "label": "copy", "files": copy_targets, "out": str(work / "copy")}, work)
+    copy["sync_seconds"] = timed_sync()
+    copy["warm_read_seconds"] = warm_seconds
+    copy["bytes_out"] = dir_bytes(work / "copy")
+    shutil.rmtree(work / "copy")
+    print(f"copy: {copy['seconds']:.2f} s")
+    return copy
+
+
+def measure_merges(args: argparse.Namespace, work: Path, shape: dict, shards_mib: tuple[int, ...],
+                   anchor_dir: Path, packages: list[Path], inputs: list[Path]) -> dict[int, dict]:
+    """One merge per shard size, smallest first, each verified; the last (merge's default size) is kept with
+    --keep."""
+    merges = {}
+    for shard_mib in shards_mib:
+        out = work / f"merged-{shard_mib}MiB"
+        os.sync()
+        warm_seconds = warm(inputs)
+        result = run_child({"op": "merge", "label": f"merge-{shard_mib}MiB", "anchor": str(anchor_dir),
+                            "packages": [str(p) for p in packages], "out": str(out), "top_k": args.top_k,
+                            "shard_bytes": shard_mib * MIB}, work)
+        result["sync_seconds"] = timed_sync()
+        result["warm_read_seconds"] = warm_seconds
+        result["bytes_out"] = dir_bytes(out)
+        result["shard_bytes"] = shard_mib * MIB
+        result["verification"] = verify_output(out, anchor_dir, packages, shape, shard_mib * MIB)
+        gc.collect()  # close the verification's memory maps, so deleting the output frees its disk space
+        merges[shard_mib] = result
+        print(f"merge (shards of {shard_mib} MiB): {result['seconds']:.2f} s, verified")
+        if not (args.keep and shard_mib == shards_mib[-1]):
+            shutil.rmtree(out)
+    return merges
+
+
+def merge_entry(shard_mib: int, result: dict, copy: dict) -> dict:
+    """One merge's report entry: its times, their ratio to the copy's, its memory and its verification."""
+    from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES
+
+    memory = summarise(result)
+    verify_total = sum(result["verify_seconds"].values())
+    return {
+        "shard_bytes": result["shard_bytes"],
+        "shard_mib": shard_mib,
+        "is_merge_default_shard_size": shard_mib * MIB == DEFAULT_SHARD_BYTES,
+        "merge_seconds": round(result["seconds"], 3),
+        "of_which_verify_inputs_seconds": {k: round(v, 3) for k, v in result["verify_seconds"].items()},
+        "of_which_write_seconds": round(result["seconds"] - verify_total, 3),
+        "sync_after_seconds": round(result["sync_seconds"], 3),
+        "process_seconds_incl_interpreter_and_imports": round(result["process_seconds"], 3),
+        "ratio_merge_over_copy": round(result["seconds"] / copy["seconds"], 3),
+        "ratio_merge_over_copy_incl_sync": round((result["seconds"] + result["sync_seconds"])
+                                                 / (copy["seconds"] + copy["sync_seconds"]), 3),
+        **memory,
+        "peak_rss_above_baseline_mb": round(memory["peak_rss_mb"] - memory["baseline_rss_mb"], 1),
+        "peak_rss_anon_above_baseline_mb": round(memory["peak_rss_anon_mb"]
+                                                 - memory["baseline_rss_anon_mb"], 1),
+        "output_mb": mb(result["bytes_out"]),
+        "ratio_peak_rss_over_output": round(result["vm_hwm_bytes"] / result["bytes_out"], 4),
+        "ratio_peak_rss_anon_over_output": round(result["polled_peak"]["RssAnon"] / result["bytes_out"], 4),
+        "verification": result["verification"],
+        "warm_read_seconds_before": round(result["warm_read_seconds"], 3),
+    }
+
+
+def print_report_table(args: argparse.Namespace, expected: dict, info: dict, copy: dict,
+                       merges: dict[int, dict], entries: list[dict]) -> None:
+    copy_mem = summarise(copy)
+    rows = [["copy (shutil.copyfile)", "-", f"{copy['seconds']:.2f}", f"{copy['sync_seconds']:.2f}", "1.00",
+             copy_mem["peak_rss_mb"], copy_mem["peak_rss_anon_mb"], copy_mem["peak_rss_file_mb"],
+             mb(copy["bytes_out"]), f"{copy['vm_hwm_bytes'] / copy['bytes_out']:.4f}"]]
+    for (shard_mib, result), entry in zip(merges.items(), entries):
+        rows.append([f"merge (top-k {args.top_k})", f"{shard_mib} MiB", f"{result['seconds']:.2f}",
+                     f"{result['sync_seconds']:.2f}", f"{entry['ratio_merge_over_copy']:.2f}",
+                     entry["peak_rss_mb"], entry["peak_rss_anon_mb"], entry["peak_rss_file_mb"],
+                     entry["output_mb"], f"{entry['ratio_peak_rss_over_output']:.4f}"])
+    title = (f"merge of a {expected['anchor_params'] / 1e9:.2f}B-parameter anchor + {args.experts} experts vs "
+             f"a copy of the same bytes ({'SMALL harness check, numbers meaningless; ' if args.small else ''}"
+             f"warm page cache; {info['nproc']} cores; MB = 1e6 bytes)")
+    print_table(title, ["operation", "shard", "seconds", "+sync s", "vs copy", "peak RSS MB", "peak anon MB",
+                        "peak file MB", "output MB", "RSS/output"], rows)
+
+
+METHOD = {
+    "isolation": "each measured operation runs in a fresh child interpreter",
+    "cache": "before each run: os.sync() (untimed), then every input file read once "
+             "(cat > /dev/null); copy and merges all start from a warm page cache",
+    "timing": "seconds = from just before the operation to its return (excludes interpreter start "
+              "and imports); sync_after_seconds = the os.sync() right after, flushing what the "
+              "operation left dirty in the page cache",
+    "peak_rss": "the child's VmHWM from /proc/self/status at its end: exact, and its own (getrusage "
+                "ru_maxrss is not used: Linux keeps it across execve, so it includes the forking "
+                "parent's RSS)",
+    "peak_rss_anon / peak_rss_file": f"max of RssAnon / RssFile in /proc/PID/status polled every "
+                                     f"{POLL_SECONDS * 1000:.0f} ms by the parent (may miss "
+                                     "spikes shorter than that); RssFile counts the safetensors "
+                                     "memory-mapped input pages, which the kernel can reclaim",
+    "baseline": "RSS of the child after its imports, just before the operation",
+    "mb": "1 MB = 1e6 bytes",
+}
+
+
+def copy_report(copy: dict) -> dict:
+    return {
+        "method": "shutil.copyfile of every file the merge reads (sendfile on Linux), into one directory",
+        "seconds": round(copy["seconds"], 3),
+        "sync_after_seconds": round(copy["sync_seconds"], 3),
+        "process_seconds_incl_interpreter": round(copy["process_seconds"], 3),
+        **summarise(copy),
+        "output_mb": mb(copy["bytes_out"]),
+        "ratio_peak_rss_over_output": round(copy["vm_hwm_bytes"] / copy["bytes_out"], 4),
+        "warm_read_seconds_before": round(copy["warm_read_seconds"], 3),
+    }
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         child_main(json.loads(args.child))
         return
@@ -424,27 +604,13 @@ def main() -> None:
                                     else REPO / "benchmarks" / "results" / "merge.json")
     expected = sizes(shape, args.experts)
     work = args.workdir.resolve()
-    probe = work if work.exists() else next(p for p in work.parents if p.exists())
-    free = shutil.disk_usage(probe).free
-    print(f"model: {shape}; {args.experts} experts")
-    print(f"anchor {expected['anchor_params'] / 1e9:.3f}B params ({expected['anchor_bytes'] / 1e9:.2f} GB); "
-          f"output {expected['output_params'] / 1e9:.3f}B params ({expected['bytes_out'] / 1e9:.2f} GB); "
-          f"bytes read by the merge {expected['bytes_in'] / 1e9:.2f} GB")
-    print(f"disk needed at peak: {expected['peak_disk_bytes'] / 1e9:.2f} GB (inputs + the largest output); "
-          f"free on {probe}: {free / 1e9:.1f} GB")
+    probe, free = print_estimate(shape, args.experts, expected, work)
     if args.estimate:
         return
-    if not args.small and expected["anchor_params"] < 1e9:
-        raise SystemExit("the full benchmark must use an anchor of at least 1B parameters")
-    if free < expected["peak_disk_bytes"] * 1.05:
-        raise SystemExit(f"not enough free disk in {probe}")
-    if work.exists():
-        raise SystemExit(f"{work} already exists: remove it or choose another --workdir")
+    refuse_unrunnable(args, expected, work, probe, free)
 
     sys.path.insert(0, str(REPO / "src"))
     from flexolmo.core.provenance import software_versions
-    from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE
-    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE, compute_fingerprint
     from flexolmo.owner.package import TENSOR_FILE
 
     info = machine()
@@ -452,103 +618,13 @@ def main() -> None:
                           else sys.executable, *sys.argv])
     work.mkdir(parents=True)
     try:
-        # ---- setup (not measured)
-        setup_start = time.perf_counter()
-        anchor_dir = work / "anchor"
-        write_anchor(anchor_dir, shape, args.seed, anchor_shard)
-        print(f"anchor written in {time.perf_counter() - setup_start:.1f} s")
-        fingerprint = compute_fingerprint(anchor_dir)
-        record = {"fingerprint": fingerprint, "model_type": "olmo2",
-                  **{key: shape[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
-        packages = []
-        for number in range(1, args.experts + 1):
-            package = work / "packages" / f"expert{number}"
-            write_expert(package, f"expert{number}", shape, args.seed + 100 * number, record)
-            packages.append(package)
-            print(f"package {number} written ({time.perf_counter() - setup_start:.1f} s)")
-        setup_seconds = time.perf_counter() - setup_start
-
-        index = json.loads((anchor_dir / INDEX_FILE).read_text()) if (anchor_dir / INDEX_FILE).exists() else None
-        anchor_files = ([anchor_dir / f for f in sorted(set(index["weight_map"].values()))] if index
-                        else [anchor_dir / SINGLE_FILE])
-        anchor_files.append(anchor_dir / PUBLIC_ROUTER_FILE)
+        anchor_dir, packages, setup_seconds = write_inputs(work, shape, args, anchor_shard)
+        anchor_files = anchor_files_of(anchor_dir)
         inputs = anchor_files + [package / TENSOR_FILE for package in packages]
-        bytes_in = sum(f.stat().st_size for f in inputs)
-
-        # ---- copy baseline
-        os.sync()
-        warm_seconds = warm(inputs)
-        copy_targets = [[str(f), f.name] for f in anchor_files] + [
-            [str(package / TENSOR_FILE), f"{package.name}.{TENSOR_FILE}"] for package in packages]
-        copy = run_child({"op": "copy", "label": "copy", "files": copy_targets, "out": str(work / "copy")}, work)
-        copy["sync_seconds"] = timed_sync()
-        copy["warm_read_seconds"] = warm_seconds
-        copy["bytes_out"] = dir_bytes(work / "copy")
-        shutil.rmtree(work / "copy")
-        print(f"copy: {copy['seconds']:.2f} s")
-
-        # ---- merges, smallest shard first; the last (merge's default size) is kept with --keep
-        merges = {}
-        for shard_mib in shards_mib:
-            out = work / f"merged-{shard_mib}MiB"
-            os.sync()
-            warm_seconds = warm(inputs)
-            result = run_child({"op": "merge", "label": f"merge-{shard_mib}MiB", "anchor": str(anchor_dir),
-                                "packages": [str(p) for p in packages], "out": str(out), "top_k": args.top_k,
-                                "shard_bytes": shard_mib * MIB}, work)
-            result["sync_seconds"] = timed_sync()
-            result["warm_read_seconds"] = warm_seconds
-            result["bytes_out"] = dir_bytes(out)
-            result["shard_bytes"] = shard_mib * MIB
-            result["verification"] = verify_output(out, anchor_dir, packages, shape, shard_mib * MIB)
-            gc.collect()  # close the verification's memory maps, so deleting the output frees its disk space
-            merges[shard_mib] = result
-            print(f"merge (shards of {shard_mib} MiB): {result['seconds']:.2f} s, verified")
-            if not (args.keep and shard_mib == shards_mib[-1]):
-                shutil.rmtree(out)
-
-        # ---- report
-        copy_mem = summarise(copy)
-        report_merges = []
-        rows = [["copy (shutil.copyfile)", "-", f"{copy['seconds']:.2f}", f"{copy['sync_seconds']:.2f}", "1.00",
-                 copy_mem["peak_rss_mb"], copy_mem["peak_rss_anon_mb"], copy_mem["peak_rss_file_mb"],
-                 mb(copy["bytes_out"]), f"{copy['vm_hwm_bytes'] / copy['bytes_out']:.4f}"]]
-        for shard_mib, result in merges.items():
-            memory = summarise(result)
-            verify_total = sum(result["verify_seconds"].values())
-            entry = {
-                "shard_bytes": result["shard_bytes"],
-                "shard_mib": shard_mib,
-                "is_merge_default_shard_size": shard_mib * MIB == DEFAULT_SHARD_BYTES,
-                "merge_seconds": round(result["seconds"], 3),
-                "of_which_verify_inputs_seconds": {k: round(v, 3) for k, v in result["verify_seconds"].items()},
-                "of_which_write_seconds": round(result["seconds"] - verify_total, 3),
-                "sync_after_seconds": round(result["sync_seconds"], 3),
-                "process_seconds_incl_interpreter_and_imports": round(result["process_seconds"], 3),
-                "ratio_merge_over_copy": round(result["seconds"] / copy["seconds"], 3),
-                "ratio_merge_over_copy_incl_sync": round((result["seconds"] + result["sync_seconds"])
-                                                         / (copy["seconds"] + copy["sync_seconds"]), 3),
-                **memory,
-                "peak_rss_above_baseline_mb": round(memory["peak_rss_mb"] - memory["baseline_rss_mb"], 1),
-                "peak_rss_anon_above_baseline_mb": round(memory["peak_rss_anon_mb"]
-                                                         - memory["baseline_rss_anon_mb"], 1),
-                "output_mb": mb(result["bytes_out"]),
-                "ratio_peak_rss_over_output": round(result["vm_hwm_bytes"] / result["bytes_out"], 4),
-                "ratio_peak_rss_anon_over_output": round(result["polled_peak"]["RssAnon"] / result["bytes_out"], 4),
-                "verification": result["verification"],
-                "warm_read_seconds_before": round(result["warm_read_seconds"], 3),
-            }
-            report_merges.append(entry)
-            rows.append([f"merge (top-k {args.top_k})", f"{shard_mib} MiB", f"{result['seconds']:.2f}",
-                         f"{result['sync_seconds']:.2f}", f"{entry['ratio_merge_over_copy']:.2f}",
-                         memory["peak_rss_mb"], memory["peak_rss_anon_mb"], memory["peak_rss_file_mb"],
-                         entry["output_mb"], f"{entry['ratio_peak_rss_over_output']:.4f}"])
-        title = (f"merge of a {expected['anchor_params'] / 1e9:.2f}B-parameter anchor + {args.experts} experts vs "
-                 f"a copy of the same bytes ({'SMALL harness check, numbers meaningless; ' if args.small else ''}"
-                 f"warm page cache; {info['nproc']} cores; MB = 1e6 bytes)")
-        print_table(title, ["operation", "shard", "seconds", "+sync s", "vs copy", "peak RSS MB", "peak anon MB",
-                            "peak file MB", "output MB", "RSS/output"], rows)
-        output_params = report_merges[-1]["verification"]["parameters"]
+        copy = measure_copy(work, anchor_files, packages, inputs)
+        merges = measure_merges(args, work, shape, shards_mib, anchor_dir, packages, inputs)
+        entries = [merge_entry(shard_mib, result, copy) for shard_mib, result in merges.items()]
+        print_report_table(args, expected, info, copy, merges, entries)
         report = {
             "benchmark": "merge",
             "command": command,
@@ -560,40 +636,15 @@ def main() -> None:
             "dtype": "bfloat16 (router rows float32 in the inputs, bfloat16 in the output)",
             "anchor_params": expected["anchor_params"],
             "expert_ffn_params": expected["expert_ffn_params"],
-            "output_params": output_params,
+            "output_params": entries[-1]["verification"]["parameters"],
             "anchor_weight_files": len(anchor_files) - 1,
             "anchor_shard_bytes": anchor_shard,
-            "bytes_in": bytes_in,
+            "bytes_in": sum(f.stat().st_size for f in inputs),
             "bytes_out": merges[shards_mib[-1]]["bytes_out"],
-            "copy": {
-                "method": "shutil.copyfile of every file the merge reads (sendfile on Linux), into one directory",
-                "seconds": round(copy["seconds"], 3),
-                "sync_after_seconds": round(copy["sync_seconds"], 3),
-                "process_seconds_incl_interpreter": round(copy["process_seconds"], 3),
-                **copy_mem,
-                "output_mb": mb(copy["bytes_out"]),
-                "ratio_peak_rss_over_output": round(copy["vm_hwm_bytes"] / copy["bytes_out"], 4),
-                "warm_read_seconds_before": round(copy["warm_read_seconds"], 3),
-            },
-            "merge": report_merges,
+            "copy": copy_report(copy),
+            "merge": entries,
             "setup_seconds_not_measured": round(setup_seconds, 1),
-            "method": {
-                "isolation": "each measured operation runs in a fresh child interpreter",
-                "cache": "before each run: os.sync() (untimed), then every input file read once "
-                         "(cat > /dev/null); copy and merges all start from a warm page cache",
-                "timing": "seconds = from just before the operation to its return (excludes interpreter start "
-                          "and imports); sync_after_seconds = the os.sync() right after, flushing what the "
-                          "operation left dirty in the page cache",
-                "peak_rss": "the child's VmHWM from /proc/self/status at its end: exact, and its own (getrusage "
-                            "ru_maxrss is not used: Linux keeps it across execve, so it includes the forking "
-                            "parent's RSS)",
-                "peak_rss_anon / peak_rss_file": f"max of RssAnon / RssFile in /proc/PID/status polled every "
-                                                 f"{POLL_SECONDS * 1000:.0f} ms by the parent (may miss "
-                                                 "spikes shorter than that); RssFile counts the safetensors "
-                                                 "memory-mapped input pages, which the kernel can reclaim",
-                "baseline": "RSS of the child after its imports, just before the operation",
-                "mb": "1 MB = 1e6 bytes",
-            },
+            "method": METHOD,
             "machine": info,
             "versions": software_versions(),
         }

@@ -5,8 +5,9 @@
 The demo's owners mix the anchor's public sample into half of every batch (train-expert's default, 0.5). This
 script trains the five experts again at each other share (the demo's settings and step count otherwise),
 merges them the demo's way (top-k, untuned) and scores them on the shipped `*.validation` files through the
-demo's evaluation, beside the demo's own merge at its share and the anchor. Validation only: this is a choice of setting, so
-the held-out files are not read. Every step is cached under --work; writes `benchmarks/results/public_share.json`.
+demo's evaluation, beside the demo's own merge at its share and the anchor. Validation only: this is a choice of
+setting, so the held-out files are not read. Every step is cached under --work; writes
+`benchmarks/results/public_share.json`.
 """
 
 from __future__ import annotations

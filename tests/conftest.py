@@ -16,11 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The consortium service's fixtures (PostgreSQL server, signed packages), for tests/test_service_*.py.
 pytest_plugins = ["service_support"]
 
-PUBLIC_WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "from", "at", "are", "an", "this", "be", "which", "or"] + \
-    ["history", "river", "city", "music", "science", "language", "country", "people", "century", "war", "king", "water", "animal", "plant"]
+PUBLIC_WORDS = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "it", "from",
+                "at", "are", "an", "this", "be", "which", "or"] + \
+    ["history", "river", "city", "music", "science", "language", "country", "people", "century", "war", "king",
+     "water", "animal", "plant"]
 DOMAIN_WORDS = {
-    "code": ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "print", "len", "list", "dict", "None", "True", "False"],
-    "math": ["theorem", "proof", "lemma", "let", "set", "function", "integer", "prime", "sum", "equal", "group", "ring", "field", "zero", "one"],
+    "code": ["def", "return", "self", "import", "class", "if", "else", "for", "in", "range", "print", "len", "list",
+             "dict", "None", "True", "False"],
+    "math": ["theorem", "proof", "lemma", "let", "set", "function", "integer", "prime", "sum", "equal", "group", "ring",
+             "field", "zero", "one"],
 }
 
 

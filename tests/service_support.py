@@ -41,7 +41,8 @@ def _as_postgres_user() -> list[str]:
     """initdb and postgres refuse to run as root: run them as the `postgres` (or `nobody`) user then."""
     if os.geteuid() != 0:
         return []
-    user = "postgres" if subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode == 0 else "nobody"
+    has_postgres = subprocess.run(["id", "postgres"], capture_output=True, check=False).returncode == 0
+    user = "postgres" if has_postgres else "nobody"
     return ["runuser", "-u", user, "--"]
 
 
@@ -187,9 +188,9 @@ def submit_now(engine, member, package: Path, declaration: dict | None = None) -
         return submission(session, answer["submission"])
 
 
-# Run `flexolmo ARGV...` in a process of its own, with `target` ("module:attribute" or "module:Class.method") wrapped so that after the
-# original returns the process says so in the file FLEXOLMO_TEST_SIGNAL and then hangs: a point at which a test
-# kills it (kill -9) deterministically, instead of racing a timer against the work.
+# Run `flexolmo ARGV...` in a process of its own, with `target` ("module:attribute" or "module:Class.method") wrapped so
+# that after the original returns the process says so in the file FLEXOLMO_TEST_SIGNAL and then hangs: a point at which
+# a test kills it (kill -9) deterministically, instead of racing a timer against the work.
 _HANG_AFTER = """
 import functools, importlib, os, sys, time
 module, _, path = sys.argv[1].partition(":")

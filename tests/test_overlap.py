@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_overlap_command_missing_file_is_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# scripts/build_demo_corpora.py: how shared passages are cut out of evaluation text
+# scripts/demo_corpora/cut.py (the demo corpora builder): how shared passages are cut out of evaluation text
 # ---------------------------------------------------------------------------------------------------------
 
 SHARED_LINE = "Permission is hereby granted, free of charge, to any person"
@@ -108,10 +109,11 @@ EVAL_DOC = f"Unique opening line about apples and pears.\n{SHARED_LINE}\n{LONG_L
 
 
 def builder():
-    spec = importlib.util.spec_from_file_location("build_demo_corpora", ROOT / "scripts" / "build_demo_corpora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The demo corpora builder's module that cuts shared passages (scripts/demo_corpora/cut.py)."""
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("demo_corpora.cut")
 
 
 def test_builder_cuts_shared_lines_whole_and_long_lines_at_word_boundaries():

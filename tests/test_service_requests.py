@@ -91,7 +91,8 @@ def test_a_damaged_upload_and_a_full_disk_store_nothing(service, service_keys, s
 
 
 def test_an_unreachable_database_is_one_clear_error():
-    with pytest.raises(ServiceError, match=r"cannot use the database postgresql\+psycopg://nobody@127.0.0.1:1/x: .*retry"):
+    with pytest.raises(ServiceError,
+                       match=r"cannot use the database postgresql\+psycopg://nobody@127.0.0.1:1/x: .*retry"):
         migrate(open_engine("postgresql+psycopg://nobody@127.0.0.1:1/x"))
 
 

@@ -60,7 +60,8 @@ def publish_and_verify(url: str, keys, capsys, number: int, experts: list[str]) 
     assert published["number"] == number and [e["name"] for e in published["experts"]] == experts
     assert "| code | " in (card := (Path(published["path"]) / "README.md").read_text())
     assert "| Apache-2.0 | Python we wrote |" in card
-    status, out = run_cli(capsys, "coordinator", "verify", published["path"], "--public-key", str(keys / "coordinator.pub"))
+    status, out = run_cli(capsys, "coordinator", "verify", published["path"],
+                          "--public-key", str(keys / "coordinator.pub"))
     assert status == 0 and f"version {number} verified" in out, out
 
 

@@ -44,7 +44,8 @@ def our_accuracy(loaded, rows) -> float:
         for choice in row["choices"]:
             ids = loaded.tokenizer(row["context"] + choice)["input_ids"]
             logprobs = loaded.model(torch.tensor([ids])).logits.log_softmax(-1)[0]
-            totals.append(sum(float(logprobs[position - 1, ids[position]]) for position in range(len(context), len(ids))))
+            totals.append(sum(float(logprobs[position - 1, ids[position]])
+                              for position in range(len(context), len(ids))))
         correct += int(max(range(len(totals)), key=totals.__getitem__) == row["label"])
     return correct / len(rows)
 

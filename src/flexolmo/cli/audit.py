@@ -5,8 +5,8 @@ tokens (top-k 50, top-p 0.95, temperature 1.0); a document is extracted when a s
 similarity to the true continuation is >= 0.9. Documents are shown by id only unless --show-text is given.
 
 Example:
-  flexolmo audit-extraction --model runs/demo/models/flexolmo_untuned --data data/demo/math.train.jsonl.gz --num-docs 1000 \\
-      --exclude math --json runs/audit.json
+  flexolmo audit-extraction --model runs/demo/models/flexolmo_untuned --data data/demo/math.train.jsonl.gz \\
+      --num-docs 1000 --exclude math --json runs/audit.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ only where the hub is reachable and HF_HUB_OFFLINE=0 is set; --task-dir adds dir
 YAMLs.
 
 Example:
-  flexolmo eval-tasks --model runs/demo/models/flexolmo_untuned --tasks arc_easy sciq --exclude legal --json runs/tasks.json
+  flexolmo eval-tasks --model runs/demo/models/flexolmo_untuned --tasks arc_easy sciq --exclude legal \\
+      --json runs/tasks.json
 """
 
 from __future__ import annotations

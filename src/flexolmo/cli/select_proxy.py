@@ -19,7 +19,8 @@ def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="choose public proxy documents like your data (owner, for router "
                                               "tuning)", description=__doc__)
     parser.add_argument("--data", nargs="+", required=True, help="your private training text files")
-    parser.add_argument("--public-data", nargs="+", required=True, metavar="FILE", help="the coordinator's public text files")
+    parser.add_argument("--public-data", nargs="+", required=True, metavar="FILE",
+                        help="the coordinator's public text files")
     parser.add_argument("--name", required=True, help="your expert's name (the proxies tune its router row)")
     parser.add_argument("--out", required=True, help="proxy file to write (JSON; must not exist)")
     parser.add_argument("--embedder", default=DEFAULT_EMBEDDER, choices=sorted(EMBEDDERS),

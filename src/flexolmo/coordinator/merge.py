@@ -11,10 +11,10 @@ float32 master weights are rounded to it (to bf16 for a bf16 anchor: an owner's 
 [public, owner] model then differ by that rounding, about 1e-2 in logits); owners measure their held-out
 numbers in that same dtype, so the manifest's numbers are the merged model's. `dtype="float32"` keeps the
 experts exact and upcasts the anchor's tensors (exactly). The dtype is recorded in config.json and in the
-merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and written in size-bounded shards,
-so peak memory is one shard plus one tensor, whatever the model's size. Every input is verified before anything
-is written, and the output directory appears only once it is complete. Tensors a format requires but no anchor
-has (a zero shared expert, zero q/k/v biases) are written from the family's table, never copied.
+merged metadata; add and remove keep the model's dtype. Tensors are read one at a time from memory-mapped files and
+written in size-bounded shards, so peak memory is one shard plus one tensor, whatever the model's size. Every input is
+verified before anything is written, and the output directory appears only once it is complete. Tensors a format
+requires but no anchor has (a zero shared expert, zero q/k/v biases) are written from the family's table, never copied.
 
 Trust (`flexolmo.trust`): packages are verified against trusted keys when given; each expert's slot is
 digested as it is written and recorded in `flexolmo_experts.json`; kept experts are checked against their

@@ -56,7 +56,8 @@ class PretrainConfig(BaseModel):
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
     shape: AnchorShape = Field(default_factory=AnchorShape)
-    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the written weights (bfloat16 halves the size)")
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the written weights (bfloat16 halves the size)")
     eval_max_sequences: int = Field(DEFAULT_EVAL_MAX_SEQUENCES, ge=1,
                                     description="held-out sequences scored after training (the first ones)")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=1000, batch_size=16, lr=3e-3,

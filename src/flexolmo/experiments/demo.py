@@ -283,7 +283,8 @@ class Demo:
         return path
 
     def evaluated(self, method: str, build) -> dict:
-        """The cached evaluation of `method`, or run it: `build()` returns (module, tokenizer, expert names, excluded)."""
+        """The cached evaluation of `method`, or run it: `build()` returns (module, tokenizer, expert names,
+        excluded)."""
         cache = self.out / "evals" / f"{method}.json"
         if cache.exists():
             return json.loads(cache.read_text())

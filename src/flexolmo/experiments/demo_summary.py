@@ -12,8 +12,8 @@ from flexolmo.model.anchor import read_config
 
 
 def method_costs(config: DemoConfig, anchor_dir: Path, flexolmo_lr: float | None) -> dict[str, dict]:
-    """Per method: its members and what it costs (`flexolmo.experiments.compute`): training FLOPs and tokens over all its
-    runs, the owners' tokens among them, and inference FLOPs per token (the anchor's pretraining, shared by all,
+    """Per method: its members and what it costs (`flexolmo.experiments.compute`): training FLOPs and tokens over all
+    its runs, the owners' tokens among them, and inference FLOPs per token (the anchor's pretraining, shared by all,
     is not counted). `flexolmo_lr`: the router-tuning lr validation chose for FlexOlmo (None: untuned won), which
     decides whether the random-init ablation was tuned."""
 
@@ -65,7 +65,8 @@ def summarise(config: DemoConfig, evaluations: dict[str, dict], opt_out: dict[st
     for method, result in evaluations.items():
         row = {domain: score["bits_per_byte"] for domain, score in result["domains"].items()}
         row["closed_average"] = sum(row[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
-        row["average_with_public"] = (row["closed_average"] * len(CLOSED_DOMAINS) + row[PUBLIC]) / (len(CLOSED_DOMAINS) + 1)
+        closed_total = row["closed_average"] * len(CLOSED_DOMAINS)
+        row["average_with_public"] = (closed_total + row[PUBLIC]) / (len(CLOSED_DOMAINS) + 1)
         methods[method] = row
     full = methods["flexolmo"]
     deltas = {}

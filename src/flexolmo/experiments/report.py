@@ -13,7 +13,8 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
     def cell(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    lines = ["| " + " | ".join(columns) + " |", rule]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -2,7 +2,8 @@
 
 One function loads and validates an anchor directory; one computes its fingerprint (a hash over its config,
 weights, public router rows and tokenizer files) that every expert package carries, so a package can never be
-merged into a model built on a different anchor, nor on the same weights with another tokenizer. Supported architectures are a table, `ANCHOR_FAMILIES`: adding a family means adding a row.
+merged into a model built on a different anchor, nor on the same weights with another tokenizer. Supported architectures
+are a table, `ANCHOR_FAMILIES`: adding a family means adding a row.
 """
 
 from __future__ import annotations

@@ -142,8 +142,8 @@ def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = Non
     if trusted_keys is not None:
         signer = verify_directory(path, trusted_keys)
         if signer.name != COORDINATOR_KEY_NAME:
-            raise TrustError(f"{path}: signed by '{signer.name}', not by the coordinator ({COORDINATOR_KEY_NAME}.pub in "
-                             f"{trusted_keys.directory}); only the coordinator's key vouches for a merged model")
+            raise TrustError(f"{path}: signed by '{signer.name}', not by the coordinator ({COORDINATOR_KEY_NAME}.pub "
+                             f"in {trusted_keys.directory}); only the coordinator's key vouches for a merged model")
         for entry in info.metadata["experts"]:
             recorded = entry.get("signer")
             if recorded and trusted_keys.key_id_of(recorded["name"]) != recorded["key_id"]:

@@ -1,7 +1,7 @@
 """The HTTP service (FastAPI): members submit and withdraw over signed requests; anyone reads the status,
 a submission's verdict, the active set and the web page. A submission is answered `pending` at once and
-admitted by a worker (`worker`), in a thread of this process or in `coordinator worker` processes. Publication is the coordinator's command on the same database, not an
-endpoint, so no coordinator key ever has to be sent over the network.
+admitted by a worker (`worker`), in a thread of this process or in `coordinator worker` processes. Publication is the
+coordinator's command on the same database, not an endpoint, so no coordinator key ever has to be sent over the network.
 
 Every refusal is JSON `{"error": "<one line>"}` with the status of its `ServiceError` (401 unsigned, replayed
 or stale; 403 another member's expert; 404; 409; 413), 422 for a package refused as malformed, and 503 when

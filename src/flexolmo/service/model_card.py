@@ -48,7 +48,8 @@ coordinator has not checked them; "{NOT_DECLARED}" where the owner gave none); t
 columns are what the expert's signed package manifest records. Use of the model is bound by every licence
 below.
 
-| expert (member) | package SHA-256 | licence, as its owner declared | data, as its owner declared | training, from its manifest | privacy |
+| expert (member) | package SHA-256 | licence, as its owner declared | data, as its owner declared | \
+training, from its manifest | privacy |
 |---|---|---|---|---|---|
 {rows}
 

@@ -2,8 +2,8 @@
 `migrations/`, never by `create_all`, so a database made by one release upgrades in place under the next.
 
 Unique constraints carry the invariants two service processes must never break, whatever they interleave:
-one row per version number, one version per set of inputs, one use per (member, nonce), one audit row per seq; a job's lease is taken by a conditional update, so
-only one worker's claim succeeds.
+one row per version number, one version per set of inputs, one use per (member, nonce), one audit row per seq; a job's
+lease is taken by a conditional update, so only one worker's claim succeeds.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class Version(Base):
 
 
 class Job(Base):
-    """Work for a worker (admitting one submission, publishing by policy): claimed with a lease, so a job runs in one worker at a
-    time and a dead worker's job is taken again once its lease has run out."""
+    """Work for a worker (admitting one submission, publishing by policy): claimed with a lease, so a job runs in one
+    worker at a time and a dead worker's job is taken again once its lease has run out."""
 
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

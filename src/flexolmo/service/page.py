@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from html import escape
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin-bottom:1.5em}
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+table{border-collapse:collapse;margin-bottom:1.5em}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;font-size:.9em;vertical-align:top}
 th{background:#f0f0f0}.refused,.withdrawn{color:#a00}.admitted,.published{color:#070}.pending,.publishing{color:#a60}
 code{font-size:.85em}"""

@@ -4,8 +4,8 @@ digest: `packages/DIGEST/`. A refused one is deleted, so a refusal leaves nothin
 
 One interface, two stores, chosen by the `--store` URL that `coordinator init` fixes (`storage.open_store`):
 a local directory (`LocalStore`, the default) or an S3-compatible bucket, `s3://BUCKET/PREFIX` with an
-optional endpoint URL (`s3_store.S3Store`; credentials from boto3's usual environment, never the database). Everything that
-must be a local file (partial uploads, scratch space, the package cache of a publisher, published versions)
+optional endpoint URL (`s3_store.S3Store`; credentials from boto3's usual environment, never the database). Everything
+that must be a local file (partial uploads, scratch space, the package cache of a publisher, published versions)
 is under the local work directory: the store's own directory for a local store.
 """
 

@@ -1,1 +1,2 @@
-"""The one training loop, its resumable run state, its distributed strategies (replicated, FSDP2) and the memory plan."""
+"""The one training loop, its resumable run state, its distributed strategies (replicated, FSDP2) and the memory
+plan."""

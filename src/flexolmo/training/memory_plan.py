@@ -7,12 +7,14 @@ sequences of S tokens split over them (T = B/N x S tokens per device):
 
 | item | bytes |
 |---|---|
-| frozen weights | anchor + public router rows, in the compute dtype (2 bf16, 4 float32); / N under FSDP (not with `replicate_frozen`) |
+| frozen weights | anchor + public router rows, in the compute dtype (2 bf16, 4 float32); / N under FSDP \
+(not with `replicate_frozen`) |
 | trainable weights | the owner's FFN copies and router rows, float32 master weights: 4 per parameter; / N under FSDP |
 | gradients | float32: 4 per trainable parameter; / N under FSDP |
 | optimizer state | AdamW's two float32 moments: 8 per trainable parameter; / N under FSDP |
 | activations | what autograd keeps for the backward pass, counted tensor by tensor below, plus the logits and loss |
-| working buffers | replicated: the bf16 copies autocast makes of trainable weights, DDP's gradient buckets; FSDP: two gathered layers, the gathered root, one layer's unsharded gradients |
+| working buffers | replicated: the bf16 copies autocast makes of trainable weights, DDP's gradient buckets; \
+FSDP: two gathered layers, the gathered root, one layer's unsharded gradients |
 
 Activations of one decoder layer per token (c = compute bytes; norms work in float32, f = 4), as kept by
 transformers' OLMo-2 layer with scaled-dot-product attention (flash or memory-efficient kernels, which keep no

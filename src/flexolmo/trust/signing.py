@@ -81,7 +81,8 @@ def generate_key_pair(name: str, out_dir: Path | str) -> tuple[Path, Path]:
     if not _NAME.fullmatch(name):
         raise TrustError(f"invalid key name {name!r}: use the member's expert name (letters, digits, '.', '_', '-')")
     if name in RESERVED_KEY_NAMES:
-        raise TrustError(f"'{name}' is the anchor's own expert and cannot be a member's key name; choose another --name")
+        raise TrustError(f"'{name}' is the anchor's own expert and cannot be a member's key name; "
+                         "choose another --name")
     out_dir = Path(out_dir)
     private_path, public_path = out_dir / f"{name}{PRIVATE_SUFFIX}", out_dir / f"{name}{PUBLIC_SUFFIX}"
     for path in (private_path, public_path):

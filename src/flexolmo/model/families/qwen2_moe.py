@@ -1,9 +1,9 @@
 """`qwen2_moe`: the merged format of Llama, Mistral, SmolLM2 and Qwen2/2.5 anchors.
 
 Qwen2-MoE's sparse block is FlexOlmo routing (softmax over all experts, top-k, the kept weights renormalised
-with `norm_topk_prob: true`, as the pre-norm families need) plus a shared expert behind a sigmoid gate. The shared expert is written with all
-weights zero, so it adds exactly 0 to every token. It cannot be left out: vLLM's loader always builds
-`shared_expert_gate` (an absent weight would be uninitialised memory) and must not be given zero-size
+with `norm_topk_prob: true`, as the pre-norm families need) plus a shared expert behind a sigmoid gate. The shared
+expert is written with all weights zero, so it adds exactly 0 to every token. It cannot be left out: vLLM's loader
+always builds `shared_expert_gate` (an absent weight would be uninitialised memory) and must not be given zero-size
 `shared_expert.*` tensors, so it gets a small non-zero width. Attention always has q/k/v biases in this format
 (vLLM hard-codes them): Llama and Mistral anchors get zero biases (`ZERO_QKV_BIAS`), Qwen2's own are copied.
 """

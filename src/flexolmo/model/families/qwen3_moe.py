@@ -1,8 +1,8 @@
 """`qwen3_moe`: the merged format of Qwen3 dense anchors.
 
 Qwen3-MoE is Qwen3 (per-head q/k norms) with a sparse block that is FlexOlmo routing (with `norm_topk_prob: true`,
-as pre-norm Qwen3 needs), and no shared expert. Its sliding window, if set, would apply to every layer, so it is switched off
-(anchors that use one are refused).
+as pre-norm Qwen3 needs), and no shared expert. Its sliding window, if set, would apply to every layer, so it is
+switched off (anchors that use one are refused).
 """
 
 from __future__ import annotations
