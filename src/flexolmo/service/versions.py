@@ -139,8 +139,11 @@ def _build(number: int, experts: list[dict], paths: list[Path], settings: dict, 
     statement = attestation(number, settings, experts, output)
     (model / ATTESTATION_FILE).write_text(json.dumps(sign_json(statement, INTOTO_TYPE, key), indent=1))
     (model / "README.md").write_text(model_card(number, experts, paths, statement, settings["declarations"]))
-    # The card and attestation are logged as one more operation and signed, so the model still verifies.
-    append_record(model, model, {"operation": "publish", "version": number, "output_sha256": output})
+    # The card and attestation are logged as one more operation and signed, so the model still verifies. It
+    # changes no expert: the record carries the merge's experts and top-k, and adds or removes none.
+    merged = read_history(model)[-1]
+    append_record(model, model, {"operation": "publish", "version": number, "output_sha256": output,
+                                 "top_k": merged["top_k"], "experts": merged["experts"], "added": [], "removed": []})
     sign_directory(model, key)
     model.rename(staging / "published")
     staging.rename(final)
