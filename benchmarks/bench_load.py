@@ -94,6 +94,7 @@ def build_model(workdir: Path, shape: dict) -> Path:
     """Anchor, packages and their merge (skipped when the merge already exists)."""
     from flexolmo.coordinator.merge import merge
     from flexolmo.model.anchor import compute_fingerprint, read_config
+    from flexolmo.owner.expert import anchor_record
 
     merged = workdir / "merged"
     if merged.exists():
@@ -103,7 +104,7 @@ def build_model(workdir: Path, shape: dict) -> Path:
         write_anchor(anchor, shape, seed=0, shard_bytes=1 << 30)
         for name in ("tokenizer.json", "tokenizer_config.json"):  # loaders need one; its vocabulary is not used
             shutil.copyfile(DEMO_ANCHOR / name, anchor / name)
-    record = {"fingerprint": compute_fingerprint(anchor), "model_type": read_config(anchor)["model_type"]}
+    record = anchor_record(compute_fingerprint(anchor), read_config(anchor))
     packages = []
     for index in range(EXPERTS):
         package = workdir / f"expert{index}"

@@ -439,15 +439,14 @@ def refuse_unrunnable(args: argparse.Namespace, expected: dict, work: Path, prob
 
 def write_inputs(work: Path, shape: dict, args: argparse.Namespace, anchor_shard: int):
     """Setup, not measured: the anchor and the expert packages. Returns (anchor dir, packages, seconds)."""
-    from flexolmo.model.anchor import compute_fingerprint
+    from flexolmo.model.anchor import compute_fingerprint, read_config
+    from flexolmo.owner.expert import anchor_record
 
     setup_start = time.perf_counter()
     anchor_dir = work / "anchor"
     write_anchor(anchor_dir, shape, args.seed, anchor_shard)
     print(f"anchor written in {time.perf_counter() - setup_start:.1f} s")
-    fingerprint = compute_fingerprint(anchor_dir)
-    record = {"fingerprint": fingerprint, "model_type": "olmo2",
-              **{key: shape[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
+    record = anchor_record(compute_fingerprint(anchor_dir), read_config(anchor_dir))
     packages = []
     for number in range(1, args.experts + 1):
         package = work / "packages" / f"expert{number}"

@@ -72,7 +72,7 @@ def build_model(workdir: Path) -> Path:
     import shutil
 
     from flexolmo.coordinator.merge import merge
-    from flexolmo.model.anchor import load_anchor
+    from flexolmo.model.anchor import compute_fingerprint, read_config
     from flexolmo.owner.expert import anchor_record
 
     merged, anchor = workdir / f"owners{OWNERS}" / "merged", workdir / "anchor"
@@ -82,7 +82,7 @@ def build_model(workdir: Path) -> Path:
         write_anchor(anchor, SMALL_SHAPE, seed=0, shard_bytes=1 << 30)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(DEMO_ANCHOR / name, anchor / name)
-    record = anchor_record(load_anchor(anchor, with_model=False))
+    record = anchor_record(compute_fingerprint(anchor), read_config(anchor))
     packages = [workdir / f"expert{index}" for index in range(OWNERS)]
     for index, package in enumerate(packages):
         if not package.exists():

@@ -62,7 +62,7 @@ def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim:
         anchor.model.save_pretrained(str(staging))
         anchor.tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / DENSE_METADATA_FILE, {
-            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor), "optim": optim.model_dump(),
+            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor.fingerprint, anchor.config), "optim": optim.model_dump(),
             "tokens": optim.steps * optim.tokens_per_step, "losses": result.losses,
             "token_stream_sha256": stream.fingerprint(), "created": utc_now(), "versions": software_versions(),
         })
@@ -81,7 +81,7 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
             tensors[PACKAGE_FFN.format(layer=layer, proj=proj)] = reader.get(ANCHOR_FFN.format(layer=layer, proj=proj))
         tensors[PACKAGE_ROUTER.format(layer=layer)] = row[None].float()
     return write_package(out, name, tensors, {
-        "anchor": anchor_record(anchor),
+        "anchor": anchor_record(anchor.fingerprint, anchor.config),
         "training": {"config": {"kind": "dense-ffn-finetune (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
                      "public_data": []},
         "privacy": {"dp": None, "router_init": router_init,

@@ -154,11 +154,11 @@ def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tenso
     return model
 
 
-def anchor_record(anchor: Anchor) -> dict:
-    """What a package records about the anchor it was trained on."""
-    return {"fingerprint": anchor.fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME,
-            "model_type": anchor.config["model_type"],
-            **{key: anchor.config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
+def anchor_record(fingerprint: str, config: dict) -> dict:
+    """What a package records about the anchor it was trained on: its fingerprint and `config.json`'s shape
+    (taken apart so that a tool writing packages need not load the anchor's weights)."""
+    return {"fingerprint": fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME, "model_type": config["model_type"],
+            **{key: config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
 
 
 class _ClampBias:
@@ -286,7 +286,7 @@ def _evaluate_and_package(config: ExpertConfig, anchor: Anchor, tensors: dict[st
     before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
     facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
     return write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
-        "anchor": anchor_record(anchor), "privacy": privacy, "created": utc_now(), "versions": software_versions(),
+        "anchor": anchor_record(anchor.fingerprint, anchor.config), "privacy": privacy, "created": utc_now(), "versions": software_versions(),
     })
 
 
