@@ -11,7 +11,11 @@ Builds a tiny anchor and one honest expert in a scratch directory (a few seconds
   5 times;
 - 8 owners submitting at the same moment: wall time, and that all 8 are admitted and the log verifies;
 - withdrawal -> new active set: from the signed withdrawal until a client has fetched and verified an active
-  set without the expert, for 5 owners (what `flexolmo serve` polls; serving itself is not measured here);
+  set without the expert, for 5 owners;
+- withdrawal -> first request served without the expert: version 1 (the 8 admitted experts) is published and
+  served by `flexolmo serve`'s server following the service's active-set URL (polled every
+  0.1 s); from the signed withdrawal until a completion comes back whose attribution gives the expert
+  nothing, for 5 more owners (the requests before it count as served with the expert);
 - audit-log verification at 100,000 events (chained rows bulk-written to a fresh SQLite file first).
 Results: printed, and `benchmarks/results/service.json` (`service-postgresql.json` with a PostgreSQL --db;
 `-s3` added with an S3 --store, e.g. moto's server: `python -m moto.server -p 5000` and AWS_* variables set).
@@ -32,11 +36,17 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
+import openai
+
+from flexolmo.model.runtime import load_model
+from flexolmo.serve.server import ModelServer, ServeOptions
+from flexolmo.serve.threaded import running_server
 from flexolmo.service.audit import GENESIS, HEAD_KEY, now_iso, row_hash, verify_log
 from flexolmo.service.client import ConsortiumClient
 from flexolmo.service.database import in_transaction, migrate, open_engine, put_setting
 from flexolmo.service.models import AuditEvent
 from flexolmo.service.registry import add_member, initialise
+from flexolmo.service.versions import publish
 from flexolmo.trust.active_set import verify_active_set
 from flexolmo.trust.signing import TrustedKeys, generate_key_pair
 
@@ -94,6 +104,37 @@ def withdrawals(url: str, keys: Path, trusted: TrustedKeys) -> list[float]:
     return seconds
 
 
+def served_withdrawals(engine, url: str, keys: Path, root: Path, owners: list[str]) -> dict:
+    """Seconds from each owner's signed withdrawal until the server that follows the service's active set
+    answers a request without that owner's expert, and how many requests it served with it meanwhile. The
+    owners' experts are one expert under eight names, so the version is published at top-k = every expert
+    (each gets a share of every token; at a smaller top-k ties would hide some)."""
+    model = Path(publish(engine, top_k=len(OWNERS) + 1)["path"])
+    (root / "serve-keys").mkdir()
+    (root / "serve-keys" / "coordinator.pub").write_bytes((keys / "coordinator.pub").read_bytes())
+    options = ServeOptions(active_set=f"{url}/v1/active-set", coordinator_keys=root / "serve-keys",
+                           active_set_poll=0.1)
+    seconds, served_with = [], []
+    with running_server(ModelServer(load_model(model), options)) as server:
+        client = openai.OpenAI(api_key="unused", base_url=f"{server}/v1", max_retries=0, timeout=60)
+
+        def share(name: str) -> float:
+            usage = client.completions.create(model="published", prompt="the river and the city", max_tokens=1,
+                                              temperature=0).usage.model_extra
+            return usage["experts"]["prompt"].get(name, 0.0)
+
+        for name in owners:
+            assert share(name) > 0, f"{name} is not used before its withdrawal"
+            start, used = time.perf_counter(), 0
+            ConsortiumClient(url, keys / f"{name}.key").withdraw(name)
+            while share(name) > 0:
+                used += 1
+            seconds.append(time.perf_counter() - start)
+            served_with.append(used)
+    return {"median": statistics.median(seconds), "all": seconds, "requests_served_with_it": served_with,
+            "poll_seconds": options.active_set_poll}
+
+
 def log_verification(path: Path, events: int = 100_000) -> dict:
     engine = open_engine(f"sqlite:///{path}")
     migrate(engine)
@@ -141,6 +182,7 @@ def main() -> None:
             answer_seconds, submit_seconds = submissions(server.url, keys, packages)
             concurrent = concurrent_submissions(server.url, keys, packages)
             withdraw_seconds = withdrawals(server.url, keys, TrustedKeys(root / "trusted"))
+            served = served_withdrawals(engine, server.url, keys, root, [OWNERS[0], *OWNERS[6:]])
         check = verify_log(engine)
         log = log_verification(root / "log.db")
     results = {
@@ -153,6 +195,7 @@ def main() -> None:
         "concurrent_submissions": {**concurrent, "log_intact": check.ok},
         "withdrawal_to_verified_active_set_seconds": {"median": statistics.median(withdraw_seconds),
                                                       "all": withdraw_seconds},
+        "withdrawal_to_first_request_served_without_it_seconds": served,
         "log_verification": log,
     }
     name = "service" + ("" if results["database"] == "sqlite" else f"-{results['database']}") + (
