@@ -55,6 +55,13 @@ def test_warmup_defaults_to_a_tenth_of_the_steps_everywhere(steps, warmup):
         assert learning_rate(warmup - 1, config) == pytest.approx(config.lr)  # the peak is reached at the warmup
 
 
+def test_eval_without_flags_scores_with_the_api_default_settings():
+    from flexolmo.cli.evaluate import eval_settings
+    from flexolmo.evaluation.scoring import EvalSettings
+
+    assert eval_settings(parse(["eval", "--model", "m", "--data", "d.jsonl"])) == EvalSettings()
+
+
 def test_one_flag_means_one_thing_on_every_command():
     meanings: dict[str, set[str]] = {}
     commands = build_parser().commands

@@ -27,6 +27,10 @@ from flexolmo.cli.common import (
     trusted_keys,
     write_json_output,
 )
+from flexolmo.cli.config_flags import add_config_flags, config_values
+
+# The scoring settings whose flags come from `EvalSettings` (device, dtype and text field are shared flags).
+EVAL_FIELDS = ("split", "context_tokens", "seq_len", "batch_size", "max_sequences")
 
 
 def register(subparsers, name: str) -> None:
@@ -35,14 +39,9 @@ def register(subparsers, name: str) -> None:
     add_data_flag(parser, metavar="[NAME=]FILE",
                   help="text files, one domain each (named after the file unless NAME= is given)")
     add_exclude_flag(parser)
-    parser.add_argument("--split", default="all", choices=["all", "heldout"],
-                        help="all: every document of the files; heldout: only the hash-held-out documents of a "
-                             "training file")
-    parser.add_argument("--context-tokens", type=int, default=0,
-                        help="leading tokens of each window given as context and not scored")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per scored window")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--max-sequences", type=int, default=None, help="cap on windows scored per domain")
+    from flexolmo.evaluation.scoring import EvalSettings
+
+    add_config_flags(parser, EvalSettings, EVAL_FIELDS)
     add_device_flags(parser)
     add_json_flag(parser, help="write the results as JSON to this file")
     add_data_flags(parser)
@@ -51,12 +50,10 @@ def register(subparsers, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flexolmo.core.progress import print_table
-    from flexolmo.evaluation.scoring import EvalSettings, evaluate_path, parse_domains
+    from flexolmo.evaluation.scoring import evaluate_path, parse_domains
 
     target = json_output(args)
-    settings = EvalSettings(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
-                             split=args.split, text_field=args.text_field, device=args.device, dtype=args.dtype,
-                             context_tokens=args.context_tokens)
+    settings = eval_settings(args)
     result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude, trusted_keys(args))
     rows = [[name, s.bits_per_byte, s.loss, s.perplexity, f"{s.tokens:,}", f"{s.bytes:,}"]
             for name, s in result.domains.items()]
@@ -73,3 +70,11 @@ def run(args: argparse.Namespace) -> int:
                       r["kept_mass"]["mean"], r["kept_mass"]["lowest_layer_p5"]] for name, r in routed.items()])
     write_json_output(target, result.as_dict(), "results")
     return 0
+
+
+def eval_settings(args: argparse.Namespace):
+    """The `EvalSettings` the parsed flags describe."""
+    from flexolmo.evaluation.scoring import EvalSettings
+
+    return EvalSettings(**config_values(args, EVAL_FIELDS), text_field=args.text_field, device=args.device,
+                        dtype=args.dtype)
