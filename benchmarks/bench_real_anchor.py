@@ -4,16 +4,16 @@
     python benchmarks/bench_real_anchor.py                    # the full run (about an hour on 2 idle cores)
     python benchmarks/bench_real_anchor.py --smoke            # a few minutes: proves every step, numbers meaningless
 
-The coordinator imports the GGUF as an anchor (`flexolmo.coordinator.importer`, public router rows from the public corpus);
-three owners (code, math, legal: the demo corpora) each train an expert next to the frozen public FFN; the
+The coordinator imports the GGUF as an anchor (`flexolmo.coordinator.importer`, public router rows from the public
+corpus); three owners (code, math, legal: the demo corpora) each train an expert next to the frozen public FFN; the
 coordinator merges them, scored at top-4 of 4 (the kept routing weights sum to 1) and at top-2. Llama is
 pre-norm, so the merged model renormalises the kept weights (`norm_topk_prob: true`); the row
 `flexolmo_top2_unnormalised` runs the same checkpoint without it (the rule before the fix: every FFN output
 scaled by the kept mass), and every FlexOlmo row reports the kept routing mass. transformers' own
 `Qwen2MoeForCausalLM` is checked against flexolmo's runtime on each merged checkpoint (max logit difference).
-Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune,
-model soup and Branch-Train-Merge, both over the same members as FlexOlmo (the public anchor and the three
-owners' dense experts). Every model is scored by `flexolmo.evaluation.scoring` (held-out bits per byte per domain) and by
+Baselines, from the same anchor and token budget: each owner's dense FFN fine-tune, model soup and
+Branch-Train-Merge, both over the same members as FlexOlmo (the public anchor and the three owners' dense
+experts). Every model is scored by `flexolmo.evaluation.scoring` (held-out bits per byte per domain) and by
 `flexolmo.evaluation.tasks` (lm-eval accuracy on the offline tasks); FlexOlmo is also scored with each expert removed.
 
 Every step writes its output under --out atomically and is skipped when it exists, so an interrupted run resumes
