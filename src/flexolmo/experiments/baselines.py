@@ -62,7 +62,8 @@ def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim:
         anchor.model.save_pretrained(str(staging))
         anchor.tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / DENSE_METADATA_FILE, {
-            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor.fingerprint, anchor.config), "optim": optim.model_dump(),
+            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor.fingerprint, anchor.config),
+            "optim": optim.model_dump(),
             "tokens": optim.steps * optim.tokens_per_step, "losses": result.losses,
             "token_stream_sha256": stream.fingerprint(), "created": utc_now(), "versions": software_versions(),
         })

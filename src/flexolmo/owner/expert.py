@@ -286,7 +286,8 @@ def _evaluate_and_package(config: ExpertConfig, anchor: Anchor, tensors: dict[st
     before, after = score_as_merged(anchor, tensors, heldout_stream, eval_dtype, config)
     facts = training_facts(config, owner_stream, result, before, after, eval_dtype)
     return write_owner_package(config, tensors, facts, owner_stream.fingerprint(), sign_key, {
-        "anchor": anchor_record(anchor.fingerprint, anchor.config), "privacy": privacy, "created": utc_now(), "versions": software_versions(),
+        "anchor": anchor_record(anchor.fingerprint, anchor.config), "privacy": privacy, "created": utc_now(),
+        "versions": software_versions(),
     })
 
 
