@@ -54,28 +54,46 @@ def missing_service(reason: str) -> None:
     pytest.skip(reason)
 
 
+class PostgresInstance:
+    """A PostgreSQL server of its own, in a temporary directory on a free port of 127.0.0.1, that a test can
+    stop and start again (a lost database)."""
+
+    def __init__(self):
+        self.initdb, self.pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
+        if self.initdb is None or self.pg_ctl is None:
+            missing_service("PostgreSQL binaries (initdb, pg_ctl) are not installed; install postgresql from Debian")
+        self.root = Path(tempfile.mkdtemp(prefix="flexolmo-pg-"))
+        self.prefix = _as_postgres_user()
+        if self.prefix:
+            shutil.chown(self.root, self.prefix[2])
+        self.data, self.port = self.root / "data", free_port()
+        subprocess.run([*self.prefix, self.initdb, "-D", str(self.data), "-U", "flexolmo", "--auth=trust", "-E",
+                        "UTF8"], check=True, capture_output=True)
+        self.url = f"postgresql+psycopg://flexolmo@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        subprocess.run([*self.prefix, self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o",
+                        f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                       check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.prefix, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True, check=False)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A PostgreSQL server of its own, in a temporary directory on a free port of 127.0.0.1; yields its base URL."""
-    initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        missing_service("PostgreSQL binaries (initdb, pg_ctl) are not installed; install postgresql from Debian")
-    root = Path(tempfile.mkdtemp(prefix="flexolmo-pg-"))
-    prefix = _as_postgres_user()
-    if prefix:
-        shutil.chown(root, prefix[2])
-    data, port = root / "data", free_port()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "flexolmo", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    """The tests' PostgreSQL server; yields its base URL."""
+    instance = PostgresInstance()
+    instance.start()
     try:
-        yield f"postgresql+psycopg://flexolmo@127.0.0.1:{port}"
+        yield instance.url
     finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
-                       check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        instance.remove()
 
 
 def new_postgres_database(server: str) -> str:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
-from service_support import RunningService
+from service_support import PostgresInstance, RunningService, new_postgres_database
 
 from flexolmo.core.errors import ServiceError
 from flexolmo.service import store
@@ -94,6 +94,27 @@ def test_an_unreachable_database_is_one_clear_error():
     with pytest.raises(ServiceError,
                        match=r"cannot use the database postgresql\+psycopg://nobody@127.0.0.1:1/x: .*retry"):
         migrate(open_engine("postgresql+psycopg://nobody@127.0.0.1:1/x"))
+
+
+def test_a_lost_database_is_a_clear_503_and_the_service_goes_on_once_it_is_back(tmp_path, tiny_anchor,
+                                                                               service_keys):
+    """PostgreSQL stops under a running service: requests get one line (503, "retry"), not a traceback, and
+    once the server is back the same service answers again without a restart (its pool reconnects)."""
+    postgres = PostgresInstance()
+    postgres.start()
+    try:
+        engine = open_engine(new_postgres_database(postgres.url))
+        migrate(engine)
+        in_transaction(engine, lambda s: initialise(s, tiny_anchor, tmp_path / "store",
+                                                    service_keys / "coordinator.key"))
+        client = TestClient(create_app(engine, workers=0))
+        assert client.get("/v1/status").status_code == 200
+        postgres.stop()
+        refused(client.get("/v1/status"), 503, "check that it runs, then retry")
+        postgres.start()
+        assert client.get("/v1/status").status_code == 200
+    finally:
+        postgres.remove()
 
 
 def test_the_web_page_shows_the_consortium(service):
