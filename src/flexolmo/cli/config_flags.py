@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -59,12 +59,14 @@ def _argument_options(annotation, default) -> dict:
 
 
 def add_config_flags(parser, config: type[BaseModel], fields: Sequence[str],
-                     defaults: BaseModel | None = None, required: Sequence[str] = (), prefix: str = "") -> None:
+                     defaults: BaseModel | None = None, required: Sequence[str] = (), prefix: str = "",
+                     choices: Mapping[str, Sequence[str]] | None = None) -> None:
     """Add one flag per named field of `config`. Defaults come from `defaults` (an instance, for a stage
     whose nested config has stage-specific defaults) or from the field itself; help is the field's
     description. `prefix` names the flags of a nested config (`dp_` -> `--dp-epsilon`, read back as
     `dp_epsilon`). A field the config requires but the command does not (`required`) defaults to None:
-    the config is then not built."""
+    the config is then not built. `choices` lists the values of a text field whose values a registry names
+    (such as the proxy embedders), so `--help` shows them and argparse refuses others."""
     for field in fields:
         info = config.model_fields[field]
         if field in required or (defaults is None and info.is_required()):
@@ -74,6 +76,8 @@ def add_config_flags(parser, config: type[BaseModel], fields: Sequence[str],
         else:
             default = info.get_default(call_default_factory=True)
         options = _argument_options(info.annotation, default)
+        if choices and field in choices:
+            options["choices"] = list(choices[field])
         if field in required:
             options.pop("default")
             options["required"] = True

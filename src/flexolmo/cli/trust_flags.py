@@ -1,4 +1,5 @@
-"""The coordinator's trust flags, shared by `merge`, `add`, `remove` and `tune-router`."""
+"""The coordinator's trust flags, shared by `merge`, `add`, `remove` and `tune-router`: signing, trusted keys
+and the admission checks (`AdmissionPolicy`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,21 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import add_trusted_keys_flag
+from flexolmo.cli.config_flags import add_config_flags, config_values
+
+# The admission settings whose flags come from `AdmissionPolicy`, in `--help` order: a new field is one line.
+ADMISSION_FIELDS = (
+    "probe_sequences",
+    "max_row_norm_ratio",
+    "max_public_top_share",
+    "max_public_bpb_increase",
+    "device",
+)
 
 
 def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> None:
-    """`--sign-key` and `--trusted-keys` always; with `joining` (merge, add) also the admission checks."""
+    """`--sign-key` and `--trusted-keys` always; with `joining` (merge, add) also the admission checks, whose
+    flags are `AdmissionPolicy`'s fields."""
     from flexolmo.coordinator.admission import AdmissionPolicy
 
     group = parser.add_argument_group("trust")
@@ -18,26 +30,25 @@ def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> Non
     add_trusted_keys_flag(group)
     if not joining:
         return
-    fields = AdmissionPolicy.model_fields
     admission = parser.add_argument_group("admission checks of joining experts")
+    # Which text the probe reads is the command's to say (merge falls back on the anchor's record), so this
+    # path flag is not the policy's field.
     admission.add_argument("--probe-data", nargs="+", type=Path, default=None,
                            help="public held-out text to probe the merged model with (merge defaults to the "
                                 "anchor's recorded public held-out file when it is present)")
-    admission.add_argument("--probe-sequences", type=int, default=fields["probe_sequences"].default,
-                           help=fields["probe_sequences"].description)
-    admission.add_argument("--max-row-norm-ratio", type=float, default=fields["max_row_norm_ratio"].default,
-                           help=fields["max_row_norm_ratio"].description)
-    admission.add_argument("--max-public-top-share", type=float, default=fields["max_public_top_share"].default,
-                           help=fields["max_public_top_share"].description)
-    admission.add_argument("--max-public-bpb-increase", type=float,
-                           default=fields["max_public_bpb_increase"].default,
-                           help=fields["max_public_bpb_increase"].description)
-    admission.add_argument("--device", default="cpu", help="torch device of the probe (cpu, cuda, cuda:1, ...)")
+    add_config_flags(admission, AdmissionPolicy, ADMISSION_FIELDS)
+
+
+def admission_policy(args: argparse.Namespace):
+    """The `AdmissionPolicy` the parsed admission flags describe."""
+    from flexolmo.coordinator.admission import AdmissionPolicy
+
+    return AdmissionPolicy(**config_values(args, ADMISSION_FIELDS))
 
 
 def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     """The CoordinatorTrust the flags describe; warns once when packages will not be authenticated."""
-    from flexolmo.coordinator.admission import AdmissionPolicy, print_report, recorded_public_heldout
+    from flexolmo.coordinator.admission import print_report, recorded_public_heldout
     from flexolmo.coordinator.publish import CoordinatorTrust
     from flexolmo.core.progress import console
     from flexolmo.trust.signing import TrustedKeys, key_signer
@@ -50,10 +61,7 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     if trusted is None:
         console.print("[yellow]warning:[/] packages are not authenticated (no --trusted-keys): their names and "
                       "contents are whatever whoever handed them over wrote", soft_wrap=True)
-    policy = AdmissionPolicy(
-        max_row_norm_ratio=args.max_row_norm_ratio, max_public_top_share=args.max_public_top_share,
-        max_public_bpb_increase=args.max_public_bpb_increase, probe_sequences=args.probe_sequences,
-        device=args.device)
+    policy = admission_policy(args)
     if args.probe_data:
         probe, reason = (list(args.probe_data), "all"), ""
     elif anchor_dir is not None:
@@ -64,13 +72,3 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     return CoordinatorTrust(trusted_keys=trusted, admission=policy, probe=probe, no_probe_reason=reason,
                             sign_key=args.sign_key, on_admission=print_report)
 
-
-def shard_bytes(gigabytes: float) -> int:
-    """`--shard-gb` as bytes; a positive finite size only."""
-    import math
-
-    from flexolmo.core.errors import MergeError
-
-    if not math.isfinite(gigabytes) or gigabytes <= 0:
-        raise MergeError(f"--shard-gb must be a positive number of gigabytes, got {gigabytes}")
-    return max(1, int(gigabytes * 1024**3))
