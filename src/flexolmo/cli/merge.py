@@ -12,7 +12,12 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import add_command, path_list
-from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust
+from flexolmo.model.merged_format import MergeSettings
+
+# The flags of the merged checkpoint's settings; add and remove take those that apply to them.
+MERGE_FIELDS = ("top_k", "shard_gb", "save_dtype")
 
 
 def register(subparsers, name: str) -> None:
@@ -20,13 +25,8 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory")
     parser.add_argument("--packages", nargs="+", required=True, metavar="DIR", help="expert package directories")
-    parser.add_argument("--top-k", type=int, required=True,
-                        help="experts used per token at inference (1 to the number of experts, public included)")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
-    parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
-    parser.add_argument("--save-dtype", default="anchor", choices=["anchor", "float32", "bfloat16"],
-                        help="dtype of the merged checkpoint: the anchor's own, or float32 to keep experts trained "
-                        "in float32 exact")
+    add_config_flags(parser, MergeSettings, MERGE_FIELDS, required=("top_k",))
     add_coordinator_flags(parser, joining=True)
     parser.set_defaults(run=run)
 
@@ -34,11 +34,17 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from flexolmo.coordinator.merge import merge
 
+    settings = merge_settings(args, MERGE_FIELDS)
     trust = coordinator_trust(args, anchor_dir=Path(args.anchor))
-    metadata = merge(Path(args.anchor), path_list(args.packages), Path(args.out), args.top_k,
-                     shard_bytes=shard_bytes(args.shard_gb), trust=trust, dtype=args.save_dtype)
+    metadata = merge(Path(args.anchor), path_list(args.packages), Path(args.out), settings.top_k,
+                     shard_bytes=settings.shard_bytes(), trust=trust, dtype=settings.save_dtype)
     print_experts(Path(args.out), metadata)
     return 0
+
+
+def merge_settings(args: argparse.Namespace, fields: tuple[str, ...]) -> MergeSettings:
+    """The `MergeSettings` the parsed flags of `fields` describe (the others keep their defaults)."""
+    return MergeSettings(**config_values(args, fields))
 
 
 def print_experts(out: Path, metadata: dict) -> None:

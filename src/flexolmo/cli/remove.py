@@ -12,7 +12,13 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import add_command
-from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust, shard_bytes
+from flexolmo.cli.config_flags import add_config_flags
+from flexolmo.cli.trust_flags import add_coordinator_flags, coordinator_trust
+from flexolmo.model.merged_format import MergeSettings
+
+# `MergeSettings` fields a removal takes: the top-k and dtype are the model's (a top-k above the experts left
+# is lowered).
+REMOVE_FIELDS = ("shard_gb",)
 
 
 def register(subparsers, name: str) -> None:
@@ -22,16 +28,17 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--exclude", nargs="+", required=True, metavar="NAME",
                         help="names of the experts to remove")
     parser.add_argument("--out", required=True, help="output model directory (must not exist)")
-    parser.add_argument("--shard-gb", type=float, default=2.0, help="maximum size of one weight shard (GB)")
+    add_config_flags(parser, MergeSettings, REMOVE_FIELDS)
     add_coordinator_flags(parser, joining=False)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.cli.merge import print_experts
+    from flexolmo.cli.merge import merge_settings, print_experts
     from flexolmo.coordinator.merge import remove_experts
 
-    metadata = remove_experts(Path(args.model), args.exclude, Path(args.out), shard_bytes=shard_bytes(args.shard_gb),
+    settings = merge_settings(args, REMOVE_FIELDS)
+    metadata = remove_experts(Path(args.model), args.exclude, Path(args.out), shard_bytes=settings.shard_bytes(),
                               trust=coordinator_trust(args))
     print_experts(Path(args.out), metadata)
     return 0

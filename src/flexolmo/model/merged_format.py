@@ -11,14 +11,18 @@ and without them it says so on stderr in one loud line."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import MergeError, TrustError
 from flexolmo.core.precision import dtype_name
 from flexolmo.core.progress import console
+from flexolmo.core.tensor_io import DEFAULT_SHARD_BYTES
 from flexolmo.core.weights import parse
 from flexolmo.model.anchor import (
     ANCHOR_FAMILIES,
@@ -195,6 +199,24 @@ def check_top_k(top_k: int, num_experts: int) -> int:
         raise MergeError(f"--top-k {top_k} does not fit a model of {num_experts} experts (public + "
                          f"{num_experts - 1}); choose 1 to {num_experts}")
     return top_k
+
+
+class MergeSettings(BaseModel):
+    """How `merge`, `add` and `remove` write a merged checkpoint (the flags of those commands). The fields carry
+    no bounds: the writer checks each against the model it writes (`check_top_k`, `shard_bytes`)."""
+
+    top_k: int | None = Field(None, description="experts used per token at inference (1 to the number of experts, "
+                                                "public included); add keeps the model's unless given")
+    shard_gb: float = Field(DEFAULT_SHARD_BYTES / 1024**3, description="maximum size of one weight shard (GB)")
+    save_dtype: Literal["anchor", "float32", "bfloat16"] = Field(
+        "anchor", description="dtype of the merged checkpoint: the anchor's own, or float32 to keep experts trained "
+                              "in float32 exact")
+
+    def shard_bytes(self) -> int:
+        """`shard_gb` as bytes; a positive finite size only."""
+        if not math.isfinite(self.shard_gb) or self.shard_gb <= 0:
+            raise MergeError(f"--shard-gb must be a positive number of gigabytes, got {self.shard_gb}")
+        return max(1, int(self.shard_gb * 1024**3))
 
 
 def is_extra_tensor(family: AnchorFamily, name: str) -> bool:
