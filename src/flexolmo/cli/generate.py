@@ -9,6 +9,10 @@ import argparse
 from pathlib import Path
 
 from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype, trusted_keys
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.model.runtime import GenerationSettings
+
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "seed")
 
 
 def register(subparsers, name: str) -> None:
@@ -16,9 +20,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     add_exclude_flag(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    add_config_flags(parser, GenerationSettings, GENERATION_FIELDS)
     add_device_flags(parser)
     parser.set_defaults(run=run)
 
@@ -29,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
                         trusted_keys=trusted_keys(args))
-    continuation = generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    continuation = generate_text(loaded, args.prompt, generation_settings(args))
     print_generation(args.prompt, continuation)
     return 0
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The `GenerationSettings` the parsed flags describe."""
+    return GenerationSettings(**config_values(args, GENERATION_FIELDS))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, Field
 
 from flexolmo.core.devices import check_device
 from flexolmo.core.errors import AnchorError, MergeError, TrustError
@@ -207,15 +208,25 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
     return loaded
 
 
+class GenerationSettings(BaseModel):
+    """How `generate_text` continues a prompt (the flags of `flexolmo generate`). Checked where used, with the
+    flag's name in the message."""
+
+    max_new_tokens: int = Field(64, description="tokens to generate")
+    temperature: float = Field(0.0, description="sampling temperature; 0 decodes greedily")
+    seed: int = Field(0, description="seed for sampling")
+
+
 @torch.no_grad()
-def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                  seed: int = 0) -> str:
-    """The prompt's continuation (greedy when temperature is 0)."""
+def generate_text(loaded: LoadedModel, prompt: str, settings: GenerationSettings | None = None) -> str:
+    """The prompt's continuation (greedy when the temperature is 0)."""
+    settings = settings or GenerationSettings()
+    max_new_tokens, temperature = settings.max_new_tokens, settings.temperature
     if max_new_tokens < 1:
         raise MergeError("--max-new-tokens must be at least 1")
     if not temperature >= 0 or temperature == float("inf"):
         raise MergeError(f"--temperature must be 0 (greedy) or a positive number, got {temperature}")
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     device = next(loaded.model.parameters()).device
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     if ids.shape[1] == 0:
