@@ -41,7 +41,7 @@ from flexolmo.core.errors import FlexOlmoError
 from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json
 from flexolmo.core.progress import console, print_table
 from flexolmo.evaluation.scoring import EvalSettings, evaluate
-from flexolmo.evaluation.tasks import evaluate_tasks
+from flexolmo.evaluation.tasks import TaskSettings, evaluate_tasks
 from flexolmo.experiments.baselines import BranchTrainMergeEnsemble, model_soup, train_dense_expert
 from flexolmo.model.moe import moe_blocks
 from flexolmo.model.runtime import load_model
@@ -221,7 +221,8 @@ class RealAnchorBench:
 
         def run() -> None:
             loaded, _, _ = self.load(method, source, exclude)
-            scores = evaluate_tasks(loaded, self.config.tasks, limit=self.config.task_limit, seed=self.config.seed)
+            scores = evaluate_tasks(loaded, self.config.tasks,
+                                    settings=TaskSettings(limit=self.config.task_limit, seed=self.config.seed))
             atomic_write_json(cache, {"scores": [s.as_dict() for s in scores]})
 
         return json.loads(self.timed(f"tasks {method}", cache, run).read_text())

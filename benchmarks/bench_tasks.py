@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.core.progress import print_table
-from flexolmo.evaluation.tasks import OFFLINE_TASKS, evaluate_tasks
+from flexolmo.evaluation.tasks import OFFLINE_TASKS, TaskSettings, evaluate_tasks
 from flexolmo.experiments.demo_config import chosen_model_dir
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.runtime import load_model
@@ -52,7 +52,7 @@ def main() -> None:
     rows, seconds = {}, {}
     for label, (path, exclude) in models.items():
         began = time.perf_counter()
-        scores = evaluate_tasks(load_model(path, exclude=exclude), args.tasks, limit=args.limit)
+        scores = evaluate_tasks(load_model(path, exclude=exclude), args.tasks, settings=TaskSettings(limit=args.limit))
         seconds[label] = time.perf_counter() - began
         rows[label] = [score.as_dict() for score in scores]
     accuracy = {label: {s["task"]: s for s in scores if s["metric"] == "acc"} for label, scores in rows.items()}

@@ -11,7 +11,7 @@ from conftest import tiny_optim
 from flexolmo.cli import main
 from flexolmo.coordinator.merge import merge
 from flexolmo.core.errors import FlexOlmoError
-from flexolmo.evaluation.tasks import evaluate_tasks
+from flexolmo.evaluation.tasks import TaskSettings, evaluate_tasks
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 
@@ -53,7 +53,7 @@ def our_accuracy(loaded, rows) -> float:
 def test_lm_eval_scores_the_model_we_load(tiny_anchor, tmp_path):
     rows = write_toy_task(tmp_path)
     loaded = load_model(tiny_anchor)
-    by_task = {(s.task, s.metric): s for s in evaluate_tasks(loaded, ["sciq"], limit=3)}
+    by_task = {(s.task, s.metric): s for s in evaluate_tasks(loaded, ["sciq"], settings=TaskSettings(limit=3))}
     # The toy task: lm-eval's accuracy is ours, computed by hand on the same module.
     toy = evaluate_tasks(loaded, ["toy_choice"], [tmp_path])
     assert toy[0].samples == len(rows) and toy[0].value == pytest.approx(our_accuracy(loaded, rows))
@@ -83,7 +83,7 @@ def test_unknown_tasks_and_bad_limits_are_one_line_errors(tiny_anchor, tmp_path)
     with pytest.raises(FlexOlmoError, match="unknown task.*arc_easy"):
         evaluate_tasks(loaded, ["no_such_task"])
     with pytest.raises(FlexOlmoError, match="--limit"):
-        evaluate_tasks(loaded, ["sciq"], limit=0)
+        evaluate_tasks(loaded, ["sciq"], settings=TaskSettings(limit=0))
     with pytest.raises(FlexOlmoError, match="not a directory"):
         evaluate_tasks(loaded, ["sciq"], [tmp_path / "missing"])
 

@@ -26,6 +26,10 @@ from flexolmo.cli.common import (
     trusted_keys,
     write_json_output,
 )
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.evaluation.tasks import TaskSettings
+
+TASK_FIELDS = ("limit", "num_fewshot", "batch_size", "seed")
 
 
 def register(subparsers, name: str) -> None:
@@ -36,11 +40,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--task-dir", nargs="*", default=[], type=Path, metavar="DIR",
                         help="directories of your own lm-eval task YAMLs")
     add_exclude_flag(parser)
-    parser.add_argument("--limit", type=int, default=None, help="documents per task; when not given, all")
-    parser.add_argument("--num-fewshot", type=int, default=None,
-                        help="few-shot examples; when not given, the task's own setting")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling and few-shot choice")
+    add_config_flags(parser, TaskSettings, TASK_FIELDS)
     add_device_flags(parser)
     add_json_flag(parser, help="write the scores as JSON to this file")
     parser.set_defaults(run=run)
@@ -54,11 +54,15 @@ def run(args: argparse.Namespace) -> int:
     target = json_output(args)
     loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
                         trusted_keys=trusted_keys(args))
-    scores = evaluate_tasks(loaded, args.tasks, args.task_dir, limit=args.limit, num_fewshot=args.num_fewshot,
-                            batch_size=args.batch_size, seed=args.seed)
+    scores = evaluate_tasks(loaded, args.tasks, args.task_dir, task_settings(args))
     title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
     print_table(title, ["task", "metric", "value", "stderr", "documents"],
                 [[s.task, s.metric, s.value, "" if s.stderr is None else s.stderr, s.samples] for s in scores])
     write_json_output(target, {"model": str(args.model), "exclude": args.exclude, "limit": args.limit,
                                "num_fewshot": args.num_fewshot, "scores": [s.as_dict() for s in scores]}, "scores")
     return 0
+
+
+def task_settings(args: argparse.Namespace) -> TaskSettings:
+    """The `TaskSettings` the parsed flags describe."""
+    return TaskSettings(**config_values(args, TASK_FIELDS))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from pydantic import BaseModel, Field
+
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.core.progress import console
 from flexolmo.model.runtime import LoadedModel
@@ -151,10 +153,22 @@ def _quiet_lm(loaded: LoadedModel, device: str, batch_size: int):
     return QuietHFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=device, batch_size=batch_size)
 
 
+class TaskSettings(BaseModel):
+    """How lm-eval runs the tasks (the flags of `flexolmo eval-tasks`). Checked where used, with the flag's name
+    in the message."""
+
+    limit: int | None = Field(None, description="documents per task; when not given, all")
+    num_fewshot: int | None = Field(None, description="few-shot examples; when not given, the task's own setting")
+    batch_size: int = Field(8, description="requests per forward pass")
+    seed: int = Field(0, description="seed of lm-eval's sampling and few-shot choice")
+
+
 def evaluate_tasks(loaded: LoadedModel, tasks: Sequence[str], task_dirs: Sequence[Path] = (),
-                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                   seed: int = 0) -> list[TaskScore]:
-    """Run lm-eval `tasks` on `loaded` (zero-shot unless `num_fewshot`); `limit` caps documents per task."""
+                   settings: TaskSettings | None = None) -> list[TaskScore]:
+    """Run lm-eval `tasks` on `loaded` (zero-shot unless `settings.num_fewshot`); `settings.limit` caps
+    documents per task."""
+    settings = settings or TaskSettings()
+    limit, seed = settings.limit, settings.seed
     if not tasks:
         raise FlexOlmoError("name at least one task (offline: " + ", ".join(OFFLINE_TASKS) + ")")
     for directory in task_dirs:
@@ -178,14 +192,14 @@ def evaluate_tasks(loaded: LoadedModel, tasks: Sequence[str], task_dirs: Sequenc
             raise FlexOlmoError(f"unknown task(s) {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}; "
                                 "or pass --task-dir with your own lm-eval YAMLs")
         _refuse_hub_tasks(tasks, task_dirs)
-        model = _quiet_lm(loaded, device, batch_size)
+        model = _quiet_lm(loaded, device, settings.batch_size)
         # lm-eval records the git commit of the working directory by running `git describe`, which prints
         # "fatal: not a git repository" outside one; that commit says nothing about the model, so it is skipped.
         with mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None), \
                 console.status(f"lm-eval: {', '.join(tasks)}"):
             try:
                 output = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
-                                         num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+                                         num_fewshot=settings.num_fewshot, log_samples=False, bootstrap_iters=1000,
                                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                          fewshot_random_seed=seed)
             except OSError as error:  # the hub or a data file could not be reached (ConnectionError is one)
