@@ -26,6 +26,13 @@ from flexolmo.cli.common import (
     trusted_keys,
     write_json_output,
 )
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.evaluation.audit import AuditConfig
+
+# The audit settings whose flags come from `AuditConfig` (model, data, exclusion, device, dtype and text field
+# are the shared flags).
+AUDIT_FIELDS = ("num_docs", "prefix_tokens", "min_continuation_tokens", "new_tokens", "samples", "threshold",
+                "seed", "batch_size", "show_text")
 
 
 def register(subparsers, name: str) -> None:
@@ -34,40 +41,29 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
     add_data_flag(parser, help="training text files whose documents are probed")
     add_exclude_flag(parser)
-    parser.add_argument("--num-docs", type=int, default=10_000, help="documents sampled")
-    parser.add_argument("--prefix-tokens", type=int, default=32, help="prompt length in tokens")
-    parser.add_argument("--min-continuation-tokens", type=int, default=96,
-                        help="audit only documents with this many tokens after the prefix (paper: 128 in all)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample")
-    parser.add_argument("--samples", type=int, default=10, help="samples per prompt")
-    parser.add_argument("--threshold", type=float, default=0.9, help="similarity that counts as extracted")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the document sample and generation")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="prompts per generate call, each with --samples sequences")
+    add_config_flags(parser, AuditConfig, AUDIT_FIELDS)
     add_device_flags(parser)
     add_json_flag(parser, help="write the full result as JSON to this file")
-    parser.add_argument("--show-text", action="store_true",
-                        help="also print (and write) prefix, true continuation and best sample of the top "
-                             "documents")
     add_data_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.evaluation.audit import AuditConfig, audit_extraction
+    from flexolmo.evaluation.audit import audit_extraction
 
     target = json_output(args)
-    config = AuditConfig(
-        model=Path(args.model), data=path_list(args.data), exclude=args.exclude, num_docs=args.num_docs,
-        prefix_tokens=args.prefix_tokens, new_tokens=args.new_tokens, samples=args.samples,
-        min_continuation_tokens=args.min_continuation_tokens,
-        threshold=args.threshold, seed=args.seed, batch_size=args.batch_size, text_field=args.text_field,
-        device=args.device, dtype=args.dtype, show_text=args.show_text,
-    )
+    config = audit_config(args)
     result = audit_extraction(config, trusted_keys(args))
     print_result(result)
     write_json_output(target, result.as_dict(), "audit result")
     return 0
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    """The `AuditConfig` the parsed flags describe."""
+    return AuditConfig(model=Path(args.model), data=path_list(args.data), exclude=args.exclude,
+                       **config_values(args, AUDIT_FIELDS), text_field=args.text_field, device=args.device,
+                       dtype=args.dtype)
 
 
 def print_result(result) -> None:

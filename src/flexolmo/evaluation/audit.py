@@ -68,7 +68,8 @@ class AuditConfig(BaseModel):
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$", description="dtype the model is loaded in")
-    show_text: bool = Field(False, description="keep prefix, true continuation and best sample in results")
+    show_text: bool = Field(False, description="also print (and write) prefix, true continuation and best sample of "
+                                               "the most-extracted documents")
     top_examples: int = Field(10, ge=0, description="most-extracted documents listed in the result")
 
     @field_validator("data", mode="before")
