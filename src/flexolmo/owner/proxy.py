@@ -54,14 +54,17 @@ _SAMPLE_SALT = b"flexolmo-proxy-sample|"
 class ProxyConfig(BaseModel):
     """`flexolmo select-proxy`: everything that decides an owner's proxy set."""
 
-    data: list[Path] = Field(description="the owner's private training text (its train split is used)")
-    public: list[Path] = Field(description="public text to choose proxies from (the coordinator's)")
-    out: Path = Field(description="proxy file to write (JSON)")
-    name: str = Field(description="name of the owner's expert the proxies are for")
-    embedder: str = Field(DEFAULT_EMBEDDER, description="document features: anchor or minilm")
-    anchor: Path | None = Field(None, description="anchor directory (needed by the anchor embedder)")
-    max_documents: int = Field(1000, ge=10, description="owner and public documents each, to fit the classifier")
-    fraction: float = Field(DEFAULT_FRACTION, gt=0, le=0.1, description="proxies' bytes / owner training bytes")
+    data: list[Path] = Field(description="your private training text files (their train split is used)")
+    public: list[Path] = Field(description="the coordinator's public text files, to choose proxies from")
+    out: Path = Field(description="proxy file to write (JSON; must not exist)")
+    name: str = Field(description="your expert's name (the proxies tune its router row)")
+    embedder: str = Field(DEFAULT_EMBEDDER, description="document features: anchor (the anchor's own hidden "
+                                                        "states) or minilm (all-MiniLM-L6-v2)")
+    anchor: Path | None = Field(None, description="anchor directory (needed by --embedder anchor)")
+    max_documents: int = Field(1000, ge=10, description="documents of yours, and as many public ones, to fit the "
+                                                        "classifier")
+    fraction: float = Field(DEFAULT_FRACTION, gt=0, le=0.1, description="size of the proxy set as a share of your "
+                                                                         "training text's bytes")
     folds: int = Field(5, ge=2, le=20, description="cross-fitting folds")
     max_tokens: int = Field(128, ge=8, description="tokens of each document the embedder reads")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
