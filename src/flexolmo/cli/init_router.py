@@ -19,6 +19,10 @@ from flexolmo.cli.common import (
     path_list,
     torch_dtype,
 )
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.model.router_init import PublicRowSettings
+
+PUBLIC_ROW_FIELDS = ("seq_len", "sequences")
 
 
 def register(subparsers, name: str) -> None:
@@ -26,8 +30,7 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("--anchor", required=True, help="anchor directory (modified in place)")
     parser.add_argument("--public-data", nargs="+", required=True, metavar="FILE", help="public text files")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per averaged sequence")
-    parser.add_argument("--sequences", type=int, default=256, help="public sequences to average")
+    add_config_flags(parser, PublicRowSettings, PUBLIC_ROW_FIELDS)
     parser.add_argument("--force", action="store_true",
                         help="replace existing rows (changes the fingerprint: packages trained on the anchor stop "
                              "verifying)")
@@ -36,12 +39,19 @@ def register(subparsers, name: str) -> None:
     parser.set_defaults(run=run)
 
 
+def public_row_settings(args: argparse.Namespace) -> PublicRowSettings:
+    """The `PublicRowSettings` the parsed flags describe."""
+    return PublicRowSettings(**config_values(args, PUBLIC_ROW_FIELDS))
+
+
 def run(args: argparse.Namespace) -> int:
     from flexolmo.core.progress import console
     from flexolmo.model.router_init import compute_public_rows
 
-    before, after = compute_public_rows(Path(args.anchor), path_list(args.public_data), args.seq_len, args.sequences,
-                                        args.text_field, args.device, torch_dtype(args.dtype), args.force)
+    settings = public_row_settings(args)
+    before, after = compute_public_rows(Path(args.anchor), path_list(args.public_data), settings.seq_len,
+                                        settings.sequences, args.text_field, args.device, torch_dtype(args.dtype),
+                                        args.force)
     print(f"public router rows written to {args.anchor}; its fingerprint is now {after}")
     if before is not None and before != after:
         console.print(f"[yellow]note:[/] the fingerprint was {before}; expert packages trained on that one no "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import AnchorError, DataError
 from flexolmo.core.fileio import atomic_write_bytes
@@ -165,13 +166,21 @@ def load_public_rows(anchor_dir: Path, num_layers: int) -> list[torch.Tensor]:
     if not path.exists():
         raise AnchorError(
             f"{anchor_dir}: has no public router rows ({PUBLIC_ROUTER_FILE}); the coordinator adds them with "
-            "`flexolmo init-router --anchor DIR --data PUBLIC_FILE...`"
+            "`flexolmo init-router --anchor DIR --public-data PUBLIC_FILE...`"
         )
     tensors = load_file(str(path))
     try:
         return [tensors[f"layers.{i}"] for i in range(num_layers)]
     except KeyError as missing:
         raise AnchorError(f"{path}: missing router row {missing}; recompute it with `flexolmo init-router`") from None
+
+
+class PublicRowSettings(BaseModel):
+    """How much public text `compute_public_rows` averages (the flags of `flexolmo init-router`). Checked where
+    used, with the flags' names in the message."""
+
+    seq_len: int = Field(256, description="tokens per averaged sequence")
+    sequences: int = Field(256, description="public sequences to average")
 
 
 def compute_public_rows(
