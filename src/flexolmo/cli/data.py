@@ -21,6 +21,10 @@ from flexolmo.cli.common import (
     path_list,
     write_json_output,
 )
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.data.overlap import OverlapSettings
+
+OVERLAP_FIELDS = ("chars", "top")
 
 
 def register(subparsers, name: str) -> None:
@@ -37,12 +41,15 @@ def register(subparsers, name: str) -> None:
                          help="training files (.jsonl/.jsonl.gz/.parquet/.txt)")
     overlap.add_argument("--heldout", nargs="+", required=True, metavar="FILE",
                          help="held-out (or validation) files, each checked against all training files")
-    overlap.add_argument("--chars", type=int, default=50,
-                         help="length N of the strings compared, in characters")
-    overlap.add_argument("--top", type=int, default=10, help="worst documents to list per held-out file")
+    add_config_flags(overlap, OverlapSettings, OVERLAP_FIELDS)
     add_json_flag(overlap, help="also write the full report (ids and counts, no text) as JSON to this file")
     add_data_flags(overlap)
     overlap.set_defaults(run=run_overlap)
+
+
+def overlap_settings(args: argparse.Namespace) -> OverlapSettings:
+    """The `OverlapSettings` the parsed flags describe."""
+    return OverlapSettings(**config_values(args, OVERLAP_FIELDS))
 
 
 def run_overlap(args: argparse.Namespace) -> int:
@@ -51,7 +58,8 @@ def run_overlap(args: argparse.Namespace) -> int:
 
     target = json_output(args)
     heldout = path_list(args.heldout)
-    report = measure_overlap(path_list(args.train), heldout, chars=args.chars, top=args.top,
+    settings = overlap_settings(args)
+    report = measure_overlap(path_list(args.train), heldout, chars=settings.chars, top=settings.top,
                              text_field=args.text_field)
     folder, names = _short_names(heldout)
     print_table(
@@ -65,7 +73,7 @@ def run_overlap(args: argparse.Namespace) -> int:
     worst = [[name, d.doc_id, f"{d.characters:,}", f"{100 * d.share:.1f}%"]
              for name, f in zip(names, report.files) for d in f.worst]
     if worst:
-        print_table(f"most shared documents (up to {args.top} per file)",
+        print_table(f"most shared documents (up to {settings.top} per file)",
                     ["held-out file", "id", "characters", "share"], worst)
     write_json_output(target, report.as_dict(), "overlap report")
     return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from flexolmo.core.errors import DataError
 from flexolmo.core.progress import progress_bar
@@ -64,6 +65,14 @@ class WindowIndex:
         where[where == len(self.hashes)] = 0
         found[order] = self.hashes[where] == needles
         return found
+
+
+class OverlapSettings(BaseModel):
+    """How `measure_overlap` compares text (the flags of `flexolmo data overlap`). Checked where used, with the
+    flags' names in the message."""
+
+    chars: int = Field(DEFAULT_CHARS, description="length N of the strings compared, in characters")
+    top: int = Field(DEFAULT_TOP, description="worst documents to list per held-out file")
 
 
 def _check_chars(chars: int) -> None:
