@@ -57,7 +57,7 @@ class DemoConfig(BaseModel):
 
     data_dir: Path = Field(default_factory=shipped_data_dir, description="shipped corpora and anchor")
     out: Path = Field(Path("runs/demo"), description="where every artefact and the report go")
-    quick: bool = Field(False, description="a smoke run: a few steps and sequences; numbers not meaningful")
+    quick: bool = Field(False, description="a 3-minute smoke run: a few steps and sequences; numbers not meaningful")
     expert_steps: int = Field(60, ge=1, description="optimizer steps per owner's expert")
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=16)
@@ -74,8 +74,9 @@ class DemoConfig(BaseModel):
                                 "and not scored; prompt routing chooses its member from them")
     router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
-    ablation: bool = Field(False, description="also the unrestricted upper bound (all closed data pooled) and the "
-                                               "ablation's experts: a random router row, the negative bias")
+    ablation: bool = Field(False, description="also train the unrestricted upper bound (all closed data pooled) "
+                                               "and the ablation's experts: a random router row, the negative bias "
+                                               "(five more experts each)")
     seed: int = 0
     device: str = Field("cpu", description="torch device every model trains and runs on")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
