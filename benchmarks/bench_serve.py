@@ -29,7 +29,13 @@ random moment; measured from the write to the end of the first response that ran
 the start of the first request that did, which leaves out the request's own duration), and how many requests
 started after the write still ran with the expert (0 for a file; for a URL, those inside one
 poll interval). Every response under the new set must give the withdrawn expert no routing.
-Results: `benchmarks/results/serve.json`.
+Results: `benchmarks/results/serve.json` (`--out`).
+
+`--device cuda` serves on a GPU through flexolmo's own runtime (the same measurements; `machine.device` names the
+GPU). `--vllm` measures the vLLM plugin instead (`flexolmo.serve.vllm_plugin`; needs vllm and a GPU): greedy
+tokens of 4 prompts x 5 masks in one batch against flexolmo's runtime on the CPU, twice (the second time with
+the prefix cache warm under the other masks' salts), and tokens/s of 32 x `--requests` requests with all
+different masks against one mask. `scripts/gpu_check.sh` runs both where a GPU is lent.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import DEMO_ANCHOR, SMALL_SHAPE
 from bench_merge import write_anchor, write_expert
+from common import write_results
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 WORDS = ["the", "of", "and", "river", "city", "music", "science", "language", "country", "people", "century", "war",
@@ -92,11 +99,11 @@ def build_model(workdir: Path) -> Path:
     return merged
 
 
-def prompts(count: int) -> list[str]:
+def prompts(count: int, words: int = 12) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     # Each starts with "the": some words at the very start have token ids beyond the small model's vocabulary
     # (the demo tokenizer has 8192, the small shape 4096).
-    return [" ".join(["the", *(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (12,), generator=generator))])
+    return [" ".join(["the", *(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (words,), generator=generator))])
             for _ in range(count)]
 
 
@@ -143,7 +150,7 @@ def run_generate(loaded, cases: list[tuple[str, list[str] | None]], max_tokens: 
     start, tokens, texts = time.perf_counter(), 0, []
     for prompt, experts in cases:
         loaded.exclude([] if experts is None else [n for n in loaded.expert_names[1:] if n not in experts])
-        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(loaded.model.device)
         out = loaded.model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
                                     pad_token_id=loaded.tokenizer.eos_token_id)[0, ids.shape[1]:]
         tokens += len(out)
@@ -155,16 +162,20 @@ def run_generate(loaded, cases: list[tuple[str, list[str] | None]], max_tokens: 
 
 
 @torch.no_grad()
-def solo_text(loaded, prompt: str, experts: list[str] | None, max_tokens: int) -> str:
+def solo_ids(loaded, prompt: str, experts: list[str] | None, max_tokens: int) -> list[int]:
     """The request's greedy completion alone, with its exclusions for the whole model and no cache."""
     loaded.exclude([] if experts is None else [n for n in loaded.expert_names[1:] if n not in experts])
     ids, out = loaded.tokenizer(prompt)["input_ids"], []
     while len(out) < max_tokens:
-        out.append(int(loaded.model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+        out.append(int(loaded.model(torch.tensor([ids + out], device=loaded.model.device)).logits[0, -1].argmax()))
         if out[-1] == loaded.tokenizer.eos_token_id:
             break
     loaded.exclude([])
-    return loaded.tokenizer.decode(out, skip_special_tokens=True)
+    return out
+
+
+def solo_text(loaded, prompt: str, experts: list[str] | None, max_tokens: int) -> str:
+    return loaded.tokenizer.decode(solo_ids(loaded, prompt, experts, max_tokens), skip_special_tokens=True)
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -296,6 +307,63 @@ def run_streams(url: str, loaded, streams: int, requests: int, max_tokens: int, 
     return result
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor()
+                                                                                  or platform.machine())
+
+
+def timed_vllm(llm, ids: list[list[int]], rows: list, max_tokens: int) -> tuple[list[list[int]], float]:
+    from flexolmo.serve.vllm_plugin.glue import generate
+
+    start = time.perf_counter()
+    outputs = generate(llm, ids, rows, max_tokens)
+    return [list(output.outputs[0].token_ids) for output in outputs], time.perf_counter() - start
+
+
+def vllm_check(merged: Path, args) -> dict:
+    """The vLLM plugin on `merged`: every prompt under several masks in one batch, greedy tokens against
+    flexolmo's own runtime on the CPU (no cache, float32), run twice (the second time every prompt's blocks are
+    in the prefix cache under the other masks' salts); then tokens/s of `--requests` x 32 requests with all
+    different masks against the same requests with one mask (best of `--rounds`)."""
+    from flexolmo.model.runtime import load_model
+    from flexolmo.serve.vllm_plugin import register
+    from flexolmo.serve.vllm_plugin.core import MaskRow
+    from flexolmo.serve.vllm_plugin.glue import load_llm
+
+    register()  # what the entry point does in every vLLM process when flexolmo is installed
+    cpu = load_model(merged)
+    owners = cpu.expert_names[1:]
+    allow = [None, [owners[0]], [owners[1]], owners[2:4], []]  # None: every expert; []: the public one only
+
+    def row(experts):
+        return MaskRow(tuple(experts is None or name == "public" or name in experts
+                             for name in cpu.expert_names), None)
+
+    texts = prompts(4, words=40)  # longer than a cache block (16 tokens), so blocks are cached and could be shared
+    cases = [(text, experts) for text in texts for experts in allow]
+    ids = [cpu.tokenizer(text)["input_ids"] for text, _ in cases]
+    expected = [solo_ids(cpu, text, experts, args.max_tokens) for text, experts in cases]
+    llm = load_llm(merged, dtype=args.vllm_dtype, gpu_memory_utilization=0.5, seed=0)
+    runs = [timed_vllm(llm, ids, [row(experts) for _, experts in cases], args.max_tokens)[0] for _ in range(2)]
+    masks = allow_lists(owners, 32)
+    many = prompts(32 * args.requests)
+    throughput = {"different_masks": [], "same_mask": []}
+    for _ in range(args.rounds):
+        for mode, mask_of in (("different_masks", lambda i: masks[i % 32]), ("same_mask", lambda i: None)):
+            tokens, seconds = timed_vllm(llm, [cpu.tokenizer(text)["input_ids"] for text in many],
+                                         [row(mask_of(index)) for index in range(len(many))], args.max_tokens)
+            throughput[mode].append(round(sum(map(len, tokens)) / seconds, 1))
+    return {"cases": len(cases), "vllm_dtype": args.vllm_dtype,
+            "equal_to_cpu_runtime": [sum(got == want for got, want in zip(run, expected)) for run in runs],
+            "first_difference": [next((position for position, (a, b) in enumerate(zip(got, want)) if a != b),
+                                      min(len(got), len(want))) for got, want in zip(runs[0], expected)
+                                 if got != want],
+            "masks_change_outputs": sum(runs[0][index] != runs[0][index + len(allow) - 1]
+                                        for index in range(0, len(cases), len(allow))),
+            "tokens_per_s": throughput,
+            "different_over_same": round(max(throughput["different_masks"]) / max(throughput["same_mask"]), 3)}
+
+
 def main() -> None:
     from flexolmo.model.runtime import load_model
     from flexolmo.serve.follow import DEFAULT_POLL
@@ -310,27 +378,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each HTTP mode; the best is reported")
     parser.add_argument("--withdrawals", type=int, default=5, help="withdrawals timed per active-set source")
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL, help="poll interval of the URL source")
+    parser.add_argument("--device", default="cpu", help="where flexolmo's runtime serves: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--vllm", action="store_true",
+                        help="instead: the vLLM plugin (needs vllm and a GPU) against flexolmo's CPU runtime")
+    parser.add_argument("--vllm-dtype", default="float32", help="dtype vLLM loads the model in")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, load_average = time.perf_counter(), os.getloadavg()[0]
-    loaded = load_model(build_model(args.workdir))
-    server = ModelServer(loaded, ServeOptions(max_batch=max(args.streams)))
-    with running_server(server) as url:
-        by_streams = [run_streams(url, loaded, streams, args.requests, args.max_tokens, args.rounds,
-                                  with_generate=streams == min(args.streams)) for streams in args.streams]
-    withdrawals = [withdrawal_latency(loaded, args.workdir / f"active-{source}", source, args.withdrawals, args.poll)
-                   for source in ("file", "url")] if args.withdrawals else []
-    result = {
-        "command": shlex.join(["benchmarks/bench_serve.py", *sys.argv[1:]]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "load_average_at_start": load_average},
-        "model": {"shape": SMALL_SHAPE, "experts": loaded.expert_names, "top_k": 2},
-        "max_tokens": args.max_tokens, "by_streams": by_streams, "withdrawals": withdrawals,
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    merged = build_model(args.workdir)
+    result = {"command": shlex.join(["benchmarks/bench_serve.py", *sys.argv[1:]]),
+              "machine": {"device": device_name("cuda" if args.vllm else args.device), "cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "load_average_at_start": load_average},
+              "model": {"shape": SMALL_SHAPE, "experts": OWNERS + 1, "top_k": 2}, "max_tokens": args.max_tokens}
+    if args.vllm:
+        result["vllm"] = vllm_check(merged, args)
+    else:
+        loaded = load_model(merged, device=args.device)
+        server = ModelServer(loaded, ServeOptions(max_batch=max(args.streams)))
+        with running_server(server) as url:
+            result["by_streams"] = [run_streams(url, loaded, streams, args.requests, args.max_tokens, args.rounds,
+                                                with_generate=streams == min(args.streams))
+                                    for streams in args.streams]
+        result["withdrawals"] = [withdrawal_latency(loaded, args.workdir / f"active-{source}", source,
+                                                    args.withdrawals, args.poll)
+                                 for source in ("file", "url")] if args.withdrawals else []
+    result["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,15 @@ def solo_routing(loaded: LoadedModel, ids: list[int], exclude: list[str]) -> tor
         for handle in handles:
             handle.remove()
         loaded.exclude([])
+
+
+@torch.no_grad()
+def solo_logprobs(loaded: LoadedModel, ids: list[int], tokens: list[int], exclude: list[str]) -> torch.Tensor:
+    """(len(tokens), vocab): the log-softmax of the next-token logits before each of `tokens`, from one forward of
+    the prompt and the tokens run alone with `exclude` masked for the whole model (no KV cache)."""
+    loaded.exclude(exclude)
+    try:
+        logits = loaded.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : len(ids) + len(tokens) - 1]
+        return torch.log_softmax(logits.float(), dim=-1)
+    finally:
+        loaded.exclude([])

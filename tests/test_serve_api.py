@@ -154,7 +154,7 @@ def test_a_prompt_beyond_the_models_vocabulary_is_refused_and_the_server_goes_on
     ({"model": "merged", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens must be between 1"),
     ({"model": "merged", "prompt": "print " * 200}, 400, "has a context of"),
     ({"model": "merged"}, 400, "prompt: Field required"),
-    ({"model": "merged", "prompt": "x", "logprobs": 2}, 400, "logprobs: logprobs are not supported"),
+    ({"model": "merged", "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias: logit_bias is not supported"),
 ])
 def test_bad_input_is_one_clear_error(served, body, status, message):
     _, url = served

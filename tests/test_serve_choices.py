@@ -125,8 +125,9 @@ def test_a_stream_never_hands_out_the_start_of_a_stop_string(served):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"logprobs": 1}, "logprobs: logprobs are not supported"),
-    ({"logprobs": 0}, "logprobs: logprobs are not supported"),
+    ({"logprobs": 6}, "logprobs must be an integer from 0 to 5, got 6"),
+    ({"logprobs": -1}, "logprobs must be an integer from 0 to 5, got -1"),
+    ({"logprobs": True}, "logprobs: Input should be a valid integer"),
     ({"top_p": 0.5}, "top_p: top_p is not supported"),
     ({"best_of": 3}, "best_of: best_of is not supported"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
@@ -145,7 +146,8 @@ def test_neutral_values_of_refused_fields_are_accepted(served):
     response = client.completions.create(model="merged", prompt="x", max_tokens=2, temperature=0, top_p=1,
                                          logprobs=None, presence_penalty=0, best_of=1, stop=[])
     assert response.choices[0].finish_reason in ("stop", "length")
-    chat = httpx.post(f"{url}/v1/chat/completions", json={"model": "merged", "logprobs": True,
+    chat = httpx.post(f"{url}/v1/chat/completions", json={"model": "merged", "logprobs": True, "top_logprobs": 21,
                                                           "messages": [{"role": "user", "content": "x"}]})
-    assert chat.status_code == 400 and "logprobs" in chat.json()["error"]["message"]
+    assert chat.status_code == 400
+    assert "top_logprobs must be an integer from 0 to 20, got 21" in chat.json()["error"]["message"]
     assert json.loads(chat.text)["error"]["type"] == "invalid_request_error"

@@ -1,5 +1,5 @@
-"""`flexolmo serve` as a process: it starts from the command line, and SIGTERM lets the requests in flight
-finish before it exits."""
+"""`flexolmo serve` as a process: it starts from the command line (saying in one line that, without
+--trusted-keys, the model is unauthenticated), and SIGTERM lets the requests in flight finish before it exits."""
 
 from __future__ import annotations
 
@@ -61,4 +61,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(serve_merged):
             process.kill()
     assert "data: [DONE]" not in at_signal and len(events) > len(at_signal)  # it was in flight, and went on
     assert "Finished server process" in log and [line for line in events if line][-1] == "data: [DONE]"
+    # Started without --trusted-keys: one line says that the expert names are whoever wrote the files'.
+    warnings = [line for line in log.splitlines() if "unauthenticated (no --trusted-keys)" in line]
+    assert len(warnings) == 1 and "serve acts on" in warnings[0]
     assert any('"finish_reason": "length"' in line or '"finish_reason": "stop"' in line for line in events)

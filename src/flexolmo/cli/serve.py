@@ -5,7 +5,10 @@ Every request runs only the experts its API key may use (`--keys`: a JSON object
 expert's share of its routing in `usage.experts`. With `--active-set` and `--coordinator-keys` the server
 follows the coordinator's signed active set, from a file or from the consortium service's URL (polled every
 `--active-set-poll` seconds): an expert that leaves it is masked from the next request on; a set that is
-expired or wrongly signed makes the server serve the public expert only (see /health).
+expired or wrongly signed makes the server serve the public expert only (see /health). With `--trusted-keys`
+the merged model must be signed by the coordinator (coordinator.pub there) before the server starts, so expert
+names, which every allow-list and opt-out is written in, are the coordinator's; without it the server says on
+stderr that it trusts whoever wrote the files.
 
 Example:
   flexolmo serve --model merged/ --keys keys.json
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, torch_dtype
+from flexolmo.cli.common import add_command, add_device_flags, add_trusted_keys_flag, torch_dtype, trusted_keys
 from flexolmo.core.errors import TrustError
 from flexolmo.serve.follow import DEFAULT_POLL, MAX_POLL, MIN_POLL
 
@@ -39,6 +42,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--coordinator-keys", type=Path, default=None,
                         help="directory with the coordinator's public key, which signs the active set")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    add_trusted_keys_flag(parser)
     add_device_flags(parser)
     parser.set_defaults(run=run)
 
@@ -46,6 +50,7 @@ def register(subparsers, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from flexolmo.model.merged_format import authenticate_merged_model
     from flexolmo.model.runtime import load_model
     from flexolmo.serve.app import create_app
     from flexolmo.serve.server import ModelServer, ServeOptions
@@ -54,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         raise TrustError("--active-set and --coordinator-keys go together: the set is only as good as its signer")
     if not MIN_POLL <= args.active_set_poll <= MAX_POLL:
         raise TrustError(f"--active-set-poll must be between {MIN_POLL} and {MAX_POLL} seconds")
+    trusted = trusted_keys(args)
+    # Before anything loads: with keys the coordinator's signature must cover the files as they are (one line
+    # and no server when it does not); without keys, one warning line.
+    authenticate_merged_model(args.model, trusted, "serve")
     loaded = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
     options = ServeOptions(args.keys, args.active_set, args.coordinator_keys, args.max_batch, args.active_set_poll)
     uvicorn.run(create_app(ModelServer(loaded, options)), host=args.host, port=args.port, log_level="info")

@@ -72,3 +72,12 @@ def requested_experts(allowed: frozenset[str], requested: list[str] | None, expe
     if forbidden:
         raise AccessError(403, f"this API key may not use expert(s) {', '.join(forbidden)}")
     return {*requested, PUBLIC_EXPERT}
+
+
+def request_mask(expert_names: list[str], allowed: frozenset[str], requested: list[str] | None,
+                 active: tuple[bool, ...]) -> tuple[bool, ...]:
+    """The experts one request runs, one flag per expert in the model's order: what its key allows, narrowed by
+    its `experts` field (400/403 as `requested_experts`), within the active set's mask `active`. Every backend
+    (flexolmo's own scheduler, the vLLM plugin) takes a request's mask from here and nowhere else."""
+    names = requested_experts(allowed, requested, expert_names)
+    return tuple(name in names and on for name, on in zip(expert_names, active, strict=True))

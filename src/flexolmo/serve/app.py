@@ -15,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from flexolmo.serve.access import AccessError
+from flexolmo.serve.engine import Token
+from flexolmo.serve.logprobs import ChoiceLogprobs
 from flexolmo.serve.protocol import (
     ChatBody,
     CompletionBody,
@@ -37,12 +39,14 @@ def _api_key(request: Request) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
-def _choice(chat: bool, index: int, text: str, reason: str | None, stream: bool) -> dict:
+def _choice(chat: bool, index: int, text: str, reason: str | None, stream: bool, logprobs: dict | None) -> dict:
     if not chat:
-        return {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+        return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
     if stream:
-        return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": reason}
 
 
 class _Handler:
@@ -54,6 +58,7 @@ class _Handler:
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.object = ("chat.completion" if chat else "text_completion")
         self.streams: list[TextStream] = []  # one per choice
+        self.logprobs: list[ChoiceLogprobs] | None = None  # one per choice, when the request asked for them
 
     async def start(self, request: Request) -> tuple[Job, bool]:
         """Check the request and submit its choices; `self.streams` follow each choice's text."""
@@ -72,8 +77,24 @@ class _Handler:
             asked, default = body.max_tokens, COMPLETION_DEFAULT_TOKENS
         max_tokens = server.max_tokens(len(ids), asked, default)
         stops = server.stop_strings(body.stop)
-        self.streams = [TextStream(server.loaded.tokenizer, stops) for _ in range(body.n)]
-        return server.start(ids, mask, active, max_tokens, body.temperature, body.seed, body.n, stops), body.stream
+        tokenizer = server.loaded.tokenizer
+        self.streams = [TextStream(tokenizer, stops) for _ in range(body.n)]
+        top = body.top_logprobs_asked()
+        if top is not None:
+            self.logprobs = [ChoiceLogprobs(tokenizer, self.chat) for _ in range(body.n)]
+        job = server.start(ids, mask, active, max_tokens, body.temperature, body.seed, body.n, stops, top)
+        return job, body.stream
+
+    def _push(self, index: int, token: Token) -> str:
+        """Add a choice's token; the text it settles (possibly none yet)."""
+        stream = self.streams[index]
+        if self.logprobs is not None:
+            self.logprobs[index].add(token, stream.length)
+        return stream.push(token.id)
+
+    def _logprobs(self, index: int) -> dict | None:
+        """The choice's logprob entries not handed out yet, or None when the request asked for none."""
+        return None if self.logprobs is None else self.logprobs[index].take()
 
     def _chunk(self, choice: dict, usage: dict | None = None) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -88,17 +109,18 @@ class _Handler:
         if self.chat:
             for index in range(len(self.streams)):
                 yield sse(self._chunk({"index": index, "delta": {"role": "assistant", "content": ""},
-                                       "finish_reason": None}))
+                                       "logprobs": None, "finish_reason": None}))
         running = len(self.streams)
         async for index, kind, value in job.events():
             if kind == "token":
-                delta = self.streams[index].push(value)
+                delta = self._push(index, value)
                 if delta:
-                    yield sse(self._chunk(_choice(self.chat, index, delta, None, True)))
+                    yield sse(self._chunk(_choice(self.chat, index, delta, None, True, self._logprobs(index))))
             elif kind == "done":
                 running -= 1
                 usage = self.server.usage(job) if running == 0 else None
-                yield sse(self._chunk(_choice(self.chat, index, self.streams[index].finish(), value, True), usage))
+                rest = self.streams[index].finish()
+                yield sse(self._chunk(_choice(self.chat, index, rest, value, True, self._logprobs(index)), usage))
             else:
                 yield sse({"error": {"message": value, "type": "server_error", "code": 503}})
         yield sse("[DONE]")
@@ -107,14 +129,14 @@ class _Handler:
         reasons: list[str | None] = [None] * len(self.streams)
         async for index, kind, value in job.events():
             if kind == "token":
-                self.streams[index].push(value)
+                self._push(index, value)
             elif kind == "error":
                 return error_response(503, value)
             else:
                 reasons[index] = value
         for stream in self.streams:
             stream.finish()
-        choices = [_choice(self.chat, index, stream.text, reason, False)
+        choices = [_choice(self.chat, index, stream.text, reason, False, self._logprobs(index))
                    for index, (stream, reason) in enumerate(zip(self.streams, reasons))]
         return JSONResponse({"id": self.id, "object": self.object, "created": now(), "model": self.server.model_id,
                              "choices": choices, "usage": self.server.usage(job)})

@@ -27,6 +27,10 @@ completion tokens fed back through the model (the last completion token never is
 own). Each position counts once, from the first forward that fed it: a recompute after a withdrawal feeds the
 prompt again and counts only the token that was new to it, so the tokens computed before the withdrawal stay
 credited to the experts that computed them.
+
+Logprobs: a request that asks for them gets with each token the log-softmax of the logits that token was picked
+from (greedy or sampled, before the temperature), in the same forward and under the request's own mask, so
+they are what its solo run with the same exclusions computes.
 """
 
 from __future__ import annotations
@@ -47,8 +51,21 @@ from flexolmo.serve.kvcache import DecodeBatch, Rows, cache_kwarg, cache_rows
 
 log = logging.getLogger("flexolmo.serve")
 
-# An event for a request's listener: ("token", id), ("done", finish_reason) or ("error", message).
+# An event for a request's listener: ("token", Token), ("done", finish_reason) or ("error", message).
 Event = tuple[str, object]
+
+# OpenAI's most alternatives per token (chat's `top_logprobs`; legacy completions allow 5).
+MAX_TOP_LOGPROBS = 20
+
+
+class Token(NamedTuple):
+    """A generated token; for a request that asked for logprobs, also its log-probability and the `top` most
+    likely tokens' (id, log-probability), most likely first. Both come from the log-softmax of the very logits
+    the token was picked from (before any temperature), under the request's own expert mask."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class ActiveExperts(Protocol):
@@ -76,6 +93,7 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    top_logprobs: int | None = None  # None: no logprobs; else the alternatives reported per token (0..20)
     # Asked after every token with the tokens so far (e.g. `text.StopStrings`): True ends the request, "stop".
     stop_when: Callable[[list[int]], bool] | None = None
     tokens: list[int] = field(default_factory=list)
@@ -224,7 +242,7 @@ class Scheduler:
         for request in self._running:
             token = _next_token(logits[request], request)
             request.tokens.append(token)
-            request.listener(("token", token))
+            request.listener(("token", _token(logits[request], token, request.top_logprobs)))
             reason = _finish_reason(request, token)
             if reason:
                 request.listener(("done", reason))
@@ -304,6 +322,15 @@ def _next_token(logits: torch.Tensor, request: GenerationRequest) -> int:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / request.temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _token(logits: torch.Tensor, token: int, top: int | None) -> Token:
+    """The token as its listener gets it, with its logprobs when asked for (`top` alternatives)."""
+    if top is None:
+        return Token(token)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+    return Token(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist())))
 
 
 def _finish_reason(request: GenerationRequest, token: int) -> str | None:

@@ -1,8 +1,10 @@
 """The OpenAI-compatible request bodies this server accepts, and its errors in OpenAI's shape.
 
 Bodies are parsed here rather than by FastAPI so that every bad input is one clear 400 (FastAPI would answer
-422 with a list), and fields the server cannot honour (`logprobs`, penalties, ...) are refused, not ignored.
-`stop` (a string or up to 4) and `n` (up to `MAX_CHOICES` choices, each a row of the batch) are honoured.
+422 with a list), and fields the server cannot honour (penalties, `logit_bias`, ...) are refused, not ignored.
+`stop` (a string or up to 4), `n` (up to `MAX_CHOICES` choices, each a row of the batch) and logprobs are
+honoured: `/v1/completions` takes `logprobs: 0..5` (legacy), `/v1/chat/completions` `logprobs: true` with
+`top_logprobs: 0..20`.
 """
 
 from __future__ import annotations
@@ -12,19 +14,19 @@ import time
 import uuid
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from flexolmo.serve.access import AccessError
+from flexolmo.serve.engine import MAX_TOP_LOGPROBS
 
 # Choices of one request: each is a row of the batch, so `n` is bounded like the batch is.
 MAX_CHOICES = 16
 MAX_STOPS = 4  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions' `logprobs`, as OpenAI
 
 # Fields that would change the output and that this server does not implement: (field, its neutral values, why).
 # Sent with a neutral value (as clients often do) they are fine; otherwise a 400, never silently ignored.
 _REFUSED = (
-    ("logprobs", (None, False), "logprobs are not supported"),
-    ("top_logprobs", (None, 0), "logprobs are not supported"),
     ("best_of", (None, 1), "best_of is not supported; ask for n choices instead"),
     ("logit_bias", (None, {}), "logit_bias is not supported"),
     ("presence_penalty", (None, 0, 0.0), "presence_penalty is not supported"),
@@ -53,6 +55,19 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str]
     echo: bool = Field(default=False)
+    logprobs: StrictInt | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value):
+        return None if value is False else value  # clients send `false` for "none"; `true` is no count
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives per token the request wants with its logprobs; None for no logprobs."""
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise AccessError(400, f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}, got "
+                              f"{self.logprobs}")
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -63,6 +78,19 @@ class ChatMessage(BaseModel):
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives per token the request wants with its logprobs; None for no logprobs."""
+        top = self.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise AccessError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top}")
+        if not self.logprobs:
+            if top:
+                raise AccessError(400, "top_logprobs needs logprobs: true")
+            return None
+        return top or 0
 
 
 def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
@@ -83,8 +111,8 @@ def parse_body(raw: bytes, kind: type[_Body]) -> _Body:
             raise AccessError(400, f"{name}: {why}")
     if getattr(body, "echo", False):
         raise AccessError(400, "echo is not supported")
-    stops = stop_strings(body.stop)
-    body.stop = stops
+    body.top_logprobs_asked()  # a bad value is a 400 now, before anything runs
+    body.stop = stop_strings(body.stop)
     return body
 
 

@@ -14,7 +14,7 @@ import torch
 from flexolmo.core.errors import MergeError
 from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.model.runtime import LoadedModel
-from flexolmo.serve.access import AccessError, allowed_experts, read_keys, requested_experts
+from flexolmo.serve.access import AccessError, allowed_experts, read_keys, request_mask
 from flexolmo.serve.engine import Event, GenerationRequest, Scheduler
 from flexolmo.serve.follow import DEFAULT_POLL, ActiveSetFollower, ActiveState
 from flexolmo.serve.metrics import ServeMetrics
@@ -118,9 +118,8 @@ class ModelServer:
 
     def mask(self, allowed: frozenset[str], requested: list[str] | None) -> tuple[torch.Tensor, ActiveState]:
         """The request's mask (key, narrowing and active set together) and the active set it was taken under."""
-        names = requested_experts(allowed, requested, self.expert_names)
         active = self.active_state()
-        mask = [name in names and on for name, on in zip(self.expert_names, active.mask)]
+        mask = request_mask(self.expert_names, allowed, requested, active.mask)
         return torch.tensor(mask, dtype=torch.bool), active
 
     def encode(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
@@ -156,12 +155,14 @@ class ModelServer:
         return StopStrings(self.loaded.tokenizer, stop) if stop else None
 
     def start(self, prompt_ids: list[int], mask: torch.Tensor, active: ActiveState, max_tokens: int,
-              temperature: float, seed: int | None, n: int = 1, stop: StopStrings | None = None) -> Job:
+              temperature: float, seed: int | None, n: int = 1, stop: StopStrings | None = None,
+              top_logprobs: int | None = None) -> Job:
         """Submit the request's `n` choices, each its own row of the batch with the same mask. With a seed,
-        choice i samples with seed + i, so that the choices differ and a repeated request repeats them."""
+        choice i samples with seed + i, so that the choices differ and a repeated request repeats them. With
+        `top_logprobs` (0..20) every token comes with its logprob and that many alternatives."""
         requests = [GenerationRequest(prompt_ids, mask, max_tokens, listener=lambda _event: None,
                                       temperature=temperature, seed=None if seed is None else seed + index,
-                                      stop_ids=self.stop_ids, stop_when=stop)
+                                      stop_ids=self.stop_ids, stop_when=stop, top_logprobs=top_logprobs)
                     for index in range(n)]
         job = Job(requests, asyncio.get_running_loop(), active)
         for request in requests:

@@ -51,6 +51,7 @@ class TextStream:
         self.stops = stops
         self.tokens: list[int] = []
         self.text = ""  # what has been handed out
+        self.length = 0  # of the text of all tokens so far, handed out or not: where the next token's text starts
 
     def _decoded(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
@@ -58,6 +59,7 @@ class TextStream:
     def push(self, token: int) -> str:
         self.tokens.append(token)
         text = self._decoded()
+        self.length = len(text)
         if text.endswith("\ufffd"):
             return ""
         end = len(text)

@@ -1,0 +1,166 @@
+"""The thin part of the vLLM plugin that imports vLLM (written against vLLM 0.11.1's v1 engine; see `core` for
+the path of a mask and the parts that run without vLLM). NOT RUN YET: no GPU and no vLLM wheel were at hand
+when it was written; `scripts/gpu_check.sh` runs it where vLLM imports (docs/serving.md says what was run).
+
+- `RequestMasks`: a logits processor that changes no logits; vLLM calls its `update_state` before every forward
+  with the persistent batch's changes and each new request's `SamplingParams`, which is how the mask in
+  `extra_args` reaches the worker. It keeps a `core.MaskTable`.
+- `Masked*ForCausalLM`: vLLM's own FlexOlmo, Qwen2-MoE and Qwen3-MoE models with every `FusedMoE` routed by
+  `core.masked_top_k`, each token under its request's mask. The model and the logits processor are built apart
+  by vLLM in the same worker process from the same `VllmConfig` object, and share nothing else: the table is
+  kept on that object (`shared_table`).
+- `load_llm` / `generate`: vLLM's offline `LLM` on a merged model, under the masked architecture, with
+  `RequestMasks` and eager execution, and greedy generation of requests with their mask and cache salt.
+
+Eager only (`enforce_eager=True`, checked): the routing reads the current forward's token masks from Python, which
+a captured CUDA graph would not re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from vllm import LLM, SamplingParams
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.fused_moe import FusedMoE
+from vllm.model_executor.models.flex_olmo import FlexOlmoForCausalLM
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from flexolmo.model.merged_format import read_merged_info
+from flexolmo.serve.vllm_plugin import MASKED_ARCHITECTURES
+from flexolmo.serve.vllm_plugin.core import (
+    MASK_ARG,
+    MaskRow,
+    MaskTable,
+    check_mask_arg,
+    masked_top_k,
+    requests_for_vllm,
+    token_masks,
+)
+
+log = logging.getLogger("flexolmo.serve.vllm")
+_TABLE = "_flexolmo_mask_table"
+
+
+def shared_table(vllm_config: VllmConfig) -> MaskTable:
+    """The one mask table of this worker's model and logits processor, kept on their shared config object."""
+    table = getattr(vllm_config, _TABLE, None)
+    if table is None:
+        table = MaskTable(int(vllm_config.model_config.hf_config.num_experts))
+        object.__setattr__(vllm_config, _TABLE, table)  # not a config field: never hashed or serialised
+    return table
+
+
+class RequestMasks(LogitsProcessor):
+    """Follows which request (and so which mask) sits at each index of the persistent batch."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        value = (sampling_params.extra_args or {}).get(MASK_ARG)
+        if value is not None:
+            check_mask_arg(value)  # a ValueError here is vLLM's 400 for the request
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
+        self.table = shared_table(vllm_config)
+        self.table.installed = True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        self.table.update(batch_update.batch_size, batch_update.removed,
+                          [(index, params.extra_args) for index, params, _, _ in batch_update.added],
+                          [(source, target, direction == MoveDirectionality.SWAP)
+                           for source, target, direction in batch_update.moved])
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+
+class _TokenMasks:
+    """The current forward's (tokens, E) masks, set by the model's forward and read by every layer's routing."""
+
+    def __init__(self) -> None:
+        self.current: torch.Tensor | None = None
+
+    def route(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """FusedMoE's `custom_routing_function`."""
+        return masked_top_k(gating_output, self.current[: gating_output.shape[0]], topk, renormalize)
+
+
+class _Masked:
+    """Mixed into vLLM's model class: per-request masks into every FusedMoE's routing."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if not vllm_config.model_config.enforce_eager:
+            raise ValueError("flexolmo's masked models run eagerly only: pass enforce_eager=True (--enforce-eager)")
+        self._table = shared_table(vllm_config)
+        if not self._table.installed:
+            raise ValueError("flexolmo's masked models need their logits processor: pass logits_processors="
+                             "['flexolmo.serve.vllm_plugin.glue:RequestMasks'] (--logits-processors)")
+        self._masks = _TokenMasks()
+        renormalize = bool(getattr(vllm_config.model_config.hf_config, "norm_topk_prob", False))
+        for layer in self.modules():
+            if isinstance(layer, FusedMoE):
+                if layer.renormalize != renormalize:  # vLLM's FlexOlmo never renormalises, whatever the config
+                    raise ValueError(f"vLLM's model routes with renormalize={layer.renormalize}, the checkpoint "
+                                     f"says norm_topk_prob={renormalize}: vLLM would not compute this model")
+                layer.custom_routing_function = self._masks.route
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *args, **kwargs):
+        self._masks.current = self._token_masks(positions.shape[-1], positions.device)
+        return super().forward(input_ids, positions, *args, **kwargs)
+
+    def _token_masks(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        metadata = get_forward_context().attn_metadata
+        if metadata is None:  # a warm-up or profiling forward: no requests, every expert (the costliest case)
+            return torch.ones(num_tokens, self._table.num_experts, dtype=torch.bool, device=device)
+        if not isinstance(metadata, dict):
+            raise ValueError("flexolmo's masked models do not support micro-batching (ubatches)")
+        first = next(iter(metadata.values()))
+        query_start_loc = getattr(first, "query_start_loc", None)
+        if query_start_loc is None:  # where each request's tokens start: every v1 backend but FlashInfer has it
+            raise ValueError(f"{type(first).__name__} does not say where each request's tokens start; use "
+                             "VLLM_ATTENTION_BACKEND=FLASH_ATTN")
+        rows = self._table.batch(max(self._table.size, query_start_loc.numel() - 1)).to(device)
+        return token_masks(rows, query_start_loc, num_tokens)
+
+
+class MaskedFlexOlmoForCausalLM(_Masked, FlexOlmoForCausalLM):
+    pass
+
+
+class MaskedQwen2MoeForCausalLM(_Masked, Qwen2MoeForCausalLM):
+    pass
+
+
+class MaskedQwen3MoeForCausalLM(_Masked, Qwen3MoeForCausalLM):
+    pass
+
+
+def load_llm(path: Path | str, **options) -> LLM:
+    """vLLM's offline engine on a merged model, under its masked architecture, with `RequestMasks`, prefix
+    caching (salted per mask) and eager execution; `options` go to `LLM` (dtype, gpu_memory_utilization, ...)."""
+    architecture = read_merged_info(path).config["architectures"][0]
+    return LLM(model=str(path), hf_overrides={"architectures": [MASKED_ARCHITECTURES[architecture]]},
+               logits_processors=[RequestMasks], enforce_eager=True, enable_prefix_caching=True, **options)
+
+
+def generate(llm: LLM, prompts: Sequence[list[int]], rows: Sequence[MaskRow], max_tokens: int,
+             logprobs: int | None = None) -> list:
+    """Greedy completions of `prompts`, each under its mask row, in one `generate` call (vLLM batches them);
+    vLLM's `RequestOutput`s in the prompts' order."""
+    inputs = requests_for_vllm(prompts, rows)
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs, extra_args=extra,
+                             ignore_eos=False) for _, extra in inputs]
+    return llm.generate([prompt for prompt, _ in inputs], params, use_tqdm=False)

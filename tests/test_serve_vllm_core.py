@@ -1,0 +1,185 @@
+"""The vLLM plugin's core, without vLLM: the masked top-k routing equals flexolmo's own (`FlexMoEBlock.route`) for
+every family's renormalisation and any masks; the mask table follows vLLM's persistent batch through removals,
+additions, one-way moves and swaps; rows expand to a flattened batch's tokens; a request's mask is resolved as
+the CPU server resolves it; two different masks or versions never share a cache salt."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import random
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flexolmo.model.anchor import ANCHOR_FAMILIES
+from flexolmo.model.moe import ExpertRouter, FlexMoEBlock, row_masks
+from flexolmo.serve.access import AccessError
+from flexolmo.serve.follow import ActiveState
+from flexolmo.serve.vllm_plugin import MASKED_ARCHITECTURES
+from flexolmo.serve.vllm_plugin.core import (
+    MASK_ARG,
+    MaskRow,
+    MaskTable,
+    check_mask_arg,
+    mask_of,
+    mask_row,
+    masked_top_k,
+    per_expert,
+    requests_for_vllm,
+    token_masks,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["public", "code", "math", "law"]
+
+
+def random_masks(generator: torch.Generator, tokens: int, experts: int) -> torch.Tensor:
+    masks = torch.rand(tokens, experts, generator=generator) < 0.5
+    masks[:, 0] = True  # the public expert is always on
+    return masks
+
+
+@pytest.mark.parametrize("normalize", sorted({family.normalize_top_k for family in ANCHOR_FAMILIES.values()}))
+@pytest.mark.parametrize("experts, top_k", [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (7, 2), (7, 7)])
+def test_masked_top_k_routes_as_flexolmos_own_block(normalize, experts, top_k):
+    generator = torch.Generator().manual_seed(experts * 10 + top_k)
+    hidden_size, tokens = 16, 64
+    block = FlexMoEBlock([nn.Identity() for _ in range(experts)],
+                         ExpertRouter(hidden_size, torch.randn(experts, hidden_size, generator=generator)),
+                         top_k, normalize_top_k=normalize)
+    hidden = torch.randn(tokens, 1, hidden_size, generator=generator)  # one token per row: a mask per token
+    masks = random_masks(generator, tokens, experts)
+    with row_masks(block, masks):
+        expected = block.route(hidden).weights[:, 0]
+    logits = block.gate(hidden)[:, 0]
+    weights, ids = masked_top_k(logits, masks, top_k, normalize)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32 and weights.shape == (tokens, top_k)
+    assert torch.allclose(per_expert(weights, ids, experts), expected, atol=1e-6)
+    assert not (per_expert(weights, ids, experts)[~masks] != 0).any()  # a masked expert gets nothing
+
+
+class PersistentBatch:
+    """vLLM's persistent batch as its logits processors see it: a removal leaves a hole, an addition takes the
+    lowest hole (or the end), `condense` moves the last request into the lowest hole (one-way), a reorder
+    swaps two; each change is reported as vLLM's `BatchUpdate` reports it."""
+
+    def __init__(self):
+        self.slots: list[str | None] = []
+        self.removed, self.added, self.moved = [], [], []
+
+    def remove(self, request: str) -> None:
+        index = self.slots.index(request)
+        self.slots[index] = None
+        self.removed.append(index)
+
+    def add(self, request: str, extra_args: dict | None) -> None:
+        holes = [index for index, slot in enumerate(self.slots) if slot is None]
+        index = holes[0] if holes else len(self.slots)
+        if holes:
+            self.slots[index] = request
+            if index in self.removed:  # vLLM reports a refilled index as added only
+                self.removed.remove(index)
+        else:
+            self.slots.append(request)
+        self.added.append((index, extra_args))
+
+    def condense(self) -> None:
+        while None in self.slots:
+            if self.slots[-1] is None:
+                self.slots.pop()
+                continue
+            hole, last = self.slots.index(None), len(self.slots) - 1
+            self.slots[hole], self.slots[last] = self.slots[last], None
+            self.moved.append((last, hole, False))
+
+    def swap(self, first: int, second: int) -> None:
+        self.slots[first], self.slots[second] = self.slots[second], self.slots[first]
+        self.moved.append((first, second, True))
+
+    def flush(self, table: MaskTable) -> None:
+        table.update(len(self.slots), list(self.removed), list(self.added), list(self.moved))
+        self.removed, self.added, self.moved = [], [], []
+
+
+def test_the_mask_table_follows_the_persistent_batch():
+    rng = random.Random(0)
+    table, batch = MaskTable(len(NAMES)), PersistentBatch()
+    masks: dict[str, tuple[bool, ...]] = {}
+    running: list[str] = []
+    for step in range(300):
+        for _ in range(rng.randint(0, 2)):
+            if running and rng.random() < 0.5:
+                gone = running.pop(rng.randrange(len(running)))
+                batch.remove(gone)
+        for _ in range(rng.randint(0, 3)):
+            name = f"r{step}-{len(running)}"
+            masks[name] = (True, *(rng.random() < 0.5 for _ in NAMES[1:]))
+            running.append(name)
+            batch.add(name, {MASK_ARG: [int(flag) for flag in masks[name]], "other": 1})
+        batch.condense()
+        if len(batch.slots) > 1 and rng.random() < 0.3:
+            batch.swap(*rng.sample(range(len(batch.slots)), 2))
+        batch.flush(table)
+        assert table.size == len(batch.slots) == len(running)
+        expected = [masks[name] for name in batch.slots]
+        assert table.batch(table.size).tolist() == [list(mask) for mask in expected]
+
+
+def test_a_one_way_move_replaces_its_target_and_a_swap_exchanges():
+    table, rows = MaskTable(3), [(True, True, False), (True, False, True), (True, True, True)]
+    table.update(3, [], [(index, {MASK_ARG: [int(flag) for flag in row]}) for index, row in enumerate(rows)], [])
+    table.update(3, [], [], [(0, 2, True)])
+    assert table.batch(3).tolist() == [list(rows[2]), list(rows[1]), list(rows[0])]
+    table.update(2, [], [], [(2, 1, False)])
+    assert table.batch(3).tolist() == [list(rows[2]), list(rows[0]), [True, False, False]]
+
+
+def test_a_request_without_a_fitting_mask_runs_the_public_expert_only():
+    public = [True, False, False, False]
+    assert mask_of(None, 4) == mask_of({}, 4) == mask_of({MASK_ARG: [1, 1]}, 4) == tuple(public)
+    assert mask_of({MASK_ARG: [0, 1, 1, 1]}, 4) == tuple(public)  # public off is not a mask
+    assert mask_of({MASK_ARG: [1, 0, 1, 1]}, 4) == (True, False, True, True)
+    for bad in ([0, 1], [1, 2], "1011", [], [1, 0.5]):
+        with pytest.raises(ValueError, match=MASK_ARG):
+            check_mask_arg(bad)
+    assert MaskTable(4).batch(2).tolist() == [public, public]
+
+
+def test_rows_expand_to_the_flattened_tokens_of_their_requests():
+    rows = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    masks = token_masks(rows, torch.tensor([0, 2, 5, 6]), num_tokens=8)
+    assert masks.tolist() == [rows[0].tolist()] * 2 + [rows[1].tolist()] * 3 + [rows[2].tolist()] \
+        + [[True, False, False]] * 2  # the padding: public only
+    with pytest.raises(ValueError, match="own 6 tokens"):
+        token_masks(rows, torch.tensor([0, 2, 5, 6]), num_tokens=5)
+
+
+def test_a_requests_mask_is_resolved_as_the_cpu_server_resolves_it():
+    active = ActiveState((True, True, False, True), version=7)  # math withdrawn
+    everyone = frozenset(NAMES)
+    assert mask_row(NAMES, everyone, None, active) == MaskRow((True, True, False, True), 7)
+    assert mask_row(NAMES, everyone, ["law"], active) == MaskRow((True, False, False, True), 7)
+    assert mask_row(NAMES, frozenset({"public", "code"}), [], active).mask == (True, False, False, False)
+    with pytest.raises(AccessError, match="may not use expert.s. law"):
+        mask_row(NAMES, frozenset({"public", "code"}), ["law"], active)
+
+
+def test_different_masks_or_versions_never_share_a_cache_salt():
+    masks = [(True, *flags) for flags in itertools.product([False, True], repeat=3)]
+    rows = [MaskRow(mask, version) for mask in masks for version in (None, 1, 2)]
+    salts = [row.salt() for row in rows]
+    assert len(set(salts)) == len(rows) and salts == [row.salt() for row in rows]
+    prompt, extra = requests_for_vllm([[5, 6, 7]], [rows[4]])[0]
+    assert prompt == {"prompt_token_ids": [5, 6, 7], "cache_salt": rows[4].salt()}
+    assert extra == {MASK_ARG: [int(flag) for flag in rows[4].mask]}
+
+
+def test_the_plugin_is_registered_for_every_merged_family():
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    module, _, name = entry["flexolmo"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert {family.moe_architecture for family in ANCHOR_FAMILIES.values()} <= set(MASKED_ARCHITECTURES)
