@@ -7,10 +7,12 @@ runs in seconds."""
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -182,3 +184,73 @@ def test_files_that_are_directories_or_unreadable_are_one_line(folder, trusted):
                    lambda: read_config(model), lambda: read_manifest(model)):
         with pytest.raises(FlexOlmoError):
             action()
+
+
+@pytest.fixture(scope="module")
+def token_cache(folder):
+    """A file tokenized once into a fresh cache: the pristine entry, and the tokens a fresh run gives."""
+    from flexolmo.data.tokens import tokenize_file
+    from flexolmo.model.anchor import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(__file__).parents[1] / "data" / "demo" / "anchor")
+    text = folder / "documents.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}: ünïcode, code() and 3.14 {i * i}"}) + "\n"
+                            for i in range(20)))
+    cache = folder / "token-cache"
+    fresh = tokenize_file(text, tokenizer, "all", cache_dir=cache)
+    (entry,) = (cache / "tokens").iterdir()
+    pristine = {name.name: name.read_bytes() for name in entry.iterdir()}
+    return tokenizer, text, cache, entry, pristine, np.array(fresh.tokens), np.array(fresh.token_bytes)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def arrays_like(valid: np.ndarray) -> st.SearchStrategy[bytes]:
+    """The bytes of a .npy file: the valid array with some values changed, any small array, or any bytes."""
+    from hypothesis.extra import numpy as hnp
+
+    changed = st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 70000)).map(
+        lambda change: npy_bytes(np.concatenate([valid[:change[0]], [change[1] % np.iinfo(valid.dtype).max],
+                                                 valid[change[0] + 1:]]).astype(valid.dtype)))
+    other = hnp.arrays(st.sampled_from([np.uint16, np.uint32, np.int64, np.float32]),
+                       hnp.array_shapes(max_dims=2, max_side=len(valid) + 1)).map(npy_bytes)
+    return st.one_of(changed, other, st.binary(max_size=60))
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_a_damaged_token_cache_entry_is_rebuilt_never_used(token_cache, data, capsys):
+    """Whatever happened to a cached split (truncated, rewritten, values flipped), the next run gets exactly the
+    tokens a fresh tokenization gives: the entry is checked and rebuilt, never read as it is."""
+    from flexolmo.data.tokens import tokenize_file
+
+    tokenizer, text, cache, entry, pristine, tokens, token_bytes = token_cache
+    for name, content in pristine.items():
+        (entry / name).write_bytes(content)
+    meta = json.loads(pristine["meta.json"])
+    damaged = data.draw(st.sampled_from(sorted(pristine)))
+    replacement = {"meta.json": contents(meta), "tokens.npy": arrays_like(tokens),
+                   "bytes.npy": arrays_like(token_bytes)}[damaged]
+    (entry / damaged).write_bytes(data.draw(replacement))
+    loaded = tokenize_file(text, tokenizer, "all", cache_dir=cache)
+    assert np.array_equal(loaded.tokens, tokens) and np.array_equal(loaded.token_bytes, token_bytes)
+    assert loaded.num_bytes == meta["num_bytes"] and loaded.num_documents == meta["num_documents"]
+
+
+@pytest.mark.parametrize("field, change", [("num_bytes", 1), ("num_documents", 1), ("tokens_crc32", 1)])
+def test_a_changed_count_in_the_token_cache_is_caught_by_its_checksum(token_cache, field, change):
+    """Counts that bits per byte divide by are covered too: one changed number makes the entry rebuilt."""
+    from flexolmo.data.tokens import tokenize_file
+
+    tokenizer, text, cache, entry, pristine, tokens, _ = token_cache
+    for name, content in pristine.items():
+        (entry / name).write_bytes(content)
+    meta = json.loads(pristine["meta.json"])
+    (entry / "meta.json").write_text(json.dumps({**meta, field: meta[field] + change}))
+    loaded = tokenize_file(text, tokenizer, "all", cache_dir=cache)
+    assert (loaded.num_bytes, loaded.num_documents) == (meta["num_bytes"], meta["num_documents"])
+    assert json.loads((entry / "meta.json").read_text()) == meta  # rebuilt as it was

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from flexolmo.data.documents import (
     select_split,
 )
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: meta.json holds a CRC-32 of each array and of itself, checked on every read
 
 
 _TOKENIZE_BATCH_DOCUMENTS = 512
@@ -205,7 +206,8 @@ def tokenize_file(
                             f"text puts {heldout_fraction:.0%} in the held-out split); add documents, or pass the "
                             "held-out text as its own file (--heldout)")
         meta = {"source": str(path), "split": split, "num_documents": num_documents, "num_bytes": num_bytes,
-                "num_tokens": len(tokens)}
+                "num_tokens": len(tokens), "tokens_crc32": _crc32(tokens), "bytes_crc32": _crc32(token_bytes)}
+        meta["meta_crc32"] = _meta_crc32(meta)
         with atomic_directory(entry, overwrite=True) as staging:
             np.save(staging / "tokens.npy", tokens)
             np.save(staging / "bytes.npy", token_bytes)
@@ -217,17 +219,31 @@ def tokenize_file(
         return written
 
 
+def _crc32(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).data)
+
+
+def _meta_crc32(meta: dict) -> int:
+    fields = {key: value for key, value in meta.items() if key != "meta_crc32"}
+    return zlib.crc32(json.dumps(fields, sort_keys=True).encode())
+
+
 def _read_cache_entry(entry: Path, path: Path, file_sha256: str) -> TokenizedFile | None:
-    """A cached split, or None when the entry is absent or damaged (an interrupted copy, a disk error)."""
+    """A cached split, or None when the entry is absent or damaged (an interrupted copy, a disk error, a changed
+    value). The checksums cost one pass over the arrays per run, far less than tokenizing them again, and keep
+    a flipped token or byte count from silently changing what is trained on or how bits per byte divide."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         tokens = np.load(entry / "tokens.npy", mmap_mode="r", allow_pickle=False)
         token_bytes = np.load(entry / "bytes.npy", mmap_mode="r", allow_pickle=False)
-        if tokens.ndim != 1 or token_bytes.shape != tokens.shape or len(tokens) != meta["num_tokens"]:
+        intact = (meta["meta_crc32"] == _meta_crc32(meta) and tokens.ndim == 1 and token_bytes.shape == tokens.shape
+                  and len(tokens) == meta["num_tokens"] and tokens.dtype.kind == "u" and token_bytes.dtype == np.uint32
+                  and _crc32(tokens) == meta["tokens_crc32"] and _crc32(token_bytes) == meta["bytes_crc32"])
+        if not intact:
             return None
         return TokenizedFile(path, tokens, token_bytes, int(meta["num_documents"]), int(meta["num_bytes"]),
                              file_sha256)
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+    except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError, OverflowError):
         return None
 
 
