@@ -18,12 +18,15 @@ def register(subparsers, name: str) -> None:
                          description=__doc__)
     parser.add_argument("path", type=Path, help="expert package or merged model directory")
     parser.add_argument("--anchor", type=Path, default=None, help="anchor directory a package should belong to")
+    parser.add_argument("--packages", nargs="+", type=Path, default=None, metavar="DIR",
+                        help="with a merged model: your own expert packages; each must be the slot of its name, "
+                             "bit for bit (a member's check that nobody swapped, scaled or renamed its expert)")
     add_trusted_keys_flag(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexolmo.coordinator.artefacts import is_merged_model, verify_merged_model
+    from flexolmo.coordinator.artefacts import check_member_slot, is_merged_model, verify_merged_model
 
     trusted = trusted_keys(args)
     if is_merged_model(args.path):
@@ -32,7 +35,15 @@ def run(args: argparse.Namespace) -> int:
             "--trusted-keys)"
         print(f"ok: {args.path} holds the {len(result['experts'])} experts its record names, unchanged since its "
               f"last of {result['operations']} logged operations{signed}")
+        for package in args.packages or ():
+            slot = check_member_slot(args.path, package, trusted)
+            print(f"ok: {slot['name']} is slot {slot['slot']} of {args.path}, its FFN weights bit for bit those of "
+                  f"{package}, its router row {slot['router']}")
         return 0
+    if args.packages:
+        from flexolmo.core.errors import PackageError
+
+        raise PackageError(f"--packages checks your experts inside a merged model; {args.path} is not one")
     package = verify_package(args.path, args.anchor, trusted)
     signed = f", signed by '{package.signer.name}'" if package.signer else " (not authenticated: pass --trusted-keys)"
     print(f"ok: {package.name} is intact and was trained on {args.anchor}{signed}")

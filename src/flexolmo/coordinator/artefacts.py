@@ -11,9 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from flexolmo.coordinator.expert_sources import PackageExpert
 from flexolmo.core.errors import TrustError
+from flexolmo.core.tensor_io import LazyReader
+from flexolmo.model.anchor import ANCHOR_FAMILIES
 from flexolmo.model.merged_format import (
     MERGED_METADATA_FILE,
+    ROUTER_TUNING_KEY,
     authenticate_merged_model,
     read_merged_info,
     verify_merged_model,
@@ -29,7 +35,7 @@ from flexolmo.trust.signing import (
     sign_directory,
 )
 
-__all__ = ["is_merged_model", "sign_artefact", "verify_merged_model"]
+__all__ = ["check_member_slot", "is_merged_model", "sign_artefact", "verify_merged_model"]
 
 
 def is_merged_model(path: Path | str) -> bool:
@@ -55,3 +61,46 @@ def sign_artefact(path: Path | str, key_path: Path | str, trusted_keys: TrustedK
         package = load_package(path, with_tensors=False)
         check_signing_key(key_path, package.name)
     return sign_directory(path, key_path)
+
+
+def check_member_slot(model: Path | str, package_path: Path | str, trusted_keys: TrustedKeys | None = None) -> dict:
+    """A member's own check that a merged model holds its expert as it handed it over: the model verifies
+    (`verify_merged_model`, signature included with `trusted_keys`), the package verifies against the model's
+    anchor, the model has an expert of the package's name recorded with this package's digest, and that slot's
+    FFN weights are the package's, bit for bit in the model's dtype. Its router row must be the package's too,
+    unless the record says the coordinator tuned the routers (then it is reported as retuned, not refused).
+
+    The slot digests prove a slot is what the record says; only the member holds what it should say, so this
+    check is the one a member runs to see that nobody swapped, scaled or renamed its expert.
+    Returns {"name", "slot", "router": "as submitted" | "retuned by the coordinator"}."""
+    model = Path(model)
+    verify_merged_model(model, trusted_keys)
+    info = read_merged_info(model)
+    package = load_package(package_path, info.anchor_fingerprint, info.anchor_config, with_tensors=False,
+                           trusted_keys=trusted_keys)
+    if package.name not in info.expert_names:
+        raise TrustError(f"{model} holds no expert named '{package.name}' (it has: {', '.join(info.expert_names)});"
+                         f" see `flexolmo history {model}` for an opt-out")
+    slot = info.expert_names.index(package.name)
+    recorded = info.metadata["experts"][slot].get("package_sha256")
+    if recorded != package.digest:
+        raise TrustError(f"{model}: expert '{package.name}' was merged from another package (digest "
+                         f"{str(recorded)[:12]}, yours {package.digest[:12]})")
+    family = ANCHOR_FAMILIES[info.anchor_config["model_type"]]
+    reader, submitted = LazyReader(model), PackageExpert(package)
+    retuned = False
+    for layer in range(info.anchor_config["num_hidden_layers"]):
+        for proj in family.ffn_projections:
+            held = reader.get(family.merged_expert.format(layer=layer, expert=slot, proj=proj))
+            if not torch.equal(held, submitted.ffn(layer, proj).to(held.dtype)):
+                raise TrustError(f"{model}: slot {slot} ('{package.name}') holds other {proj} weights in layer "
+                                 f"{layer} than your package")
+        row = reader.get(family.merged_router.format(layer=layer))[slot]
+        retuned |= not torch.equal(row, submitted.router_row(layer).to(row.dtype))
+    tunings = info.metadata.get(ROUTER_TUNING_KEY) or []
+    if retuned and not any(isinstance(tuning, dict) and package.name in tuning.get("tuned_experts", ())
+                           for tuning in tunings):
+        raise TrustError(f"{model}: slot {slot} ('{package.name}') has another router row than your package, and "
+                         "no router tuning in its record covered that expert")
+    return {"name": package.name, "slot": slot,
+            "router": "retuned by the coordinator" if retuned else "as submitted"}
