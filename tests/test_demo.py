@@ -93,6 +93,8 @@ def test_demo_runs_every_method_under_both_protocols_and_resumes(quick_demo, mon
         soup = json.loads((tmp_path / "demo" / "models" / protocol / "model_soup" / "flexolmo_dense.json").read_text())
         assert soup["members"] == ["anchor", *CLOSED_DOMAINS]
     assert ensembles == [1 + len(CLOSED_DOMAINS)] * len(PROTOCOLS)
+    # The paper's prompt routing is the only router the default run fits, and on public proxies.
+    assert [path.name for path in (tmp_path / "demo" / "prompt_routers").iterdir()] == ["public.json"]
     for protocol in PROTOCOLS:
         selection = saved["router_tuning"][f"{protocol}/btx_ffn"]
         assert len(selection["validation"]) == 1 + len(config.tune_lrs)  # the untuned model is a candidate
@@ -351,26 +353,26 @@ def test_sequence_btm_weights_come_from_the_context_only(demo_data):
 
 
 def test_public_prompt_router_never_reads_owner_text(quick_demo, tmp_path):
-    """The paper's prompt router fits on what a coordinator holds: the owners' proxy hashes and its public pool.
-    With every owner file gone it still fits, on each owner's proxy documents and the rest of the public pool."""
-    import shutil
-
-    from flexolmo.experiments.baselines import PromptRouter
+    """The paper's prompt router, as the demo builds it, fits on what a coordinator holds: the owners' proxy hashes
+    and its public pool. With every owner file gone it still fits, on each owner's proxy documents and the rest of
+    the public pool."""
     from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.experiments.demo_steps import Demo
     from flexolmo.owner.proxy import read_proxies
 
     config, _, _ = quick_demo
-    coordinator = tmp_path / "coordinator"
-    shutil.copytree(config.out / "proxies", coordinator / "proxies")
-    pool = coordinator / "public.jsonl.gz"
-    shutil.copy(config.data_dir / "anchor" / "flexolmo_public_sample.jsonl.gz", pool)
-    proxies = sorted((coordinator / "proxies").glob("*.json"))
-    data_dir = config.data_dir.rename(config.data_dir.with_name("owners-away"))  # every owner file unreachable
+    proxies = sorted((config.out / "proxies").glob("*.json"))
+    owner_files = [path for d in CLOSED_DOMAINS for path in config.data_dir.glob(f"{d}.*.jsonl.gz")]
+    assert len(owner_files) == 3 * len(CLOSED_DOMAINS)
+    for path in owner_files:  # every owner file unreachable while the router fits
+        path.rename(tmp_path / path.name)
     try:
-        router = PromptRouter.from_proxies(proxies, [pool], "public", samples_per_label=10, seed=0)
+        router = Demo(config).prompt_router(proxies)
     finally:
-        data_dir.rename(config.data_dir)
-    assert router.documents == {"public": 10, **{read_proxies(p)["name"]: len(read_proxies(p)["proxies"])
-                                                 for p in proxies}}
+        for path in owner_files:
+            (tmp_path / path.name).rename(path)
+    assert router.documents == {"public": config.router_samples,
+                                **{read_proxies(p)["name"]: min(config.router_samples, len(read_proxies(p)["proxies"]))
+                                   for p in proxies}}
     assert set(router.labels) == {"public", *CLOSED_DOMAINS}
     assert set(router.predict(["theorem proof lemma", "the river city"])) <= set(router.labels)

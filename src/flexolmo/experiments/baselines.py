@@ -223,31 +223,28 @@ class PromptRouter:
     @classmethod
     def from_proxies(cls, proxy_files: Sequence[Path], public: Sequence[Path], public_label: str,
                      samples_per_label: int, seed: int = 0, text_field: str = "text") -> "PromptRouter":
-        """Fit on public text only: each owner's proxy documents (`select-proxy` hashes, resolved in the
-        coordinator's `public` files) labelled with its name, and up to `samples_per_label` of the other public
-        documents, evenly spaced, labelled `public_label`. Reads no owner file."""
-        owners = {}
-        for path in proxy_files:
-            record = read_proxies(path)
-            owners[record["name"]] = set(record["proxies"])
-        texts: dict[str, list[str]] = {name: [] for name in owners}
-        rest, seen = [], set()
+        """Fit on public text only: each owner's first `samples_per_label` proxy documents (`select-proxy` hashes,
+        most owner-like first, resolved in the coordinator's `public` files) labelled with its name, and up to
+        `samples_per_label` of the other public documents, evenly spaced, labelled `public_label`. Reads no owner
+        file."""
+        records = [read_proxies(path) for path in proxy_files]
+        wanted = {digest for record in records for digest in record["proxies"]}
+        found, rest = {}, []
         for path in public:
             for document in iter_documents(path, text_field):
                 digest = text_sha256(document.text)
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                named = [name for name, digests in owners.items() if digest in digests]
-                for name in named:
-                    texts[name].append(document.text)
-                if not named:
+                if digest in wanted:
+                    found.setdefault(digest, document.text)
+                elif digest not in found:
                     rest.append(document.text)
-        empty = [name for name, found in texts.items() if not found]
-        if empty:
-            raise ProxyError(f"no proxy document of {', '.join(empty)} is in the public text given; pass the public "
-                             "files the proxies were selected from")
-        return cls({public_label: _spaced(rest, samples_per_label), **texts}, seed)
+        texts = {public_label: _spaced(list(dict.fromkeys(rest)), samples_per_label)}
+        for record in records:
+            missing = [digest for digest in record["proxies"] if digest not in found]
+            if missing:
+                raise ProxyError(f"{len(missing)} proxy documents of '{record['name']}' are not in the public text "
+                                 "given; pass the public files the proxies were selected from")
+            texts[record["name"]] = [found[digest] for digest in record["proxies"][:samples_per_label]]
+        return cls(texts, seed)
 
     def embed(self, texts: Sequence[str]):
         return self.embedder.encode(list(texts), normalize_embeddings=True, batch_size=32, show_progress_bar=False)

@@ -18,7 +18,6 @@ from flexolmo.data.tokens import load_token_stream
 from flexolmo.experiments.baselines import (
     BranchTrainMergeEnsemble,
     PromptRoutedModel,
-    PromptRouter,
     SequenceBTM,
     dense_expert_package,
     model_soup,
@@ -96,7 +95,7 @@ class ProtocolBaselines:
         results = {"model_soup": demo.evaluated(self.name("model_soup"), demo.model_builder(self.soup(dense)))}
         results["btm"] = demo.evaluated(self.name("btm"), self._btm(dense, per_position=False))
         results["prompt_routing"] = demo.evaluated(self.name("prompt_routing"),
-                                                   self._prompt_routing(dense, self._public_router(proxies)))
+                                                   self._prompt_routing(dense, lambda: demo.prompt_router(proxies)))
         untuned = self.btx_untuned(dense)
         chosen, selection = demo.choose(self.name("btx_ffn"), untuned, proxies)
         scores = demo.evaluated_choice(self.name("btx_ffn"), untuned, chosen)
@@ -105,7 +104,7 @@ class ProtocolBaselines:
             results["btm_per_position"] = demo.evaluated(self.name("btm_per_position"),
                                                          self._btm(dense, per_position=True))
             results["prompt_routing_private"] = demo.evaluated(
-                self.name("prompt_routing_private"), self._prompt_routing(dense, self._private_router))
+                self.name("prompt_routing_private"), self._prompt_routing(dense, lambda: demo.prompt_router(None)))
             for domain in CLOSED_DOMAINS:
                 results[f"dense_{domain}"] = demo.evaluated(self.name(f"dense_{domain}"),
                                                             demo.model_builder(dense[domain]))
@@ -125,17 +124,6 @@ class ProtocolBaselines:
                         else SequenceBTM(list(members.values()), self.config.btm_top_k, self.config.context_tokens))
             return ensemble, tokenizer, [], []
         return build
-
-    def _public_router(self, proxies: list[Path]):
-        """The paper's prompt router: fit on what a coordinator holds, the owners' proxies in its public pool."""
-        return lambda: PromptRouter.from_proxies(proxies, [self.demo.public_pool()], PUBLIC,
-                                                 self.config.router_samples, self.config.seed)
-
-    def _private_router(self) -> PromptRouter:
-        """Our stronger prompt router: fit on the owners' own documents, which a coordinator cannot hold."""
-        return PromptRouter.from_files({PUBLIC: [self.demo.train_file(PUBLIC)],
-                                        **{d: [self.demo.train_file(d)] for d in CLOSED_DOMAINS}},
-                                       self.config.router_samples, self.config.seed)
 
     def _prompt_routing(self, dense: dict[str, Path], fit_router):
         def build():

@@ -20,6 +20,7 @@ from flexolmo.core.progress import console
 from flexolmo.data.documents import iter_documents
 from flexolmo.data.public_sample import anchor_public_sample
 from flexolmo.evaluation.scoring import EvalSettings, evaluate
+from flexolmo.experiments.baselines import PromptRouter
 from flexolmo.experiments.demo_config import (
     CLOSED_DOMAINS,
     MIXED,
@@ -47,6 +48,7 @@ class Demo:
         self.settings = EvalSettings(seq_len=config.seq_len, batch_size=24, max_sequences=config.eval_max_sequences,
                                       split="all", context_tokens=config.context_tokens, device=config.device,
                                       dtype=config.dtype)
+        self._routers: dict[str, PromptRouter] = {}
 
     def load(self, path: Path, exclude: Sequence[str] = (), router_bias: bool = False) -> LoadedModel:
         """A model of the demo, on the demo's device and in its dtype."""
@@ -183,6 +185,25 @@ class Demo:
             scores["closed_average"] = sum(scores[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
             atomic_write_json(cache, scores)
         return json.loads(cache.read_text())
+
+    def prompt_router(self, proxies: list[Path] | None) -> PromptRouter:
+        """A prompt router over the public model and the owners, fit once per run (it depends on no protocol).
+        With `proxies`, the paper's: fit on what a coordinator holds, each owner's proxy documents and the rest of
+        its public pool. Without, ours: fit on the owners' own documents, which a coordinator cannot hold."""
+        kind = "public" if proxies is not None else "private"
+        if kind not in self._routers:
+            console.rule(f"fitting the prompt router on {'public proxies' if proxies is not None else 'owner text'}")
+            self._routers[kind] = (
+                PromptRouter.from_proxies(proxies, [self.public_pool()], PUBLIC, self.config.router_samples,
+                                          self.config.seed) if proxies is not None else
+                PromptRouter.from_files({PUBLIC: [self.train_file(PUBLIC)],
+                                         **{d: [self.train_file(d)] for d in CLOSED_DOMAINS}},
+                                        self.config.router_samples, self.config.seed))
+            # What it was fit on, for the record: documents per label (the public one's proxies are public text).
+            atomic_write_json(self.out / "prompt_routers" / f"{kind}.json", {
+                "fit_on": "owners' proxy documents and the public pool" if proxies is not None else "owners' documents",
+                "documents": self._routers[kind].documents})
+        return self._routers[kind]
 
     def _show_admission(self, report) -> None:
         print_report(report)
