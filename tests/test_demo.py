@@ -44,7 +44,7 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quick_demo(demo_data, tmp_path_factory):
     """One quick demo run, shared: (its config, its results, the member count of every BTM ensemble built)."""
-    from flexolmo.experiments import demo as demo_module
+    from flexolmo.experiments import demo_baselines
     from flexolmo.experiments.demo import run_demo
     from flexolmo.experiments.demo_config import DemoConfig
 
@@ -52,55 +52,52 @@ def quick_demo(demo_data, tmp_path_factory):
                                   expert_steps=4, eval_max_sequences=4, router_samples=10)
     ensembles = []
 
-    class CountingBTM(demo_module.BranchTrainMergeEnsemble):
-        def __init__(self, models, top_k):
+    class CountingBTM(demo_baselines.SequenceBTM):
+        def __init__(self, models, top_k, context_tokens):
             ensembles.append(len(models))
-            super().__init__(models, top_k)
+            super().__init__(models, top_k, context_tokens)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo_module, "BranchTrainMergeEnsemble", CountingBTM)
+        patch.setattr(demo_baselines, "SequenceBTM", CountingBTM)
         results = run_demo(config)
     return config, results, ensembles
 
 
-def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
-    from flexolmo.experiments import demo as demo_module
+DEFAULT_ROWS = {"public", "model_soup", "btm", "prompt_routing", "btx_ffn_untuned", "btx_ffn", "flexolmo_untuned",
+                "flexolmo"}
+
+
+def test_demo_runs_every_method_under_both_protocols_and_resumes(quick_demo, monkeypatch):
+    from flexolmo.experiments import demo_baselines, demo_steps
     from flexolmo.experiments.demo import run_demo
-    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PROTOCOLS
     from flexolmo.experiments.report import expectation_checks
 
     config, results, ensembles = quick_demo
     tmp_path = config.out.parent
-    expected = {"public", "model_soup", "btm", "prompt_routing", "btx_untuned", "btx",
-                "flexolmo_untuned", "flexolmo", *(f"dense_{d}" for d in CLOSED_DOMAINS)}
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(saved["methods"]) == expected and saved["quick"] is True
-    for method, row in saved["methods"].items():
-        assert all(row[d] > 0 for d in ("public", *CLOSED_DOMAINS, "mixed")), method
+    assert saved["quick"] is True and set(saved["protocols"]) == set(PROTOCOLS)
+    for protocol, entry in saved["protocols"].items():
+        assert set(entry["methods"]) == DEFAULT_ROWS == set(entry["costs"]), protocol
+        for method, row in entry["methods"].items():
+            assert all(row[d] > 0 for d in ("public", *CLOSED_DOMAINS, "mixed")), (protocol, method)
+    # FlexOlmo's models are the same under both protocols; the baselines are built from other dense experts.
+    data, flops = (saved["protocols"][p]["methods"] for p in ("data_matched", "flop_matched"))
+    for method in saved["shared"]:
+        assert data[method] == flops[method], method
+    assert set(saved["shared"]) == {"public", "flexolmo_untuned", "flexolmo"}
+    assert data["model_soup"] != flops["model_soup"]
     assert set(saved["opt_out"]) == set(CLOSED_DOMAINS)
     # Every merging baseline has FlexOlmo's members: the public model and one expert per owner.
-    soup = json.loads((tmp_path / "demo" / "models" / "model_soup" / "flexolmo_dense.json").read_text())
-    assert soup["members"] == ["anchor", *CLOSED_DOMAINS] and ensembles == [1 + len(CLOSED_DOMAINS)]
-    costs = saved["costs"]
-    assert costs["btm"]["forward_passes_per_token"] == 1 + len(CLOSED_DOMAINS)
-    # Every dense baseline gets at least FlexOlmo's training compute; FlexOlmo's owners spend half on public text.
-    assert costs["flexolmo"]["owner_tokens"] < costs["btx_untuned"]["owner_tokens"]
-    for method in ("model_soup", "btm", "prompt_routing", "btx_untuned", "btx"):
-        assert costs[method]["training_flops"] >= costs["flexolmo"]["training_flops"], method
-    assert costs["flexolmo"]["training_flops"] > costs["flexolmo_untuned"]["training_flops"]
-    # Router tuning: each method keeps the learning rate with the best validation closed average, and the
-    # reported model is that tuned checkpoint (its metadata records the tuning).
-    for method in ("flexolmo", "btx"):
-        selection = saved["router_tuning"][method]
-        best = min(selection["validation"], key=lambda lr: selection["validation"][lr]["closed_average"])
+    for protocol in PROTOCOLS:
+        soup = json.loads((tmp_path / "demo" / "models" / protocol / "model_soup" / "flexolmo_dense.json").read_text())
+        assert soup["members"] == ["anchor", *CLOSED_DOMAINS]
+    assert ensembles == [1 + len(CLOSED_DOMAINS)] * len(PROTOCOLS)
+    # The paper's prompt routing is the only router the default run fits, and on public proxies.
+    assert [path.name for path in (tmp_path / "demo" / "prompt_routers").iterdir()] == ["public.json"]
+    for protocol in PROTOCOLS:
+        selection = saved["router_tuning"][f"{protocol}/btx_ffn"]
         assert len(selection["validation"]) == 1 + len(config.tune_lrs)  # the untuned model is a candidate
-        if best == "untuned":
-            assert selection["chosen_lr"] is None
-            assert saved["methods"][method] == saved["methods"][f"{method}_untuned"]
-        else:
-            assert selection["chosen_lr"] == float(best)
-            chosen = tmp_path / "demo" / "models" / f"{method}_tuned_lr{best}" / "flexolmo_experts.json"
-            assert json.loads(chosen.read_text())["router_tuning"][-1]["optim"]["lr"] == float(best)
     assert set(saved["routing"]["code"]) == {"public", *CLOSED_DOMAINS}
     # Routing shares are per-expert selection rates: over the experts they sum to top-k in every domain.
     for domain, shares in saved["routing"].items():
@@ -115,7 +112,7 @@ def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
         masked = json.loads((tmp_path / "demo" / "evals" / f"flexolmo_without_{removed}.json").read_text())
         assert masked["excluded"] == [removed]
         change = row["delta_bits_per_byte"]
-        for domain, full in saved["methods"]["flexolmo"].items():
+        for domain, full in flops["flexolmo"].items():
             if domain in change:
                 assert change[domain] == pytest.approx(masked["domains"][domain]["bits_per_byte"] - full), domain
         assert row["own_domain"] == change[removed]
@@ -123,6 +120,7 @@ def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
         assert row["other_closed_mean"] == pytest.approx(sum(others) / len(others))
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "not meaningful" in report and "| flexolmo |" in report
+    assert "closed avg (data-matched) | closed avg (flop-matched)" in report
     # The report states every expectation check, and "holds" exactly where the numbers meet it.
     for claim, holds, detail in expectation_checks(saved):
         assert f"- {'holds' if holds else 'does NOT hold'}: {claim} ({detail})" in report
@@ -133,45 +131,97 @@ def test_demo_runs_every_method_and_resumes(quick_demo, monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a finished step ran again")
 
-    monkeypatch.setattr(demo_module, "train_expert", refuse)
-    monkeypatch.setattr(demo_module, "train_dense_expert", refuse)
-    monkeypatch.setattr(demo_module, "evaluate", refuse)
-    monkeypatch.setattr(demo_module, "tune_router", refuse)
-    monkeypatch.setattr(demo_module, "select_proxies", refuse)
-    assert run_demo(config)["methods"] == results["methods"]
+    for module, names in ((demo_steps, ("train_expert", "evaluate", "tune_router", "select_proxies")),
+                          (demo_baselines, ("train_dense_expert",))):
+        for name in names:
+            monkeypatch.setattr(module, name, refuse)
+    assert run_demo(config)["protocols"] == results["protocols"]
+
+
+def test_data_matched_protocol_gives_every_method_a_flexolmo_experts_owner_tokens(quick_demo):
+    """The paper's protocol: every dense expert trained on exactly the owner tokens a FlexOlmo expert saw, read from
+    what each training run recorded, and every method's cost says so."""
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.owner.package import load_package
+
+    config, results, _ = quick_demo
+    for domain in CLOSED_DOMAINS:
+        training = load_package(config.out / "experts" / domain).manifest["training"]
+        optim = training["config"]["optim"]
+        public = round(optim["batch_size"] * training["public_share"])
+        expert_owner_tokens = optim["steps"] * (optim["batch_size"] - public) * optim["seq_len"]
+        dense = json.loads((config.out / "dense_data_matched" / domain / "flexolmo_dense.json").read_text())
+        assert dense["tokens"] == expert_owner_tokens, domain  # a dense expert's tokens are all the owner's
+        assert dense["optim"]["steps"] == optim["steps"]
+        flop_matched = json.loads((config.out / "dense" / domain / "flexolmo_dense.json").read_text())
+        assert flop_matched["tokens"] > expert_owner_tokens  # the other protocol buys more owner tokens
+    data = results["protocols"]["data_matched"]
+    assert data["owner_tokens_per_owner"] == expert_owner_tokens
+    for method, cost in data["costs"].items():
+        expected = 0 if method == "public" else expert_owner_tokens
+        assert cost["owner_tokens_per_owner"] == expected, method
+        assert cost["owner_tokens"] == expected * (len(CLOSED_DOMAINS) if expected else 1), method
+    assert data["costs"]["flexolmo"]["public_tokens"] > 0 == data["costs"]["model_soup"]["public_tokens"]
+    flops = results["protocols"]["flop_matched"]["costs"]
+    # FLOP-matched: every dense baseline gets at least FlexOlmo's training compute, with more owner tokens.
+    for method in ("model_soup", "btm", "prompt_routing", "btx_ffn_untuned", "btx_ffn"):
+        assert flops[method]["training_flops"] >= flops["flexolmo"]["training_flops"], method
+        assert flops[method]["owner_tokens"] > flops["flexolmo"]["owner_tokens"], method
+        assert data["costs"][method]["training_flops"] < flops[method]["training_flops"], method
+    assert flops["flexolmo"] == data["costs"]["flexolmo"]
+    assert flops["flexolmo"]["training_flops"] > flops["flexolmo_untuned"]["training_flops"]
+    # The paper's BTM: all six members read the context, the kept two the window; per-position reads all six.
+    passes = (6 * config.context_tokens + 2 * config.seq_len) / config.seq_len
+    assert data["costs"]["btm"]["forward_passes_per_token"] == pytest.approx(passes)
 
 
 def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
     import shutil
 
     from flexolmo.experiments.demo import run_demo
-    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PROTOCOLS
     from flexolmo.owner.package import load_package
 
     shared, plain, _ = quick_demo
     shutil.copytree(shared.out, tmp_path / "demo")  # the shared run stays as the other tests expect it
     config = shared.model_copy(update={"out": tmp_path / "demo"})
     results = run_demo(config.model_copy(update={"ablation": True}))  # same directory: --ablation only adds
-    assert {m: results["methods"][m] for m in plain["methods"]} == plain["methods"]
-    added = set(results["methods"]) - set(plain["methods"])
-    assert added == {"unrestricted", "flexolmo_random_init", "flexolmo_bias_dropped_untuned", "flexolmo_bias_untuned"}
-    assert results["costs"]["unrestricted"]["training_flops"] >= results["costs"]["flexolmo"]["training_flops"]
-    assert (tmp_path / "demo" / "dense" / "unrestricted" / "model.safetensors").exists()
+    extra_shared = {"flexolmo_owner_only", "flexolmo_random_init", "flexolmo_bias_dropped_untuned",
+                    "flexolmo_bias_untuned"}
+    extra = {"btm_per_position", "prompt_routing_private", "unrestricted", *(f"dense_{d}" for d in CLOSED_DOMAINS)}
+    for protocol in PROTOCOLS:
+        methods = results["protocols"][protocol]["methods"]
+        before = plain["protocols"][protocol]["methods"]
+        assert {m: methods[m] for m in before} == before
+        assert set(methods) - set(before) == extra_shared | extra
+    data, flops = (results["protocols"][p]["costs"] for p in ("data_matched", "flop_matched"))
+    assert flops["unrestricted"]["training_flops"] >= flops["flexolmo"]["training_flops"]
+    assert data["unrestricted"]["owner_tokens"] == data["flexolmo"]["owner_tokens"]
+    for directory in ("dense", "dense_data_matched"):
+        assert (tmp_path / "demo" / directory / "unrestricted" / "model.safetensors").exists()
     for domain in CLOSED_DOMAINS:
         random_init = load_package(tmp_path / "demo" / "experts_random_init" / domain).manifest
         assert random_init["privacy"]["router_init"] == "random"
         biased = load_package(tmp_path / "demo" / "experts_negative_bias" / domain)
         assert biased.manifest["training"]["config"]["negative_bias"]
+        owner_only = load_package(tmp_path / "demo" / "experts_owner_only" / domain).manifest["training"]
+        assert owner_only["public_share"] == 0 and owner_only["public_data"] == []
+    # Owner text only, at the default experts' owner tokens: the paper's owners under the paper's protocol.
+    assert data["flexolmo_owner_only"]["owner_tokens"] == data["flexolmo"]["owner_tokens"]
+    tunings = data["flexolmo"]["training_tokens"] - data["flexolmo_untuned"]["training_tokens"]
+    assert data["flexolmo_owner_only"]["public_tokens"] == tunings  # only the router tunings' public text is left
+    assert "flexolmo_owner_only" in results["router_tuning"]
     # The bias rows are the same experts scored without and with their biases: applying them changes scores.
-    assert results["methods"]["flexolmo_bias_untuned"] != results["methods"]["flexolmo_bias_dropped_untuned"]
+    methods = results["protocols"]["flop_matched"]["methods"]
+    assert methods["flexolmo_bias_untuned"] != methods["flexolmo_bias_dropped_untuned"]
     assert "without the domain-informed router initialisation" in (tmp_path / "demo" / "report.md").read_text()
     # The random-init row is charged one router tuning exactly when FlexOlmo's tuning won on validation.
-    costs, lr = results["costs"], results["router_tuning"]["flexolmo"]["chosen_lr"]
-    one_tuning = (costs["flexolmo"]["training_tokens"] - costs["flexolmo_untuned"]["training_tokens"]) \
+    lr = results["router_tuning"]["flexolmo"]["chosen_lr"]
+    one_tuning = (flops["flexolmo"]["training_tokens"] - flops["flexolmo_untuned"]["training_tokens"]) \
         // len(config.tune_lrs)
     assert one_tuning > 0
-    assert costs["flexolmo_random_init"]["training_tokens"] == \
-        costs["flexolmo_untuned"]["training_tokens"] + (0 if lr is None else one_tuning)
+    assert flops["flexolmo_random_init"]["training_tokens"] == \
+        flops["flexolmo_untuned"]["training_tokens"] + (0 if lr is None else one_tuning)
 
 
 def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
@@ -193,7 +243,7 @@ def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     if not (shipped_data_dir() / "anchor" / "config.json").exists():
         pytest.fail("the shipped demo anchor is missing from data/demo/anchor")
     results = run_demo(DemoConfig.quick_run(out=tmp_path / "quick", seq_len=64))
-    assert results["quick"] and len(results["methods"]) == 13
+    assert results["quick"] and all(set(entry["methods"]) == DEFAULT_ROWS for entry in results["protocols"].values())
     assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()
 
 
@@ -221,32 +271,108 @@ def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
     assert DemoConfig(tune_lrs=(1e-3, 3e-3, 1e-2)).dense_steps(anchor) >= steps
 
 
-@pytest.mark.parametrize("best", ["untuned", "0.001", "0.003"])
-def test_tuning_is_kept_only_where_it_wins_on_validation(best, tmp_path, monkeypatch):
-    from flexolmo.experiments import demo as demo_module
-    from flexolmo.experiments.demo import Demo
+@pytest.mark.parametrize("scores", [{"untuned": 1.0, "0.001": 2.0, "0.003": 2.0},
+                                    {"untuned": 2.0, "0.001": 1.0, "0.003": 1.5},
+                                    {"untuned": 2.0, "0.001": 1.5, "0.003": 1.0},
+                                    {"untuned": 1.0, "0.001": 1.0, "0.003": 1.0},
+                                    {"untuned": 2.0, "0.001": 1.0, "0.003": 1.0}])
+def test_router_tuning_follows_the_written_rule(scores, tmp_path, monkeypatch):
+    """docs/demo.md's rule: untuned, then each lr smallest first; the lowest validation closed average is kept; a tie
+    keeps the earlier candidate. The lrs are given largest first, so the order is the rule's, not the config's."""
+    from flexolmo.experiments import demo_steps
     from flexolmo.experiments.demo_config import DemoConfig
+    from flexolmo.experiments.demo_steps import Demo
 
-    demo = Demo(DemoConfig(out=tmp_path, tune_lrs=(1e-3, 3e-3)))
-    tuned_runs = []
+    demo = Demo(DemoConfig(out=tmp_path, tune_lrs=(3e-3, 1e-3)))
+    tuned_runs, validated = [], []
 
     def fake_tune(config, resume=False):
         tuned_runs.append(config.optim.lr)
         config.out.mkdir(parents=True)
 
     def fake_validated(name, path):
+        validated.append(name)
         candidate = "untuned" if name.endswith("_untuned") else name.rsplit("_lr", 1)[1]
-        return {"closed_average": 1.0 if candidate == best else 2.0, "validated_on": "validation"}
+        return {"closed_average": scores[candidate]}
 
-    monkeypatch.setattr(demo_module, "tune_router", fake_tune)
+    monkeypatch.setattr(demo_steps, "tune_router", fake_tune)
     monkeypatch.setattr(demo, "validated", fake_validated)
-    models = {"flexolmo_untuned": tmp_path / "models" / "flexolmo_untuned",
-              "btx_untuned": tmp_path / "models" / "btx_untuned"}
-    chosen, selection = demo.tune(models, [])
-    assert sorted(tuned_runs) == [1e-3, 1e-3, 3e-3, 3e-3]  # every lr tried for both methods
-    for method in ("flexolmo", "btx"):
+    best = min(scores, key=lambda name: (scores[name], list(scores).index(name)))
+    for method in ("flexolmo", "data_matched/btx_ffn"):
+        untuned = tmp_path / "models" / f"{method}_untuned"
+        chosen, selection = demo.choose(method, untuned, [])
+        assert list(selection["validation"]) == ["untuned", "0.001", "0.003"]
         if best == "untuned":
-            assert chosen[method] == models[f"{method}_untuned"] and selection[method]["chosen_lr"] is None
+            assert chosen == untuned and selection["chosen_lr"] is None
         else:
-            assert chosen[method].name == f"{method}_tuned_lr{best}"
-            assert selection[method]["chosen_lr"] == float(best)
+            assert chosen == tmp_path / "models" / f"{method}_tuned_lr{best}"
+            assert selection["chosen_lr"] == float(best)
+    assert tuned_runs == [1e-3, 3e-3] * 2
+    # Validation caches of the two protocols' BTX never collide with FlexOlmo's or each other's.
+    assert validated[3:] == ["data_matched/btx_ffn_untuned", "data_matched/btx_ffn_tuned_lr0.001",
+                             "data_matched/btx_ffn_tuned_lr0.003"]
+
+
+def test_sequence_btm_weights_come_from_the_context_only(demo_data):
+    """The paper's BTM: one weight vector per sequence, the softmax of each member's log-likelihood of the context,
+    top-k, renormalised, applied at every scored position. Tokens after the context never change the weights;
+    the context does."""
+    import torch
+
+    from flexolmo.experiments.baselines import SequenceBTM
+    from flexolmo.model.anchor import load_pretrained
+
+    members = [load_pretrained(demo_data / "anchor") for _ in range(3)]
+    with torch.no_grad():
+        for index, member in enumerate(members):
+            member.lm_head.weight.mul_(1 + 0.5 * index)  # three different predictors
+    context, top_k = 6, 2
+    ensemble = SequenceBTM(members, top_k, context)
+    assert ensemble.routing_prefix_tokens == context  # evaluation must not score what chose the weights
+    ids = torch.randint(5, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_probs = torch.stack([torch.log_softmax(m(input_ids=ids).logits.float(), -1) for m in members])
+        # By hand: log p_j(x_1..x_{c-1} | x_0), top-k, softmax over the kept members.
+        targets = ids[None, :, 1:context, None].expand(3, -1, -1, 1)
+        likelihood = log_probs[:, :, : context - 1].gather(-1, targets)[..., 0].sum(-1)
+        kept = likelihood.topk(top_k, dim=0).indices
+        expected = torch.full_like(likelihood, float("-inf")).scatter(0, kept, likelihood.gather(0, kept))
+        expected = torch.log_softmax(expected, 0)
+        weights = ensemble.log_weights(ids)
+        assert torch.allclose(weights.exp(), expected.exp(), atol=1e-5)
+        assert ((weights > float("-inf")).sum(0) == top_k).all() and torch.allclose(weights.exp().sum(0),
+                                                                                       torch.ones(4))
+        mixed = ensemble(ids).logits
+        assert torch.allclose(mixed, torch.logsumexp(expected[..., None, None] + log_probs, 0), atol=1e-4)
+        changed_after = ids.clone()
+        changed_after[:, context:] = torch.flip(ids[:, context:], dims=[1])
+        assert torch.equal(ensemble.log_weights(changed_after), weights)
+        changed_context = ids.clone()
+        changed_context[:, 1:context] = 7
+        assert not torch.equal(ensemble.log_weights(changed_context), weights)
+
+
+def test_public_prompt_router_never_reads_owner_text(quick_demo, tmp_path):
+    """The paper's prompt router, as the demo builds it, fits on what a coordinator holds: the owners' proxy hashes
+    and its public pool. With every owner file gone it still fits, on each owner's proxy documents and the rest of
+    the public pool."""
+    from flexolmo.experiments.demo_config import CLOSED_DOMAINS
+    from flexolmo.experiments.demo_steps import Demo
+    from flexolmo.owner.proxy import read_proxies
+
+    config, _, _ = quick_demo
+    proxies = sorted((config.out / "proxies").glob("*.json"))
+    owner_files = [path for d in CLOSED_DOMAINS for path in config.data_dir.glob(f"{d}.*.jsonl.gz")]
+    assert len(owner_files) == 3 * len(CLOSED_DOMAINS)
+    for path in owner_files:  # every owner file unreachable while the router fits
+        path.rename(tmp_path / path.name)
+    try:
+        router = Demo(config).prompt_router(proxies)
+    finally:
+        for path in owner_files:
+            (tmp_path / path.name).rename(path)
+    assert router.documents == {"public": config.router_samples,
+                                **{read_proxies(p)["name"]: min(config.router_samples, len(read_proxies(p)["proxies"]))
+                                   for p in proxies}}
+    assert set(router.labels) == {"public", *CLOSED_DOMAINS}
+    assert set(router.predict(["theorem proof lemma", "the river city"])) <= set(router.labels)

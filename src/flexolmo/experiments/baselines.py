@@ -5,12 +5,18 @@ expert per owner, as in the paper, where the public model is one of the merged m
 - dense experts: the anchor with its FFNs fine-tuned on one owner's data (no router, no public expert);
 - unrestricted: the same on all closed data pooled (what sharing the data would buy);
 - model soup: the members' FFNs averaged (everything else is the anchor's, shared by all members);
-- Branch-Train-Merge (BTM): an ensemble of the members, weighted per position by each member's likelihood of
-  the preceding tokens of the sequence (uniform prior), top-k members, ties broken by member order;
+- Branch-Train-Merge (BTM) as the paper defines it (`SequenceBTM`): an ensemble of the members whose weights are
+  chosen once per sequence from its context prefix (the posterior under a uniform prior: a softmax of each
+  member's log-likelihood of the context), top-k members, renormalised, applied to every scored position;
+- BTM per position (`BranchTrainMergeEnsemble`, ours, stronger): the same posterior recomputed at every position
+  from all preceding tokens, scored ones included;
 - BTX without coordination: the dense experts' FFNs merged next to the public FFN into a mixture through the
   same merge as FlexOlmo, with the same router initialisation, never trained next to the public expert;
-- prompt routing: one member per sequence, chosen by a classifier over MiniLM embeddings of its first tokens.
-  It reads those tokens, so `routing_prefix_tokens` tells evaluation not to score them.
+- prompt routing: one member per sequence, chosen by a classifier over MiniLM embeddings of its first tokens;
+  the paper's classifier never saw private text (`PromptRouter.from_proxies`: the owners' public proxy documents
+  and the rest of the public pool), ours reads the owners' documents (`PromptRouter.from_files`).
+Both BTM and prompt routing read the first tokens of each window, so `routing_prefix_tokens` tells evaluation
+not to score them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from flexolmo.core.errors import ProxyError
 from flexolmo.core.fileio import atomic_directory, atomic_write_json
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.core.tensor_io import LazyReader
@@ -33,7 +40,7 @@ from flexolmo.model.anchor import Anchor, load_anchor, load_pretrained, load_tok
 from flexolmo.model.router_init import READS_PRIVATE_DATA, initial_rows
 from flexolmo.owner.expert import anchor_record
 from flexolmo.owner.package import write_package
-from flexolmo.owner.proxy import load_minilm
+from flexolmo.owner.proxy import load_minilm, read_proxies, text_sha256
 from flexolmo.training.loop import OptimConfig, lm_loss_fn, train
 
 DENSE_METADATA_FILE = "flexolmo_dense.json"
@@ -112,10 +119,11 @@ def model_soup(anchor_dir: Path, member_dirs: Sequence[Path], out: Path,
 
 
 class BranchTrainMergeEnsemble(nn.Module):
-    """BTM: p(x_t) = sum_j w_j(t) p_j(x_t | x_<t), with w_j(t) proportional to p_j(x_<t) over the top-k experts.
+    """BTM per position (ours): p(x_t) = sum_j w_j(t) p_j(x_t | x_<t), w_j(t) proportional to p_j(x_<t) over the
+    top-k members.
 
-    The weights are the posterior over experts given the sequence so far (uniform prior), recomputed at every
-    position from the experts' own likelihoods of the preceding tokens; no router is trained.
+    The weights are the posterior over members given the sequence so far (uniform prior), recomputed at every
+    position from the members' own likelihoods of the preceding tokens; no router is trained.
     """
 
     def __init__(self, models: Sequence[nn.Module], top_k: int):
@@ -126,42 +134,128 @@ class BranchTrainMergeEnsemble(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
         log_probs = torch.stack([torch.log_softmax(m(input_ids=input_ids).logits.float(), -1) for m in self.members])
         # log p_j(x_{s+1} | x_<=s) for every position s, then the running sum: log p_j(x_1..x_t).
-        next_token = log_probs[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(len(self.members), -1, -1, 1))
-        context = torch.cat([torch.zeros_like(next_token[:, :, :1, 0]), next_token[..., 0].cumsum(-1)], dim=-1)
-        if self.top_k < len(self.members):
-            # Exactly top-k members per position; a stable sort breaks ties (position 0 has no context, so all
-            # members tie there) by member order, so the first member (the public model) comes first.
-            ranked = torch.sort(context, dim=0, descending=True, stable=True).indices[: self.top_k]
-            kept = torch.zeros_like(context, dtype=torch.bool).scatter(0, ranked, True)
-            context = context.masked_fill(~kept, float("-inf"))
-        log_weights = torch.log_softmax(context, dim=0)
-        return SimpleNamespace(logits=torch.logsumexp(log_weights[..., None] + log_probs, dim=0))
+        context = torch.cat([torch.zeros_like(log_probs[:, :, :1, 0]),
+                             _token_log_likelihoods(log_probs, input_ids).cumsum(-1)], dim=-1)
+        return SimpleNamespace(logits=torch.logsumexp(_top_k_log_weights(context, self.top_k)[..., None] + log_probs,
+                                                      dim=0))
+
+
+class SequenceBTM(nn.Module):
+    """BTM as the paper defines it: p(x_t) = sum_j w_j p_j(x_t | x_<t) with one weight vector per sequence,
+    w_j proportional to p_j(x_1..x_{c-1} | x_0) over the top-k members (renormalised), where x_0..x_{c-1} are the
+    sequence's first `context_tokens` tokens. Tokens after the context never change the weights.
+
+    Every member reads the context; only the k kept members read the rest of the window. The context decides
+    the weights, so `routing_prefix_tokens` tells evaluation not to score it."""
+
+    def __init__(self, models: Sequence[nn.Module], top_k: int, context_tokens: int):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.top_k = min(top_k, len(models))
+        self.context_tokens = context_tokens
+        self.routing_prefix_tokens = context_tokens
+
+    def log_weights(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(members, batch) log weights: -inf outside each sequence's top-k, log-softmax over the kept ones.
+        With fewer than two context tokens nothing is predicted: all members tie, the first k are kept."""
+        prefix = input_ids[:, : self.context_tokens]
+        if prefix.shape[1] < 2:
+            likelihood = torch.zeros(len(self.members), input_ids.shape[0], device=input_ids.device)
+        else:
+            likelihood = torch.stack([
+                _token_log_likelihoods(torch.log_softmax(m(input_ids=prefix).logits.float(), -1)[None], prefix)[0]
+                .sum(-1) for m in self.members])
+        return _top_k_log_weights(likelihood, self.top_k)
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        log_weights = self.log_weights(input_ids)
+        mixture = None
+        for member, member_log_weights in zip(self.members, log_weights):
+            rows = torch.isfinite(member_log_weights).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            log_probs = torch.log_softmax(member(input_ids=input_ids[rows]).logits.float(), -1)
+            if mixture is None:
+                mixture = log_probs.new_full(input_ids.shape + log_probs.shape[-1:], float("-inf"))
+            mixture[rows] = torch.logaddexp(mixture[rows], member_log_weights[rows, None, None] + log_probs)
+        return SimpleNamespace(logits=mixture)
+
+
+def _token_log_likelihoods(log_probs: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(members, batch, length - 1): log p_j(x_{s+1} | x_<=s) from members' log-probabilities (members, batch,
+    length, vocab)."""
+    targets = input_ids[None, :, 1:, None].expand(log_probs.shape[0], -1, -1, 1)
+    return log_probs[:, :, :-1].gather(-1, targets)[..., 0]
+
+
+def _top_k_log_weights(log_likelihood: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Log posterior over members (dim 0, uniform prior) restricted to the top-k and renormalised; -inf elsewhere.
+    Exactly k are kept: a stable sort breaks ties by member order, so the first member (the public model) first."""
+    if top_k < log_likelihood.shape[0]:
+        ranked = torch.sort(log_likelihood, dim=0, descending=True, stable=True).indices[:top_k]
+        kept = torch.zeros_like(log_likelihood, dtype=torch.bool).scatter(0, ranked, True)
+        log_likelihood = log_likelihood.masked_fill(~kept, float("-inf"))
+    return torch.log_softmax(log_likelihood, dim=0)
 
 
 class PromptRouter:
-    """A logistic-regression classifier over all-MiniLM-L6-v2 embeddings: which owner's data a text is like."""
+    """A logistic-regression classifier over all-MiniLM-L6-v2 embeddings: which member a text is like.
+    `from_proxies` fits it on what a coordinator holds; `from_files` on documents (the owners', in our variant)."""
 
-    def __init__(self, domain_files: dict[str, Sequence[Path]], samples_per_domain: int, seed: int = 0,
-                 text_field: str = "text", max_chars: int = 1000):
+    def __init__(self, texts: dict[str, Sequence[str]], seed: int = 0, max_chars: int = 1000):
         from sklearn.linear_model import LogisticRegression
 
         self.embedder = load_minilm()
-        self.labels = list(domain_files)
-        texts, targets = [], []
-        for label, files in domain_files.items():
-            documents = [doc.text[:max_chars] for path in files for doc in iter_documents(path, text_field)]
-            step = max(1, len(documents) // samples_per_domain)
-            chosen = documents[::step][:samples_per_domain]
-            texts += chosen
-            targets += [label] * len(chosen)
-        self.classifier = LogisticRegression(max_iter=2000, random_state=seed)
-        self.classifier.fit(self.embed(texts), targets)
+        self.labels = list(texts)
+        self.documents = {label: len(documents) for label, documents in texts.items()}  # what it was fit on
+        chosen = [(label, text[:max_chars]) for label, documents in texts.items() for text in documents]
+        # Balanced classes: a class's prior must not come from how many documents happened to be at hand.
+        self.classifier = LogisticRegression(max_iter=2000, random_state=seed, class_weight="balanced")
+        self.classifier.fit(self.embed([text for _, text in chosen]), [label for label, _ in chosen])
+
+    @classmethod
+    def from_files(cls, domain_files: dict[str, Sequence[Path]], samples_per_domain: int, seed: int = 0,
+                   text_field: str = "text") -> "PromptRouter":
+        """Fit on up to `samples_per_domain` documents of each label's files, evenly spaced."""
+        return cls({label: _spaced([doc.text for path in files for doc in iter_documents(path, text_field)],
+                                   samples_per_domain) for label, files in domain_files.items()}, seed)
+
+    @classmethod
+    def from_proxies(cls, proxy_files: Sequence[Path], public: Sequence[Path], public_label: str,
+                     samples_per_label: int, seed: int = 0, text_field: str = "text") -> "PromptRouter":
+        """Fit on public text only: each owner's first `samples_per_label` proxy documents (`select-proxy` hashes,
+        most owner-like first, resolved in the coordinator's `public` files) labelled with its name, and up to
+        `samples_per_label` of the other public documents, evenly spaced, labelled `public_label`. Reads no owner
+        file."""
+        records = [read_proxies(path) for path in proxy_files]
+        wanted = {digest for record in records for digest in record["proxies"]}
+        found, rest = {}, []
+        for path in public:
+            for document in iter_documents(path, text_field):
+                digest = text_sha256(document.text)
+                if digest in wanted:
+                    found.setdefault(digest, document.text)
+                elif digest not in found:
+                    rest.append(document.text)
+        texts = {public_label: _spaced(list(dict.fromkeys(rest)), samples_per_label)}
+        for record in records:
+            missing = [digest for digest in record["proxies"] if digest not in found]
+            if missing:
+                raise ProxyError(f"{len(missing)} proxy documents of '{record['name']}' are not in the public text "
+                                 "given; pass the public files the proxies were selected from")
+            texts[record["name"]] = [found[digest] for digest in record["proxies"][:samples_per_label]]
+        return cls(texts, seed)
 
     def embed(self, texts: Sequence[str]):
         return self.embedder.encode(list(texts), normalize_embeddings=True, batch_size=32, show_progress_bar=False)
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         return list(self.classifier.predict(self.embed(texts)))
+
+
+def _spaced(documents: list[str], count: int) -> list[str]:
+    """Up to `count` of `documents`, evenly spaced (deterministic)."""
+    return documents[:: max(1, len(documents) // count)][:count]
 
 
 class PromptRoutedModel(nn.Module):

@@ -66,7 +66,8 @@ def training_flops_per_token(config: dict, seq_len: int, kind: str, top_k: int =
     return float(forward + backward)
 
 
-def inference_flops_per_token(config: dict, seq_len: int, experts_per_token: int = 1, forward_passes: int = 1) -> float:
+def inference_flops_per_token(config: dict, seq_len: int, experts_per_token: int = 1,
+                              forward_passes: float = 1) -> float:
     """Matmul FLOPs of scoring one token: `forward_passes` full models (an ensemble runs every member), each
     running `experts_per_token` FFN experts per layer."""
     shape = Shape.from_config(config)
@@ -96,12 +97,15 @@ class TrainingRun:
 
 
 def method_cost(config: dict, seq_len: int, runs: list[TrainingRun], experts_per_token: int = 1,
-                forward_passes: int = 1) -> dict:
-    """Training FLOPs, tokens and owner tokens over all of a method's runs, and its inference FLOPs per token."""
+                forward_passes: float = 1) -> dict:
+    """Training FLOPs, tokens, owner tokens and public tokens over all of a method's runs, and its inference FLOPs
+    per token. `forward_passes` may be fractional: an ensemble whose members read only part of each window."""
+    tokens, owner_tokens = sum(run.tokens(seq_len) for run in runs), sum(run.owner_tokens(seq_len) for run in runs)
     return {
         "training_flops": sum(run.flops(config, seq_len) for run in runs),
-        "training_tokens": sum(run.tokens(seq_len) for run in runs),
-        "owner_tokens": sum(run.owner_tokens(seq_len) for run in runs),
+        "training_tokens": tokens,
+        "owner_tokens": owner_tokens,
+        "public_tokens": tokens - owner_tokens,
         "inference_flops_per_token": inference_flops_per_token(config, seq_len, experts_per_token, forward_passes),
         "forward_passes_per_token": forward_passes,
         "experts_per_token": experts_per_token,

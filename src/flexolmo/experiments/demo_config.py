@@ -1,8 +1,10 @@
-"""What a demo run is: its settings, its domains, where its outputs live, and how a finished run is read back."""
+"""What a demo run is: its settings, its domains, its two comparison protocols, the rows of its tables, where its
+outputs live, and how a finished run is read back."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -23,6 +25,50 @@ PUBLIC = "public"
 
 
 MIXED = "mixed"
+
+
+# How much training every baseline gets. data_matched (the paper's, sections 4.3-4.4): each dense expert sees
+# exactly the owner tokens a FlexOlmo expert sees (expert_steps x owner sequences per step x seq_len, per owner),
+# in as many steps; compute is reported, not matched. flop_matched (ours, stricter for FlexOlmo): each dense expert
+# trains until five of them cost FlexOlmo's training FLOPs (`DemoConfig.dense_steps`).
+PROTOCOLS = {"data_matched": "data-matched (the paper's)", "flop_matched": "FLOP-matched (ours)"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the demo's tables: its name as the paper names it; `shared` when the same model stands in both
+    protocols (nothing of it is a dense expert); `ablation` when only `--ablation` builds it."""
+
+    label: str
+    shared: bool = False
+    ablation: bool = False
+
+
+ROWS = {
+    "public": Row("Public model (the anchor)", shared=True),
+    "model_soup": Row("Model soup (public + dense experts, FFNs averaged)"),
+    "btm": Row("BTM (the paper's: member weights once per sequence, from the context)"),
+    "prompt_routing": Row("Prompt routing (the paper's: classifier fit on public proxy documents only)"),
+    "btx_ffn_untuned": Row("BTX (FFN-only dense experts, no coordinated training), router untuned"),
+    "btx_ffn": Row("BTX (FFN-only dense experts, no coordinated training)"),
+    "flexolmo_untuned": Row("FlexOlmo without router tuning", shared=True),
+    "flexolmo": Row("FlexOlmo", shared=True),
+    "btm_per_position": Row("BTM (per-position, ours)", ablation=True),
+    "prompt_routing_private": Row("Prompt routing (needs pooled private data: fit on the owners' documents)",
+                                  ablation=True),
+    **{f"dense_{d}": Row(f"Dense expert alone: {d}", ablation=True) for d in CLOSED_DOMAINS},
+    "unrestricted": Row("Unrestricted: anchor FFNs on all closed data pooled (upper bound)", ablation=True),
+    "flexolmo_owner_only": Row("FlexOlmo, experts on owner text only (public share 0)", shared=True, ablation=True),
+    "flexolmo_random_init": Row("FlexOlmo, random router rows", shared=True, ablation=True),
+    "flexolmo_bias_dropped_untuned": Row("FlexOlmo trained with the negative bias, bias dropped, untuned",
+                                         shared=True, ablation=True),
+    "flexolmo_bias_untuned": Row("FlexOlmo trained with the negative bias, bias applied, untuned", shared=True,
+                                 ablation=True),
+}
+
+# Bump when a row's meaning or an artefact's path changes: a run directory of another layout is refused, so no
+# cached result of an older meaning is read as a new one.
+LAYOUT = 2
 
 
 def merged_model_dir(out: Path, method: str, lr: float | None) -> Path:
@@ -66,17 +112,18 @@ class DemoConfig(BaseModel):
     top_k: int = Field(2, ge=1, description="experts per token in the merged model")
     tune_steps: int = Field(TUNE_STEPS, ge=1, description="router tuning steps")
     tune_lrs: tuple[float, ...] = Field((1e-3, 3e-3), min_length=1,
-                                        description="router tuning learning rates tried; the best closed-domain "
-                                                    "average on validation text is kept")
-    btm_top_k: int = Field(2, ge=1, description="experts per position in the BTM ensemble")
+                                        description="router tuning learning rates tried; the rule in docs/demo.md "
+                                                    "keeps the best closed-domain average on validation text")
+    btm_top_k: int = Field(2, ge=1, description="members the BTM ensembles keep (per sequence, or per position)")
     eval_max_sequences: int = Field(48, ge=1, description="held-out sequences scored per domain")
     context_tokens: int = Field(32, ge=0, description="leading tokens of each held-out window given as context "
-                                "and not scored; prompt routing chooses its member from them")
-    router_samples: int = Field(100, ge=2, description="documents per domain to fit the prompt router")
+                                "and not scored; BTM and prompt routing choose their members from them")
+    router_samples: int = Field(100, ge=2, description="documents per class to fit a prompt router (at most)")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
-    ablation: bool = Field(False, description="also train the unrestricted upper bound (all closed data pooled) "
-                                               "and the ablation's experts: a random router row, the negative bias "
-                                               "(five more experts each)")
+    ablation: bool = Field(False, description="also the extra rows: our stronger baselines (per-position BTM, "
+                                               "prompt routing fit on private text), each dense expert alone, the "
+                                               "unrestricted upper bound, and the experts of the ablation (owner "
+                                               "text only, a random router row, the negative bias)")
     seed: int = 0
     device: str = Field("cpu", description="torch device every model trains and runs on")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
@@ -96,7 +143,27 @@ class DemoConfig(BaseModel):
     def digest(self) -> str:
         """What decides the demo's numbers (the device only places the work)."""
         # --ablation only adds steps: a run with it extends, and reuses, the run without it.
-        return config_digest(self.model_dump(mode="json", exclude={"out", "device", "ablation"}))
+        return config_digest({**self.model_dump(mode="json", exclude={"out", "device", "ablation"}),
+                              "layout": LAYOUT})
+
+    def owner_sequences(self) -> int:
+        """Owner sequences in each batch of a FlexOlmo expert (the rest is public text)."""
+        return self.batch_size - round(self.batch_size * self.public_share)
+
+    def dense_optim(self, protocol: str, anchor_config: dict, owners: int = 1) -> OptimConfig:
+        """How one dense model trains under `protocol` on `owners` owners' text pooled (1: a dense expert). Data-
+        matched: a FlexOlmo expert's owner sequences per step, for its steps (so exactly its owner tokens per
+        owner); FLOP-matched: full batches for `dense_steps` per owner."""
+        if protocol == "data_matched":
+            return self.optim(self.expert_steps * owners).model_copy(update={"batch_size": self.owner_sequences()})
+        if protocol == "flop_matched":
+            return self.optim(self.dense_steps(anchor_config) * owners)
+        raise ValueError(f"unknown protocol {protocol!r}")
+
+    def dense_run(self, protocol: str, anchor_config: dict, owners: int = 1) -> TrainingRun:
+        """The training run behind one dense model under `protocol` (see `dense_optim`): owner text only."""
+        optim = self.dense_optim(protocol, anchor_config, owners)
+        return TrainingRun("dense_ffn", optim.steps, optim.batch_size, optim.batch_size)
 
     def dense_steps(self, anchor_config: dict) -> int:
         """Steps of each dense expert so that five of them cost at least FlexOlmo's training: five coordinated
@@ -109,10 +176,17 @@ class DemoConfig(BaseModel):
         return max(self.expert_steps, int(steps))
 
 
-def flexolmo_runs(config: DemoConfig) -> list:
-    """FlexOlmo's training runs: five coordinated experts, then one router tuning per learning rate tried."""
+def flexolmo_runs(config: DemoConfig, owner_only: bool = False) -> list:
+    """FlexOlmo's training runs: five coordinated experts, then one router tuning per learning rate tried.
+    `owner_only`: experts that see owner text only (public share 0), as many owner tokens in as many steps."""
 
-    owner_sequences = config.batch_size - round(config.batch_size * config.public_share)
-    owners = [TrainingRun("coordinated", config.expert_steps, config.batch_size, owner_sequences)]
-    tunings = [TrainingRun("router_only", config.tune_steps, config.batch_size, 0, top_k=config.top_k)]
-    return owners * len(CLOSED_DOMAINS) + tunings * len(config.tune_lrs)
+    owner_sequences = config.owner_sequences()
+    per_step = owner_sequences if owner_only else config.batch_size
+    owners = [TrainingRun("coordinated", config.expert_steps, per_step, owner_sequences)]
+    return owners * len(CLOSED_DOMAINS) + tuning_runs(config)
+
+
+def tuning_runs(config: DemoConfig) -> list:
+    """One router tuning per learning rate tried (proxies and public text: no owner tokens)."""
+    return [TrainingRun("router_only", config.tune_steps, config.batch_size, 0, top_k=config.top_k)] * \
+        len(config.tune_lrs)

@@ -19,22 +19,33 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-MERGING_BASELINES = ("model_soup", "btm", "btx", "prompt_routing")
+# The paper's merging baselines, as the demo builds them (the paper's BTX needs full-model dense experts, which the
+# demo does not train: its BTX is the FFN-only one, the paper's "no coordinated training" ablation).
+MERGING_BASELINES = ("model_soup", "btm", "btx_ffn", "prompt_routing")
 
 
 def expectation_checks(results: dict) -> list[tuple[str, bool, str]]:
-    """The goals of the paper's method on this demo, each with whether it holds here and the numbers behind it."""
-    methods = results["methods"]
+    """The goals of the paper's method on this demo, each with whether it holds here and the numbers behind it:
+    FlexOlmo against each merging baseline under each protocol, then the checks of FlexOlmo itself."""
+    checks = []
+    for protocol, entry in results["protocols"].items():
+        methods = entry["methods"]
+        flex = methods["flexolmo"]["closed_average"]
+        for rival in MERGING_BASELINES:
+            checks.append((f"FlexOlmo beats {rival} on the closed-domain average ({protocol.replace('_', '-')})",
+                           flex < methods[rival]["closed_average"],
+                           f"{flex:.4f} vs {methods[rival]['closed_average']:.4f}"))
+        if "unrestricted" in methods:  # the upper bound is trained with --ablation only
+            checks.append((f"FlexOlmo vs unrestricted pooled training ({protocol.replace('_', '-')}; closed average; "
+                           "informative: pooling is what the owners cannot do)",
+                           flex < methods["unrestricted"]["closed_average"],
+                           f"{flex:.4f} vs {methods['unrestricted']['closed_average']:.4f}"))
+    methods = results["protocols"]["flop_matched"]["methods"]  # FlexOlmo's own rows are the same in both
     flex, public = methods["flexolmo"], methods["public"]
 
     def change(method: str, domain: str) -> float:
         return 100 * (methods[method][domain] / public[domain] - 1)
 
-    checks = []
-    for rival in MERGING_BASELINES:
-        checks.append((f"FlexOlmo beats {rival} on the closed-domain average (at no more training compute)",
-                       flex["closed_average"] < methods[rival]["closed_average"],
-                       f"{flex['closed_average']:.4f} vs {methods[rival]['closed_average']:.4f}"))
     checks.append(("FlexOlmo stays within 1% of the anchor on public text", change("flexolmo", "public") <= 1.0,
                    f"{change('flexolmo', 'public'):+.2f}%"))
     worse = [d for d in (*CLOSED, "mixed") if flex[d] >= public[d]]
@@ -44,10 +55,6 @@ def expectation_checks(results: dict) -> list[tuple[str, bool, str]]:
     checks.append(("Router tuning improves the closed-domain average",
                    flex["closed_average"] < methods["flexolmo_untuned"]["closed_average"],
                    f"{flex['closed_average']:.4f} tuned vs {methods['flexolmo_untuned']['closed_average']:.4f}"))
-    if "unrestricted" in methods:  # the upper bound is trained with --ablation only
-        checks.append(("FlexOlmo vs unrestricted pooled training (closed average; informative: pooling is what "
-                       "the owners cannot do)", flex["closed_average"] < methods["unrestricted"]["closed_average"],
-                       f"{flex['closed_average']:.4f} vs {methods['unrestricted']['closed_average']:.4f}"))
     own_costs = [d for d, v in results["opt_out"].items() if v["own_domain"] > v["other_closed_mean"]]
     checks.append(("Removing an expert costs mostly its own domain", len(own_costs) == len(results["opt_out"]),
                    f"{len(own_costs)} of {len(results['opt_out'])} experts"))
@@ -56,69 +63,111 @@ def expectation_checks(results: dict) -> list[tuple[str, bool, str]]:
 
 ABLATION = (("flexolmo", "FlexOlmo, full method (coordinated experts, domain-informed router rows, tuned router)"),
             ("flexolmo_untuned", "without router tuning"),
-            ("btx", "without coordinated training (BTX: dense experts, tuned router)"),
-            ("btx_untuned", "without coordinated training and without router tuning"),
+            ("btx_ffn", "without coordinated training (BTX: FFN-only dense experts, tuned router)"),
+            ("btx_ffn_untuned", "without coordinated training and without router tuning"),
+            ("flexolmo_owner_only", "owners train on their text only (public share 0, the paper's owners)"),
             ("flexolmo_random_init", "without the domain-informed router initialisation "
                                      "(random rows; tuning as FlexOlmo's)"),
             ("flexolmo_bias_dropped_untuned", "owners trained with the negative bias, bias dropped as in the "
                                               "standard checkpoint (no tuning)"),
             ("flexolmo_bias_untuned", "the same experts with the bias applied (flexolmo's runtime; no tuning)"))
 
+# The rule every setting chosen in a run follows, written before any run (docs/demo.md says the same).
+RULE = ("Router tuning, for every method that tunes (FlexOlmo, each BTX, FlexOlmo owner-only): the candidates are "
+        "the untuned model, then tuning at each learning rate of `tune_lrs`, smallest first; the kept one has the "
+        "lowest closed-domain average bits per byte on the `*.validation` files; a tie keeps the earlier candidate. "
+        "Every other setting (public share, steps, learning rates of experts and dense experts, top-k) is fixed "
+        "before the run. Held-out text is read only to fill these tables.")
+
 
 def _intro(results: dict) -> list[str]:
-    """The report's opening: what was run and how every model is scored."""
+    """The report's opening: what was run, the two protocols, and how every model is scored."""
+    config = results["config"]
     lines = ["# FlexOlmo demo report", ""]
     if results["quick"]:
         lines += ["> **Quick smoke run: a few training steps and sequences. These numbers are not meaningful.**", ""]
-    return lines + [
+    lines += [
         "Produced by `flexolmo demo" + (" --quick" if results["quick"] else "") + "` on the shipped anchor and "
         "corpora. Every model is scored by the same evaluation (`flexolmo.evaluation.scoring.evaluate`) on "
-        f"held-out documents: at most {results['config']['eval_max_sequences']} windows of "
-        f"{results['config']['seq_len']} tokens per domain, the first {results['config']['context_tokens']} tokens "
-        "of each window context only (never scored, for every method). Bits per byte = summed loss in bits / the "
-        "UTF-8 bytes that exactly the scored tokens encode; lower is better.",
+        f"held-out documents: at most {config['eval_max_sequences']} windows of {config['seq_len']} tokens per "
+        f"domain, the first {config['context_tokens']} tokens of each window context only (never scored, for every "
+        "method). Bits per byte = summed loss in bits / the UTF-8 bytes that exactly the scored tokens encode; "
+        "lower is better.",
+        "",
+        "Two protocols decide how much each dense expert (the members of every merging baseline) trains. FlexOlmo's "
+        "own models are the same in both.",
         "",
     ]
+    for protocol, entry in results["protocols"].items():
+        soup = entry["costs"]["model_soup"]
+        how = ("the same owner tokens as a FlexOlmo expert, in as many steps; compute is reported, not matched"
+               if protocol == "data_matched" else "steps until five dense experts cost FlexOlmo's training FLOPs")
+        lines.append(f"- **{entry['title']}**: {how}: {entry['owner_tokens_per_owner']:,} owner tokens per owner "
+                     f"({soup['training_flops'] / 1e15:.3f} PFLOPs for the five).")
+    return lines + ["", f"Settings chosen in the run: {RULE}", ""]
+
+
+def _both(results: dict, value) -> list[list]:
+    """One row per method: `value(protocol entry, method)` under each protocol, side by side per key."""
+    protocols = results["protocols"]
+    return [[m, *value(protocols, m)] for m in protocols["flop_matched"]["methods"]]
 
 
 def _quality_tables(results: dict) -> list[str]:
-    """Costs, bits per byte, change against the anchor, and the ablation."""
-    domains, methods = results["domains"], results["methods"]
+    """Costs, bits per byte and change against the anchor under both protocols, and the ablation."""
+    protocols = results["protocols"]
+    names = list(protocols)
+    short = {p: p.replace("_", "-") for p in names}
+    keys = [*results["domains"], "closed_average"]
+
+    def header(key: str) -> list[str]:
+        return [f"{key.replace('_average', ' avg')} ({short[p]})" for p in names]
+
+    def cost(p: str, m: str, key: str) -> object:
+        return protocols[p]["costs"][m][key]
+
     return [
         "## What each method is and what it costs",
         "",
-        "Training FLOPs are matmul FLOPs over all of a method's training runs (`flexolmo.experiments.compute`; the "
-        "anchor's pretraining, shared by all, is not counted). Owner tokens: tokens of the owners' private text "
-        "among them.",
+        "Training PFLOPs: matmul FLOPs over all of a method's training runs (`flexolmo.experiments.compute`; the "
+        "anchor's pretraining, shared by all, is not counted; every router tuning tried counts). Owner tokens: of "
+        "the owners' private text, per owner; public tokens: the rest (public mix, proxies). Forward passes: "
+        "full-model passes per token of a window (the paper's BTM: every member reads the context, the kept ones "
+        "the window).",
         "",
-        markdown_table(["method", "members", "training PFLOPs", "training tokens", "owner tokens",
-                        "inference GFLOPs/token", "forward passes/token"],
-                       [[m, c["members"], f"{c['training_flops'] / 1e15:.3f}", f"{c['training_tokens']:,}",
-                         f"{c['owner_tokens']:,}", f"{c['inference_flops_per_token'] / 1e9:.4f}",
-                         c["forward_passes_per_token"]] for m, c in results["costs"].items()]),
+        markdown_table(["method", "what it is", *[f"owner tokens/owner ({short[p]})" for p in names],
+                        *[f"public tokens ({short[p]})" for p in names],
+                        *[f"training PFLOPs ({short[p]})" for p in names], "forward passes/token",
+                        "inference GFLOPs/token"],
+                       _both(results, lambda _, m: [
+                           results["labels"][m], *[f"{cost(p, m, 'owner_tokens_per_owner'):,}" for p in names],
+                           *[f"{cost(p, m, 'public_tokens'):,}" for p in names],
+                           *[f"{cost(p, m, 'training_flops') / 1e15:.3f}" for p in names],
+                           f"{cost(names[0], m, 'forward_passes_per_token'):.3g}",
+                           f"{cost(names[0], m, 'inference_flops_per_token') / 1e9:.4f}"])),
         "",
-        "## Bits per byte by method and domain",
+        "## Bits per byte by method and domain, both protocols",
         "",
-        markdown_table(["method", *domains, "closed avg", "avg (+public)"],
-                       [[m, *[r[d] for d in domains], r["closed_average"], r["average_with_public"]]
-                        for m, r in methods.items()]),
+        markdown_table(["method", *[h for k in keys for h in header(k)]],
+                       _both(results, lambda ps, m: [ps[p]["methods"][m][k] for k in keys for p in names])),
         "",
-        "## Change against the public anchor (%)",
+        "## Change against the public anchor (%), both protocols",
         "",
-        markdown_table(["method", *domains, "closed avg"],
-                       [[m, *[f"{100 * (r[d] / methods['public'][d] - 1):+.1f}" for d in domains],
-                         f"{100 * (r['closed_average'] / methods['public']['closed_average'] - 1):+.1f}"]
-                        for m, r in methods.items()]),
+        markdown_table(["method", *[h for k in keys for h in header(k)]],
+                       _both(results, lambda ps, m: [
+                           f"{100 * (ps[p]['methods'][m][k] / ps[p]['methods']['public'][k] - 1):+.1f}"
+                           for k in keys for p in names])),
         "",
         "## Ablation (the paper's Table 1, on this demo)",
         "",
-        "Rows present in this run (`flexolmo demo --ablation` adds the router initialisation and the negative "
-        "bias, each of which needs five more experts, and the unrestricted upper bound to the tables above). "
-        "Compare the bias rows with flexolmo_untuned.",
+        "Rows present in this run (`flexolmo demo --ablation` adds owner-only experts, the router initialisation "
+        "and the negative bias, each of which needs five more experts). Compare the bias rows with "
+        "flexolmo_untuned.",
         "",
-        markdown_table(["variant", *domains, "closed avg"],
-                       [[label, *[methods[m][d] for d in domains], methods[m]["closed_average"]]
-                        for m, label in ABLATION if m in methods]),
+        markdown_table(["variant", *header("public"), *header("closed_average")],
+                       [[label, *[protocols[p]["methods"][m]["public"] for p in names],
+                         *[protocols[p]["methods"][m]["closed_average"] for p in names]]
+                        for m, label in ABLATION if m in protocols[names[0]]["methods"]]),
         "",
     ]
 
@@ -129,7 +178,7 @@ def _tuning_opt_out_and_routing(results: dict) -> list[str]:
     candidates = next(iter(results["router_tuning"].values()))["validation"]
     experts = list(next(iter(results["routing"].values())))
     return [
-        "## Router tuning: kept only where it helps on validation text (closed-domain average, bits per byte)",
+        "## Router tuning: the rule's choice on validation text (closed-domain average, bits per byte)",
         "",
         markdown_table(["method", *[name if name == "untuned" else f"lr {name}" for name in candidates], "chosen"],
                        [[m, *[v["closed_average"] for v in sel["validation"].values()],
@@ -173,22 +222,25 @@ def plot_all(out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    domains, methods = results["domains"], results["methods"]
-    figure, axis = plt.subplots(figsize=(12, 5))
-    width = 0.8 / len(methods)
+    domains, protocols = results["domains"], results["protocols"]
+    figure, axes = plt.subplots(len(protocols), 1, figsize=(12, 4.5 * len(protocols)), squeeze=False)
     palette = plt.get_cmap("tab20").colors
-    others = [method for method in methods if method != "flexolmo"]
-    for index, (method, row) in enumerate(methods.items()):
-        # Every method its own colour; FlexOlmo in black with a thick edge so it stands out among the rest.
-        style = ({"color": "black", "edgecolor": "crimson", "linewidth": 1.5} if method == "flexolmo"
-                 else {"color": palette[others.index(method) % len(palette)]})
-        axis.bar(np.arange(len(domains)) + index * width, [row[d] for d in domains], width, label=method, **style)
-    axis.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
-    axis.set_ylabel("bits per byte (lower is better)")
-    axis.set_title("Held-out bits per byte by method and domain" + (" (quick run)" if results["quick"] else ""))
-    low = min(min(row[d] for d in domains) for row in methods.values())
-    axis.set_ylim(bottom=low * 0.9)
-    axis.legend(ncol=4, fontsize=8)
+    for axis, (protocol, entry) in zip(axes[:, 0], protocols.items()):
+        methods = entry["methods"]
+        width = 0.8 / len(methods)
+        others = [method for method in methods if method != "flexolmo"]
+        for index, (method, row) in enumerate(methods.items()):
+            # Every method its own colour; FlexOlmo in black with a thick edge so it stands out among the rest.
+            style = ({"color": "black", "edgecolor": "crimson", "linewidth": 1.5} if method == "flexolmo"
+                     else {"color": palette[others.index(method) % len(palette)]})
+            axis.bar(np.arange(len(domains)) + index * width, [row[d] for d in domains], width, label=method,
+                     **style)
+        axis.set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+        axis.set_ylabel("bits per byte (lower is better)")
+        axis.set_title(f"Held-out bits per byte, {entry['title']}" + (" (quick run)" if results["quick"] else ""))
+        low = min(min(row[d] for d in domains) for row in methods.values())
+        axis.set_ylim(bottom=low * 0.9)
+        axis.legend(ncol=4, fontsize=8)
     _save(figure, out / "bits_per_byte.png")
 
     routing = results["routing"]
