@@ -33,6 +33,35 @@ def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> Non
                            default=fields["max_public_bpb_increase"].default,
                            help=fields["max_public_bpb_increase"].description)
     admission.add_argument("--device", default="cpu", help="torch device of the probe (cpu, cuda, cuda:1, ...)")
+    add_member_probe_flags(admission)
+
+
+def add_member_probe_flags(admission) -> None:
+    """The probe of members' domains on their proxies (issue 25, finding 4)."""
+    from flexolmo.coordinator.admission import AdmissionPolicy
+
+    fields = AdmissionPolicy.model_fields
+    admission.add_argument("--proxies", nargs="+", type=Path, default=[], metavar="FILE",
+                           help=fields["proxies"].description + "; without them members' domains are not probed")
+    admission.add_argument("--public-data", nargs="+", type=Path, default=None, metavar="FILE",
+                           help=fields["public"].description + " (merge defaults to the anchor's public sample)")
+    admission.add_argument("--max-member-share-drop", type=float, default=fields["max_member_share_drop"].default,
+                           help=fields["max_member_share_drop"].description)
+    admission.add_argument("--max-member-bpb-increase", type=float,
+                           default=fields["max_member_bpb_increase"].default,
+                           help=fields["max_member_bpb_increase"].description)
+
+
+def member_probe_settings(args: argparse.Namespace, anchor_dir: Path | None) -> dict:
+    """AdmissionPolicy fields of the members' probe; merge resolves proxies in the anchor's public sample unless
+    --public-data is given."""
+    from flexolmo.data.public_sample import anchor_public_sample
+
+    public = list(args.public_data or [])
+    if args.proxies and not public and anchor_dir is not None and anchor_public_sample(anchor_dir) is not None:
+        public = [anchor_public_sample(anchor_dir)]
+    return {"proxies": list(args.proxies), "public": public, "max_member_share_drop": args.max_member_share_drop,
+            "max_member_bpb_increase": args.max_member_bpb_increase}
 
 
 def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
@@ -53,7 +82,7 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     policy = AdmissionPolicy(
         max_row_norm_ratio=args.max_row_norm_ratio, max_public_top_share=args.max_public_top_share,
         max_public_bpb_increase=args.max_public_bpb_increase, probe_sequences=args.probe_sequences,
-        device=args.device)
+        device=args.device, **member_probe_settings(args, anchor_dir))
     if args.probe_data:
         probe, reason = (list(args.probe_data), "all"), ""
     elif anchor_dir is not None:

@@ -7,13 +7,21 @@ candidate is measured inside the model it would join:
 - router-row norms: per layer, the candidate row's norm over the public row's; the largest over layers;
 - a probe on public held-out text the coordinator holds: the share of public tokens on which the candidate
   outranks every other expert (its router logit is the highest, whatever top-k), the share on which it is in
-  the top-k, and the change in public bits per byte with it against without it (masked).
+  the top-k, and the change in public bits per byte with it against without it (masked);
+- a probe of every member's domain, on that member's proxies (`flexolmo select-proxy`: public documents that
+  look like its data, resolved in the coordinator's public text): the share of the member's proxy tokens on
+  which the member's own expert is in the top-k, and the member's proxy bits per byte, with the candidate and
+  without it (masked). A candidate may not take a member's tokens from that member's expert, nor worsen its
+  text: a member's row copied and pushed further from the public row, under every norm limit, does both while
+  public text is unchanged. Without proxy files, members' domains are not probed (the report says so).
 A candidate beyond a limit is refused with one line naming the number and the limit; a NaN or infinite
 number is always refused. The default limits come from the demo's honest experts
 (benchmarks/docs/trust.md, admission checks), with margin; flags change them.
 
 Public text is the one domain every member agrees the public expert should keep; an honest expert, trained
-next to the frozen public expert on its own data (and some public text), wins few public tokens.
+next to the frozen public expert on its own data (and some public text), wins few public tokens. A member's
+proxies are the closest text to its domain the coordinator may read; an honest newcomer with other data takes
+few of their tokens from the member's expert.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,16 +38,17 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from flexolmo.core.errors import TrustError
+from flexolmo.coordinator.proxies import check_proxies, resolve_member_proxies, write_proxy_text
+from flexolmo.core.errors import ProxyError, TrustError
 from flexolmo.core.fileio import sha256_file
-from flexolmo.core.progress import print_table
+from flexolmo.core.progress import console, print_table
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import MERGED_ROUTER
-from flexolmo.data.tokens import load_token_stream
+from flexolmo.data.tokens import TokenStream, load_token_stream
 from flexolmo.evaluation.scoring import score_stream
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.moe import moe_blocks, set_active_experts
-from flexolmo.model.runtime import load_model
+from flexolmo.model.runtime import LoadedModel, load_model
 
 # From the demo's five honest experts (benchmarks/docs/trust.md): their largest row-norm ratio is 0.99,
 # top-logit share of public tokens 7.5% and public bits-per-byte rise 0.013; every hijacker measured 1.5-45,
@@ -47,6 +57,10 @@ from flexolmo.model.runtime import load_model
 DEFAULT_MAX_ROW_NORM_RATIO = 3.0
 DEFAULT_MAX_PUBLIC_TOP_SHARE = 0.25
 DEFAULT_MAX_PUBLIC_BPB_INCREASE = 0.05
+# From the same honest experts and the domain-stealing attacks of benchmarks/bench_admission.py (see
+# benchmarks/docs/trust.md, members' domains): placeholder until measured.
+DEFAULT_MAX_MEMBER_SHARE_DROP = 0.15
+DEFAULT_MAX_MEMBER_BPB_INCREASE = 0.03
 
 
 class AdmissionPolicy(BaseModel):
@@ -60,12 +74,51 @@ class AdmissionPolicy(BaseModel):
     max_public_bpb_increase: float = Field(DEFAULT_MAX_PUBLIC_BPB_INCREASE, ge=0, allow_inf_nan=False,
                                            description="largest allowed rise of public bits per byte with the "
                                                        "candidate against without it")
+    max_member_share_drop: float = Field(DEFAULT_MAX_MEMBER_SHARE_DROP, ge=0, le=1, allow_inf_nan=False,
+                                         description="largest allowed drop of the share of a member's proxy tokens "
+                                                     "on which its own expert is in the top-k, with the candidate "
+                                                     "against without it")
+    max_member_bpb_increase: float = Field(DEFAULT_MAX_MEMBER_BPB_INCREASE, ge=0, allow_inf_nan=False,
+                                           description="largest allowed rise of a member's proxy bits per byte with "
+                                                       "the candidate against without it")
+    proxies: list[Path] = Field(default_factory=list, description="members' proxy files (`flexolmo select-proxy`), "
+                                                                  "one per member whose domain is probed")
+    public: list[Path] = Field(default_factory=list, description="the coordinator's public text the proxies were "
+                                                                 "chosen from (they are resolved in it)")
     probe_data: list[Path] = Field(default_factory=list, description="public held-out text for the probe")
-    probe_sequences: int = Field(48, ge=1, description="windows of the probe text scored per pass")
+    probe_sequences: int = Field(48, ge=1, description="windows of the probe text (and of each member's proxy "
+                                                       "text) scored per pass")
     seq_len: int = Field(256, ge=2, description="tokens per probe window (capped at the model's context)")
     batch_size: int = Field(8, ge=1, description="probe windows per forward pass")
     text_field: str = Field("text", description="JSONL/parquet field of the probe text")
     device: str = Field("cpu", description="torch device of the probe")
+
+
+@dataclass
+class MemberImpact:
+    """What one candidate does to one member's domain, measured on the member's proxy text: the share of its
+    tokens on which the member's own expert is in the top-k (mean over layers), and its bits per byte, with the
+    candidate and without it (masked)."""
+
+    member: str
+    tokens: int
+    share_with: float
+    share_without: float
+    bpb_with: float
+    bpb_without: float
+
+    @property
+    def share_drop(self) -> float:
+        return self.share_without - self.share_with
+
+    @property
+    def bpb_increase(self) -> float:
+        return self.bpb_with - self.bpb_without
+
+    def as_dict(self) -> dict:
+        return {"member": self.member, "tokens": self.tokens, "share_with": self.share_with,
+                "share_without": self.share_without, "share_drop": self.share_drop, "bpb_with": self.bpb_with,
+                "bpb_without": self.bpb_without, "bpb_increase": self.bpb_increase}
 
 
 @dataclass
@@ -77,6 +130,7 @@ class Verdict:
     public_top_share: float | None = None
     public_selected_share: float | None = None
     public_bpb_change: float | None = None
+    members: list[MemberImpact] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -86,21 +140,26 @@ class Verdict:
     def as_dict(self) -> dict:
         return {"name": self.name, "row_norm_ratio": self.row_norm_ratio, "public_top_share": self.public_top_share,
                 "public_selected_share": self.public_selected_share, "public_bpb_change": self.public_bpb_change,
-                "admitted": self.admitted, "problems": self.problems}
+                "members": [impact.as_dict() for impact in self.members], "admitted": self.admitted,
+                "problems": self.problems}
 
 
 @dataclass
 class AdmissionReport:
-    """Every candidate's verdict, what the probe read (or why it was skipped), and its cost."""
+    """Every candidate's verdict, what the public probe and the members' probe read (or why they were skipped),
+    and their cost."""
 
     verdicts: list[Verdict]
     probe: str
     public_bits_per_byte: float | None
     seconds: float
+    members_probe: str = "skipped"
+    members_probed: bool = False
 
     def as_dict(self) -> dict:
         return {"verdicts": [verdict.as_dict() for verdict in self.verdicts], "probe": self.probe,
-                "public_bits_per_byte": self.public_bits_per_byte, "seconds": self.seconds}
+                "public_bits_per_byte": self.public_bits_per_byte, "members_probe": self.members_probe,
+                "members_probed": self.members_probed, "seconds": self.seconds}
 
 
 def recorded_public_heldout(anchor_dir: Path | str) -> tuple[list[Path], str] | None:
@@ -165,11 +224,10 @@ class _PublicRouting:
         return float(self.top[index] / max(self.tokens, 1))
 
 
-def _probe(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy, files: list[Path],
+def _probe(loaded: LoadedModel, candidates: Sequence[str], policy: AdmissionPolicy, files: list[Path],
            split: str) -> tuple[dict[str, dict], float, str]:
-    """Score the merged model on the probe text with every expert, then without each candidate."""
+    """Score the merged model on the public probe text with every expert, then without each candidate."""
 
-    loaded = load_model(model_dir, device=policy.device)
     names = loaded.expert_names
     stream = load_token_stream(files, loaded.tokenizer, split, policy.text_field)
     seq_len = min(policy.seq_len, getattr(loaded.model.config, "max_position_embeddings", policy.seq_len))
@@ -197,6 +255,65 @@ def _probe(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy, 
     return results, full.bits_per_byte, f"{sequences} windows of {seq_len} tokens of {where}"
 
 
+def member_proxy_texts(model_dir: Path, policy: AdmissionPolicy) -> dict[str, list[str]]:
+    """Each member's proxy texts: the proxy files checked against the model (one per member, members only) and
+    resolved in `policy.public`; one-line ProxyError otherwise."""
+    if not policy.public:
+        raise ProxyError("members' proxy files are resolved in the public text they were chosen from; pass it with "
+                         "--public-data")
+    records = check_proxies(read_merged_info(model_dir), policy.proxies, model_label="the merged model")
+    return resolve_member_proxies(records, policy.public, policy.text_field)
+
+
+def _member_streams(loaded: LoadedModel, texts: dict[str, list[str]], policy: AdmissionPolicy,
+                    directory: Path) -> dict[str, TokenStream]:
+    streams = {}
+    for member, member_texts in texts.items():
+        write_proxy_text(member_texts, directory / f"{member}.jsonl.gz")
+        streams[member] = load_token_stream([directory / f"{member}.jsonl.gz"], loaded.tokenizer, "all",
+                                            policy.text_field)
+    return streams
+
+
+def _probe_members(loaded: LoadedModel, candidates: Sequence[str], texts: dict[str, list[str]],
+                   policy: AdmissionPolicy) -> tuple[dict[str, list[MemberImpact]], str]:
+    """Score every member's proxy text with every expert, then without each candidate other than the member:
+    per candidate, its impact on each member. The same scoring path and routing counters as the public probe."""
+
+    names = loaded.expert_names
+    impacts: dict[str, list[MemberImpact]] = {name: [] for name in candidates}
+    context = getattr(loaded.model.config, "max_position_embeddings", policy.seq_len)
+    with tempfile.TemporaryDirectory(prefix="flexolmo-proxies-") as directory:
+        streams = _member_streams(loaded, texts, policy, Path(directory))
+    sizes = []
+    for member, stream in streams.items():
+        # A member's proxies may be short: windows shrink to fit, so every member is probed.
+        seq_len = min(policy.seq_len, context, stream.num_tokens - 1)
+        sequences = min(policy.probe_sequences, stream.num_sequences(seq_len))
+        if seq_len < 2:
+            raise ProxyError(f"the proxies of '{member}' hold {stream.num_tokens} tokens, too few to probe its "
+                             "domain; ask its owner for a larger proxy set")
+
+        def score(description: str, stream=stream, seq_len=seq_len, sequences=sequences):
+            return score_stream(loaded.model, stream, seq_len, policy.batch_size, sequences, policy.device,
+                                description, names)
+
+        full = score(f"members: {member}'s proxies, every expert")
+        for name in candidates:
+            if name == member:
+                continue
+            set_active_experts(loaded.model, [other != name for other in names])
+            without = score(f"members: {member}'s proxies without {name}")
+            set_active_experts(loaded.model, [True] * len(names))
+            impacts[name].append(MemberImpact(member, full.tokens, full.routing["mean_share"][member],
+                                              without.routing["mean_share"][member], full.bits_per_byte,
+                                              without.bits_per_byte))
+        sizes.append(f"{member} {full.tokens:,} tokens")
+    unprobed = [name for name in names[1:] if name not in texts]
+    described = "proxies of " + ", ".join(sizes) + (f"; no proxies of {', '.join(unprobed)}" if unprobed else "")
+    return impacts, described
+
+
 def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
     checks = [
         ("its router rows are {}x the public row's norm", verdict.row_norm_ratio, policy.max_row_norm_ratio,
@@ -206,6 +323,15 @@ def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
         ("public bits per byte rise by {} with it", verdict.public_bpb_change, policy.max_public_bpb_increase,
          "{:.4f}", "--max-public-bpb-increase"),
     ]
+    for impact in verdict.members:
+        checks += [
+            (f"it takes member '{impact.member}''s proxy tokens from its own expert: in the top-k on "
+             f"{impact.share_without:.1%} of them without it, {impact.share_with:.1%} with it (a drop of {{}})",
+             impact.share_drop, policy.max_member_share_drop, "{:.3f}", "--max-member-share-drop"),
+            (f"member '{impact.member}''s proxy bits per byte rise by {{}} with it ({impact.bpb_without:.4f} -> "
+             f"{impact.bpb_with:.4f})", impact.bpb_increase, policy.max_member_bpb_increase, "{:.4f}",
+             "--max-member-bpb-increase"),
+        ]
     for words, value, limit, number, flag in checks:
         if value is None:
             continue
@@ -220,22 +346,32 @@ def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
            probe: tuple[list[Path], str] | None, no_probe_reason: str = "") -> AdmissionReport:
     """Measure every candidate inside the merged model written at `model_dir` and judge it against `policy`.
 
-    `probe` is the public text to probe with, as (files, split); None skips the probe for `no_probe_reason`."""
+    `probe` is the public text to probe with, as (files, split); None skips the probe for `no_probe_reason`.
+    `policy.proxies` (resolved in `policy.public`) probe the members' domains; none skips that probe."""
 
     start = time.perf_counter()
     names = read_merged_info(model_dir).expert_names
     ratios = row_norm_ratios(model_dir, names)
     verdicts = {name: Verdict(name, ratios[name]) for name in candidates}
+    texts = member_proxy_texts(model_dir, policy) if policy.proxies else {}
     public_bpb, described = None, f"skipped: {no_probe_reason}"
-    if probe is not None and candidates:
-        results, public_bpb, described = _probe(model_dir, candidates, policy, *probe)
-        for name, result in results.items():
-            verdicts[name].public_top_share = result["top"]
-            verdicts[name].public_selected_share = result["selected"]
-            verdicts[name].public_bpb_change = result["bpb_change"]
+    members = "not probed: no member proxy files were given (--proxies)"
+    if candidates and (probe is not None or texts):
+        loaded = load_model(model_dir, device=policy.device)
+        if probe is not None:
+            results, public_bpb, described = _probe(loaded, candidates, policy, *probe)
+            for name, result in results.items():
+                verdicts[name].public_top_share = result["top"]
+                verdicts[name].public_selected_share = result["selected"]
+                verdicts[name].public_bpb_change = result["bpb_change"]
+        if texts:
+            impacts, members = _probe_members(loaded, candidates, texts, policy)
+            for name, found in impacts.items():
+                verdicts[name].members = found
     for verdict in verdicts.values():
         _judge(verdict, policy)
-    return AdmissionReport(list(verdicts.values()), described, public_bpb, time.perf_counter() - start)
+    return AdmissionReport(list(verdicts.values()), described, public_bpb, time.perf_counter() - start,
+                           members, bool(texts))
 
 
 def enforce(report: AdmissionReport) -> None:
@@ -246,7 +382,9 @@ def enforce(report: AdmissionReport) -> None:
 
 
 def print_report(report: AdmissionReport) -> None:
-    """The admission table: one row per joining expert, its measured numbers and its verdict."""
+    """The admission tables: one row per joining expert with its measured numbers and its verdict; one row per
+    (joining expert, member) with the member's proxy numbers; or one warning line that members' domains were not
+    probed."""
 
     def share(value):
         return "-" if value is None else f"{value:.1%}"
@@ -257,3 +395,12 @@ def print_report(report: AdmissionReport) -> None:
     print_table(f"admission checks (probe: {report.probe}; {report.seconds:.0f} s)",
                 ["expert", "row norm / public", "top logit on public", "in top-k on public",
                  "public bits/byte change", "verdict"], rows)
+    if not report.members_probed:
+        console.print(f"[yellow]warning:[/] members' domains are {report.members_probe}", soft_wrap=True)
+        return
+    rows = [[v.name, m.member, f"{m.share_without:.1%}", f"{m.share_with:.1%}", f"{m.share_drop:+.3f}",
+             f"{m.bpb_without:.4f}", f"{m.bpb_with:.4f}", f"{m.bpb_increase:+.4f}"]
+            for v in report.verdicts for m in v.members]
+    print_table(f"members' domains ({report.members_probe})",
+                ["joining expert", "member", "own expert in top-k, without", "with", "drop", "proxy bits/byte, "
+                 "without", "with", "rise"], rows)
