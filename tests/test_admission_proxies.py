@@ -118,8 +118,8 @@ def test_honest_candidates_are_admitted_with_every_members_domain_probed(setup, 
     assert [impact.member for impact in impacts["code"]] == ["math"]
     assert [impact.member for impact in impacts["math"]] == ["code"]
     for impact in (*impacts["code"], *impacts["math"]):
-        assert impact.tokens > 500 and 0 < impact.share_without <= 1
-        assert impact.share_drop < AdmissionPolicy().max_member_share_drop
+        assert impact.tokens > 500 and 0 < impact.top_without <= 1
+        assert impact.top_drop < AdmissionPolicy().max_member_top_drop
         assert impact.bpb_increase < AdmissionPolicy().max_member_bpb_increase
     logged = json.loads((tmp_path / "honest" / "flexolmo_history.jsonl").read_text().splitlines()[-1])
     assert logged["admission"]["verdicts"][1]["members"][0]["member"] == "code"
@@ -140,7 +140,7 @@ def test_a_domain_stealer_passes_the_public_checks_and_is_refused_on_the_victims
     assert verdicts["code"].admitted and not verdicts["math"].admitted
     (problem,) = verdicts["math"].problems
     assert problem.startswith("it takes member 'code''s proxy tokens from its own expert")
-    assert "above the limit 0.150 (change it with --max-member-share-drop)" in problem
+    assert "above the limit 0.140 (change it with --max-member-top-drop)" in problem
     out = tmp_path / "merged"
     trust = CoordinatorTrust(admission=policy(setup), probe=public_probe(corpora))
     with pytest.raises(TrustError, match="expert 'math' refused at admission: it takes member 'code''s") as error:
@@ -150,8 +150,9 @@ def test_a_domain_stealer_passes_the_public_checks_and_is_refused_on_the_victims
 
 def test_with_and_without_numbers_are_those_of_the_model_with_and_without_the_candidate(setup, attack, tmp_path):
     """Measured independently: code's proxy text scored by `eval`'s path on the attacked model (with math) and on
-    the model merged without math (opt-out: masking is removing). A probe that never masks the candidate, or
-    masks the wrong one, reads other numbers."""
+    the model merged without math (opt-out: masking is removing). At top-1 the share of tokens routed to code
+    is the share on which code has the top logit. A probe that never masks the candidate, or masks the wrong
+    one, reads other numbers."""
     report = assess(attack["merged"], ["math"], policy(setup), None, "not needed here")
     (impact,) = report.verdicts[0].members
     records = check_proxies(read_merged_info(attack["merged"]), [setup["proxies"]["code"]])
@@ -161,12 +162,13 @@ def test_with_and_without_numbers_are_those_of_the_model_with_and_without_the_ca
     with_math = evaluate_path(attack["merged"], domains, settings).domains["code"]
     without_math = evaluate_path(attack["code_only"], domains, settings).domains["code"]
     assert impact.tokens == with_math.tokens == without_math.tokens
-    assert impact.share_with == pytest.approx(with_math.routing["mean_share"]["code"], abs=1e-6)
-    assert impact.share_without == pytest.approx(without_math.routing["mean_share"]["code"], abs=1e-6)
+    for ours, theirs in ((impact.top_with, with_math), (impact.share_with, with_math),
+                         (impact.top_without, without_math), (impact.share_without, without_math)):
+        assert ours == pytest.approx(theirs.routing["mean_share"]["code"], abs=1e-6)
     assert impact.bpb_with == pytest.approx(with_math.bits_per_byte, abs=1e-4)
     assert impact.bpb_without == pytest.approx(without_math.bits_per_byte, abs=1e-4)
     # and they differ: the stealer took code's tokens from code's expert.
-    assert impact.share_without > 0.2 and impact.share_with < 0.05
+    assert impact.top_without > 0.2 and impact.top_with < 0.05
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -190,7 +192,7 @@ def test_cli_add_probes_the_members_domains_and_says_when_it_cannot(setup, attac
     error = one_line_error(capsys, ["add", "--model", model, "--packages", str(attack["package"]), "--out",
                                     str(out), *probe, "--proxies", code_proxies, "--public-data", pool])
     assert "expert 'math' refused at admission: it takes member 'code''s proxy tokens" in error
-    assert "(change it with --max-member-share-drop)" in error and nothing_written(out)
+    assert "(change it with --max-member-top-drop)" in error and nothing_written(out)
     # Without proxy files it is admitted, and one warning line says members' domains were not probed.
     out = tmp_path / "unprobed"
     assert main(["add", "--model", model, "--packages", str(attack["package"]), "--out", str(out), *probe]) == 0

@@ -45,8 +45,8 @@ def add_member_probe_flags(admission) -> None:
                            help=fields["proxies"].description + "; without them members' domains are not probed")
     admission.add_argument("--public-data", nargs="+", type=Path, default=None, metavar="FILE",
                            help=fields["public"].description + " (merge defaults to the anchor's public sample)")
-    admission.add_argument("--max-member-share-drop", type=float, default=fields["max_member_share_drop"].default,
-                           help=fields["max_member_share_drop"].description)
+    admission.add_argument("--max-member-top-drop", type=float, default=fields["max_member_top_drop"].default,
+                           help=fields["max_member_top_drop"].description)
     admission.add_argument("--max-member-bpb-increase", type=float,
                            default=fields["max_member_bpb_increase"].default,
                            help=fields["max_member_bpb_increase"].description)
@@ -60,7 +60,7 @@ def member_probe_settings(args: argparse.Namespace, anchor_dir: Path | None) -> 
     public = list(args.public_data or [])
     if args.proxies and not public and anchor_dir is not None and anchor_public_sample(anchor_dir) is not None:
         public = [anchor_public_sample(anchor_dir)]
-    return {"proxies": list(args.proxies), "public": public, "max_member_share_drop": args.max_member_share_drop,
+    return {"proxies": list(args.proxies), "public": public, "max_member_top_drop": args.max_member_top_drop,
             "max_member_bpb_increase": args.max_member_bpb_increase}
 
 

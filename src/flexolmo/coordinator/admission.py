@@ -10,10 +10,13 @@ candidate is measured inside the model it would join:
   the top-k, and the change in public bits per byte with it against without it (masked);
 - a probe of every member's domain, on that member's proxies (`flexolmo select-proxy`: public documents that
   look like its data, resolved in the coordinator's public text): the share of the member's proxy tokens on
-  which the member's own expert is in the top-k, and the member's proxy bits per byte, with the candidate and
-  without it (masked). A candidate may not take a member's tokens from that member's expert, nor worsen its
-  text: a member's row copied and pushed further from the public row, under every norm limit, does both while
-  public text is unchanged. Without proxy files, members' domains are not probed (the report says so).
+  which the member's own expert has the top router logit, and the member's proxy bits per byte, with the
+  candidate and without it (masked). A candidate may not take a member's tokens from that member's expert,
+  nor worsen its text beyond a limit: a member's row pushed further from the public row, under every norm
+  limit, outranks that member's expert on every token it wins, while public text is unchanged. (The share of
+  tokens on which the member's expert is merely in the top-k is reported too, but not judged: at top-2 the
+  stolen expert stays second, and that share hardly moves.) Without proxy files, members' domains are not
+  probed (the report says so).
 A candidate beyond a limit is refused with one line naming the number and the limit; a NaN or infinite
 number is always refused. The default limits come from the demo's honest experts
 (benchmarks/docs/trust.md, admission checks), with margin; flags change them.
@@ -26,28 +29,26 @@ few of their tokens from the member's expert.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
-from flexolmo.coordinator.proxies import check_proxies, resolve_member_proxies, write_proxy_text
-from flexolmo.core.errors import ProxyError, TrustError
+from flexolmo.coordinator.member_probe import MemberImpact, ProbeWindows, TopLogits, member_proxy_texts, probe_members
+from flexolmo.core.errors import TrustError
 from flexolmo.core.fileio import sha256_file
 from flexolmo.core.progress import console, print_table
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import MERGED_ROUTER
-from flexolmo.data.tokens import TokenStream, load_token_stream
+from flexolmo.data.tokens import load_token_stream
 from flexolmo.evaluation.scoring import score_stream
 from flexolmo.model.merged_format import read_merged_info
-from flexolmo.model.moe import moe_blocks, set_active_experts
+from flexolmo.model.moe import set_active_experts
 from flexolmo.model.runtime import LoadedModel, load_model
 
 # From the demo's five honest experts (benchmarks/docs/trust.md): their largest row-norm ratio is 0.99,
@@ -57,10 +58,13 @@ from flexolmo.model.runtime import LoadedModel, load_model
 DEFAULT_MAX_ROW_NORM_RATIO = 3.0
 DEFAULT_MAX_PUBLIC_TOP_SHARE = 0.25
 DEFAULT_MAX_PUBLIC_BPB_INCREASE = 0.05
-# From the same honest experts and the domain-stealing attacks of benchmarks/bench_admission.py (see
-# benchmarks/docs/trust.md, members' domains): placeholder until measured.
-DEFAULT_MAX_MEMBER_SHARE_DROP = 0.15
-DEFAULT_MAX_MEMBER_BPB_INCREASE = 0.03
+# On members' proxies, over the 20 (honest expert, member) pairs of the same demo: the largest drop of the
+# member's top-logit share is 0.074 and the largest proxy bits-per-byte rise 0.015; a member's row pushed from
+# the public row (admitted by the checks above, +42% on the victim's held-out text) drops it by 0.214 (all
+# the victim had). The drop limit is the midpoint; the rise limit, about 3x the honest maximum, catches every
+# hijacker on every member (0.10-0.24) but not the pushed row (0.016-0.024), which the drop catches.
+DEFAULT_MAX_MEMBER_TOP_DROP = 0.14
+DEFAULT_MAX_MEMBER_BPB_INCREASE = 0.05
 
 
 class AdmissionPolicy(BaseModel):
@@ -74,10 +78,10 @@ class AdmissionPolicy(BaseModel):
     max_public_bpb_increase: float = Field(DEFAULT_MAX_PUBLIC_BPB_INCREASE, ge=0, allow_inf_nan=False,
                                            description="largest allowed rise of public bits per byte with the "
                                                        "candidate against without it")
-    max_member_share_drop: float = Field(DEFAULT_MAX_MEMBER_SHARE_DROP, ge=0, le=1, allow_inf_nan=False,
-                                         description="largest allowed drop of the share of a member's proxy tokens "
-                                                     "on which its own expert is in the top-k, with the candidate "
-                                                     "against without it")
+    max_member_top_drop: float = Field(DEFAULT_MAX_MEMBER_TOP_DROP, ge=0, le=1, allow_inf_nan=False,
+                                       description="largest allowed drop of the share of a member's proxy tokens on "
+                                                   "which its own expert has the top router logit, with the "
+                                                   "candidate against without it")
     max_member_bpb_increase: float = Field(DEFAULT_MAX_MEMBER_BPB_INCREASE, ge=0, allow_inf_nan=False,
                                            description="largest allowed rise of a member's proxy bits per byte with "
                                                        "the candidate against without it")
@@ -92,33 +96,6 @@ class AdmissionPolicy(BaseModel):
     batch_size: int = Field(8, ge=1, description="probe windows per forward pass")
     text_field: str = Field("text", description="JSONL/parquet field of the probe text")
     device: str = Field("cpu", description="torch device of the probe")
-
-
-@dataclass
-class MemberImpact:
-    """What one candidate does to one member's domain, measured on the member's proxy text: the share of its
-    tokens on which the member's own expert is in the top-k (mean over layers), and its bits per byte, with the
-    candidate and without it (masked)."""
-
-    member: str
-    tokens: int
-    share_with: float
-    share_without: float
-    bpb_with: float
-    bpb_without: float
-
-    @property
-    def share_drop(self) -> float:
-        return self.share_without - self.share_with
-
-    @property
-    def bpb_increase(self) -> float:
-        return self.bpb_with - self.bpb_without
-
-    def as_dict(self) -> dict:
-        return {"member": self.member, "tokens": self.tokens, "share_with": self.share_with,
-                "share_without": self.share_without, "share_drop": self.share_drop, "bpb_with": self.bpb_with,
-                "bpb_without": self.bpb_without, "bpb_increase": self.bpb_increase}
 
 
 @dataclass
@@ -196,34 +173,6 @@ def row_norm_ratios(model_dir: Path, names: Sequence[str]) -> dict[str, float]:
     return {name: float(largest[index]) for index, name in enumerate(names)}
 
 
-class _PublicRouting:
-    """Forward hooks on every MoE block: per expert, the tokens on which its router logit is the highest."""
-
-    def __init__(self, model: torch.nn.Module, num_experts: int):
-
-        self.blocks = list(moe_blocks(model))
-        self.top = torch.zeros(num_experts)
-        self.tokens = 0
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = [block.register_forward_hook(self._hook) for block in self.blocks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _hook(self, block, args, _output) -> None:
-        logits = block.route(args[0]).logits
-        winners = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1)
-        self.top += torch.bincount(winners, minlength=len(self.top)).float().cpu()
-        self.tokens += winners.numel()
-
-    def top_share(self, index: int) -> float:
-        return float(self.top[index] / max(self.tokens, 1))
-
-
 def _probe(loaded: LoadedModel, candidates: Sequence[str], policy: AdmissionPolicy, files: list[Path],
            split: str) -> tuple[dict[str, dict], float, str]:
     """Score the merged model on the public probe text with every expert, then without each candidate."""
@@ -240,7 +189,7 @@ def _probe(loaded: LoadedModel, candidates: Sequence[str], policy: AdmissionPoli
         return score_stream(loaded.model, stream, seq_len, policy.batch_size, sequences, policy.device,
                             description, names)
 
-    routing = _PublicRouting(loaded.model, len(names))
+    routing = TopLogits(loaded.model, len(names))
     with routing.recording():
         full = score("probe: every expert")
     results = {}
@@ -255,65 +204,6 @@ def _probe(loaded: LoadedModel, candidates: Sequence[str], policy: AdmissionPoli
     return results, full.bits_per_byte, f"{sequences} windows of {seq_len} tokens of {where}"
 
 
-def member_proxy_texts(model_dir: Path, policy: AdmissionPolicy) -> dict[str, list[str]]:
-    """Each member's proxy texts: the proxy files checked against the model (one per member, members only) and
-    resolved in `policy.public`; one-line ProxyError otherwise."""
-    if not policy.public:
-        raise ProxyError("members' proxy files are resolved in the public text they were chosen from; pass it with "
-                         "--public-data")
-    records = check_proxies(read_merged_info(model_dir), policy.proxies, model_label="the merged model")
-    return resolve_member_proxies(records, policy.public, policy.text_field)
-
-
-def _member_streams(loaded: LoadedModel, texts: dict[str, list[str]], policy: AdmissionPolicy,
-                    directory: Path) -> dict[str, TokenStream]:
-    streams = {}
-    for member, member_texts in texts.items():
-        write_proxy_text(member_texts, directory / f"{member}.jsonl.gz")
-        streams[member] = load_token_stream([directory / f"{member}.jsonl.gz"], loaded.tokenizer, "all",
-                                            policy.text_field)
-    return streams
-
-
-def _probe_members(loaded: LoadedModel, candidates: Sequence[str], texts: dict[str, list[str]],
-                   policy: AdmissionPolicy) -> tuple[dict[str, list[MemberImpact]], str]:
-    """Score every member's proxy text with every expert, then without each candidate other than the member:
-    per candidate, its impact on each member. The same scoring path and routing counters as the public probe."""
-
-    names = loaded.expert_names
-    impacts: dict[str, list[MemberImpact]] = {name: [] for name in candidates}
-    context = getattr(loaded.model.config, "max_position_embeddings", policy.seq_len)
-    with tempfile.TemporaryDirectory(prefix="flexolmo-proxies-") as directory:
-        streams = _member_streams(loaded, texts, policy, Path(directory))
-    sizes = []
-    for member, stream in streams.items():
-        # A member's proxies may be short: windows shrink to fit, so every member is probed.
-        seq_len = min(policy.seq_len, context, stream.num_tokens - 1)
-        sequences = min(policy.probe_sequences, stream.num_sequences(seq_len))
-        if seq_len < 2:
-            raise ProxyError(f"the proxies of '{member}' hold {stream.num_tokens} tokens, too few to probe its "
-                             "domain; ask its owner for a larger proxy set")
-
-        def score(description: str, stream=stream, seq_len=seq_len, sequences=sequences):
-            return score_stream(loaded.model, stream, seq_len, policy.batch_size, sequences, policy.device,
-                                description, names)
-
-        full = score(f"members: {member}'s proxies, every expert")
-        for name in candidates:
-            if name == member:
-                continue
-            set_active_experts(loaded.model, [other != name for other in names])
-            without = score(f"members: {member}'s proxies without {name}")
-            set_active_experts(loaded.model, [True] * len(names))
-            impacts[name].append(MemberImpact(member, full.tokens, full.routing["mean_share"][member],
-                                              without.routing["mean_share"][member], full.bits_per_byte,
-                                              without.bits_per_byte))
-        sizes.append(f"{member} {full.tokens:,} tokens")
-    unprobed = [name for name in names[1:] if name not in texts]
-    described = "proxies of " + ", ".join(sizes) + (f"; no proxies of {', '.join(unprobed)}" if unprobed else "")
-    return impacts, described
-
-
 def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
     checks = [
         ("its router rows are {}x the public row's norm", verdict.row_norm_ratio, policy.max_row_norm_ratio,
@@ -325,9 +215,9 @@ def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
     ]
     for impact in verdict.members:
         checks += [
-            (f"it takes member '{impact.member}''s proxy tokens from its own expert: in the top-k on "
-             f"{impact.share_without:.1%} of them without it, {impact.share_with:.1%} with it (a drop of {{}})",
-             impact.share_drop, policy.max_member_share_drop, "{:.3f}", "--max-member-share-drop"),
+            (f"it takes member '{impact.member}''s proxy tokens from its own expert: the top router logit on "
+             f"{impact.top_without:.1%} of them without it, {impact.top_with:.1%} with it (a drop of {{}})",
+             impact.top_drop, policy.max_member_top_drop, "{:.3f}", "--max-member-top-drop"),
             (f"member '{impact.member}''s proxy bits per byte rise by {{}} with it ({impact.bpb_without:.4f} -> "
              f"{impact.bpb_with:.4f})", impact.bpb_increase, policy.max_member_bpb_increase, "{:.4f}",
              "--max-member-bpb-increase"),
@@ -353,7 +243,7 @@ def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
     names = read_merged_info(model_dir).expert_names
     ratios = row_norm_ratios(model_dir, names)
     verdicts = {name: Verdict(name, ratios[name]) for name in candidates}
-    texts = member_proxy_texts(model_dir, policy) if policy.proxies else {}
+    texts = member_proxy_texts(model_dir, policy.proxies, policy.public, policy.text_field) if policy.proxies else {}
     public_bpb, described = None, f"skipped: {no_probe_reason}"
     members = "not probed: no member proxy files were given (--proxies)"
     if candidates and (probe is not None or texts):
@@ -365,7 +255,9 @@ def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
                 verdicts[name].public_selected_share = result["selected"]
                 verdicts[name].public_bpb_change = result["bpb_change"]
         if texts:
-            impacts, members = _probe_members(loaded, candidates, texts, policy)
+            windows = ProbeWindows(policy.seq_len, policy.probe_sequences, policy.batch_size, policy.device,
+                                   policy.text_field)
+            impacts, members = probe_members(loaded, candidates, texts, windows)
             for name, found in impacts.items():
                 verdicts[name].members = found
     for verdict in verdicts.values():
@@ -398,9 +290,9 @@ def print_report(report: AdmissionReport) -> None:
     if not report.members_probed:
         console.print(f"[yellow]warning:[/] members' domains are {report.members_probe}", soft_wrap=True)
         return
-    rows = [[v.name, m.member, f"{m.share_without:.1%}", f"{m.share_with:.1%}", f"{m.share_drop:+.3f}",
-             f"{m.bpb_without:.4f}", f"{m.bpb_with:.4f}", f"{m.bpb_increase:+.4f}"]
-            for v in report.verdicts for m in v.members]
+    rows = [[v.name, m.member, f"{m.top_without:.1%} -> {m.top_with:.1%}", f"{m.top_drop:+.3f}",
+             f"{m.share_without:.1%} -> {m.share_with:.1%}", f"{m.bpb_without:.4f} -> {m.bpb_with:.4f}",
+             f"{m.bpb_increase:+.4f}"] for v in report.verdicts for m in v.members]
     print_table(f"members' domains ({report.members_probe})",
-                ["joining expert", "member", "own expert in top-k, without", "with", "drop", "proxy bits/byte, "
-                 "without", "with", "rise"], rows)
+                ["joining expert", "member", "member's expert has the top logit, without -> with", "drop",
+                 "in top-k, without -> with", "member's proxy bits/byte, without -> with", "rise"], rows)

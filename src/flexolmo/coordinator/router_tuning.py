@@ -34,7 +34,6 @@ from flexolmo.model.merged_format import MERGED_METADATA_FILE, authenticate_merg
 from flexolmo.model.moe import ROUTER_Z_LOSS_COEF, moe_blocks
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import owner_loss
-from flexolmo.owner.proxy import text_sha256
 from flexolmo.training.loop import MixedBatches, OptimConfig, config_digest, train
 
 # Chosen on the demo's validation text (benchmarks/docs/router-tuning.md).
