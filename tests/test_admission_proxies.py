@@ -63,21 +63,19 @@ def rewrite_tensors(package: Path, target: Path, tensors: dict[str, torch.Tensor
     return target
 
 
-def stealer(setup, anchor: Path, target: Path, push: float, norm: float, ffn_scale: float = 1.0) -> Path:
-    """math's package with its router rows moved onto code's row, pushed `push` times further from the public
-    row, at `norm` times the public row's norm; its FFN output scaled by `ffn_scale`."""
+def stealer(setup, anchor: Path, target: Path) -> Path:
+    """math's package with its router rows replaced by code's row pushed once more away from the public row,
+    r_code + (r_code - r_public), and its FFN output doubled."""
     victim = load_file(setup["packages"]["code"] / TENSOR_FILE)
     tensors = load_file(setup["packages"]["math"] / TENSOR_FILE)
     routers = sorted(k for k in tensors if k.endswith("router.weight"))
     public = load_public_rows(anchor, len(routers))
     for key in routers:
-        layer = int(key.split(".")[1])
-        row = victim[key].float() + push * (victim[key].float() - public[layer][None].float())
-        scale = 1.0 if norm is None else norm * public[layer].float().norm() / row.norm()
-        tensors[key] = (row * scale).to(tensors[key].dtype)
+        row = victim[key].float()
+        tensors[key] = (2 * row - public[int(key.split(".")[1])][None].float()).to(tensors[key].dtype)
     for key in tensors:
         if key.endswith("down_proj.weight"):
-            tensors[key] = tensors[key] * ffn_scale
+            tensors[key] = tensors[key] * 2
     return rewrite_tensors(setup["packages"]["math"], target, tensors)
 
 
@@ -96,7 +94,7 @@ def attack(setup, tiny_anchor) -> dict:
     outranks code exactly where code outranks public), its FFN output doubled; norm under the limit. Merged at
     top-1 without admission, and the model without math (code alone) to measure against."""
     root = setup["root"]
-    package = stealer(setup, tiny_anchor, root / "stealer", push=1.0, norm=None, ffn_scale=2.0)
+    package = stealer(setup, tiny_anchor, root / "stealer")
     merge(tiny_anchor, [setup["packages"]["code"], package], root / "attacked", top_k=1)
     merge(tiny_anchor, [setup["packages"]["code"]], root / "code-only", top_k=1)
     return {"package": package, "merged": root / "attacked", "code_only": root / "code-only"}

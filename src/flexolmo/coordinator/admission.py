@@ -88,7 +88,7 @@ class AdmissionPolicy(BaseModel):
     proxies: list[Path] = Field(default_factory=list, description="members' proxy files (`flexolmo select-proxy`), "
                                                                   "one per member whose domain is probed")
     public: list[Path] = Field(default_factory=list, description="the coordinator's public text the proxies were "
-                                                                 "chosen from (they are resolved in it)")
+                                                                 "chosen from, in which they are resolved")
     probe_data: list[Path] = Field(default_factory=list, description="public held-out text for the probe")
     probe_sequences: int = Field(48, ge=1, description="windows of the probe text (and of each member's proxy "
                                                        "text) scored per pass")
