@@ -15,6 +15,8 @@ ADMISSION_FIELDS = (
     "max_row_norm_ratio",
     "max_public_top_share",
     "max_public_bpb_increase",
+    "max_member_top_drop",
+    "max_member_bpb_increase",
     "device",
 )
 
@@ -37,13 +39,31 @@ def add_coordinator_flags(parser: argparse.ArgumentParser, joining: bool) -> Non
                            help="public held-out text to probe the merged model with (merge defaults to the "
                                 "anchor's recorded public held-out file when it is present)")
     add_config_flags(admission, AdmissionPolicy, ADMISSION_FIELDS)
+    add_member_probe_paths(admission)
 
 
-def admission_policy(args: argparse.Namespace):
-    """The `AdmissionPolicy` the parsed admission flags describe."""
+def add_member_probe_paths(admission) -> None:
+    """Which proxies probe the members' domains (issue 25, finding 4), and the public text they resolve in:
+    paths whose fallback is the command's to say, so not generated from the policy's fields."""
     from flexolmo.coordinator.admission import AdmissionPolicy
 
-    return AdmissionPolicy(**config_values(args, ADMISSION_FIELDS))
+    fields = AdmissionPolicy.model_fields
+    admission.add_argument("--proxies", nargs="+", type=Path, default=[], metavar="FILE",
+                           help=fields["proxies"].description + "; without them members' domains are not probed")
+    admission.add_argument("--public-data", nargs="+", type=Path, default=None, metavar="FILE",
+                           help=fields["public"].description + " (merge defaults to the anchor's public sample)")
+
+
+def admission_policy(args: argparse.Namespace, anchor_dir: Path | None = None):
+    """The `AdmissionPolicy` the parsed admission flags describe; merge resolves proxies in the anchor's public
+    sample unless --public-data is given."""
+    from flexolmo.coordinator.admission import AdmissionPolicy
+    from flexolmo.data.public_sample import anchor_public_sample
+
+    public = list(args.public_data or [])
+    if args.proxies and not public and anchor_dir is not None and anchor_public_sample(anchor_dir) is not None:
+        public = [anchor_public_sample(anchor_dir)]
+    return AdmissionPolicy(**config_values(args, ADMISSION_FIELDS), proxies=list(args.proxies), public=public)
 
 
 def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
@@ -61,7 +81,7 @@ def coordinator_trust(args: argparse.Namespace, anchor_dir: Path | None = None):
     if trusted is None:
         console.print("[yellow]warning:[/] packages are not authenticated (no --trusted-keys): their names and "
                       "contents are whatever whoever handed them over wrote", soft_wrap=True)
-    policy = admission_policy(args)
+    policy = admission_policy(args, anchor_dir)
     if args.probe_data:
         probe, reason = (list(args.probe_data), "all"), ""
     elif anchor_dir is not None:

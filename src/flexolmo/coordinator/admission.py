@@ -7,38 +7,49 @@ candidate is measured inside the model it would join:
 - router-row norms: per layer, the candidate row's norm over the public row's; the largest over layers;
 - a probe on public held-out text the coordinator holds: the share of public tokens on which the candidate
   outranks every other expert (its router logit is the highest, whatever top-k), the share on which it is in
-  the top-k, and the change in public bits per byte with it against without it (masked).
+  the top-k, and the change in public bits per byte with it against without it (masked);
+- a probe of every member's domain, on that member's proxies (`flexolmo select-proxy`: public documents that
+  look like its data, resolved in the coordinator's public text): the share of the member's proxy tokens on
+  which the member's own expert has the top router logit, and the member's proxy bits per byte, with the
+  candidate and without it (masked). A candidate may not take a member's tokens from that member's expert,
+  nor worsen its text beyond a limit: a member's row pushed further from the public row, under every norm
+  limit, outranks that member's expert on every token it wins, while public text is unchanged. (The share of
+  tokens on which the member's expert is merely in the top-k is reported too, but not judged: at top-2 the
+  stolen expert stays second, and that share hardly moves.) Without proxy files, members' domains are not
+  probed (the report says so).
 A candidate beyond a limit is refused with one line naming the number and the limit; a NaN or infinite
 number is always refused. The default limits come from the demo's honest experts
 (benchmarks/docs/trust.md, admission checks), with margin; flags change them.
 
 Public text is the one domain every member agrees the public expert should keep; an honest expert, trained
-next to the frozen public expert on its own data (and some public text), wins few public tokens.
+next to the frozen public expert on its own data (and some public text), wins few public tokens. A member's
+proxies are the closest text to its domain the coordinator may read; an honest newcomer with other data takes
+few of their tokens from the member's expert.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
+from flexolmo.coordinator.member_probe import MemberImpact, ProbeWindows, TopLogits, member_proxy_texts, probe_members
 from flexolmo.core.errors import TrustError
 from flexolmo.core.fileio import sha256_file
-from flexolmo.core.progress import print_table
+from flexolmo.core.progress import console, print_table
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import MERGED_ROUTER
 from flexolmo.data.tokens import load_token_stream
 from flexolmo.evaluation.scoring import score_stream
 from flexolmo.model.merged_format import read_merged_info
-from flexolmo.model.moe import moe_blocks, set_active_experts
-from flexolmo.model.runtime import load_model
+from flexolmo.model.moe import set_active_experts
+from flexolmo.model.runtime import LoadedModel, load_model
 
 # From the demo's five honest experts (benchmarks/docs/trust.md): their largest row-norm ratio is 0.99,
 # top-logit share of public tokens 7.5% and public bits-per-byte rise 0.013; every hijacker measured 1.5-45,
@@ -47,6 +58,13 @@ from flexolmo.model.runtime import load_model
 DEFAULT_MAX_ROW_NORM_RATIO = 3.0
 DEFAULT_MAX_PUBLIC_TOP_SHARE = 0.25
 DEFAULT_MAX_PUBLIC_BPB_INCREASE = 0.05
+# On members' proxies, over the 20 (honest expert, member) pairs of the same demo: the largest drop of the
+# member's top-logit share is 0.074 and the largest proxy bits-per-byte rise 0.015; a member's row pushed from
+# the public row (admitted by the checks above, +42% on the victim's held-out text) drops it by 0.214 (all
+# the victim had). The drop limit is the midpoint; the rise limit, about 3x the honest maximum, catches every
+# hijacker on every member (0.10-0.24) but not the pushed row (0.016-0.024), which the drop catches.
+DEFAULT_MAX_MEMBER_TOP_DROP = 0.14
+DEFAULT_MAX_MEMBER_BPB_INCREASE = 0.05
 
 
 class AdmissionPolicy(BaseModel):
@@ -60,8 +78,20 @@ class AdmissionPolicy(BaseModel):
     max_public_bpb_increase: float = Field(DEFAULT_MAX_PUBLIC_BPB_INCREASE, ge=0, allow_inf_nan=False,
                                            description="largest allowed rise of public bits per byte with the "
                                                        "candidate against without it")
+    max_member_top_drop: float = Field(DEFAULT_MAX_MEMBER_TOP_DROP, ge=0, le=1, allow_inf_nan=False,
+                                       description="largest allowed drop of the share of a member's proxy tokens on "
+                                                   "which its own expert has the top router logit, with the "
+                                                   "candidate against without it")
+    max_member_bpb_increase: float = Field(DEFAULT_MAX_MEMBER_BPB_INCREASE, ge=0, allow_inf_nan=False,
+                                           description="largest allowed rise of a member's proxy bits per byte with "
+                                                       "the candidate against without it")
+    proxies: list[Path] = Field(default_factory=list, description="members' proxy files (`flexolmo select-proxy`), "
+                                                                  "one per member whose domain is probed")
+    public: list[Path] = Field(default_factory=list, description="the coordinator's public text the proxies were "
+                                                                 "chosen from, in which they are resolved")
     probe_data: list[Path] = Field(default_factory=list, description="public held-out text for the probe")
-    probe_sequences: int = Field(48, ge=1, description="windows of the probe text scored per pass")
+    probe_sequences: int = Field(48, ge=1, description="windows of the probe text (and of each member's proxy "
+                                                       "text) scored per pass")
     seq_len: int = Field(256, ge=2, description="tokens per probe window (capped at the model's context)")
     batch_size: int = Field(8, ge=1, description="probe windows per forward pass")
     text_field: str = Field("text", description="JSONL/parquet field of the probe text")
@@ -77,6 +107,7 @@ class Verdict:
     public_top_share: float | None = None
     public_selected_share: float | None = None
     public_bpb_change: float | None = None
+    members: list[MemberImpact] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -86,21 +117,26 @@ class Verdict:
     def as_dict(self) -> dict:
         return {"name": self.name, "row_norm_ratio": self.row_norm_ratio, "public_top_share": self.public_top_share,
                 "public_selected_share": self.public_selected_share, "public_bpb_change": self.public_bpb_change,
-                "admitted": self.admitted, "problems": self.problems}
+                "members": [impact.as_dict() for impact in self.members], "admitted": self.admitted,
+                "problems": self.problems}
 
 
 @dataclass
 class AdmissionReport:
-    """Every candidate's verdict, what the probe read (or why it was skipped), and its cost."""
+    """Every candidate's verdict, what the public probe and the members' probe read (or why they were skipped),
+    and their cost."""
 
     verdicts: list[Verdict]
     probe: str
     public_bits_per_byte: float | None
     seconds: float
+    members_probe: str = "skipped"
+    members_probed: bool = False
 
     def as_dict(self) -> dict:
         return {"verdicts": [verdict.as_dict() for verdict in self.verdicts], "probe": self.probe,
-                "public_bits_per_byte": self.public_bits_per_byte, "seconds": self.seconds}
+                "public_bits_per_byte": self.public_bits_per_byte, "members_probe": self.members_probe,
+                "members_probed": self.members_probed, "seconds": self.seconds}
 
 
 def recorded_public_heldout(anchor_dir: Path | str) -> tuple[list[Path], str] | None:
@@ -137,39 +173,10 @@ def row_norm_ratios(model_dir: Path, names: Sequence[str]) -> dict[str, float]:
     return {name: float(largest[index]) for index, name in enumerate(names)}
 
 
-class _PublicRouting:
-    """Forward hooks on every MoE block: per expert, the tokens on which its router logit is the highest."""
-
-    def __init__(self, model: torch.nn.Module, num_experts: int):
-
-        self.blocks = list(moe_blocks(model))
-        self.top = torch.zeros(num_experts)
-        self.tokens = 0
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        handles = [block.register_forward_hook(self._hook) for block in self.blocks]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _hook(self, block, args, _output) -> None:
-        logits = block.route(args[0]).logits
-        winners = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1)
-        self.top += torch.bincount(winners, minlength=len(self.top)).float().cpu()
-        self.tokens += winners.numel()
-
-    def top_share(self, index: int) -> float:
-        return float(self.top[index] / max(self.tokens, 1))
-
-
-def _probe(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy, files: list[Path],
+def _probe(loaded: LoadedModel, candidates: Sequence[str], policy: AdmissionPolicy, files: list[Path],
            split: str) -> tuple[dict[str, dict], float, str]:
-    """Score the merged model on the probe text with every expert, then without each candidate."""
+    """Score the merged model on the public probe text with every expert, then without each candidate."""
 
-    loaded = load_model(model_dir, device=policy.device)
     names = loaded.expert_names
     stream = load_token_stream(files, loaded.tokenizer, split, policy.text_field)
     seq_len = min(policy.seq_len, getattr(loaded.model.config, "max_position_embeddings", policy.seq_len))
@@ -182,7 +189,7 @@ def _probe(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy, 
         return score_stream(loaded.model, stream, seq_len, policy.batch_size, sequences, policy.device,
                             description, names)
 
-    routing = _PublicRouting(loaded.model, len(names))
+    routing = TopLogits(loaded.model, len(names))
     with routing.recording():
         full = score("probe: every expert")
     results = {}
@@ -206,6 +213,15 @@ def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
         ("public bits per byte rise by {} with it", verdict.public_bpb_change, policy.max_public_bpb_increase,
          "{:.4f}", "--max-public-bpb-increase"),
     ]
+    for impact in verdict.members:
+        checks += [
+            (f"it takes member '{impact.member}''s proxy tokens from its own expert: the top router logit on "
+             f"{impact.top_without:.1%} of them without it, {impact.top_with:.1%} with it (a drop of {{}})",
+             impact.top_drop, policy.max_member_top_drop, "{:.3f}", "--max-member-top-drop"),
+            (f"member '{impact.member}''s proxy bits per byte rise by {{}} with it ({impact.bpb_without:.4f} -> "
+             f"{impact.bpb_with:.4f})", impact.bpb_increase, policy.max_member_bpb_increase, "{:.4f}",
+             "--max-member-bpb-increase"),
+        ]
     for words, value, limit, number, flag in checks:
         if value is None:
             continue
@@ -220,22 +236,34 @@ def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
            probe: tuple[list[Path], str] | None, no_probe_reason: str = "") -> AdmissionReport:
     """Measure every candidate inside the merged model written at `model_dir` and judge it against `policy`.
 
-    `probe` is the public text to probe with, as (files, split); None skips the probe for `no_probe_reason`."""
+    `probe` is the public text to probe with, as (files, split); None skips the probe for `no_probe_reason`.
+    `policy.proxies` (resolved in `policy.public`) probe the members' domains; none skips that probe."""
 
     start = time.perf_counter()
     names = read_merged_info(model_dir).expert_names
     ratios = row_norm_ratios(model_dir, names)
     verdicts = {name: Verdict(name, ratios[name]) for name in candidates}
+    texts = member_proxy_texts(model_dir, policy.proxies, policy.public, policy.text_field) if policy.proxies else {}
     public_bpb, described = None, f"skipped: {no_probe_reason}"
-    if probe is not None and candidates:
-        results, public_bpb, described = _probe(model_dir, candidates, policy, *probe)
-        for name, result in results.items():
-            verdicts[name].public_top_share = result["top"]
-            verdicts[name].public_selected_share = result["selected"]
-            verdicts[name].public_bpb_change = result["bpb_change"]
+    members = "not probed: no member proxy files were given (--proxies)"
+    if candidates and (probe is not None or texts):
+        loaded = load_model(model_dir, device=policy.device)
+        if probe is not None:
+            results, public_bpb, described = _probe(loaded, candidates, policy, *probe)
+            for name, result in results.items():
+                verdicts[name].public_top_share = result["top"]
+                verdicts[name].public_selected_share = result["selected"]
+                verdicts[name].public_bpb_change = result["bpb_change"]
+        if texts:
+            windows = ProbeWindows(policy.seq_len, policy.probe_sequences, policy.batch_size, policy.device,
+                                   policy.text_field)
+            impacts, members = probe_members(loaded, candidates, texts, windows)
+            for name, found in impacts.items():
+                verdicts[name].members = found
     for verdict in verdicts.values():
         _judge(verdict, policy)
-    return AdmissionReport(list(verdicts.values()), described, public_bpb, time.perf_counter() - start)
+    return AdmissionReport(list(verdicts.values()), described, public_bpb, time.perf_counter() - start,
+                           members, bool(texts))
 
 
 def enforce(report: AdmissionReport) -> None:
@@ -246,7 +274,9 @@ def enforce(report: AdmissionReport) -> None:
 
 
 def print_report(report: AdmissionReport) -> None:
-    """The admission table: one row per joining expert, its measured numbers and its verdict."""
+    """The admission tables: one row per joining expert with its measured numbers and its verdict; one row per
+    (joining expert, member) with the member's proxy numbers; or one warning line that members' domains were not
+    probed."""
 
     def share(value):
         return "-" if value is None else f"{value:.1%}"
@@ -257,3 +287,12 @@ def print_report(report: AdmissionReport) -> None:
     print_table(f"admission checks (probe: {report.probe}; {report.seconds:.0f} s)",
                 ["expert", "row norm / public", "top logit on public", "in top-k on public",
                  "public bits/byte change", "verdict"], rows)
+    if not report.members_probed:
+        console.print(f"[yellow]warning:[/] members' domains are {report.members_probe}", soft_wrap=True)
+        return
+    rows = [[v.name, m.member, f"{m.top_without:.1%} -> {m.top_with:.1%}", f"{m.top_drop:+.3f}",
+             f"{m.share_without:.1%} -> {m.share_with:.1%}", f"{m.bpb_without:.4f} -> {m.bpb_with:.4f}",
+             f"{m.bpb_increase:+.4f}"] for v in report.verdicts for m in v.members]
+    print_table(f"members' domains ({report.members_probe})",
+                ["joining expert", "member", "member's expert has the top logit, without -> with", "drop",
+                 "in top-k, without -> with", "member's proxy bits/byte, without -> with", "rise"], rows)

@@ -14,7 +14,6 @@ or was trained with DP (the selection reads private data outside the DP mechanis
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import shutil
@@ -24,23 +23,17 @@ import torch
 from pydantic import BaseModel, Field
 
 from flexolmo.coordinator.merge import replace_router_rows
+from flexolmo.coordinator.proxies import check_proxies, resolve_proxies, write_proxy_text
 from flexolmo.coordinator.publish import CoordinatorTrust
 from flexolmo.core.errors import CheckpointError, DataError, ProxyError
-from flexolmo.core.fileio import atomic_write_bytes, atomic_write_json, check_outside_inputs, sha256_file
+from flexolmo.core.fileio import atomic_write_json, check_outside_inputs, sha256_file
 from flexolmo.core.provenance import software_versions, utc_now
-from flexolmo.data.documents import iter_documents
 from flexolmo.data.public_sample import describe_files
 from flexolmo.data.tokens import TokenStream, load_token_stream
-from flexolmo.model.merged_format import (
-    MERGED_METADATA_FILE,
-    MergedModelInfo,
-    authenticate_merged_model,
-    read_merged_info,
-)
+from flexolmo.model.merged_format import MERGED_METADATA_FILE, authenticate_merged_model, read_merged_info
 from flexolmo.model.moe import ROUTER_Z_LOSS_COEF, moe_blocks
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import owner_loss
-from flexolmo.owner.proxy import read_proxies, text_sha256
 from flexolmo.training.loop import MixedBatches, OptimConfig, config_digest, train
 
 # Chosen on the demo's validation text (benchmarks/docs/router-tuning.md).
@@ -62,45 +55,6 @@ class TuneConfig(BaseModel):
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     text_field: str = Field("text", description="JSONL/parquet field with the text")
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=DEFAULT_STEPS, lr=DEFAULT_LR))
-
-
-def check_proxies(info: MergedModelInfo, paths: list[Path]) -> list[dict]:
-    """Read every proxy file and check it may tune this model; one proxy file per expert."""
-    entries = {entry["name"]: entry for entry in info.metadata["experts"]}
-    records, seen = [], set()
-    for path in paths:
-        record = read_proxies(path)
-        name = record["name"]
-        if name not in entries:
-            raise ProxyError(f"{path}: proxies of '{name}', which is not an expert of {info.path} (it has: "
-                             f"{', '.join(entries)}); an owner that left must not steer the router")
-        if name in seen:
-            raise ProxyError(f"{path}: a second proxy file for '{name}'; pass one per expert")
-        dp = ((entries[name].get("manifest") or {}).get("privacy") or {}).get("dp")
-        if dp:
-            raise ProxyError(f"{path}: expert '{name}' was trained with DP (epsilon {dp.get('epsilon')}), but its "
-                             "proxies were chosen from its private data outside DP; leave them out")
-        seen.add(name)
-        records.append({**record, "file": path, "sha256": sha256_file(path)})
-    return records
-
-
-def resolve_proxies(records: list[dict], public: list[Path], text_field: str) -> list[str]:
-    """The public texts the proxy hashes name, each once, in hash order; every hash must be found."""
-    wanted = {digest for record in records for digest in record["proxies"]}
-    found: dict[str, str] = {}
-    for path in public:
-        for document in iter_documents(path, text_field):
-            digest = text_sha256(document.text)
-            if digest in wanted:
-                found.setdefault(digest, document.text)
-    for record in records:
-        missing = [digest for digest in record["proxies"] if digest not in found]
-        if missing:
-            raise ProxyError(f"{record['file']}: {len(missing)} of {len(record['proxies'])} proxies of "
-                             f"'{record['name']}' are not in the --public-data text; pass the public files they were "
-                             "selected from")
-    return [found[digest] for digest in sorted(found)]
 
 
 def mixed_stream(first: TokenStream, second: TokenStream, optim: OptimConfig,
@@ -175,8 +129,7 @@ def tune_router(config: TuneConfig, resume: bool = False, trust: CoordinatorTrus
     _prepare_work(work, _settings(config, records), resume)
     optim = config.optim
     try:
-        lines = "".join(json.dumps({"id": text_sha256(text), "text": text}) + "\n" for text in texts)
-        atomic_write_bytes(work / PROXY_TEXT_FILE, gzip.compress(lines.encode("utf-8"), mtime=0))
+        write_proxy_text(texts, work / PROXY_TEXT_FILE)
         loaded = load_model(config.model, dtype=getattr(torch, optim.dtype), device=optim.device)
         proxy_stream = load_token_stream([work / PROXY_TEXT_FILE], loaded.tokenizer, "all", config.text_field)
         public_stream = load_token_stream(config.public, loaded.tokenizer, "all", config.text_field)
