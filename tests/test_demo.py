@@ -88,6 +88,10 @@ def test_demo_runs_every_method_under_both_protocols_and_resumes(quick_demo, mon
     assert set(saved["shared"]) == {"public", "flexolmo_untuned", "flexolmo"}
     assert data["model_soup"] != flops["model_soup"]
     assert set(saved["opt_out"]) == set(CLOSED_DOMAINS)
+    # The coordinator's merge probed every member's domain through its proxies, for every candidate.
+    admission = json.loads((tmp_path / "demo" / "admission.json").read_text())
+    assert admission["members_probed"], admission["members_probe"]
+    assert all({m["member"] for m in v["members"]} == set(CLOSED_DOMAINS) - {v["name"]} for v in admission["verdicts"])
     # Every merging baseline has FlexOlmo's members: the public model and one expert per owner.
     for protocol in PROTOCOLS:
         soup = json.loads((tmp_path / "demo" / "models" / protocol / "model_soup" / "flexolmo_dense.json").read_text())

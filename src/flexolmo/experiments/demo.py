@@ -34,7 +34,7 @@ def run_demo(config: DemoConfig) -> dict:
     demo.check_inputs()
     packages = demo.train_experts()
     proxies = demo.select_proxies()
-    untuned = demo.merge_flexolmo(packages)
+    untuned = demo.merge_flexolmo(packages, proxies)
     selection = {}
     flexolmo, selection["flexolmo"] = demo.choose("flexolmo", untuned, proxies)
     shared = {"public": demo.evaluated("public", demo.model_builder(demo.anchor_dir)),

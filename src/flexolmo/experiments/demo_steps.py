@@ -122,20 +122,19 @@ class Demo:
     def _proxy_sizes(self) -> dict:
         return {"max_documents": 24, "fraction": 0.05} if self.config.quick else {}
 
-    def dense_steps(self) -> int:
-        """Steps of each FLOP-matched dense expert (`DemoConfig.dense_steps`)."""
-        return self.config.dense_steps(self.anchor_config())
-
     def _resumable(self, out: Path) -> bool:
         return (out.with_name(out.name + ".ckpt") / "checkpoint").exists()
 
     # -- coordinator -------------------------------------------------------------------------------------
-    def merge_flexolmo(self, packages: dict[str, Path]) -> Path:
-        """The five experts merged, after the admission checks on public validation text."""
+    def merge_flexolmo(self, packages: dict[str, Path], proxies: list[Path]) -> Path:
+        """The five experts merged, after the admission checks: public validation text, and each member's
+        proxies (resolved in the public pool they were chosen from) so no expert takes another's domain."""
         out = merged_model_dir(self.out, "flexolmo", None)
         if not out.exists():
-            console.rule("coordinator merges the five experts (admission checks on public validation text)")
-            trust = CoordinatorTrust(admission=AdmissionPolicy(), probe=([self.validation_file(PUBLIC)], "all"),
+            console.rule("coordinator merges the five experts (admission checks on public validation text and on "
+                         "every member's proxies)")
+            policy = AdmissionPolicy(proxies=proxies, public=[self.public_pool()])
+            trust = CoordinatorTrust(admission=policy, probe=([self.validation_file(PUBLIC)], "all"),
                                      on_admission=self._show_admission)
             merge(self.anchor_dir, [packages[d] for d in CLOSED_DOMAINS], out, self.config.top_k, trust=trust)
         return out
