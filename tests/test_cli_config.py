@@ -11,6 +11,7 @@ import pytest
 from flexolmo.cli import (
     audit,
     build_parser,
+    coordinator,
     data,
     demo,
     eval_tasks,
@@ -48,6 +49,7 @@ from flexolmo.model.runtime import GenerationSettings
 from flexolmo.owner.expert import ExpertConfig
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.owner.proxy import ProxyConfig
+from flexolmo.service.settings import ServiceSettings
 from flexolmo.training.distributed import ParallelConfig
 from flexolmo.training.loop import OptimConfig, learning_rate
 from flexolmo.training.memory_plan import PlanSettings
@@ -123,6 +125,10 @@ GENERATED = [
     ("init-router", PublicRowSettings, init_router.PUBLIC_ROW_FIELDS, "", None),
     ("data overlap", OverlapSettings, data.OVERLAP_FIELDS, "", None),
     ("demo", DemoConfig, demo.DEMO_FIELDS, "", None),
+    *[(f"coordinator {action}", ServiceSettings, ["db", *fields], "", None) for action, fields in [
+        ("init", coordinator.INIT_FIELDS), ("add-member", []), ("revoke-member", []),
+        ("serve", coordinator.SERVE_FIELDS), ("worker", coordinator.WORKER_FIELDS),
+        ("publish", coordinator.PUBLISH_FIELDS), ("policy", coordinator.POLICY_FIELDS), ("log", [])]],
 ]
 
 
@@ -182,6 +188,10 @@ def test_generated_flags_say_what_their_field_says(command, config, fields, pref
      PublicRowSettings()),
     (["data", "overlap", "--train", "t.jsonl", "--heldout", "h.jsonl"], data.overlap_settings, OverlapSettings()),
     (["demo"], demo.demo_config, DemoConfig()),
+    (["coordinator", "serve"], lambda args: coordinator.service_settings(args, coordinator.SERVE_FIELDS),
+     ServiceSettings()),
+    (["coordinator", "publish"], lambda args: coordinator.service_settings(args, coordinator.PUBLISH_FIELDS),
+     ServiceSettings()),
 ], ids=lambda value: value[0] if isinstance(value, list) else "")
 def test_a_command_without_optional_flags_builds_the_api_default(argv, build, expected):
     assert build(parse(argv)) == expected

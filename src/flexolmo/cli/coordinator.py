@@ -19,35 +19,39 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import timedelta
 from pathlib import Path
 
 from flexolmo.cli.common import HelpFormatter, add_command
+from flexolmo.cli.config_flags import add_config_flags, config_values
+from flexolmo.service.settings import ServiceSettings
 
 
-def _sub(subparsers, name: str, help: str) -> argparse.ArgumentParser:
-    from flexolmo.service.database import DEFAULT_DB
+# Which `ServiceSettings` fields each sub-command exposes as flags (their defaults and help are the fields').
+INIT_FIELDS = ["store", "store_endpoint", "work_dir"]
+SERVE_FIELDS = ["host", "port", "workers", "lease_seconds"]
+WORKER_FIELDS = ["lease_seconds"]
+PUBLISH_FIELDS = ["top_k", "lease_seconds"]
+POLICY_FIELDS = ["top_k"]
 
+
+def _sub(subparsers, name: str, help: str, fields: list[str] = ()) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-    parser.add_argument("--db", default=DEFAULT_DB, help="database URL (SQLAlchemy)")
+    add_config_flags(parser, ServiceSettings, ["db", *fields])
     return parser
+
+
+def service_settings(args: argparse.Namespace, fields: list[str]) -> ServiceSettings:
+    """The settings a sub-command's flags give (the fields it does not expose keep their defaults)."""
+    return ServiceSettings(**config_values(args, ["db", *fields]))
 
 
 def register(subparsers, name: str) -> None:
     parser = add_command(subparsers, name, help="run the consortium service (members, admission, versions, log)",
                          description=__doc__)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do")
-    init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key")
+    init = _sub(actions, "init", "create the database and fix the anchor, store and coordinator key", INIT_FIELDS)
     init.add_argument("--anchor", required=True, type=Path, help="the consortium's anchor directory")
     init.add_argument("--sign-key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
-    init.add_argument("--store", default="consortium-store",
-                      help="package store: a directory, or s3://BUCKET/PREFIX (credentials from the AWS_* "
-                           "environment)")
-    init.add_argument("--store-endpoint", default=None,
-                      help="the S3-compatible service's URL for an s3:// store (default: AWS)")
-    init.add_argument("--work-dir", type=Path, default=None,
-                      help="local directory for uploads in progress, scratch space and published versions "
-                           "(default: the --store directory; consortium-work with an s3:// store)")
     init.add_argument("--probe-data", nargs="+", type=Path, default=None,
                       help="public text admission probes with (default: the held-out text the anchor records)")
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
@@ -55,23 +59,15 @@ def register(subparsers, name: str) -> None:
     member.add_argument("--public-key", required=True, type=Path, help="the member's public key (NAME.pub)")
     revoke = _sub(actions, "revoke-member", "revoke a member's key: its requests are refused from now on")
     revoke.add_argument("name", help="the member's name")
-    serve = _sub(actions, "serve", "serve the HTTP API and web page")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8700, help="port to listen on")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="admission workers in this process (0: only `coordinator worker` processes admit)")
-    _lease(serve)
-    worker = _sub(actions, "worker", "run an admission worker process (beside or instead of serve's own)")
-    _lease(worker)
-    publish = _sub(actions, "publish", "merge the admitted, active experts into the next version")
-    publish.add_argument("--top-k", type=int, default=2, help="experts active per token")
+    _sub(actions, "serve", "serve the HTTP API and web page", SERVE_FIELDS)
+    _sub(actions, "worker", "run an admission worker process (beside or instead of serve's own)", WORKER_FIELDS)
+    publish = _sub(actions, "publish", "merge the admitted, active experts into the next version", PUBLISH_FIELDS)
     publish.add_argument("--release-stale", action="store_true",
                          help="first release reservations over an hour old (left by a killed publisher)")
-    _lease(publish)
-    policy = _sub(actions, "policy", "publish by policy: a new version after every N admissions, by the workers")
+    policy = _sub(actions, "policy", "publish by policy: a new version after every N admissions, by the workers",
+                  POLICY_FIELDS)
     policy.add_argument("--publish-after", type=int, required=True,
                         help="admissions between publications (1: on each admission; 0: only on command)")
-    policy.add_argument("--top-k", type=int, default=2, help="experts active per token in those versions")
     log = _sub(actions, "log", "verify and export the audit log")
     log.add_argument("--verify", action="store_true", help="check the hash chain; exit 1 if broken")
     log.add_argument("--export", type=Path, help="write every event as JSON lines")
@@ -80,12 +76,6 @@ def register(subparsers, name: str) -> None:
     verify.add_argument("version_dir", type=Path, help="the version's model directory")
     verify.add_argument("--public-key", required=True, type=Path, help="the coordinator's public key (NAME.pub)")
     parser.set_defaults(run=run)
-
-
-def _lease(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lease-seconds", type=float, default=30.0,
-                        help="how long a job or publication is held without renewal before another process may "
-                             "take it over (its holder is presumed dead)")
 
 
 def _engine(url: str):
@@ -144,9 +134,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     engine = _engine(args.db)
     if args.action == "init":
-        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, args.store, args.sign_key,
-                                                                            args.probe_data, args.work_dir,
-                                                                            args.store_endpoint))
+        chosen = service_settings(args, INIT_FIELDS)
+        settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, chosen.store, args.sign_key,
+                                                                            args.probe_data, chosen.work_dir,
+                                                                            chosen.store_endpoint))
         print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
     elif args.action == "add-member":
         member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.public_key).key_id)
@@ -159,19 +150,22 @@ def run(args: argparse.Namespace) -> int:
 
         from flexolmo.service.app import create_app
 
-        uvicorn.run(create_app(engine, args.workers, timedelta(seconds=args.lease_seconds)), host=args.host,
-                    port=args.port, log_level="warning")
+        chosen = service_settings(args, SERVE_FIELDS)
+        uvicorn.run(create_app(engine, chosen.workers, chosen.lease), host=chosen.host, port=chosen.port,
+                    log_level="warning")
     elif args.action == "worker":
-        _work(engine, timedelta(seconds=args.lease_seconds))
+        _work(engine, service_settings(args, WORKER_FIELDS).lease)
     elif args.action == "policy":
         from flexolmo.service.policy import set_policy
 
-        policy = _in_session(engine, lambda s: set_policy(s, args.publish_after, args.top_k))
+        top_k = service_settings(args, POLICY_FIELDS).top_k
+        policy = _in_session(engine, lambda s: set_policy(s, args.publish_after, top_k))
         print(f"publication policy: {policy}")
     elif args.action == "publish":
         if args.release_stale:
             print(f"released stale reservations: {release_stale(engine) or 'none'}")
-        print(json.dumps(publish(engine, args.top_k, timedelta(seconds=args.lease_seconds)), indent=1))
+        chosen = service_settings(args, PUBLISH_FIELDS)
+        print(json.dumps(publish(engine, chosen.top_k, chosen.lease), indent=1))
     else:
         return _log(engine, args)
     return 0

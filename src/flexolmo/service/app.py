@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 from flexolmo.core.errors import FlexOlmoError, PackageError, ServiceError
 from flexolmo.service.auth import authenticate
 from flexolmo.service.database import in_transaction, unreachable
-from flexolmo.service.jobs import LEASE
 from flexolmo.service.models import Member
 from flexolmo.service.page import render_page
 from flexolmo.service.registry import renew_if_due, withdraw
+from flexolmo.service.settings import DEFAULTS, LEASE
 from flexolmo.service.status import status
 from flexolmo.service.storage import work_dir
 from flexolmo.service.store import HEADER_DIGEST
@@ -66,7 +66,7 @@ def _error(error: Exception, engine: Engine) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=code)
 
 
-def create_app(engine: Engine, workers: int = 1, lease: timedelta = LEASE) -> FastAPI:
+def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta = LEASE) -> FastAPI:
     """The service over `engine` (already migrated and initialised), with `workers` admission workers in
     threads of this process (0: only separate `coordinator worker` processes admit)."""
     wake, stop = threading.Event(), threading.Event()

@@ -27,7 +27,6 @@ T = TypeVar("T")
 ATTEMPTS = 8
 # Lock conflicts between writers that a retry resolves (SQLite, PostgreSQL), as opposed to a lost server.
 _TRANSIENT = ("database is locked", "could not serialize", "deadlock detected")
-DEFAULT_DB = "sqlite:///flexolmo-consortium.db"
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 

@@ -26,8 +26,8 @@ from flexolmo.core.errors import ServiceError
 from flexolmo.service.audit import now_iso
 from flexolmo.service.database import in_transaction
 from flexolmo.service.models import Job
+from flexolmo.service.settings import LEASE
 
-LEASE = timedelta(seconds=30)
 MAX_ATTEMPTS = 3
 
 

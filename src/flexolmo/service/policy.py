@@ -16,12 +16,13 @@ from flexolmo.service.database import in_transaction, optional_setting, put_sett
 from flexolmo.service.errors import Conflict
 from flexolmo.service.jobs import enqueue, finish
 from flexolmo.service.models import Job
+from flexolmo.service.settings import DEFAULT_TOP_K
 from flexolmo.service.versions import publish
 
 PUBLISH_AFTER, SINCE_PUBLISH, TOP_K = "publish_after", "admissions_since_publish", "publish_top_k"
 
 
-def set_policy(session: Session, publish_after: int, top_k: int = 2) -> dict:
+def set_policy(session: Session, publish_after: int, top_k: int = DEFAULT_TOP_K) -> dict:
     if publish_after < 0 or top_k < 1:
         raise Conflict("--publish-after is 0 (only on command) or more admissions; --top-k at least 1")
     put_setting(session, PUBLISH_AFTER, str(publish_after))

@@ -31,11 +31,12 @@ from flexolmo.service.audit import append_event, now_iso
 from flexolmo.service.database import get_setting, in_transaction
 from flexolmo.service.envelopes import INTOTO_TYPE, sign_json, verify_json
 from flexolmo.service.errors import Conflict
-from flexolmo.service.jobs import LEASE, Heartbeat, LeaseLost, lease_time
+from flexolmo.service.jobs import Heartbeat, LeaseLost, lease_time
 from flexolmo.service.model_card import model_card
 from flexolmo.service.models import Version
 from flexolmo.service.registry import active_submissions
 from flexolmo.service.storage import configured, work_dir
+from flexolmo.service.settings import DEFAULT_TOP_K, LEASE
 from flexolmo.service.store import fetch_package
 from flexolmo.trust.history import append_record, model_digest, read_history
 from flexolmo.trust.signing import TrustedKeys, sign_directory
@@ -157,7 +158,7 @@ def _renew(number: int):
     return renew
 
 
-def publish(engine: Engine, top_k: int = 2, lease: timedelta = LEASE) -> dict:
+def publish(engine: Engine, top_k: int = DEFAULT_TOP_K, lease: timedelta = LEASE) -> dict:
     """Publish the next version; returns its row as a dict. A failure releases the reservation; a killed
     publisher's reservation is released by the next publisher once its lease has run out."""
     number, experts, digests, settings = reserve(engine, lease)

@@ -21,8 +21,9 @@ from sqlalchemy import Engine
 
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.service.database import in_transaction
-from flexolmo.service.jobs import LEASE, MAX_ATTEMPTS, Heartbeat, LeaseLost, claim, finish, release, renew_job
+from flexolmo.service.jobs import MAX_ATTEMPTS, Heartbeat, LeaseLost, claim, finish, release, renew_job
 from flexolmo.service.policy import run_publication
+from flexolmo.service.settings import LEASE
 from flexolmo.service.submissions import give_up, run_admission, sweep
 
 POLL_SECONDS = 1.0
