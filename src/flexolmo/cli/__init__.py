@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flexolmo.core.devices import check_device
     from flexolmo.core.errors import FlexOlmoError
+    from flexolmo.core.fileio import storage_problem
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         print(f"flexolmo {args.command}: error: {describe_validation_error(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        problem = storage_problem(error)  # a full or read-only disk anywhere: the user's to fix, in one line
+        if problem is None:
+            raise
+        print(f"flexolmo {args.command}: error: {problem}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
         # A training run says whether it kept a checkpoint to resume from; anything else was simply stopped.
         print(f"flexolmo {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)

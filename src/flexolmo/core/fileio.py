@@ -34,23 +34,63 @@ from flexolmo.core.errors import FlexOlmoError
 
 
 def _describe_os_error(error: OSError, target: Path) -> str:
-    if error.errno == errno.ENOSPC:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full while writing {target}: free space on that filesystem and run the command again"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno == errno.EROFS:
+        return f"cannot write {target}: the filesystem is read-only; choose a writable output path"
+    if error.errno in (errno.EACCES, errno.EPERM):
         return f"cannot write {target}: permission denied; choose a writable output path"
     if error.errno in (errno.ENOTDIR, errno.EEXIST):
         return f"cannot write {target}: a part of that path is a file, not a directory; choose another output path"
     return f"cannot write {target}: {error.strerror or error}"
 
 
+# How safetensors words the same causes (it reports a failed write as its own error, not as an OSError).
+_SAFETENSORS_FULL = ("No space left", "os error 28", "os error 122")
+_SAFETENSORS_READ_ONLY = ("Read-only file system", "os error 30")
+_SAFETENSORS_DENIED = ("Permission denied", "os error 13", "os error 1)")
+
+
 def _describe_safetensors_error(error: Exception, target: Path) -> str:
-    """safetensors reports a failed write (disk full, read-only) as its own error, not as an OSError."""
     text = str(error)
-    if "No space left" in text or "os error 28" in text:
+    if any(marker in text for marker in _SAFETENSORS_FULL):
         return f"disk full while writing {target}: free space on that filesystem and run the command again"
-    if any(marker in text for marker in ("Permission denied", "Read-only file system", "os error 13", "os error 30")):
+    if any(marker in text for marker in _SAFETENSORS_READ_ONLY):
+        return f"cannot write {target}: the filesystem is read-only; choose a writable output path"
+    if any(marker in text for marker in _SAFETENSORS_DENIED):
         return f"cannot write {target}: permission denied; choose a writable output path"
     return f"cannot write {target}: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+# The errors of a full or unwritable filesystem: the user's to fix, not a bug, so one line says what and where.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """One line for a write that failed because the filesystem is full, read-only or not ours; None for any
+    other error. Understands OSError (with its file name) and safetensors' own error for the same causes."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return _describe_os_error(error, Path(error.filename or "a file"))
+    text = str(error)
+    if isinstance(error, SafetensorError) and any(
+            marker in text for marker in _SAFETENSORS_FULL + _SAFETENSORS_READ_ONLY + _SAFETENSORS_DENIED):
+        return _describe_safetensors_error(error, Path("a safetensors file"))
+    return None
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """`torch.save` through a Python file, so a full disk surfaces as the OSError it is: torch's own writer
+    reports it as an opaque RuntimeError ("unexpected pos ..."), with the OSError only as its context."""
+    import torch
+
+    try:
+        with open(path, "wb") as handle:
+            torch.save(obj, handle)
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError):
+            cause = error.__context__
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
+        raise
 
 
 # A staging directory older than this without a lock file was left by a run killed before it could lock it.

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flexolmo.core.errors import CheckpointError
+from flexolmo.core.fileio import storage_problem
 from flexolmo.core.world import is_main_process
 
 CHECKPOINT_DIRNAME = "checkpoint"
@@ -136,12 +137,12 @@ def _is_main() -> bool:
     return is_main_process()
 
 
-def resume_hint(run_dir: Path) -> str:
-    """What to do after an interruption, depending on whether a checkpoint was kept."""
+def resume_hint(run_dir: Path, what: str = "interrupted") -> str:
+    """What to do after `what` stopped the run, depending on whether a checkpoint was kept."""
     state = read_state(run_dir) if run_dir.exists() else None
     if state is None:
-        return "interrupted before the first checkpoint; nothing was kept: rerun the command without --resume"
-    return (f"interrupted; {run_dir} keeps the checkpoint of step {state['step']}: rerun the same command with "
+        return f"{what} before the first checkpoint; nothing was kept: rerun the command without --resume"
+    return (f"{what}; {run_dir} keeps the checkpoint of step {state['step']}: rerun the same command with "
             "--resume to continue")
 
 
@@ -159,8 +160,13 @@ def work_directory(run_dir: Path, resume: bool) -> Iterator[Path]:
     try:
         yield run_dir
     except BaseException as error:
-        if _is_main() and checkpoint_dir(run_dir) is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if _is_main():
+            shutil.rmtree(staging_dir(run_dir), ignore_errors=True)  # a half-written checkpoint: never resumed
+            if checkpoint_dir(run_dir) is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(resume_hint(run_dir)) from None
+        problem = storage_problem(error)
+        if problem is not None:  # a full disk at a checkpoint loses nothing: the previous one is still whole
+            raise CheckpointError(resume_hint(run_dir, problem)) from None
         raise

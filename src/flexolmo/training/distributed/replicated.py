@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from flexolmo.core.errors import CheckpointError
-from flexolmo.core.fileio import atomic_write_json
+from flexolmo.core.fileio import atomic_write_json, save_torch
 from flexolmo.core.precision import PrecisionPolicy
 from flexolmo.training.distributed.base import NamedParams, enable_activation_checkpointing
 from flexolmo.training.run_state import STATE_FILE, checkpoint_dir, publish_checkpoint, staging_dir
@@ -67,8 +67,8 @@ class ReplicatedStrategy:
             staging.mkdir(parents=True)
             save_file({name: param.detach().cpu().contiguous() for name, param in named_params},
                       str(staging / TRAINABLE_FILE))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(torch.get_rng_state(), staging / "rng.pt")
+            save_torch(optimizer.state_dict(), staging / "optimizer.pt")
+            save_torch(torch.get_rng_state(), staging / "rng.pt")
             atomic_write_json(staging / STATE_FILE, state)  # written last: it marks the checkpoint complete
             publish_checkpoint(run_dir)
         if _world()[1] > 1:
