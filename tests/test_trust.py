@@ -29,8 +29,14 @@ from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.manifest import owner_report_path
 from flexolmo.owner.package import MANIFEST_FILE, TENSOR_FILE, check_name, load_package, tensors_checksum
-from flexolmo.trust.history import HISTORY_FILE, read_history
-from flexolmo.trust.signing import SIGNATURE_FILE, TrustedKeys, generate_key_pair, sign_directory
+from flexolmo.trust.history import HISTORY_FILE, append_record, read_history, record_digest, verify_history
+from flexolmo.trust.signing import (
+    SIGNATURE_FILE,
+    TrustedKeys,
+    generate_key_pair,
+    sign_directory,
+    verify_directory,
+)
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +355,64 @@ def test_merge_log_and_coordinator_signature_follow_every_version(signed, keys, 
     assert main(["add", "--model", str(tampered), "--packages", str(signed["code"]), "--out",
                  str(tmp_path / "v4")]) == 1
     assert nothing_written(tmp_path / "v4")
+
+
+
+def write_log(model: Path, records: list[dict]) -> None:
+    (model / HISTORY_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_the_whole_history_is_authenticated_not_only_the_last_state(signed, keys, tiny_anchor, tmp_path, capsys):
+    """An earlier operation cannot be rewritten, even when a later operation (run without --trusted-keys) built
+    on the edited copy and the coordinator signed the result: every record links to the one before it and
+    carries the coordinator's signature over itself."""
+    trusted, coordinator = TrustedKeys(keys), keys / "private" / "coordinator.key"
+    merge(tiny_anchor, [signed["code"], signed["math"]], tmp_path / "v1", top_k=2,
+          trust=CoordinatorTrust(sign_key=coordinator))
+    remove_experts(tmp_path / "v1", ["code"], tmp_path / "v2", trust=CoordinatorTrust(trusted, sign_key=coordinator))
+    log = read_history(tmp_path / "v2")
+    assert log[0]["previous_sha256"] is None and log[1]["previous_sha256"] == record_digest(log[0])
+    check = verify_history(tmp_path / "v2", trusted)
+    assert (check.operations, check.signed, check.unsigned, check.before_chain) == (2, 2, 0, 0)
+    assert main(["verify", str(tmp_path / "v2"), "--trusted-keys", str(keys)]) == 0
+    assert "2 logged operations (2 signed by the coordinator), chain intact" in capsys.readouterr().out
+
+    def careless_add_on(forged_log: list[dict], name: str) -> Path:
+        forged = copy(tmp_path / "v2", tmp_path / f"{name}-input")
+        write_log(forged, forged_log)
+        # the coordinator signs what it built without authenticating its input first (no trusted keys)
+        remove_experts(forged, ["math"], tmp_path / name, trust=CoordinatorTrust(sign_key=coordinator))
+        assert verify_directory(tmp_path / name, trusted).name == "coordinator"  # the last state is vouched for
+        return tmp_path / name
+
+    # The opt-out's record rewritten (code never left), its link recomputed: its signature no longer matches.
+    rewritten = {**log[1], "operation": "merge", "removed": []}
+    forged = careless_add_on([log[0], rewritten], "rewritten")
+    with pytest.raises(TrustError, match=r":2: the coordinator's signature does not match this record"):
+        verify_merged_model(forged, trusted)
+    # The first record's signer rewritten, everything after it left as it was: the chain breaks at record 2.
+    first = {**log[0], "added": [{**log[0]["added"][0], "signer": None}]}
+    forged = careless_add_on([first, log[1]], "relinked")
+    with pytest.raises(TrustError, match=r":1: the coordinator's signature|:2: does not follow the record"):
+        verify_merged_model(forged, trusted)
+    # A record re-signed by a member's key (any member can sign) is not the coordinator's.
+    member = keys / "private" / "math.key"
+    resigned = copy(tmp_path / "v2", tmp_path / "resigned")
+    write_log(resigned, [log[0]])
+    append_record(resigned, resigned, {key: log[1][key] for key in ("operation", "top_k", "experts", "added",
+                                                                     "removed")}, sign_key=member)
+    sign_directory(resigned, coordinator)
+    with pytest.raises(TrustError, match=r":2: .*signed by a key that is not coordinator.pub"):
+        verify_merged_model(resigned, trusted)
+    # Logs from before the chain: reported, not refused; an unlinked record after linked ones is refused.
+    legacy = copy(tmp_path / "v2", tmp_path / "legacy")
+    old = [{key: value for key, value in record.items() if key not in ("previous_sha256", "signature")}
+           | {"by": None} for record in log]
+    write_log(legacy, old)
+    assert verify_history(legacy, trusted).before_chain == 2
+    write_log(legacy, [log[0], old[1]])
+    with pytest.raises(TrustError, match=":2: a record without a link follows linked ones"):
+        verify_history(legacy, trusted)
 
 
 # -- what a package releases -------------------------------------------------------------------------------

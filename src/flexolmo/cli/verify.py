@@ -31,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     trusted = trusted_keys(args)
     if is_merged_model(args.path):
         result = verify_merged_model(args.path, trusted)
-        signed = f", signed by '{result['signer'].name}'" if result["signer"] else " (signature not checked: pass " \
-            "--trusted-keys)"
+        if result["signer"]:
+            signed = f", signed by '{result['signer'].name}'; history: {result['history'].describe()}"
+        else:
+            signed = " (signature and history not checked: pass --trusted-keys)"
         print(f"ok: {args.path} holds the {len(result['experts'])} experts its record names, unchanged since its "
               f"last of {result['operations']} logged operations{signed}")
         for package in args.packages or ():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flexolmo.coordinator.admission import AdmissionPolicy, AdmissionReport, assess, enforce
 from flexolmo.trust.history import append_record
-from flexolmo.trust.signing import TrustedKeys, key_signer, sign_directory
+from flexolmo.trust.signing import TrustedKeys, sign_directory
 
 
 @dataclass
@@ -46,8 +46,7 @@ class CoordinatorTrust:
                 self.on_admission(report)
             enforce(report)
             record = {**record, "admission": report.as_dict()}
-        by = key_signer(self.sign_key).as_dict() if self.sign_key is not None else None
-        logged = append_record(staging, source, {"operation": operation, "by": by, **record})
+        logged = append_record(staging, source, {"operation": operation, **record}, sign_key=self.sign_key)
         if self.sign_key is not None:
             sign_directory(staging, self.sign_key)
         return logged

@@ -29,7 +29,7 @@ from flexolmo.model.anchor import (
     AnchorFamily,
     read_config,
 )
-from flexolmo.trust.history import check_unchanged, read_history
+from flexolmo.trust.history import check_unchanged, read_history, verify_history
 from flexolmo.trust.record import check_record, verify_slots
 from flexolmo.trust.signing import COORDINATOR_KEY_NAME, TrustedKeys, verify_directory
 
@@ -136,13 +136,16 @@ def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = Non
     files are the version its merge log last wrote, and (with `trusted_keys`) the coordinator's key
     (`coordinator.pub` of that directory, no other) signed every file and each member's recorded signer key is
     the trusted key of that name.
-    Returns {"experts": [...], "signer": Signer or None, "operations": number of logged operations}."""
+    With `trusted_keys` the whole merge log is authenticated too (`trust.history.verify_history`): every record
+    follows the one before it, and every signed record carries the coordinator's valid signature.
+    Returns {"experts": [...], "signer": Signer or None, "operations": number of logged operations,
+    "history": HistoryCheck or None}."""
     path = Path(path)
     info = read_merged_info(path)
     check_unchanged(path)
     family = ANCHOR_FAMILIES[info.anchor_config["model_type"]]
     verify_slots(path, info.metadata, info.expert_names, family.ffn_projections)
-    signer = None
+    signer = history = None
     if trusted_keys is not None:
         signer = verify_directory(path, trusted_keys)
         if signer.name != COORDINATOR_KEY_NAME:
@@ -153,7 +156,9 @@ def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = Non
             if recorded and trusted_keys.key_id_of(recorded["name"]) != recorded["key_id"]:
                 raise TrustError(f"{path}: expert '{entry['name']}' was merged as signed by a key that is not the "
                                  f"trusted key of '{recorded['name']}' in {trusted_keys.directory}")
-    return {"experts": info.metadata["experts"], "signer": signer, "operations": len(read_history(path))}
+        history = verify_history(path, trusted_keys)
+    return {"experts": info.metadata["experts"], "signer": signer, "operations": len(read_history(path)),
+            "history": history}
 
 
 def authenticate_merged_model(path: Path | str, trusted_keys: TrustedKeys | None, action: str) -> dict | None:

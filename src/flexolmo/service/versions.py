@@ -144,7 +144,8 @@ def _build(number: int, experts: list[dict], paths: list[Path], settings: dict, 
     # changes no expert: the record carries the merge's experts and top-k, and adds or removes none.
     merged = read_history(model)[-1]
     append_record(model, model, {"operation": "publish", "version": number, "output_sha256": output,
-                                 "top_k": merged["top_k"], "experts": merged["experts"], "added": [], "removed": []})
+                                 "top_k": merged["top_k"], "experts": merged["experts"], "added": [], "removed": []},
+                  sign_key=key)
     sign_directory(model, key)
     model.rename(staging / "published")
     staging.rename(final)

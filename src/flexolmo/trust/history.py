@@ -7,18 +7,34 @@ package digest only: an opt-out leaves no manifest behind), the resulting expert
 of the model it started from and of the model it wrote. The model digest covers every file of the directory
 except this log and the signature, so a log entry can name the version it produced. The log sits inside the
 model directory, so the coordinator's signature covers it as well.
+
+The log is also a signed chain, so the whole history is authenticated, not only the last state: every record
+names the SHA-256 of the record before it (`previous_sha256`, over its canonical JSON), and a record written
+with the coordinator's key carries the key's ECDSA signature over its own canonical JSON (`signature`). An
+earlier operation therefore cannot be rewritten or dropped (say, the `remove` of an opted-out member) without
+the coordinator's key, even by someone whose edited copy a later, careless operation built on. Records written
+before the chain existed carry neither field and are reported as such.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexolmo.core.errors import TrustError
 from flexolmo.core.fileio import atomic_write_bytes, sha256_file
 from flexolmo.core.provenance import utc_now
-from flexolmo.trust.signing import SIGNATURE_FILE
+from flexolmo.trust.signing import (
+    COORDINATOR_KEY_NAME,
+    SIGNATURE_FILE,
+    TrustedKeys,
+    key_signer,
+    load_private_key,
+    load_public_key,
+)
 
 HISTORY_FILE = "flexolmo_history.jsonl"
 
@@ -110,13 +126,107 @@ def check_unchanged(path: Path | str) -> None:
                          f"{records[-1]['operation']} at {records[-1]['when']}); it was edited outside flexolmo")
 
 
-def append_record(staging: Path, source: Path | None, record: dict) -> dict:
-    """Copy `source`'s log into the new model at `staging` and append `record`, completed with the time and
-    the digests of both versions; returns the full record."""
+def _canonical(record: dict) -> bytes:
+    """The bytes a record's digest and signature cover: itself without its signature, keys sorted, compact."""
+    body = {key: value for key, value in record.items() if key != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_digest(record: dict) -> str:
+    """SHA-256 of a whole record (its signature included): what the next record names as `previous_sha256`."""
+    return hashlib.sha256(_canonical(record) + b"|" + str(record.get("signature")).encode()).hexdigest()
+
+
+def _sign(record: dict, key_path: Path) -> str:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = load_private_key(key_path)
+    return base64.b64encode(key.sign(_canonical(record), ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def append_record(staging: Path, source: Path | None, record: dict, sign_key: Path | None = None) -> dict:
+    """Copy `source`'s log into the new model at `staging` and append `record`, completed with the time, the
+    digests of both versions and of the previous record, and (with `sign_key`) signed by that key, which the
+    record names as `by`; returns the full record."""
     previous = read_history(source) if source is not None else []
-    full = {"operation": record["operation"], "when": utc_now(), **record,
+    by = key_signer(sign_key).as_dict() if sign_key is not None else record.get("by")
+    full = {"operation": record["operation"], "when": utc_now(), **record, "by": by,
             "from_model_sha256": previous[-1]["model_sha256"] if previous else None,
-            "model_sha256": model_digest(staging)}
+            "model_sha256": model_digest(staging),
+            "previous_sha256": record_digest(previous[-1]) if previous else None}
+    if sign_key is not None:
+        full["signature"] = _sign(full, sign_key)
     lines = [json.dumps(entry, sort_keys=False) for entry in [*previous, full]]
     atomic_write_bytes(staging / HISTORY_FILE, ("\n".join(lines) + "\n").encode())
     return full
+
+
+@dataclass(frozen=True)
+class HistoryCheck:
+    """What `verify_history` found: how many records, how many signed by the coordinator, unsigned (written
+    without a key) and from before the chain existed."""
+
+    operations: int
+    signed: int
+    unsigned: int
+    before_chain: int
+
+    def describe(self) -> str:
+        parts = [f"{self.signed} signed by the coordinator"]
+        if self.unsigned:
+            parts.append(f"{self.unsigned} written without a key")
+        if self.before_chain:
+            parts.append(f"{self.before_chain} from before signed logs")
+        return f"{self.operations} logged operations ({', '.join(parts)}), chain intact"
+
+
+def _check_signature(log: str, number: int, record: dict, trusted: TrustedKeys) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    by = record.get("by")
+    if not _is_signer(by):
+        raise TrustError(f"{log}:{number}: a signed record names no signer; the log was altered")
+    if COORDINATOR_KEY_NAME not in trusted.paths:
+        raise TrustError(f"{trusted.directory}: no {COORDINATOR_KEY_NAME}.pub; put the coordinator's public key "
+                         "there to authenticate a merged model")
+    if trusted.key_id_of(COORDINATOR_KEY_NAME) != by.get("key_id"):
+        raise TrustError(f"{log}:{number}: ({record['operation']} at {record['when']}) was signed by a key that is "
+                         f"not {COORDINATOR_KEY_NAME}.pub in {trusted.directory}; only the coordinator signs a merged "
+                         "model's log")
+    try:
+        signature = base64.b64decode(record["signature"], validate=True)
+        public = load_public_key(trusted.paths[COORDINATOR_KEY_NAME])
+        public.verify(signature, _canonical(record), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        raise TrustError(f"{log}:{number}: the coordinator's signature does not match this record "
+                         f"({record['operation']} at {record['when']}); the log was altered") from None
+
+
+def verify_history(path: Path | str, trusted: TrustedKeys) -> HistoryCheck:
+    """Authenticate the whole log: every record names its predecessor's digest, and every record that claims
+    a signer carries the coordinator's valid signature. One-line TrustError naming the record otherwise."""
+    log = str(Path(path) / HISTORY_FILE)
+    records = read_history(path)
+    signed = unsigned = before_chain = 0
+    for number, record in enumerate(records, start=1):
+        if "previous_sha256" not in record:  # written before the chain existed: nothing to check it by
+            if any("previous_sha256" in later for later in records[:number - 1]):
+                raise TrustError(f"{log}:{number}: a record without a link follows linked ones; the log was "
+                                 "altered")
+            before_chain += 1
+            continue
+        expected = record_digest(records[number - 2]) if number > 1 else None
+        if record["previous_sha256"] != expected:
+            raise TrustError(f"{log}:{number}: does not follow the record before it (an earlier operation was "
+                             f"rewritten, dropped or reordered); the log was altered")
+        if "signature" in record:
+            _check_signature(log, number, record, trusted)
+            signed += 1
+        elif record.get("by") is not None:
+            raise TrustError(f"{log}:{number}: names a signer but carries no signature; the log was altered")
+        else:
+            unsigned += 1
+    return HistoryCheck(len(records), signed, unsigned, before_chain)
