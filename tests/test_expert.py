@@ -303,6 +303,44 @@ def test_the_learning_rate_of_every_step_is_linear_warmup_then_cosine(tiny_ancho
     assert all(len(set(rates)) == 1 for rates in seen)
 
 
+def test_the_router_row_learns_at_its_own_multiple_of_the_rate(tiny_anchor, corpora, tmp_path):
+    """`router_lr_scale`: the router row's optimizer group steps at that multiple of the schedule, the FFN's at
+    the schedule; AdamW's first step moves every element by about its rate, so the row moves that many times
+    as far as at scale 1, and the FFN exactly as far."""
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.owner.expert import owner_loss, router_lr_scales
+
+    anchor = load_anchor(tiny_anchor)
+    stream = load_token_stream([corpora["code"]], anchor.tokenizer)
+    rows = initial_rows("mean_hidden", anchor, stream, 16, 4, 0)
+    moved, rates = {}, {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = build_owner_model(load_anchor(tiny_anchor), rows, negative_bias=False)  # converts it in place
+        trainable = owner_trainable_parameters(model)
+        before = {name: param.detach().clone() for name, param in trainable}
+        scales = router_lr_scales(trainable, scale)
+        assert (scale == 1.0) == (not scales) and all(".gate.rows.1." in name for name in scales)
+
+        def recording(optimizer, scale=scale):
+            step = optimizer.step
+
+            def recorded(*args, **kwargs):
+                rates[scale] = sorted({group["lr"] for group in optimizer.param_groups})
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded
+            return optimizer
+
+        train(model, trainable, stream, tiny_optim(steps=1, warmup_steps=1, lr=1e-3, batch_size=2, seq_len=16),
+              tmp_path / f"run{scale}", loss_fn=owner_loss(1e-3), lr_scales=scales, make_optimizer=recording)
+        moved[scale] = {name: float((param.detach() - before[name]).abs().max()) for name, param in trainable}
+    assert rates[1.0] == [1e-3] and rates[10.0] == pytest.approx([1e-3, 1e-2])  # the groups as built
+    for name, distance in moved[1.0].items():
+        expected = 10.0 if ".gate.rows.1." in name else 1.0
+        assert moved[10.0][name] == pytest.approx(expected * distance, rel=1e-3), name
+
+
 def test_gradient_accumulation_equals_one_batch_of_all_its_micro_batches(tiny_anchor, corpora, tmp_path):
     """grad_accum 2 of batch 2 sees the same four sequences per step as grad_accum 1 of batch 4 (the data
     order is by global position), so the gradient each step takes, the losses and the trained tensors are the

@@ -84,6 +84,9 @@ class ExpertConfig(BaseModel):
                                     "mean_hidden, or public under DP")
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
+    router_lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                   description="the owner's router row learns at this multiple of --lr (its FFN "
+                                               "at --lr), on the same schedule")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches "
                                     "(if empty: the anchor's published public sample)")
@@ -114,6 +117,13 @@ def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.
         if param.requires_grad:
             trainable.append((name, param))
     return trainable
+
+
+def router_lr_scales(trainable: list[tuple[str, torch.nn.Parameter]], scale: float) -> dict[str, float]:
+    """The router row's learning-rate multiple, by tensor name (empty when it learns at the FFN's rate)."""
+    if scale == 1.0:
+        return {}
+    return {name: scale for name, _ in trainable if f".mlp.gate.rows.{OWNER_EXPERT}." in name}
 
 
 def package_tensors(model: torch.nn.Module, projections: tuple[str, ...],
@@ -337,7 +347,7 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
             loss_fn=owner_loss(config.z_loss_coef), hooks=hooks, resume=resume,
             description=f"expert {config.name}", make_optimizer=private.make_optimizer if private else None,
             sampler=private.sampler if private else sampler, clip_grad_norm=private is None, strategy=strategy,
-            identity=identity,
+            identity=identity, lr_scales=router_lr_scales(trainable, config.router_lr_scale),
         )
         if private:
             private.detach()

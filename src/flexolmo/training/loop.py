@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,12 +249,24 @@ class _StepParts:
     clip: list[torch.nn.Parameter] | None
 
 
+def _param_groups(named_params: Sequence[tuple[str, torch.nn.Parameter]], lr_scales: Mapping[str, float]
+                  ) -> list[dict]:
+    """One optimizer group per learning-rate multiple, in the order the tensors come (scale 1 unless named)."""
+    unknown = sorted(set(lr_scales) - {name for name, _ in named_params})
+    if unknown:
+        raise ValueError(f"lr_scales names tensors that are not trained: {', '.join(unknown)}")
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named_params:
+        groups.setdefault(float(lr_scales.get(name, 1.0)), []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def _optimizer_step(model: torch.nn.Module, stream: TokenStream, config: OptimConfig, step: int,
                     parts: _StepParts) -> float:
     """One optimizer step over `config.grad_accum` micro-batches; returns the mean LM loss over the ranks."""
     rank, world_size = world()
     for group in parts.optimizer.param_groups:
-        group["lr"] = learning_rate(step, config)
+        group["lr"] = learning_rate(step, config) * group.get("lr_scale", 1.0)
     parts.optimizer.zero_grad(set_to_none=True)
     step_loss, micro_batches = 0.0, 0
     for micro in range(config.grad_accum):
@@ -290,6 +302,7 @@ def train(
     clip_grad_norm: bool = True,
     strategy: TrainingStrategy | None = None,
     identity: dict | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train `named_params` of `model` on `stream` for `config.steps` steps; only they get optimizer state.
 
@@ -297,18 +310,22 @@ def train(
     shuffled batches (DP-SGD samples Poisson batches) and `clip_grad_norm=False` leaves clipping to the
     optimizer (DP-SGD clips per sample). `strategy` spreads the model over processes (default: replicated, with
     the precision of `config.dtype`); `identity` describes the caller's settings and data, so that a checkpoint
-    is resumed only by the same run. The trained tensors are float32 master weights after the call.
+    is resumed only by the same run. `lr_scales` multiplies the learning rate of the named tensors (others: 1),
+    so a part of the model (an owner's router row) can learn at its own rate on the same schedule. The trained
+    tensors are float32 master weights after the call.
     """
     num_sequences = _check_fits(stream, config, dp=make_optimizer is not None)
     strategy = strategy or ReplicatedStrategy(PrecisionPolicy.from_name(config.dtype))
-    identity = run_identity(config, named_params, strategy, identity or {})
+    identity = run_identity(config, named_params, strategy,
+                            {**(identity or {}), **({"lr_scales": dict(sorted(lr_scales.items()))} if lr_scales else {})})
     check_work_dir(run_dir, resume)
     state = read_state(run_dir) if resume else None
     if state is not None:
         check_identity(run_dir, state, identity)
     model, named_params = strategy.prepare(model, named_params, config.device)
     params = [param for _, param in named_params]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(_param_groups(named_params, lr_scales or {}), lr=config.lr,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
     if make_optimizer is not None:
         optimizer = make_optimizer(optimizer)
     sampler = sampler or ShuffledBatches(config, num_sequences)
