@@ -84,7 +84,7 @@ def run_rank(rank: int, world_size: int, port: int, fsdp: bool, replicate_frozen
     from flexolmo.core.precision import PrecisionPolicy
     from flexolmo.data.tokens import TokenizedFile, TokenStream
     from flexolmo.model.moe import convert_to_moe
-    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
+    from flexolmo.owner.owner_model import owner_loss, owner_trainable_parameters
     from flexolmo.training.distributed import FullyShardedStrategy, ReplicatedStrategy
     from flexolmo.training.loop import OptimConfig, train
 

@@ -56,7 +56,7 @@ def build(variant: str, config: dict, device: str):
 
     from flexolmo.experiments.baselines import ffn_parameters
     from flexolmo.model.moe import convert_to_moe
-    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
+    from flexolmo.owner.owner_model import owner_loss, owner_trainable_parameters
     from flexolmo.training.loop import lm_loss_fn
 
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ from flexolmo.experiments.baselines import ffn_parameters
 from flexolmo.experiments.compute import training_flops_per_token
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.router_init import initial_rows
-from flexolmo.owner.expert import build_owner_model, owner_loss, owner_trainable_parameters
+from flexolmo.owner.owner_model import build_owner_model, owner_loss, owner_trainable_parameters
 from flexolmo.training.loop import OptimConfig, lm_loss_fn, make_batch, train
 
 from common import command_line, results_file, write_results

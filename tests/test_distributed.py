@@ -138,7 +138,7 @@ def _train_sharded(rank: int, port: int, anchor_dir: str, data: str, out: str) -
     from flexolmo.data.tokens import load_token_stream
     from flexolmo.model.anchor import load_anchor
     from flexolmo.model.router_init import initial_rows
-    from flexolmo.owner.expert import build_owner_model, owner_loss, owner_trainable_parameters
+    from flexolmo.owner.owner_model import build_owner_model, owner_loss, owner_trainable_parameters
     from flexolmo.training.distributed import FullyShardedStrategy
     from flexolmo.training.loop import train
 

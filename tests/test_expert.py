@@ -18,13 +18,8 @@ from safetensors.torch import load_file, save_file
 from flexolmo.core.errors import PackageError
 from flexolmo.model.anchor import compute_fingerprint, load_anchor
 from flexolmo.model.router_init import initial_rows
-from flexolmo.owner.expert import (
-    ExpertConfig,
-    build_owner_model,
-    load_package_into_owner_model,
-    owner_trainable_parameters,
-    train_expert,
-)
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import build_owner_model, load_package_into_owner_model, owner_trainable_parameters
 from flexolmo.owner.package import TENSOR_FILE, load_package
 from flexolmo.training.loop import train
 
@@ -50,7 +45,7 @@ def test_training_touches_only_the_owners_tensors(tiny_anchor, corpora, tmp_path
     assert names and all(".experts.1." in n or ".gate.rows.1." in n for n in names)
     assert any(n.endswith("rows.1.bias") for n in names)
     train(model, trainable, stream, tiny_optim(steps=6, lr=5e-2, checkpoint_every=6), tmp_path,
-          loss_fn=__import__("flexolmo.owner.expert", fromlist=["owner_loss"]).owner_loss(1e-3))
+          loss_fn=__import__("flexolmo.owner.owner_model", fromlist=["owner_loss"]).owner_loss(1e-3))
     for name, param in model.named_parameters():
         if name in names:
             assert not torch.equal(param, before[name]), f"{name} did not train"
@@ -88,7 +83,7 @@ def test_package_contents_and_round_trip(code_expert, tiny_anchor):
     assert (code_expert / TENSOR_FILE).stat().st_size < anchor_bytes
     # The round trip: a package loaded into the owner's model gives back exactly the package's tensors, and
     # the model computes something other than the anchor (the trained expert and learned bias are in use).
-    from flexolmo.owner.expert import package_tensors
+    from flexolmo.owner.owner_model import package_tensors
 
     anchor = load_anchor(tiny_anchor)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -246,7 +241,7 @@ def hand_z_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
 def test_router_z_loss_is_the_mean_squared_logsumexp_and_enters_the_owner_loss(tiny_anchor, corpora):
     from flexolmo.data.tokens import load_token_stream
     from flexolmo.model.moe import router_z_loss
-    from flexolmo.owner.expert import owner_loss
+    from flexolmo.owner.owner_model import owner_loss
     from flexolmo.training.loop import causal_lm_loss
 
     anchor = load_anchor(tiny_anchor)
@@ -272,7 +267,7 @@ def test_the_learning_rate_of_every_step_is_linear_warmup_then_cosine(tiny_ancho
     import math
 
     from flexolmo.data.tokens import load_token_stream
-    from flexolmo.owner.expert import owner_loss
+    from flexolmo.owner.owner_model import owner_loss
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -308,7 +303,7 @@ def test_the_router_row_learns_at_its_own_multiple_of_the_rate(tiny_anchor, corp
     the schedule; AdamW's first step moves every element by about its rate, so the row moves that many times
     as far as at scale 1, and the FFN exactly as far."""
     from flexolmo.data.tokens import load_token_stream
-    from flexolmo.owner.expert import owner_loss, router_lr_scales
+    from flexolmo.owner.owner_model import owner_loss, router_lr_scales
 
     anchor = load_anchor(tiny_anchor)
     stream = load_token_stream([corpora["code"]], anchor.tokenizer)
@@ -346,7 +341,7 @@ def test_gradient_accumulation_equals_one_batch_of_all_its_micro_batches(tiny_an
     order is by global position), so the gradient each step takes, the losses and the trained tensors are the
     same."""
     from flexolmo.data.tokens import load_token_stream
-    from flexolmo.owner.expert import owner_loss
+    from flexolmo.owner.owner_model import owner_loss
 
     def run(batch_size: int, grad_accum: int):
         anchor = load_anchor(tiny_anchor)

@@ -22,7 +22,8 @@ from flexolmo.core.errors import AnchorError, FlexOlmoError
 from flexolmo.model.anchor import ANCHOR_FAMILIES, anchor_family, load_anchor
 from flexolmo.model.router_init import compute_public_rows
 from flexolmo.model.runtime import load_model
-from flexolmo.owner.expert import ExpertConfig, build_owner_model, load_package_into_owner_model, train_expert
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import build_owner_model, load_package_into_owner_model
 from flexolmo.owner.package import load_package
 
 IDS = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))

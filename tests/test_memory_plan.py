@@ -52,7 +52,7 @@ def test_plan_arithmetic_matches_a_hand_count():
 
 def test_plan_counts_the_model_that_training_builds(tiny_anchor):
     from flexolmo.model.anchor import load_anchor, read_config
-    from flexolmo.owner.expert import build_owner_model, owner_trainable_parameters
+    from flexolmo.owner.owner_model import build_owner_model, owner_trainable_parameters
 
     anchor = load_anchor(tiny_anchor)
     model = build_owner_model(anchor, [torch.zeros(32)] * 2, negative_bias=False)
@@ -67,7 +67,7 @@ def test_activation_count_matches_the_tensors_autograd_keeps(dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexolmo.model.moe import convert_to_moe
-    from flexolmo.owner.expert import owner_loss, owner_trainable_parameters
+    from flexolmo.owner.owner_model import owner_loss, owner_trainable_parameters
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))

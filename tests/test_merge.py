@@ -15,7 +15,8 @@ from flexolmo.coordinator.merge import add_experts, merge, remove_experts
 from flexolmo.core.errors import FlexOlmoError, MergeError, PackageError
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.runtime import load_model
-from flexolmo.owner.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import load_package_into_owner_model
 from flexolmo.owner.package import TENSOR_FILE, load_package
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))

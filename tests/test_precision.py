@@ -16,13 +16,12 @@ from flexolmo.evaluation.scoring import score_stream
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.router_init import initial_rows
 from flexolmo.model.runtime import load_model
-from flexolmo.owner.expert import (
-    ExpertConfig,
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import (
     build_owner_model,
     load_package_into_owner_model,
     owner_loss,
     owner_trainable_parameters,
-    train_expert,
 )
 from flexolmo.owner.package import load_package
 from flexolmo.training.loop import train

@@ -13,13 +13,8 @@ from flexolmo.core.errors import FlexOlmoError, PackageError
 from flexolmo.data.tokens import load_token_stream
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.router_init import initial_rows
-from flexolmo.owner.expert import (
-    ExpertConfig,
-    build_owner_model,
-    owner_loss,
-    owner_trainable_parameters,
-    train_expert,
-)
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import build_owner_model, owner_loss, owner_trainable_parameters
 from flexolmo.owner.package import load_package
 from flexolmo.owner.privacy import DPConfig, prepare_private_training
 from flexolmo.training.loop import train

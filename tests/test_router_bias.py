@@ -11,7 +11,8 @@ from flexolmo.coordinator.merge import merge, remove_experts
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.merged_format import MERGED_METADATA_FILE
 from flexolmo.model.runtime import load_model
-from flexolmo.owner.expert import ExpertConfig, load_package_into_owner_model, train_expert
+from flexolmo.owner.expert import ExpertConfig, train_expert
+from flexolmo.owner.owner_model import load_package_into_owner_model
 from flexolmo.owner.package import load_package, write_package
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))

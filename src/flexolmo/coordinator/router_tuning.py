@@ -33,7 +33,7 @@ from flexolmo.data.tokens import TokenStream, load_token_stream
 from flexolmo.model.merged_format import MERGED_METADATA_FILE, authenticate_merged_model, read_merged_info
 from flexolmo.model.moe import ROUTER_Z_LOSS_COEF, moe_blocks
 from flexolmo.model.runtime import load_model
-from flexolmo.owner.expert import owner_loss
+from flexolmo.owner.owner_model import owner_loss
 from flexolmo.training.loop import MixedBatches, OptimConfig, config_digest, train
 
 # Chosen on the demo's validation text (benchmarks/docs/router-tuning.md).

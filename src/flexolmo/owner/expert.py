@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +23,6 @@ from flexolmo.core.errors import DataError, PackageError
 from flexolmo.core.fileio import atomic_write_json, check_outside_inputs
 from flexolmo.core.precision import dtype_name
 from flexolmo.core.provenance import software_versions, utc_now
-from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
 from flexolmo.core.world import broadcast_from_main, is_main_process, main_process_first
 from flexolmo.data.documents import DEFAULT_HELDOUT_FRACTION
 from flexolmo.data.public_sample import describe_files, resolve_public_mix
@@ -39,25 +37,27 @@ from flexolmo.model.anchor import (
     read_config,
     stored_dtype,
 )
-from flexolmo.model.moe import (
-    ROUTER_Z_LOSS_COEF,
-    clamp_router_bias,
-    convert_to_moe,
-    decoder_layers,
-    router_z_loss,
-)
+from flexolmo.model.moe import ROUTER_Z_LOSS_COEF
 from flexolmo.model.router_init import (
     DP_ROUTER_INIT,
     READS_PRIVATE_DATA,
     dp_mean_direction_rows,
     initial_rows,
-    load_public_rows,
 )
 from flexolmo.owner.manifest import commit, owner_report_path, split_training_facts
+from flexolmo.owner.owner_model import (
+    ClampBias,
+    build_owner_model,
+    load_package_into_owner_model,
+    owner_loss,
+    owner_trainable_parameters,
+    package_tensors,
+    router_lr_scales,
+)
 from flexolmo.owner.package import check_name, write_package
 from flexolmo.owner.privacy import DPConfig, check_dp_settings, prepare_private_training
 from flexolmo.training.distributed import ParallelConfig, make_strategy
-from flexolmo.training.loop import MixedBatches, OptimConfig, TrainResult, causal_lm_loss, train
+from flexolmo.training.loop import MixedBatches, OptimConfig, TrainResult, train
 from flexolmo.training.run_state import (
     check_identity,
     check_work_dir,
@@ -66,8 +66,6 @@ from flexolmo.training.run_state import (
     work_directory,
 )
 from flexolmo.trust.signing import check_signing_key
-
-OWNER_EXPERT = 1
 
 
 class ExpertConfig(BaseModel):
@@ -100,96 +98,11 @@ class ExpertConfig(BaseModel):
                                      description="sharding and activation checkpointing")
 
 
-def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool) -> torch.nn.Module:
-    """The anchor with every FFN turned into the 2-expert block, experts identical, rows [r_pub, r_i]."""
-    public_rows = load_public_rows(anchor.path, len(decoder_layers(anchor.model)))
-    rows = [torch.stack([public.float(), own.float()]) for public, own in zip(public_rows, owner_rows)]
-    return convert_to_moe(anchor.model, rows, num_experts=2, top_k=2,
-                          bias_experts=[OWNER_EXPERT] if negative_bias else [])
-
-
-def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Freeze everything but the owner's expert and router row; return what stays trainable, in name order."""
-    owned = (f".mlp.experts.{OWNER_EXPERT}.", f".mlp.gate.rows.{OWNER_EXPERT}.")
-    trainable = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(marker in name for marker in owned))
-        if param.requires_grad:
-            trainable.append((name, param))
-    return trainable
-
-
-def router_lr_scales(trainable: list[tuple[str, torch.nn.Parameter]], scale: float) -> dict[str, float]:
-    """The router row's learning-rate multiple, by tensor name (empty when it learns at the FFN's rate)."""
-    if scale == 1.0:
-        return {}
-    return {name: scale for name, _ in trainable if f".mlp.gate.rows.{OWNER_EXPERT}." in name}
-
-
-def package_tensors(model: torch.nn.Module, projections: tuple[str, ...],
-                    gather: Callable[[torch.Tensor], torch.Tensor | None] = lambda tensor: tensor
-                    ) -> dict[str, torch.Tensor]:
-    """The owner's expert and router row of every layer, under package names.
-
-    `gather` turns a (possibly sharded) trained tensor into a whole one; a training strategy's `gather` is
-    collective, so it is called on every rank in the same order, layer by layer, one tensor at a time, and
-    returns None except on rank 0 (which then holds the package and never the whole model)."""
-    tensors = {}
-    for layer_index, layer in enumerate(decoder_layers(model)):
-        expert = layer.mlp.experts[OWNER_EXPERT]
-        row = layer.mlp.gate.rows[OWNER_EXPERT]
-        owned = {PACKAGE_FFN.format(layer=layer_index, proj=proj): getattr(expert, proj).weight
-                 for proj in projections}
-        owned[PACKAGE_ROUTER.format(layer=layer_index)] = row.weight
-        if row.bias is not None:
-            owned[PACKAGE_BIAS.format(layer=layer_index)] = row.bias
-        for name, tensor in owned.items():
-            tensors[name] = gather(tensor)
-    return tensors
-
-
-def load_package_into_owner_model(anchor: Anchor, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Rebuild the owner's training model from the anchor and a package's tensors."""
-    layers = len(decoder_layers(anchor.model))
-    has_bias = PACKAGE_BIAS.format(layer=0) in tensors
-    rows = [tensors[PACKAGE_ROUTER.format(layer=i)][0] for i in range(layers)]
-    model = build_owner_model(anchor, rows, has_bias)
-    with torch.no_grad():
-        for layer_index, layer in enumerate(decoder_layers(model)):
-            expert = layer.mlp.experts[OWNER_EXPERT]
-            for proj in anchor.family.ffn_projections:
-                getattr(expert, proj).weight.copy_(tensors[PACKAGE_FFN.format(layer=layer_index, proj=proj)])
-            if has_bias:
-                layer.mlp.gate.rows[OWNER_EXPERT].bias.copy_(tensors[PACKAGE_BIAS.format(layer=layer_index)])
-    return model
-
-
 def anchor_record(fingerprint: str, config: dict) -> dict:
     """What a package records about the anchor it was trained on: its fingerprint and `config.json`'s shape
     (taken apart so that a tool writing packages need not load the anchor's weights)."""
     return {"fingerprint": fingerprint, "fingerprint_scheme": FINGERPRINT_SCHEME, "model_type": config["model_type"],
             **{key: config[key] for key in ("num_hidden_layers", "hidden_size", "intermediate_size")}}
-
-
-class _ClampBias:
-    """Projected gradient step: keep the learned bias <= 0 after every update."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def after_optimizer_step(self, step: int) -> None:
-        clamp_router_bias(self.model)
-
-
-def owner_loss(z_loss_coef: float):
-    """Language-model loss plus the router z-loss; reports the language-model part."""
-
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor):
-        logits = model(input_ids=batch[:, :-1]).logits
-        lm_loss = causal_lm_loss(logits, batch[:, 1:])
-        return lm_loss + z_loss_coef * router_z_loss(model), lm_loss.detach()
-
-    return loss_fn
 
 
 def mix_public(owner_stream: TokenStream, config: ExpertConfig,
@@ -332,7 +245,7 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
     model = build_owner_model(anchor, owner_rows, config.negative_bias)
     anchor.model = None
     trainable = owner_trainable_parameters(model)
-    hooks = [_ClampBias(model)]
+    hooks = [ClampBias(model)]
     private = None
     with work_directory(work, resume):
         if config.dp:

@@ -316,8 +316,8 @@ def train(
     """
     num_sequences = _check_fits(stream, config, dp=make_optimizer is not None)
     strategy = strategy or ReplicatedStrategy(PrecisionPolicy.from_name(config.dtype))
-    identity = run_identity(config, named_params, strategy,
-                            {**(identity or {}), **({"lr_scales": dict(sorted(lr_scales.items()))} if lr_scales else {})})
+    scaled = {"lr_scales": dict(sorted(lr_scales.items()))} if lr_scales else {}
+    identity = run_identity(config, named_params, strategy, {**(identity or {}), **scaled})
     check_work_dir(run_dir, resume)
     state = read_state(run_dir) if resume else None
     if state is not None:
