@@ -29,7 +29,7 @@ from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_de
 
 from common import command_line, results_file, write_results
 
-RESULTS = results_file("router_lr.json")
+RESULTS = results_file("router_lr.json")  # --seed N writes router_lr_seedN.json unless --out says otherwise
 DOMAINS = [PUBLIC, *CLOSED_DOMAINS]
 
 
@@ -61,19 +61,28 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/router-lr"), help="where every step is cached")
     parser.add_argument("--scales", type=float, nargs="+", default=[10.0],
                         help="router learning-rate multiples tried")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train every set of experts with this seed instead of the demo's (then multiple 1 is "
+                             "trained again too): the seed-to-seed spread the differences are read against")
+    parser.add_argument("--out", type=Path, default=None, help=f"results file (default: {RESULTS}, or "
+                        "router_lr_seedN.json beside it with --seed N)")
     args = parser.parse_args()
     began = time.perf_counter()
     demo_config = finished_demo_config(args.demo)
-    reference = Demo(demo_config)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results = {1.0: scored(reference, "flexolmo_untuned", merged_model_dir(args.demo, "flexolmo", None),
-                           args.work / "scale1.json")}
-    for scale in args.scales:
-        bench = Demo(demo_config.model_copy(update={"out": args.work / f"scale{scale:g}", "ablation": False}))
+    seed = demo_config.seed if args.seed is None else args.seed
+    out = args.out or (RESULTS if seed == demo_config.seed else RESULTS.with_name(f"router_lr_seed{seed}.json"))
+    work = args.work if seed == demo_config.seed else args.work / f"seed{seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if seed == demo_config.seed:  # the demo's own merge is the multiple-1 model
+        results[1.0] = scored(Demo(demo_config), "flexolmo_untuned", merged_model_dir(args.demo, "flexolmo", None),
+                              work / "scale1.json")
+    for scale in sorted({*args.scales, 1.0} - set(results)):
+        bench = Demo(demo_config.model_copy(update={"out": work / f"scale{scale:g}", "ablation": False,
+                                                    "seed": seed}))
         bench.check_inputs()
         model = bench.merged(bench.train_experts(router_lr_scale=scale), f"router_lr{scale:g}")
-        results[scale] = scored(bench, f"flexolmo_router_lr{scale:g}", model, args.work / f"scale{scale:g}.json")
+        results[scale] = scored(bench, f"flexolmo_router_lr{scale:g}", model, work / f"scale{scale:g}.json")
     rows = sorted(results.items())
     print_table("bits per byte on validation text, FlexOlmo (untuned) by router learning-rate multiple",
                 ["router lr multiple", *DOMAINS, "closed avg"],
@@ -85,7 +94,8 @@ def main() -> None:
     verdicts = {f"{scale:g}": adopted(entry["bits_per_byte"], results[1.0]["bits_per_byte"])
                 for scale, entry in rows if scale != 1.0}
     print(f"adopted by the rule: {[scale for scale, ok in verdicts.items() if ok] or 'none (the default stays 1)'}")
-    write_results(args.out, {"command": command_line(), "validation": {f"{s:g}": e for s, e in rows},
+    write_results(out, {"command": command_line(), "seed": seed,
+                             "validation": {f"{s:g}": e for s, e in rows},
                              "adopted": verdicts, "seconds": time.perf_counter() - began})
 
 
