@@ -66,10 +66,8 @@ def _error(error: Exception, engine: Engine) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=code)
 
 
-def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta = LEASE) -> FastAPI:
-    """The service over `engine` (already migrated and initialised), with `workers` admission workers in
-    threads of this process (0: only separate `coordinator worker` processes admit)."""
-    wake, stop = threading.Event(), threading.Event()
+def _lifespan(engine: Engine, workers: int, lease: timedelta, wake: threading.Event, stop: threading.Event):
+    """Start `workers` admission workers in threads with the app, and stop them (waiting) when it stops."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -83,19 +81,15 @@ def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta
         for thread in threads:
             thread.join(timeout=120)
 
-    app = FastAPI(title="FlexOlmo consortium", lifespan=lifespan)
+    return lifespan
+
+
+def _member_routes(app: FastAPI, engine: Engine, wake: threading.Event) -> None:
+    """What a member does, each request signed by its key: submit (at once or by resumable upload), withdraw."""
 
     def queued(answer: dict) -> dict:
         wake.set()
         return answer
-
-    @app.exception_handler(FlexOlmoError)
-    async def _refused(_request: Request, error: FlexOlmoError) -> JSONResponse:
-        return _error(error, engine)
-
-    @app.exception_handler(OperationalError)
-    async def _database(_request: Request, error: OperationalError) -> JSONResponse:
-        return _error(error, engine)
 
     @app.post("/v1/submissions")
     def post_submission(request: Request, body: bytes = Body(b"")) -> dict:
@@ -120,15 +114,19 @@ def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta
         package, sha256, declaration = take_upload(_work(engine), member.name, upload)
         return queued(receive(engine, member, package, sha256, declaration))
 
-    @app.get("/v1/submissions/{number}")
-    def get_submission(number: int) -> dict:
-        with Session(engine) as session:
-            return submission(session, number)
-
     @app.post("/v1/experts/{name}/withdraw")
     def post_withdrawal(name: str, request: Request, body: bytes = Body(b"")) -> dict:
         member = _authenticated(engine, request, body)
         return in_transaction(engine, lambda session: withdraw(session, member, name))
+
+
+def _public_routes(app: FastAPI, engine: Engine) -> None:
+    """What anyone may read: a submission's state, the consortium's status, the signed active set, the page."""
+
+    @app.get("/v1/submissions/{number}")
+    def get_submission(number: int) -> dict:
+        with Session(engine) as session:
+            return submission(session, number)
 
     @app.get("/v1/status")
     def get_status() -> dict:
@@ -144,4 +142,21 @@ def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta
         with Session(engine) as session:
             return render_page(status(session, with_log=True))
 
+
+def create_app(engine: Engine, workers: int = DEFAULTS.workers, lease: timedelta = LEASE) -> FastAPI:
+    """The service over `engine` (already migrated and initialised), with `workers` admission workers in
+    threads of this process (0: only separate `coordinator worker` processes admit)."""
+    wake, stop = threading.Event(), threading.Event()
+    app = FastAPI(title="FlexOlmo consortium", lifespan=_lifespan(engine, workers, lease, wake, stop))
+
+    @app.exception_handler(FlexOlmoError)
+    async def _refused(_request: Request, error: FlexOlmoError) -> JSONResponse:
+        return _error(error, engine)
+
+    @app.exception_handler(OperationalError)
+    async def _database(_request: Request, error: OperationalError) -> JSONResponse:
+        return _error(error, engine)
+
+    _member_routes(app, engine, wake)
+    _public_routes(app, engine)
     return app
