@@ -238,6 +238,22 @@ def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
         Demo(DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=64)).check_inputs()
 
 
+def test_demo_refuses_a_run_directory_made_under_other_train_expert_defaults(demo_data, tmp_path, monkeypatch):
+    """The experts' settings the demo leaves at train-expert's defaults decide its numbers too: a run directory
+    made before such a default changed (say the router's learning-rate multiple) is refused, never reused."""
+    from flexolmo.core.errors import DataError
+    from flexolmo.experiments import demo_config
+    from flexolmo.experiments.demo import Demo
+
+    config = demo_config.DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)
+    assert demo_config.expert_defaults()["router_lr_scale"] == 1.0
+    Demo(config).check_inputs()
+    defaults = demo_config.expert_defaults()
+    monkeypatch.setattr(demo_config, "expert_defaults", lambda: {**defaults, "router_lr_scale": 0.3})
+    with pytest.raises(DataError, match="other settings"):
+        Demo(config).check_inputs()
+
+
 def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     """The README's `flexolmo demo --quick` on the real shipped anchor and corpora: every method and a report.
     Windows of 64 tokens instead of 256 keep it cheap; every step and file it reads are the demo's own."""

@@ -13,6 +13,7 @@ import flexolmo
 from flexolmo.coordinator.router_tuning import DEFAULT_STEPS as TUNE_STEPS
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.experiments.compute import TrainingRun, training_flops_per_token
+from flexolmo.owner.expert import ExpertConfig
 from flexolmo.training.loop import OptimConfig, config_digest
 
 CLOSED_DOMAINS = ("code", "math", "legal", "biomedical", "literature")
@@ -86,6 +87,16 @@ def chosen_model_dir(out: Path, method: str = "flexolmo") -> Path:
     return merged_model_dir(out, method, lr)
 
 
+# ExpertConfig fields the demo sets for every expert; every other field keeps train-expert's default.
+_DEMO_SET_EXPERT_FIELDS = {"anchor", "data", "heldout", "name", "out", "eval_max_sequences", "public_share", "optim"}
+
+
+def expert_defaults() -> dict:
+    """train-expert's defaults for what the demo does not set (router init, router lr multiple, z-loss, bias...)."""
+    placeholder = ExpertConfig(anchor=Path("anchor"), data=[Path("data")], name="owner", out=Path("out"))
+    return placeholder.model_dump(mode="json", exclude=_DEMO_SET_EXPERT_FIELDS)
+
+
 def finished_demo_config(out: Path) -> "DemoConfig":
     """The settings of the finished demo under `out`, for work that builds on its models (the benchmarks)."""
     if not (out / "results.json").exists():
@@ -141,10 +152,12 @@ class DemoConfig(BaseModel):
                            device=self.device, dtype=self.dtype)
 
     def digest(self) -> str:
-        """What decides the demo's numbers (the device only places the work)."""
+        """What decides the demo's numbers (the device only places the work): its own settings and the owners'
+        training settings it leaves at train-expert's defaults, so a run directory made under other defaults is
+        refused rather than reused."""
         # --ablation only adds steps: a run with it extends, and reuses, the run without it.
         return config_digest({**self.model_dump(mode="json", exclude={"out", "device", "ablation"}),
-                              "layout": LAYOUT})
+                              "expert_defaults": expert_defaults(), "layout": LAYOUT})
 
     def owner_sequences(self) -> int:
         """Owner sequences in each batch of a FlexOlmo expert (the rest is public text)."""
