@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from flexolmo.cli.common import HelpFormatter, add_command
 from flexolmo.cli.config_flags import add_config_flags, config_values
 from flexolmo.service.settings import ServiceSettings
-
 
 # Which `ServiceSettings` fields each sub-command exposes as flags (their defaults and help are the fields').
 INIT_FIELDS = ["store", "store_endpoint", "work_dir"]
@@ -34,13 +34,13 @@ PUBLISH_FIELDS = ["top_k", "lease_seconds"]
 POLICY_FIELDS = ["top_k"]
 
 
-def _sub(subparsers, name: str, help: str, fields: list[str] = ()) -> argparse.ArgumentParser:
+def _sub(subparsers, name: str, help: str, fields: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     add_config_flags(parser, ServiceSettings, ["db", *fields])
     return parser
 
 
-def service_settings(args: argparse.Namespace, fields: list[str]) -> ServiceSettings:
+def service_settings(args: argparse.Namespace, fields: Sequence[str]) -> ServiceSettings:
     """The settings a sub-command's flags give (the fields it does not expose keep their defaults)."""
     return ServiceSettings(**config_values(args, ["db", *fields]))
 

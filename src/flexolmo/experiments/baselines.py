@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from flexolmo.core.errors import ProxyError
+from flexolmo.coordinator.proxies import resolve_member_proxies
 from flexolmo.core.fileio import atomic_directory, atomic_write_json
 from flexolmo.core.provenance import software_versions, utc_now
 from flexolmo.core.tensor_io import LazyReader
@@ -227,23 +227,13 @@ class PromptRouter:
         most owner-like first, resolved in the coordinator's `public` files) labelled with its name, and up to
         `samples_per_label` of the other public documents, evenly spaced, labelled `public_label`. Reads no owner
         file."""
-        records = [read_proxies(path) for path in proxy_files]
-        wanted = {digest for record in records for digest in record["proxies"]}
-        found, rest = {}, []
-        for path in public:
-            for document in iter_documents(path, text_field):
-                digest = text_sha256(document.text)
-                if digest in wanted:
-                    found.setdefault(digest, document.text)
-                elif digest not in found:
-                    rest.append(document.text)
-        texts = {public_label: _spaced(list(dict.fromkeys(rest)), samples_per_label)}
-        for record in records:
-            missing = [digest for digest in record["proxies"] if digest not in found]
-            if missing:
-                raise ProxyError(f"{len(missing)} proxy documents of '{record['name']}' are not in the public text "
-                                 "given; pass the public files the proxies were selected from")
-            texts[record["name"]] = [found[digest] for digest in record["proxies"][:samples_per_label]]
+        records = [{**read_proxies(path), "file": path} for path in proxy_files]
+        members = resolve_member_proxies(records, list(public), text_field)
+        proxied = {digest for record in records for digest in record["proxies"]}
+        rest = [document.text for path in public for document in iter_documents(path, text_field)
+                if text_sha256(document.text) not in proxied]
+        texts = {public_label: _spaced(list(dict.fromkeys(rest)), samples_per_label),
+                 **{name: documents[:samples_per_label] for name, documents in members.items()}}
         return cls(texts, seed)
 
     def embed(self, texts: Sequence[str]):

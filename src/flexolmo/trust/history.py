@@ -126,15 +126,15 @@ def check_unchanged(path: Path | str) -> None:
                          f"{records[-1]['operation']} at {records[-1]['when']}); it was edited outside flexolmo")
 
 
-def _canonical(record: dict) -> bytes:
-    """The bytes a record's digest and signature cover: itself without its signature, keys sorted, compact."""
-    body = {key: value for key, value in record.items() if key != "signature"}
+def _canonical(record: dict, signed: bool = False) -> bytes:
+    """A record as compact JSON with sorted keys: without its signature (what the signature covers), or whole."""
+    body = record if signed else {key: value for key, value in record.items() if key != "signature"}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def record_digest(record: dict) -> str:
     """SHA-256 of a whole record (its signature included): what the next record names as `previous_sha256`."""
-    return hashlib.sha256(_canonical(record) + b"|" + str(record.get("signature")).encode()).hexdigest()
+    return hashlib.sha256(_canonical(record, signed=True)).hexdigest()
 
 
 def _sign(record: dict, key_path: Path) -> str:
