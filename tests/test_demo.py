@@ -246,10 +246,10 @@ def test_demo_refuses_a_run_directory_made_under_other_train_expert_defaults(dem
     from flexolmo.experiments.demo import Demo
 
     config = demo_config.DemoConfig.quick_run(data_dir=demo_data, out=tmp_path / "d", seq_len=32)
-    assert demo_config.expert_defaults()["router_lr_scale"] == 1.0
+    assert demo_config.expert_defaults()["router_lr_scale"] == 0.3
     Demo(config).check_inputs()
     defaults = demo_config.expert_defaults()
-    monkeypatch.setattr(demo_config, "expert_defaults", lambda: {**defaults, "router_lr_scale": 0.3})
+    monkeypatch.setattr(demo_config, "expert_defaults", lambda: {**defaults, "router_lr_scale": 1.0})
     with pytest.raises(DataError, match="other settings"):
         Demo(config).check_inputs()
 

@@ -82,9 +82,10 @@ class ExpertConfig(BaseModel):
                                     "mean_hidden, or public under DP")
     router_init_sequences: int = Field(64, ge=1, description="owner sequences averaged for the router row")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
-    router_lr_scale: float = Field(1.0, gt=0, allow_inf_nan=False,
+    router_lr_scale: float = Field(0.3, gt=0, allow_inf_nan=False,
                                    description="the owner's router row learns at this multiple of --lr (its FFN "
-                                               "at --lr), on the same schedule")
+                                               "at --lr), on the same schedule; 0.3 chosen on validation text "
+                                               "(benchmarks/docs/router-lr.md)")
     z_loss_coef: float = Field(ROUTER_Z_LOSS_COEF, ge=0, description="router z-loss coefficient")
     public_data: list[Path] = Field(default_factory=list, description="public text mixed into training batches "
                                     "(if empty: the anchor's published public sample)")
