@@ -215,12 +215,9 @@ def _evaluate_and_package(config: ExpertConfig, anchor: Anchor, tensors: dict[st
     })
 
 
-def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
-    """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
-    given) and the owner's report beside it; return the package's manifest.
-
-    Under torchrun every rank trains (see `training.train` and `flexolmo.training.distributed`); rank 0 writes the
-    package and returns the manifest, the other ranks return an empty dict."""
+def _checked_start(config: ExpertConfig, resume: bool, sign_key: Path | None) -> tuple[ExpertConfig, str, Path]:
+    """Before anything is loaded: `config` with its public mix resolved, the router initialisation it implies
+    and its checked work directory; refused combinations, keys and contexts in one line."""
     router_init = config.router_init or ("public" if config.dp else "mean_hidden")
     public_data, public_share = resolve_public_mix(config.public_data, config.public_share, config.anchor)
     config = config.model_copy(update={"public_data": public_data, "public_share": public_share})
@@ -230,6 +227,16 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
     work = work_dir_for(config.out)
     check_work_dir(work, resume)
     check_context(read_config(config.anchor).get("max_position_embeddings"), config.optim.seq_len, config.anchor)
+    return config, router_init, work
+
+
+def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | None = None) -> dict:
+    """Train an owner's expert per `config`, write its package to `config.out` (signed with `sign_key` when
+    given) and the owner's report beside it; return the package's manifest.
+
+    Under torchrun every rank trains (see `training.train` and `flexolmo.training.distributed`); rank 0 writes the
+    package and returns the manifest, the other ranks return an empty dict."""
+    config, router_init, work = _checked_start(config, resume, sign_key)
     optim = config.optim
     strategy = make_strategy(config.parallel, optim.dtype)
     anchor = load_anchor(config.anchor, with_model=False)

@@ -142,14 +142,8 @@ class _Handler:
                              "choices": choices, "usage": self.server.usage(job)})
 
 
-def create_app(server: ModelServer) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        server.startup()
-        yield
-        server.shutdown()
-
-    app = FastAPI(title="flexolmo serve", lifespan=lifespan)
+def _generation_routes(app: FastAPI, server: ModelServer) -> None:
+    """`/v1/completions` and `/v1/chat/completions`, streamed or not; each answer counted in the metrics."""
 
     async def generate(request: Request, chat: bool) -> Response:
         handler = _Handler(server, chat)
@@ -171,6 +165,10 @@ def create_app(server: ModelServer) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await generate(request, chat=True)
+
+
+def _information_routes(app: FastAPI, server: ModelServer) -> None:
+    """`/v1/models` (the experts the caller's key may use), `/health` and `/metrics`."""
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -202,4 +200,17 @@ def create_app(server: ModelServer) -> FastAPI:
         server.metrics.failed_closed.set(1 if active.failed_closed else 0)
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def create_app(server: ModelServer) -> FastAPI:
+    """The OpenAI-compatible app over `server`, which starts and stops with it."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        server.startup()
+        yield
+        server.shutdown()
+
+    app = FastAPI(title="flexolmo serve", lifespan=lifespan)
+    _generation_routes(app, server)
+    _information_routes(app, server)
     return app

@@ -287,6 +287,24 @@ def _optimizer_step(model: torch.nn.Module, stream: TokenStream, config: OptimCo
     return step_loss
 
 
+def _saved_state(run_dir: Path, resume: bool, identity: dict) -> dict | None:
+    """The checkpoint to resume from (None: a fresh start), refused when another run's settings made it."""
+    check_work_dir(run_dir, resume)
+    state = read_state(run_dir) if resume else None
+    if state is not None:
+        check_identity(run_dir, state, identity)
+    return state
+
+
+def _optimizer(named_params: Sequence[tuple[str, torch.nn.Parameter]], config: OptimConfig,
+               lr_scales: Mapping[str, float],
+               make_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None,
+               ) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(_param_groups(named_params, lr_scales), lr=config.lr,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    return make_optimizer(optimizer) if make_optimizer is not None else optimizer
+
+
 def train(
     model: torch.nn.Module,
     named_params: Sequence[tuple[str, torch.nn.Parameter]],
@@ -318,16 +336,10 @@ def train(
     strategy = strategy or ReplicatedStrategy(PrecisionPolicy.from_name(config.dtype))
     scaled = {"lr_scales": dict(sorted(lr_scales.items()))} if lr_scales else {}
     identity = run_identity(config, named_params, strategy, {**(identity or {}), **scaled})
-    check_work_dir(run_dir, resume)
-    state = read_state(run_dir) if resume else None
-    if state is not None:
-        check_identity(run_dir, state, identity)
+    state = _saved_state(run_dir, resume, identity)
     model, named_params = strategy.prepare(model, named_params, config.device)
     params = [param for _, param in named_params]
-    optimizer = torch.optim.AdamW(_param_groups(named_params, lr_scales or {}), lr=config.lr,
-                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    if make_optimizer is not None:
-        optimizer = make_optimizer(optimizer)
+    optimizer = _optimizer(named_params, config, lr_scales or {}, make_optimizer)
     sampler = sampler or ShuffledBatches(config, num_sequences)
     start, losses = (0, [])
     if state is not None:
