@@ -1,7 +1,7 @@
 """`flexolmo coordinator`: run a consortium as a service, with its state in one database.
 
   flexolmo coordinator init --anchor ANCHOR --sign-key coordinator.key [--db URL] [--store DIR|s3://BUCKET/PREFIX]
-      [--store-endpoint URL] [--work-dir DIR] [--probe-data F..]
+      [--store-endpoint URL] [--work-dir DIR] [--probe-data F..] [--public-data F..]
   flexolmo coordinator add-member NAME --public-key NAME.pub [--db URL]
   flexolmo coordinator revoke-member NAME [--db URL]
   flexolmo coordinator serve [--db URL] [--host H] [--port P] [--workers N]
@@ -54,6 +54,9 @@ def register(subparsers, name: str) -> None:
     init.add_argument("--sign-key", required=True, type=Path, help="the coordinator's private key (NAME.key)")
     init.add_argument("--probe-data", nargs="+", type=Path, default=None,
                       help="public text admission probes with (default: the held-out text the anchor records)")
+    init.add_argument("--public-data", nargs="+", type=Path, default=None,
+                      help="the public text members choose their proxies from (`select-proxy --public`); without "
+                           "it, members cannot send proxies and their domains are not probed at admission")
     member = _sub(actions, "add-member", "register a member (or rotate its key)")
     member.add_argument("name", help="the member's name (its expert's name)")
     member.add_argument("--public-key", required=True, type=Path, help="the member's public key (NAME.pub)")
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         chosen = service_settings(args, INIT_FIELDS)
         settings = _in_session(engine, lambda s: registry.initialise(s, args.anchor, chosen.store, args.sign_key,
                                                                             args.probe_data, chosen.work_dir,
-                                                                            chosen.store_endpoint))
+                                                                            chosen.store_endpoint,
+                                                                            args.public_data))
         print(f"consortium initialised in {args.db} (anchor {settings['anchor_fingerprint'][:16]}...)")
     elif args.action == "add-member":
         member = _in_session(engine, lambda s: registry.add_member(s, args.name, args.public_key).key_id)

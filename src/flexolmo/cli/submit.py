@@ -1,6 +1,7 @@
-"""`flexolmo submit PACKAGE --coordinator URL --sign-key NAME.key`: send your signed expert package to the
-consortium service. The service queues it for admission at once; this command then waits for the verdict
-(admitted, or refused with its reasons) unless --no-wait, and exits 1 on a refusal."""
+"""`flexolmo submit PACKAGE --coordinator URL --sign-key NAME.key [--proxies PROXIES.json]`: send your signed
+expert package (and your proxy file) to the consortium service. The service queues the package for admission at
+once; this command then waits for the verdict (admitted, or refused with its reasons) unless --no-wait, and exits
+1 on a refusal."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def register(subparsers, name: str) -> None:
                              "printed in the model card of every version that holds it")
     parser.add_argument("--data-description", default=None,
                         help="what your expert was trained on, in your words, for the model card")
+    parser.add_argument("--proxies", type=Path, default=None,
+                        help="your proxy file (`flexolmo select-proxy`), sent first: admission then probes your "
+                             "domain with it whenever another member's expert joins (it replaces the one sent "
+                             "before)")
     parser.add_argument("--no-wait", action="store_true",
                         help="return once the package is queued (status pending); read the verdict later with "
                              "`flexolmo status`")
@@ -35,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     declaration = {key: value for key, value in (("licence", args.licence), ("data", args.data_description))
                    if value is not None}
     client = ConsortiumClient(args.coordinator, args.sign_key)
+    if args.proxies is not None:
+        sent = client.send_proxies(args.proxies)
+        print(f"proxies sent: {sent['documents']} documents (sha256 {sent['proxies_sha256'][:16]}...)",
+              file=sys.stderr)
     answer = client.submit(args.package, wait=False, declaration=declaration)
     if not args.no_wait:
         print(f"queued as submission {answer['submission']}; waiting for its admission verdict", file=sys.stderr)

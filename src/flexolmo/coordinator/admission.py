@@ -233,11 +233,13 @@ def _judge(verdict: Verdict, policy: AdmissionPolicy) -> None:
 
 
 def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
-           probe: tuple[list[Path], str] | None, no_probe_reason: str = "") -> AdmissionReport:
+           probe: tuple[list[Path], str] | None, no_probe_reason: str = "",
+           no_members_reason: str = "no member proxy files were given (--proxies)") -> AdmissionReport:
     """Measure every candidate inside the merged model written at `model_dir` and judge it against `policy`.
 
     `probe` is the public text to probe with, as (files, split); None skips the probe for `no_probe_reason`.
-    `policy.proxies` (resolved in `policy.public`) probe the members' domains; none skips that probe."""
+    `policy.proxies` (resolved in `policy.public`) probe the members' domains; none skips that probe for
+    `no_members_reason`."""
 
     start = time.perf_counter()
     names = read_merged_info(model_dir).expert_names
@@ -245,7 +247,7 @@ def assess(model_dir: Path, candidates: Sequence[str], policy: AdmissionPolicy,
     verdicts = {name: Verdict(name, ratios[name]) for name in candidates}
     texts = member_proxy_texts(model_dir, policy.proxies, policy.public, policy.text_field) if policy.proxies else {}
     public_bpb, described = None, f"skipped: {no_probe_reason}"
-    members = "not probed: no member proxy files were given (--proxies)"
+    members = f"not probed: {no_members_reason}"
     if candidates and (probe is not None or texts):
         loaded = load_model(model_dir, device=policy.device)
         if probe is not None:

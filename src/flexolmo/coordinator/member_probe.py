@@ -27,6 +27,9 @@ from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.moe import moe_blocks, set_active_experts
 from flexolmo.model.runtime import LoadedModel
 
+# The fewest tokens of a member's proxy text that make one scored window (two tokens predicted from the first).
+MIN_PROXY_TOKENS = 3
+
 
 @dataclass(frozen=True)
 class ProbeWindows:
@@ -132,7 +135,7 @@ def probe_members(loaded: LoadedModel, candidates: Sequence[str], texts: dict[st
     for member, stream in _member_streams(loaded, texts, windows.text_field).items():
         # A member's proxies may be short: windows shrink to fit, so every member is probed.
         seq_len = min(windows.seq_len, context, stream.num_tokens - 1)
-        if seq_len < 2:
+        if stream.num_tokens < MIN_PROXY_TOKENS:
             raise ProxyError(f"the proxies of '{member}' hold {stream.num_tokens} tokens, too few to probe its "
                              "domain; ask its owner for a larger proxy set")
         sequences = min(windows.max_sequences, stream.num_sequences(seq_len))

@@ -9,7 +9,7 @@ In order, inside the staging directory (so a refusal leaves nothing at `--out`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,9 @@ class CoordinatorTrust:
     - `trusted_keys`: members' public keys; packages must then be signed by the key of their own name.
     - `admission`: the limits and probe of the admission checks; None skips them (the CLI always checks).
     - `probe`: the public probe text as (files, split), or None with `no_probe_reason`.
+    - `no_members_reason`: why members' domains are not probed when `admission` names no proxy files.
+    - `judged`: the joining experts admission measures; None: all of them. The consortium service merges the
+      experts admitted before with the one candidate, and judges the candidate only.
     - `sign_key`: the coordinator's private key; it signs the merged model's files.
     - `on_admission`: receives the admission report before it is enforced (the CLI prints it).
     """
@@ -33,6 +36,8 @@ class CoordinatorTrust:
     admission: AdmissionPolicy | None = None
     probe: tuple[list[Path], str] | None = None
     no_probe_reason: str = "no public probe text was given (--probe-data)"
+    no_members_reason: str = "no member proxy files were given (--proxies)"
+    judged: Sequence[str] | None = None
     sign_key: Path | None = None
     on_admission: Callable[[AdmissionReport], None] | None = None
 
@@ -40,8 +45,10 @@ class CoordinatorTrust:
              record: dict) -> dict:
         """Admit the candidates, log the operation and sign, inside `staging` before it is published; returns
         the log record."""
-        if self.admission is not None and candidates:
-            report = assess(staging, candidates, self.admission, self.probe, self.no_probe_reason)
+        judged = [name for name in candidates if self.judged is None or name in self.judged]
+        if self.admission is not None and judged:
+            report = assess(staging, judged, self.admission, self.probe, self.no_probe_reason,
+                            self.no_members_reason)
             if self.on_admission is not None:
                 self.on_admission(report)
             enforce(report)

@@ -307,6 +307,21 @@ def check_dp_claim(package_path: Path, manifest: dict) -> None:
                            f"multiplier, sample rate and steps spend {recomputed:.4g}; the privacy claim is false")
 
 
+def _read_files(path: Path) -> dict:
+    """The manifest of the package at `path`, once it is no staging directory and holds exactly its files."""
+    check_not_staging(path)
+    manifest = read_manifest(path)
+    _check_files(path)
+    return manifest
+
+
+def authenticate_package(path: Path | str, trusted_keys: TrustedKeys) -> Signer:
+    """Who signed the package at `path` (its files checked first): a trusted key of the expert's own name, or a
+    one-line TrustError. `load_package` with `trusted_keys` does this too, before verifying the contents."""
+    path = Path(path)
+    return _authenticate(path, _read_files(path), trusted_keys)
+
+
 def load_package(
     path: Path | str,
     anchor_fingerprint: str | None = None,
@@ -320,9 +335,7 @@ def load_package(
     `with_tensors` is False; a package is never trusted on its manifest alone.
     """
     path = Path(path)
-    check_not_staging(path)
-    manifest = read_manifest(path)
-    _check_files(path)
+    manifest = _read_files(path)
     signer = _authenticate(path, manifest, trusted_keys) if trusted_keys is not None else None
     tensor_file = path / TENSOR_FILE
     _check_header(tensor_file, manifest)

@@ -1,7 +1,8 @@
-"""The HTTP service (FastAPI): members submit and withdraw over signed requests; anyone reads the status,
-a submission's verdict, the active set and the web page. A submission is answered `pending` at once and
-admitted by a worker (`worker`), in a thread of this process or in `coordinator worker` processes. Publication is the
-coordinator's command on the same database, not an endpoint, so no coordinator key ever has to be sent over the network.
+"""The HTTP service (FastAPI): members submit, send their proxies and withdraw over signed requests; anyone
+reads the status, a submission's verdict, the active set and the web page. A submission is answered `pending` at
+once and admitted by a worker (`worker`), in a thread of this process or in `coordinator worker` processes.
+Publication is the coordinator's command on the same database, not an endpoint, so no coordinator key ever has
+to be sent over the network.
 
 Every refusal is JSON `{"error": "<one line>"}` with the status of its `ServiceError` (401 unsigned, replayed
 or stale; 403 another member's expert; 404; 409; 413), 422 for a package refused as malformed, and 503 when
@@ -26,6 +27,8 @@ from sqlalchemy.orm import Session
 from flexolmo.core.errors import FlexOlmoError, PackageError, ServiceError
 from flexolmo.service.auth import authenticate
 from flexolmo.service.database import in_transaction, unreachable
+from flexolmo.service.errors import Forbidden
+from flexolmo.service.member_proxies import receive_proxies
 from flexolmo.service.models import Member
 from flexolmo.service.page import render_page
 from flexolmo.service.registry import renew_if_due, withdraw
@@ -85,7 +88,8 @@ def _lifespan(engine: Engine, workers: int, lease: timedelta, wake: threading.Ev
 
 
 def _member_routes(app: FastAPI, engine: Engine, wake: threading.Event) -> None:
-    """What a member does, each request signed by its key: submit (at once or by resumable upload), withdraw."""
+    """What a member does, each request signed by its key: submit (at once or by resumable upload), send its
+    proxies, withdraw."""
 
     def queued(answer: dict) -> dict:
         wake.set()
@@ -113,6 +117,13 @@ def _member_routes(app: FastAPI, engine: Engine, wake: threading.Event) -> None:
         member = _authenticated(engine, request, body)
         package, sha256, declaration = take_upload(_work(engine), member.name, upload)
         return queued(receive(engine, member, package, sha256, declaration))
+
+    @app.put("/v1/members/{name}/proxies")
+    def put_proxies(name: str, request: Request, body: bytes = Body(b"")) -> dict:
+        member = _authenticated(engine, request, body)
+        if member.name != name:
+            raise Forbidden(f"member '{member.name}' cannot send the proxies of '{name}': a member sends its own")
+        return receive_proxies(engine, member, body)
 
     @app.post("/v1/experts/{name}/withdraw")
     def post_withdrawal(name: str, request: Request, body: bytes = Body(b"")) -> dict:

@@ -97,6 +97,15 @@ class ConsortiumClient:
             if waited > 2.0:
                 pause = min(pause * 1.5, 2.0)
 
+    def send_proxies(self, proxies: Path) -> dict:
+        """Send this member's proxy file (`flexolmo select-proxy`), with which admission probes its domain when
+        another member's expert joins; it replaces the one sent before."""
+        try:
+            body = Path(proxies).read_bytes()
+        except OSError as error:
+            raise ServiceError(f"{proxies}: cannot read the proxy file ({error.strerror}); check the path") from None
+        return self._signed("PUT", f"/v1/members/{self.member}/proxies", body)
+
     def withdraw(self, name: str) -> dict:
         return self._signed("POST", f"/v1/experts/{name}/withdraw", b"")
 

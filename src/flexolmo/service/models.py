@@ -32,6 +32,9 @@ class Member(Base):
     public_key_pem: Mapped[str] = mapped_column(Text)
     key_id: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="active")
+    # The member's proxy file as it sent it (JSON, `flexolmo select-proxy`): public documents like its data, by
+    # hash, with which admission probes its domain when another member's expert joins. None: not probed.
+    proxies: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Submission(Base):

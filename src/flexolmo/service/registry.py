@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flexolmo.coordinator.admission import recorded_public_heldout
+from flexolmo.core.errors import DataError
 from flexolmo.model.anchor import compute_fingerprint
 from flexolmo.service.audit import append_event, log_head, now_iso
 from flexolmo.service.database import get_setting, optional_setting, put_setting
@@ -27,16 +28,20 @@ ACTIVE_SET_LIFETIME = timedelta(hours=24)
 
 def initialise(session: Session, anchor: Path, store: Path | str, coordinator_key: Path,
                probe_data: list[Path] | None = None, work_dir: Path | None = None,
-               store_endpoint: str | None = None) -> dict:
+               store_endpoint: str | None = None, public_data: list[Path] | None = None) -> dict:
     """Fix the anchor, the package store (a directory or `s3://BUCKET/PREFIX` at `store_endpoint`), the local
-    work directory, the coordinator's key and (optionally) the public text admission probes with; refuse to
-    re-initialise, and refuse a store that cannot be reached."""
+    work directory, the coordinator's key and (optionally) the public text admission probes with and the public
+    text members' proxies are chosen from; refuse to re-initialise, and refuse a store that cannot be reached."""
     if session.get(ActiveSetRow, 1) is not None:
         raise Conflict("this database already holds a consortium; use another --db to start a new one")
     load_private_key(coordinator_key)
     settings = {"anchor": str(anchor.resolve()), **store_settings(store, work_dir, store_endpoint),
                 "coordinator_key": str(coordinator_key.resolve()), "anchor_fingerprint": compute_fingerprint(anchor),
-                "probe_data": json.dumps([str(path.resolve()) for path in probe_data or []])}
+                "probe_data": json.dumps([str(path.resolve()) for path in probe_data or []]),
+                "public_data": json.dumps([str(path.resolve()) for path in public_data or []])}
+    missing = [str(path) for path in [*(probe_data or []), *(public_data or [])] if not path.is_file()]
+    if missing:
+        raise DataError(f"no such file: {', '.join(missing)}; check --probe-data and --public-data")
     open_store(settings["store"], store_endpoint).names("packages")  # reachable now, or refused now
     for key, value in settings.items():
         put_setting(session, key, value)
@@ -55,6 +60,12 @@ def admission_probe(session: Session) -> tuple[tuple[list[Path], str] | None, st
     anchor = Path(get_setting(session, "anchor"))
     return recorded_public_heldout(anchor), (f"{anchor} records no public held-out file that is present and "
                                              "unchanged, and the consortium was initialised without --probe-data")
+
+
+def proxy_public_text(session: Session) -> list[Path]:
+    """The public text members' proxies name documents of (--public-data at init); empty: members' domains are
+    not probed."""
+    return [Path(name) for name in json.loads(optional_setting(session, "public_data") or "[]")]
 
 
 def add_member(session: Session, name: str, public_key: Path) -> Member:

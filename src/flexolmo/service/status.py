@@ -8,6 +8,7 @@ import json
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from flexolmo.service.member_proxies import proxies_summary
 from flexolmo.service.models import AuditEvent, Member, Submission, Version
 from flexolmo.service.registry import current_active_set
 
@@ -34,7 +35,8 @@ def _log(session: Session) -> list[dict]:
 def status(session: Session, with_log: bool = False) -> dict:
     members = session.scalars(select(Member).order_by(Member.name)).all()
     result = {
-        "members": [{"name": m.name, "key_id": m.key_id, "status": m.status} for m in members],
+        "members": [{"name": m.name, "key_id": m.key_id, "status": m.status, "proxies": proxies_summary(m)}
+                    for m in members],
         "submissions": [_submission(r) for r in session.scalars(select(Submission).order_by(Submission.id))],
         "versions": [_version(r) for r in session.scalars(select(Version).order_by(Version.number))],
         "active_set_version": current_active_set(session).version,

@@ -2,10 +2,11 @@
 once), then admitted or refused by a worker (`worker`), which records the verdict with its reasons.
 
 Receiving is cheap and synchronous: the upload's SHA-256, the tar's contents, and that the package is the
-member's own (403 otherwise). Admission is the expensive part (verification, a scratch merge, the public
-probe) and runs as a job. An admitted package is copied to its content address `packages/DIGEST` before the
-verdict is committed; the incoming copy is deleted after it, so a worker killed at any point leaves either a
-job to retry or an incoming copy that `sweep` removes, never an admitted row without its package.
+member's own (403 otherwise). Admission is the expensive part (verification, a scratch merge with the experts
+admitted before, the public probe and the probe of each admitted member's domain) and runs as a job. An
+admitted package is copied to its content address `packages/DIGEST` before the verdict is committed; the
+incoming copy is deleted after it, so a worker killed at any point leaves either a job to retry or an incoming
+copy that `sweep` removes, never an admitted row without its package.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from sqlalchemy.orm import Session
 
 from flexolmo.core.errors import PackageError
 from flexolmo.owner.package import package_digest
-from flexolmo.service.admission import Outcome, admit, check_owner
+from flexolmo.service.admission import Joined, Outcome, admit, check_owner
 from flexolmo.service.audit import append_event, now_iso
 from flexolmo.service.database import get_setting, in_transaction
 from flexolmo.service.errors import NotFound, StoreUnavailable
 from flexolmo.service.jobs import enqueue, finish
+from flexolmo.service.member_proxies import probed_members
 from flexolmo.service.models import Job, Member, Submission
 from flexolmo.service.policy import count_admission
-from flexolmo.service.registry import admission_probe, issue_active_set
+from flexolmo.service.registry import admission_probe, issue_active_set, proxy_public_text
 from flexolmo.service.storage import configured
-from flexolmo.service.store import check_digest, checked_digest, incoming_name, package_name, unpack
+from flexolmo.service.store import check_digest, checked_digest, fetch_package, incoming_name, package_name, unpack
 
 DECLARED = {"licence": 100, "data": 2000}  # what a member may declare, and at most how many characters
 
@@ -123,6 +125,7 @@ def run_admission(engine: Engine, job: Job, owner: str) -> str:
         member = session.get(Member, row.member)
         anchor, (probe, no_probe_reason) = Path(get_setting(session, "anchor")), admission_probe(session)
         store, work = configured(session)
+        members, public = probed_members(session, row.member), proxy_public_text(session)
     incoming = incoming_name(payload["incoming"])
     work.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".admission-", dir=work))
@@ -130,7 +133,9 @@ def run_admission(engine: Engine, job: Job, owner: str) -> str:
         if not store.exists(incoming):
             raise StoreUnavailable(f"submission {row.id}'s package is gone from the store's {incoming}")
         package = checked_digest(store.fetch(incoming, scratch), row.package_sha256, f"submission {row.id}")
-        outcome = admit(package, member.name, member.public_key_pem, anchor, probe, no_probe_reason)
+        joined = Joined([(other, fetch_package(store, other.package_sha256, work / "cache")) for other in members],
+                        public)
+        outcome = admit(package, member.name, member.public_key_pem, anchor, probe, no_probe_reason, joined)
         if outcome.admitted:
             store.copy(incoming, package_name(row.package_sha256))
     finally:
