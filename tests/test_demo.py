@@ -240,8 +240,9 @@ def test_demo_refuses_a_run_directory_with_other_settings(demo_data, tmp_path):
 
 def test_demo_refuses_a_run_directory_made_under_other_train_expert_defaults(demo_data, tmp_path, monkeypatch):
     """The experts' settings the demo leaves at train-expert's defaults decide its numbers too: a run directory
-    made before such a default changed (say the router's learning-rate multiple) is refused, never reused."""
-    from flexolmo.core.errors import DataError
+    made before such a default changed (say the router's learning-rate multiple) is refused, never reused, and
+    the benchmarks that build on a finished demo refuse it too."""
+    from flexolmo.core.errors import DataError, FlexOlmoError
     from flexolmo.experiments import demo_config
     from flexolmo.experiments.demo import Demo
 
@@ -249,9 +250,13 @@ def test_demo_refuses_a_run_directory_made_under_other_train_expert_defaults(dem
     assert demo_config.expert_defaults()["router_lr_scale"] == 0.3
     Demo(config).check_inputs()
     defaults = demo_config.expert_defaults()
+    (config.out / "results.json").write_text("{}")  # as if finished: the benchmarks build on it
+    assert demo_config.finished_demo_config(config.out) == config
     monkeypatch.setattr(demo_config, "expert_defaults", lambda: {**defaults, "router_lr_scale": 1.0})
     with pytest.raises(DataError, match="other settings"):
         Demo(config).check_inputs()
+    with pytest.raises(FlexOlmoError, match="under other train-expert defaults"):
+        demo_config.finished_demo_config(config.out)
 
 
 def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):

@@ -101,7 +101,13 @@ def finished_demo_config(out: Path) -> "DemoConfig":
     """The settings of the finished demo under `out`, for work that builds on its models (the benchmarks)."""
     if not (out / "results.json").exists():
         raise FlexOlmoError(f"{out} holds no finished demo; run `flexolmo demo --out {out}` first")
-    return DemoConfig(**{**json.loads((out / "demo_config.json").read_text())["config"], "out": out})
+    recorded = json.loads((out / "demo_config.json").read_text())
+    config = DemoConfig(**{**recorded["config"], "out": out})
+    if recorded.get("digest") != config.digest():
+        # Its models would be compared with experts trained now, under other train-expert defaults.
+        raise FlexOlmoError(f"{out} holds a demo of an older flexolmo or made under other train-expert defaults; "
+                            "run `flexolmo demo --out NEW_DIR` and pass --demo NEW_DIR")
+    return config
 
 
 def shipped_data_dir() -> Path:
