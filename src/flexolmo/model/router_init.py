@@ -52,7 +52,8 @@ def summed_ffn_inputs(model: torch.nn.Module, stream: TokenStream, picks: list[i
         model.eval()
         for first in range(0, len(picks), batch_size):
             rows = [torch.from_numpy(stream.sequence(i, seq_len)[:-1]) for i in picks[first : first + batch_size]]
-            model(input_ids=torch.stack(rows).to(device))
+            # The decoder alone: the language-model head (a third of the demo anchor's forward) is not needed.
+            model.base_model(input_ids=torch.stack(rows).to(device))
     finally:
         for handle in handles:
             handle.remove()
