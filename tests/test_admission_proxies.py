@@ -39,11 +39,12 @@ from flexolmo.trust.signing import sign_directory
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_anchor, corpora) -> dict:
     """Two honest experts (trained with public text in their batches), a public pool with code- and math-like
-    documents the owners never trained on, and each owner's proxy file chosen from it. The router rows learn at
-    the FFN's rate: at train-expert's default 0.3 in 30 tiny steps they stay near their initialisation, and on
-    these synthetic domains (sharing 8 public words) math's then leads on 26% of code's proxies where code's led
-    on 53%, which the probe rightly calls taking code's tokens. On the demo's real domains, honest experts at 0.3
-    drop a member's share by at most 0.090 (benchmarks/docs/demo.md)."""
+    documents the owners never trained on, and each owner's proxy file chosen from it. The router rows start
+    from 64 sequences and learn at the FFN's rate, not at train-expert's defaults: on these synthetic domains
+    (sharing 8 public words), 30 tiny steps from a row started on 1024 sequences, or learning at 0.3x (math then
+    leads on 26% of code's proxies where code led on 53%), leave the honest math expert ahead on code's proxies,
+    which the probe rightly calls taking code's tokens. On the demo's real domains, honest experts at the
+    defaults drop a member's share by at most 0.089 (benchmarks/docs/demo.md)."""
     root = tmp_path_factory.mktemp("members")
     public = [document.text for document in iter_documents(corpora["public"])]
     planted = [*synthetic_documents(DOMAIN_WORDS["code"] + PUBLIC_WORDS[:8], 20, seed=98),
@@ -54,7 +55,8 @@ def setup(tmp_path_factory, tiny_anchor, corpora) -> dict:
         packages[domain] = root / domain
         train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora[domain]], name=domain, out=packages[domain],
                                   public_data=[corpora["public"]], public_share=0.5, eval_max_sequences=8,
-                                  router_lr_scale=1.0, optim=tiny_optim(steps=30, lr=2e-2)))
+                                  router_init_sequences=64, router_lr_scale=1.0,
+                                  optim=tiny_optim(steps=30, lr=2e-2)))
         proxies[domain] = root / f"{domain}.proxies.json"
         select_proxies(ProxyConfig(data=[corpora[domain]], public=[pool], name=domain, anchor=tiny_anchor,
                                    out=proxies[domain], max_documents=100, fraction=0.05))

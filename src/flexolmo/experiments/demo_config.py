@@ -116,7 +116,7 @@ def shipped_data_dir() -> Path:
 
 
 class DemoConfig(BaseModel):
-    """`flexolmo demo`: sizes of every step; the defaults are the full demo (17 to 19 minutes on 2 idle cores)."""
+    """`flexolmo demo`: sizes of every step; the defaults are the full demo (about 19 minutes on 2 idle cores)."""
 
     data_dir: Path = Field(default_factory=shipped_data_dir, description="shipped corpora and anchor")
     out: Path = Field(Path("runs/demo"), description="where every artefact and the report go")

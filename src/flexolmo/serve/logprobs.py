@@ -2,7 +2,8 @@
 
 - `/v1/completions` (legacy, `logprobs: N`): `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, one
   entry per token; each `top_logprobs` entry maps the N most likely tokens' text to their logprob, and always
-  holds the chosen token too (so up to N + 1 entries, as OpenAI says). `text_offset` is where the token's text
+  holds the chosen token's text too (so up to N + 1 entries, as OpenAI says); a text shared by several of
+  them carries the highest of their logprobs. `text_offset` is where the token's text
   starts in the choice's completion text: the length of the tokens before it decoded together (0 for the first).
 - `/v1/chat/completions` (`logprobs: true, top_logprobs: N`): `{"content": [{"token", "logprob", "bytes",
   "top_logprobs": [N alternatives, most likely first]}]}`.
@@ -45,8 +46,11 @@ class ChoiceLogprobs:
             return {"content": [self._chat_entry(token) for token, _ in pending], "refusal": None}
         tops = []
         for token, _ in pending:
-            top = {self._text(index): _finite(logprob) for index, logprob in token.top}
-            top.setdefault(self._text(token.id), _finite(token.logprob))
+            top: dict[str, float] = {}
+            # Tokens can share a text (each byte of an unfinished character decodes to U+FFFD): the entry keeps
+            # the most likely of them, as `token.top` is ordered most likely first, the chosen token included.
+            for index, logprob in [*token.top, (token.id, token.logprob)]:
+                top.setdefault(self._text(index), _finite(logprob))
             tops.append(top)
         return {"tokens": [self._text(token.id) for token, _ in pending],
                 "token_logprobs": [_finite(token.logprob) for token, _ in pending],
