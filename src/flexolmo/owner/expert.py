@@ -80,7 +80,9 @@ class ExpertConfig(BaseModel):
     heldout_fraction: float = Field(DEFAULT_HELDOUT_FRACTION, ge=0, lt=1, description="hash-split share held out")
     router_init: str | None = Field(None, description="initialisation of the owner's router row; unset: "
                                     "mean_hidden, or public under DP")
-    router_init_sequences: int = Field(1024, ge=1, description="owner sequences averaged for the router row (all of them when fewer); 1024 chosen on validation text (benchmarks/docs/router-init.md)")
+    router_init_sequences: int = Field(1024, ge=1, description="owner sequences averaged for the router row (all "
+                                       "of them when fewer); 1024 chosen on validation text "
+                                       "(benchmarks/docs/router-init.md)")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
     router_lr_scale: float = Field(0.3, gt=0, allow_inf_nan=False,
                                    description="the owner's router row learns at this multiple of --lr (its FFN "
