@@ -54,7 +54,7 @@ class StepTimer:
 def build(variant: str, config: dict, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from flexolmo.experiments.baselines import ffn_parameters
+    from flexolmo.experiments.baselines import dense_parameters
     from flexolmo.model.moe import convert_to_moe
     from flexolmo.owner.owner_model import owner_loss, owner_trainable_parameters
     from flexolmo.training.loop import lm_loss_fn
@@ -65,7 +65,7 @@ def build(variant: str, config: dict, device: str):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **fields),
                                                  dtype=torch.bfloat16)
     if variant == "dense":
-        return model, ffn_parameters(model), lm_loss_fn
+        return model, dense_parameters(model, full_model=False), lm_loss_fn
     rows = [torch.randn(2, config["hidden_size"], device=device) for _ in range(config["num_hidden_layers"])]
     convert_to_moe(model, rows, num_experts=2, top_k=2)
     return model, owner_trainable_parameters(model), owner_loss(1e-3)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from flexolmo.data.tokens import load_token_stream
-from flexolmo.experiments.baselines import ffn_parameters
+from flexolmo.experiments.baselines import dense_parameters
 from flexolmo.experiments.compute import training_flops_per_token
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.router_init import initial_rows
@@ -48,7 +48,7 @@ def build(variant: str, anchor_dir: Path, data: Path, seq_len: int):
     stream = load_token_stream([data], anchor.tokenizer, "all")
     if variant == "dense":
         model = anchor.model
-        return model, ffn_parameters(model), stream, lm_loss_fn
+        return model, dense_parameters(model, full_model=False), stream, lm_loss_fn
     rows = initial_rows("mean_hidden", anchor, stream, seq_len, 16, 0)
     model = build_owner_model(anchor, rows, negative_bias=False)
     return model, owner_trainable_parameters(model), stream, owner_loss(1e-3)

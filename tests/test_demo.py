@@ -182,6 +182,9 @@ def test_data_matched_protocol_gives_every_method_a_flexolmo_experts_owner_token
 def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
     import shutil
 
+    import torch
+
+    from flexolmo.core.tensor_io import LazyReader
     from flexolmo.experiments.demo import run_demo
     from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PROTOCOLS
     from flexolmo.owner.package import load_package
@@ -192,7 +195,8 @@ def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
     results = run_demo(config.model_copy(update={"ablation": True}))  # same directory: --ablation only adds
     extra_shared = {"flexolmo_owner_only", "flexolmo_random_init", "flexolmo_bias_dropped_untuned",
                     "flexolmo_bias_untuned"}
-    extra = {"btm_per_position", "prompt_routing_private", "unrestricted", *(f"dense_{d}" for d in CLOSED_DOMAINS)}
+    extra = {"btm_per_position", "prompt_routing_private", "unrestricted", *(f"dense_{d}" for d in CLOSED_DOMAINS),
+             "model_soup_full", "btm_full", "prompt_routing_full", "btx_untuned", "btx"}
     for protocol in PROTOCOLS:
         methods = results["protocols"][protocol]["methods"]
         before = plain["protocols"][protocol]["methods"]
@@ -203,6 +207,18 @@ def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
     assert data["unrestricted"]["owner_tokens"] == data["flexolmo"]["owner_tokens"]
     for directory in ("dense", "dense_data_matched"):
         assert (tmp_path / "demo" / directory / "unrestricted" / "model.safetensors").exists()
+    # The paper's dense experts train every weight; its BTX merges them onto their averaged non-FFN weights.
+    attention = "model.layers.0.self_attn.q_proj.weight"
+    anchor = LazyReader(config.data_dir / "anchor").get(attention).float()
+    for protocol, directory in (("flop_matched", "dense_full"), ("data_matched", "dense_full_data_matched")):
+        members = [anchor, *(LazyReader(tmp_path / "demo" / directory / d).get(attention) for d in CLOSED_DOMAINS)]
+        assert all(not torch.equal(member, anchor) for member in members[1:])
+        btx = LazyReader(tmp_path / "demo" / "models" / protocol / "btx_untuned").get(attention).float()
+        average = sum(member.float() for member in members) / len(members)
+        assert (btx - average).abs().max() < 1e-6 < 1e-3 < (btx - anchor).abs().max()
+        assert data["btx"]["owner_tokens"] == data["btx_ffn"]["owner_tokens"]
+        assert flops["btx_untuned"]["training_flops"] >= flops["flexolmo"]["training_flops"]
+    assert {"data_matched/btx", "flop_matched/btx"} <= set(results["router_tuning"])
     for domain in CLOSED_DOMAINS:
         random_init = load_package(tmp_path / "demo" / "experts_random_init" / domain).manifest
         assert random_init["privacy"]["router_init"] == "random"
@@ -294,6 +310,24 @@ def test_dense_baselines_get_exactly_enough_steps_to_match_flexolmo_compute():
     assert steps > config.expert_steps  # a coordinated step costs more than a dense one
     # More tuning learning rates tried is more FlexOlmo compute, so more dense steps.
     assert DemoConfig(tune_lrs=(1e-3, 3e-3, 1e-2)).dense_steps(anchor) >= steps
+    # The paper's dense experts train every weight: more FLOPs a step, so fewer steps for the same compute.
+    full = config.batch_size * config.seq_len * training_flops_per_token(anchor, config.seq_len, "dense_full")
+    full_steps = config.dense_steps(anchor, "dense_full")
+    assert len(CLOSED_DOMAINS) * full_steps * full >= flexolmo > len(CLOSED_DOMAINS) * (full_steps - 1) * full
+    assert full_steps < steps
+    assert config.dense_run("flop_matched", anchor, full_model=True).steps == full_steps
+
+
+def test_training_every_weight_costs_three_forward_passes_and_ffns_only_less():
+    """The usual 6N: a full-model training token costs its forward pass and twice that backward; fine-tuning FFNs
+    only skips the weight gradients of attention and the input gradients below layer 0's FFN."""
+    from flexolmo.experiments.compute import inference_flops_per_token, training_flops_per_token
+
+    anchor = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "vocab_size": 4096}
+    forward = inference_flops_per_token(anchor, 256)
+    assert training_flops_per_token(anchor, 256, "dense_full") == 3 * forward
+    assert 2 * forward < training_flops_per_token(anchor, 256, "dense_ffn") < 3 * forward
 
 
 @pytest.mark.parametrize("scores", [{"untuned": 1.0, "0.001": 2.0, "0.003": 2.0},

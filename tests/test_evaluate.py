@@ -154,6 +154,80 @@ def test_model_soup_averages_every_members_ffn_the_public_model_included(tiny_an
     assert torch.allclose(averaged, anchor + 0.5, atol=1e-2)  # half of the +1: public and dense, 1/2 each
 
 
+ATTENTION = "model.layers.0.self_attn.q_proj.weight"
+FFN = "model.layers.0.mlp.up_proj.weight"
+
+
+def _member_with(tiny_anchor, out: Path, **shifts: float) -> Path:
+    """The tiny anchor with `shifts` added to named tensors (attention, ffn), saved as a dense model at `out`."""
+    model = load_pretrained(tiny_anchor)
+    with torch.no_grad():
+        model.get_parameter(ATTENTION).add_(shifts.get("attention", 0.0))
+        model.get_parameter(FFN).add_(shifts.get("ffn", 0.0))
+    model.save_pretrained(out)
+    load_tokenizer(tiny_anchor).save_pretrained(out)
+    return out
+
+
+def test_a_full_model_soup_averages_every_weight_and_an_ffn_soup_only_the_ffns(tiny_anchor, tmp_path):
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.experiments.baselines import model_soup
+
+    dense = _member_with(tiny_anchor, tmp_path / "dense", attention=1.0, ffn=1.0)
+    anchor = LazyReader(tiny_anchor)
+    for every_weight, attention_shift in ((False, 0.0), (True, 0.5)):
+        soup = LazyReader(model_soup(tiny_anchor, [tiny_anchor, dense], tmp_path / f"soup{every_weight}",
+                                     every_weight=every_weight))
+        assert torch.allclose(soup.get(FFN).float(), anchor.get(FFN).float() + 0.5, atol=1e-2)
+        assert torch.allclose(soup.get(ATTENTION).float(), anchor.get(ATTENTION).float() + attention_shift,
+                              atol=1e-2)
+
+
+def test_the_papers_btx_trunk_averages_all_but_the_ffns_and_routes_on_its_own_hidden_states(tiny_anchor, corpora,
+                                                                                          tmp_path):
+    """The trunk the paper's BTX merges onto: attention (everything but FFNs) averaged over the members, the FFN
+    exactly the public model's, the public router rows recomputed on the trunk; and the merge accepts it."""
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.data.tokens import load_token_stream
+    from flexolmo.experiments.baselines import btx_trunk, dense_expert_package
+    from flexolmo.model.anchor import PUBLIC_ROUTER_FILE, load_anchor
+    from flexolmo.model.router_init import load_public_rows
+
+    dense = _member_with(tiny_anchor, tmp_path / "dense", attention=2.0, ffn=1.0)
+    (dense / "flexolmo_dense.json").write_text('{"kind": "dense-full-model (continued pretraining)"}')
+    trunk = btx_trunk(tiny_anchor, [tiny_anchor, dense], tmp_path / "trunk", [corpora["public"]], 32)
+    anchor, averaged = LazyReader(tiny_anchor), LazyReader(trunk)
+    assert torch.allclose(averaged.get(ATTENTION).float(), anchor.get(ATTENTION).float() + 1.0, atol=1e-2)
+    assert torch.equal(averaged.get(FFN).float(), anchor.get(FFN).float())
+    assert averaged.dtype(FFN) == anchor.dtype(FFN)
+    assert (trunk / PUBLIC_ROUTER_FILE).exists()
+    assert not torch.allclose(load_public_rows(trunk, 2)[0], load_public_rows(tiny_anchor, 2)[0])
+    loaded = load_anchor(trunk)
+    package = tmp_path / "package"
+    dense_expert_package(loaded, dense, load_token_stream([corpora["code"]], loaded.tokenizer, "all"), "code",
+                         package, "mean_hidden", 32, 4, 0)
+    merge(trunk, [package], tmp_path / "merged", top_k=2)
+    merged = LazyReader(tmp_path / "merged")
+    assert torch.equal(merged.get(ATTENTION), averaged.get(ATTENTION))
+
+
+@pytest.mark.parametrize("full_model", [False, True])
+def test_a_dense_expert_trains_its_ffns_only_or_as_the_paper_every_weight(tiny_anchor, corpora, tmp_path,
+                                                                         full_model):
+    from conftest import tiny_optim
+
+    from flexolmo.core.tensor_io import LazyReader
+    from flexolmo.experiments.baselines import train_dense_expert
+
+    out = train_dense_expert(tiny_anchor, [corpora["code"]], tmp_path / "dense", tiny_optim(steps=3),
+                             full_model=full_model)
+    anchor, dense = LazyReader(tiny_anchor), LazyReader(out)
+    assert not torch.allclose(dense.get(FFN).float(), anchor.get(FFN).float())
+    assert torch.equal(dense.get(ATTENTION).float(), anchor.get(ATTENTION).float()) != full_model
+    assert ("full-model" in (out / "flexolmo_dense.json").read_text()) == full_model
+
+
 def test_public_windows_hold_public_tokens_only(tiny_anchor, corpora, tmp_path):
     """Owner text joined with public text: a canary at the end of the owner's file, in the tail that fills no
     whole owner window, must never appear in a window drawn as public (it did: the first public window began

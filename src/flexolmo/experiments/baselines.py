@@ -2,16 +2,20 @@
 
 Every merging baseline combines the same members as FlexOlmo: the public model (the anchor) and one dense
 expert per owner, as in the paper, where the public model is one of the merged models.
-- dense experts: the anchor with its FFNs fine-tuned on one owner's data (no router, no public expert);
+- dense experts: the anchor with its FFNs fine-tuned on one owner's data (no router, no public expert), or, as
+  in the paper, every weight of it trained (continued pretraining, `full_model`);
 - unrestricted: the same on all closed data pooled (what sharing the data would buy);
-- model soup: the members' FFNs averaged (everything else is the anchor's, shared by all members);
+- model soup: the members' FFNs averaged (everything else is the anchor's, shared by all members), or every
+  weight averaged for full-model dense experts;
 - Branch-Train-Merge (BTM) as the paper defines it (`SequenceBTM`): an ensemble of the members whose weights are
   chosen once per sequence from its context prefix (the posterior under a uniform prior: a softmax of each
   member's log-likelihood of the context), top-k members, renormalised, applied to every scored position;
 - BTM per position (`BranchTrainMergeEnsemble`, ours, stronger): the same posterior recomputed at every position
   from all preceding tokens, scored ones included;
 - BTX without coordination: the dense experts' FFNs merged next to the public FFN into a mixture through the
-  same merge as FlexOlmo, with the same router initialisation, never trained next to the public expert;
+  same merge as FlexOlmo, with the same router initialisation, never trained next to the public expert; the
+  paper's BTX (full-model dense experts) merges them onto a trunk whose other weights are the members' average
+  (`btx_trunk`);
 - prompt routing: one member per sequence, chosen by a classifier over MiniLM embeddings of its first tokens;
   the paper's classifier never saw private text (`PromptRouter.from_proxies`: the owners' public proxy documents
   and the rest of the public pool), ours reads the owners' documents (`PromptRouter.from_files`).
@@ -21,6 +25,7 @@ not to score them.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from flexolmo.coordinator.pretrain import PUBLIC_ROUTER_SEQUENCES
 from flexolmo.coordinator.proxies import resolve_member_proxies
 from flexolmo.core.fileio import atomic_directory, atomic_write_json
 from flexolmo.core.provenance import software_versions, utc_now
@@ -37,7 +43,7 @@ from flexolmo.core.weights import ANCHOR_FFN, PACKAGE_FFN, PACKAGE_ROUTER, parse
 from flexolmo.data.documents import iter_documents
 from flexolmo.data.tokens import TokenStream, load_token_stream
 from flexolmo.model.anchor import Anchor, load_anchor, load_pretrained, load_tokenizer
-from flexolmo.model.router_init import READS_PRIVATE_DATA, initial_rows
+from flexolmo.model.router_init import READS_PRIVATE_DATA, initial_rows, mean_direction_rows, save_public_rows
 from flexolmo.owner.expert import anchor_record
 from flexolmo.owner.package import write_package
 from flexolmo.owner.proxy import load_minilm, read_proxies, text_sha256
@@ -46,30 +52,38 @@ from flexolmo.training.loop import OptimConfig, lm_loss_fn, train
 DENSE_METADATA_FILE = "flexolmo_dense.json"
 
 
-def ffn_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Freeze everything but the FFNs; return the FFN parameters (dense fine-tuning trains only these)."""
+def dense_parameters(model: nn.Module, full_model: bool) -> list[tuple[str, nn.Parameter]]:
+    """The parameters dense training updates: the FFNs only (everything else frozen), or every one."""
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(parse(ANCHOR_FFN, name) is not None)
+        param.requires_grad_(full_model or parse(ANCHOR_FFN, name) is not None)
         if param.requires_grad:
             trainable.append((name, param))
     return trainable
 
 
+def dense_kind_name(full_model: bool) -> str:
+    """How a dense model's metadata and packages name its training."""
+    return "dense-full-model (continued pretraining)" if full_model else "dense-ffn-finetune"
+
+
 def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim: OptimConfig,
-                       text_field: str = "text", split: str = "all", resume: bool = True) -> Path:
-    """Fine-tune the anchor's FFNs on `data` and save a dense transformers model at `out`."""
+                       text_field: str = "text", split: str = "all", resume: bool = True,
+                       full_model: bool = False) -> Path:
+    """Fine-tune the anchor's FFNs (every weight with `full_model`) on `data`; save a dense transformers model at
+    `out`."""
     anchor = load_anchor(anchor_dir, dtype=getattr(torch, optim.dtype), device=optim.device)
     stream = load_token_stream(list(data), anchor.tokenizer, split, text_field)
     work = out.with_name(out.name + ".ckpt")
     work.mkdir(parents=True, exist_ok=True)
-    result = train(anchor.model, ffn_parameters(anchor.model), stream, optim, work, loss_fn=lm_loss_fn,
-                   resume=resume and (work / "checkpoint").exists(), description=f"dense {out.name}")
+    result = train(anchor.model, dense_parameters(anchor.model, full_model), stream, optim, work,
+                   loss_fn=lm_loss_fn, resume=resume and (work / "checkpoint").exists(),
+                   description=f"dense {out.name}")
     with atomic_directory(out) as staging:
         anchor.model.save_pretrained(str(staging))
         anchor.tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / DENSE_METADATA_FILE, {
-            "kind": "dense-ffn-finetune", "anchor": anchor_record(anchor.fingerprint, anchor.config),
+            "kind": dense_kind_name(full_model), "anchor": anchor_record(anchor.fingerprint, anchor.config),
             "optim": optim.model_dump(),
             "tokens": optim.steps * optim.tokens_per_step, "losses": result.losses,
             "token_stream_sha256": stream.fingerprint(), "created": utc_now(), "versions": software_versions(),
@@ -80,7 +94,8 @@ def train_dense_expert(anchor_dir: Path, data: Sequence[Path], out: Path, optim:
 
 def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStream, name: str, out: Path,
                          router_init: str, seq_len: int, router_sequences: int, seed: int) -> dict:
-    """Package a dense expert's FFNs with a router row initialised as FlexOlmo's, for the BTX baseline."""
+    """Package a dense expert's FFNs with a router row initialised as FlexOlmo's, for the BTX baselines. `anchor`
+    is what the package merges onto: the anchor itself, or the paper's BTX trunk (`btx_trunk`)."""
     rows = initial_rows(router_init, anchor, owner_stream, seq_len, router_sequences, seed)
     reader = LazyReader(dense_dir)
     tensors = {}
@@ -88,9 +103,10 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
         for proj in anchor.family.ffn_projections:
             tensors[PACKAGE_FFN.format(layer=layer, proj=proj)] = reader.get(ANCHOR_FFN.format(layer=layer, proj=proj))
         tensors[PACKAGE_ROUTER.format(layer=layer)] = row[None].float()
+    kind = json.loads((dense_dir / DENSE_METADATA_FILE).read_text())["kind"]
     return write_package(out, name, tensors, {
         "anchor": anchor_record(anchor.fingerprint, anchor.config),
-        "training": {"config": {"kind": "dense-ffn-finetune (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
+        "training": {"config": {"kind": f"{kind} (uncoordinated)"}, "tokens": 0, "public_share": 0.0,
                      "public_data": []},
         "privacy": {"dp": None, "router_init": router_init,
                     "router_row_from_private_data": router_init in READS_PRIVATE_DATA},
@@ -99,22 +115,61 @@ def dense_expert_package(anchor: Anchor, dense_dir: Path, owner_stream: TokenStr
 
 
 def model_soup(anchor_dir: Path, member_dirs: Sequence[Path], out: Path,
-               weights: Sequence[float] | None = None) -> Path:
-    """Average the members' FFNs (uniformly unless `weights` are given); all else is the anchor's. A member
-    is any model directory that shares the anchor's other weights: the anchor itself or a dense expert."""
-    weights = list(weights) if weights is not None else [1.0 / len(member_dirs)] * len(member_dirs)
+               weights: Sequence[float] | None = None, every_weight: bool = False) -> Path:
+    """Average the members' FFNs (uniformly unless `weights` are given); all else is the anchor's. A member is any
+    model directory that shares the anchor's other weights: the anchor itself or an FFN-only dense expert. With
+    `every_weight`, every weight is averaged (full-model dense experts, whose other weights differ too)."""
+    def averaged(name: str) -> bool:
+        return every_weight or parse(ANCHOR_FFN, name) is not None
+
+    model = _averaged(anchor_dir, member_dirs, weights, averaged)
+    return _save_dense(model, anchor_dir, out, {"kind": "model-soup", "every_weight": every_weight,
+                                                "weights": _weights(member_dirs, weights),
+                                                "members": [Path(p).name for p in member_dirs]})
+
+
+def btx_trunk(anchor_dir: Path, member_dirs: Sequence[Path], out: Path, public_data: Sequence[Path],
+              seq_len: int) -> Path:
+    """The paper's BTX shares every weight but the FFNs among its experts: the members' (public model and
+    full-model dense experts) uniform average of those weights, around the anchor's own FFN (the public expert's).
+    Written as an anchor the merge takes: the public router rows recomputed on the trunk, as the anchor's were on
+    the anchor (the mean hidden direction of public text), since the averaged layers change every hidden state."""
+    model = _averaged(anchor_dir, member_dirs, None, lambda name: parse(ANCHOR_FFN, name) is None)
+    # In the anchor's dtype, as every merge writes its checkpoint; the rows are taken on the rounded weights.
+    reader = LazyReader(anchor_dir)
+    dtype = reader.dtype(next(name for name in reader.names() if parse(ANCHOR_FFN, name) is not None))
+    model = model.to(dtype).float()
+    stream = load_token_stream(list(public_data), load_tokenizer(anchor_dir), "all")
+    rows = mean_direction_rows(model, stream, seq_len, PUBLIC_ROUTER_SEQUENCES)
+    return _save_dense(model.to(dtype), anchor_dir, out,
+                       {"kind": "btx-trunk", "members": [Path(p).name for p in member_dirs]},
+                       lambda staging: save_public_rows(out, rows, staging=staging))
+
+
+def _weights(member_dirs: Sequence[Path], weights: Sequence[float] | None) -> list[float]:
+    return list(weights) if weights is not None else [1.0 / len(member_dirs)] * len(member_dirs)
+
+
+def _averaged(anchor_dir: Path, member_dirs: Sequence[Path], weights: Sequence[float] | None, averaged) -> nn.Module:
+    """The anchor with every parameter `averaged(name)` selects replaced by the members' weighted average."""
+    weights = _weights(member_dirs, weights)
     model = load_pretrained(anchor_dir)
     readers = [LazyReader(path) for path in member_dirs]
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if parse(ANCHOR_FFN, name) is not None:
+            if averaged(name):
                 param.copy_(sum(w * reader.get(name).float() for w, reader in zip(weights, readers)))
+    return model
 
+
+def _save_dense(model: nn.Module, anchor_dir: Path, out: Path, metadata: dict, extra=None) -> Path:
+    """`model` with the anchor's tokenizer and `metadata`, written to `out` at once (`extra(staging)` adds files)."""
     with atomic_directory(out) as staging:
         model.save_pretrained(str(staging))
         load_tokenizer(anchor_dir).save_pretrained(str(staging))
-        atomic_write_json(staging / DENSE_METADATA_FILE, {"kind": "model-soup", "weights": weights,
-                                                          "members": [Path(p).name for p in member_dirs]})
+        atomic_write_json(staging / DENSE_METADATA_FILE, metadata)
+        if extra is not None:
+            extra(staging)
     return out
 
 

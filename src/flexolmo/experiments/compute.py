@@ -5,7 +5,8 @@ size; norms, softmaxes and the optimizer are left out. Per training token:
 - forward: attention projections (q, k, v, o), attention scores (QK^T and AV over half the window on average:
   causal), every FFN expert a token runs through, and the LM head;
 - backward: gradients with respect to inputs wherever they must flow to reach a trained tensor (everything above
-  layer 0's FFN, since embeddings and attention are frozen), plus weight gradients of the trained tensors only.
+  layer 0's FFN, since embeddings and attention are frozen), plus weight gradients of the trained tensors only;
+  a full-model run (every weight trained) costs twice its forward there, the usual 6N.
 The formula was checked against measured training throughput on the demo anchor
 (benchmarks/docs/expert-training.md, coordinated vs dense FFN fine-tuning: measured/predicted ratio 1.10).
 """
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 
 # How each training run updates the model: which FFN experts run, and what gets weight gradients.
 # dense_ffn: the anchor's FFNs fine-tuned in place (dense experts, unrestricted, the anchor's FFNs);
+# dense_full: every weight of the anchor trained (the paper's dense experts: continued pretraining);
 # coordinated: FlexOlmo owner training, the frozen public FFN next to the trained copy;
 # router_only: router tuning of a merged model at top-k (weight gradients of the router rows are negligible).
-TRAINING_KINDS = ("dense_ffn", "coordinated", "router_only")
+TRAINING_KINDS = ("dense_ffn", "dense_full", "coordinated", "router_only")
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,11 @@ def training_flops_per_token(config: dict, seq_len: int, kind: str, top_k: int =
     scores = 2 * seq_len * shape.hidden
     ffn = 2 * shape.ffn_params
     head = 2 * shape.vocab * shape.hidden
-    experts = {"dense_ffn": 1, "coordinated": 2, "router_only": top_k}[kind]
+    experts = {"dense_ffn": 1, "dense_full": 1, "coordinated": 2, "router_only": top_k}[kind]
     trained_ffns = 0 if kind == "router_only" else 1
     forward = shape.layers * (attention + scores + experts * ffn) + head
+    if kind == "dense_full":  # input and weight gradients of every matmul (the scores have no weights: two inputs)
+        return float(3 * forward)
     backward = (head + shape.layers * (experts + trained_ffns) * ffn
                 + (shape.layers - 1) * (attention + 2 * scores))
     return float(forward + backward)

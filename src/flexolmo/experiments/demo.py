@@ -1,16 +1,17 @@
 """The demo: the whole FlexOlmo story on the shipped anchor and corpora, with every baseline, under two protocols.
 
 Five owners (code, math, legal, biomedical, literature) each train an expert alone (half of every batch is the
-anchor's public sample, train-expert's default) and choose public proxy documents like their data; the
-coordinator merges the experts and tunes the router rows on the proxies (the paper's full method). Every
-baseline merges the same members (the public anchor and five owners' dense experts), whose training follows one
-of two protocols (`demo_config.PROTOCOLS`): data-matched, the paper's (each dense expert sees a FlexOlmo
-expert's owner tokens), and FLOP-matched, ours (five dense experts cost FlexOlmo's training FLOPs). FlexOlmo's own
-models are the same under both. Every choice (router tuning, for every method that tunes) follows the rule
-written in docs/demo.md, on the `*.validation` text only; every reported number is on the `*.heldout` text, which
-nothing trains on or is chosen by and which is read only for the tables. Each expert is then withdrawn in turn.
-Every step writes its output under `out/` atomically and is skipped when that output exists, so an interrupted
-demo resumes where it stopped.
+anchor's public sample, train-expert's default) and choose public proxy documents like their data; the coordinator
+merges the experts and tunes the router rows on the proxies (the paper's full method). Every baseline merges the
+same members (the public anchor and five owners' dense experts), whose training follows one of two protocols
+(`demo_config.PROTOCOLS`): data-matched, the paper's (each dense expert sees a FlexOlmo expert's owner tokens), and
+FLOP-matched, ours (five dense experts cost FlexOlmo's training FLOPs). FlexOlmo's own models are the same under
+both. The default baselines' dense experts train their FFNs only; `--ablation` adds the paper's, which train every
+weight (continued pretraining), and the paper's baselines built from them. Every choice (router tuning, for every
+method that tunes) follows the rule written in docs/demo.md, on the `*.validation` text only; every reported number
+is on the `*.heldout` text, which nothing trains on or is chosen by and which is read only for the tables. Each
+expert is then withdrawn in turn. Every step writes its output under `out/` atomically and is skipped when that
+output exists, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def run_demo(config: DemoConfig) -> dict:
     opt_out = demo.opt_out(flexolmo)
     if config.ablation:
         shared.update(demo.ablation(proxies, selection))
+        for protocol in PROTOCOLS:  # the paper's baselines, from full-model dense experts
+            paper, selection[f"{protocol}/btx"] = \
+                ProtocolBaselines(demo, protocol, full_model=True).evaluate(proxies, ablation=False)
+            by_protocol[protocol].update(paper)
     costs = method_costs(config, demo.anchor_config(), selection)
     results = summarise(config, shared, by_protocol, opt_out, costs)
     results["router_tuning"] = selection

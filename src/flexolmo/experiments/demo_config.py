@@ -54,6 +54,12 @@ ROWS = {
     "btx_ffn": Row("BTX (FFN-only dense experts, no coordinated training)"),
     "flexolmo_untuned": Row("FlexOlmo without router tuning", shared=True),
     "flexolmo": Row("FlexOlmo", shared=True),
+    "model_soup_full": Row("Model soup (the paper's: full-model dense experts, every weight averaged)", ablation=True),
+    "btm_full": Row("BTM (the paper's, full-model dense experts)", ablation=True),
+    "prompt_routing_full": Row("Prompt routing (the paper's, full-model dense experts)", ablation=True),
+    "btx_untuned": Row("BTX (the paper's: full-model dense experts, non-FFN weights averaged), router untuned",
+                       ablation=True),
+    "btx": Row("BTX (the paper's: full-model dense experts, non-FFN weights averaged)", ablation=True),
     "btm_per_position": Row("BTM (per-position, ours)", ablation=True),
     "prompt_routing_private": Row("Prompt routing (needs pooled private data: fit on the owners' documents)",
                                   ablation=True),
@@ -137,10 +143,12 @@ class DemoConfig(BaseModel):
                                 "and not scored; BTM and prompt routing choose their members from them")
     router_samples: int = Field(100, ge=2, description="documents per class to fit a prompt router (at most)")
     mixed_documents: int = Field(100, ge=1, description="stitched documents in the mixed-domain set")
-    ablation: bool = Field(False, description="also the extra rows: our stronger baselines (per-position BTM, "
-                                               "prompt routing fit on private text), each dense expert alone, the "
-                                               "unrestricted upper bound, and the experts of the ablation (owner "
-                                               "text only, a random router row, the negative bias)")
+    ablation: bool = Field(False, description="also the extra rows: the paper's baselines from full-model dense "
+                                               "experts (model soup, BTM, prompt routing, BTX), our stronger "
+                                               "baselines (per-position BTM, prompt routing fit on private text), "
+                                               "each dense expert alone, the unrestricted upper bound, and the "
+                                               "experts of the ablation (owner text only, a random router row, the "
+                                               "negative bias)")
     seed: int = 0
     device: str = Field("cpu", description="torch device every model trains and runs on")
     dtype: str = Field("float32", pattern="^(float32|bfloat16)$",
@@ -169,30 +177,37 @@ class DemoConfig(BaseModel):
         """Owner sequences in each batch of a FlexOlmo expert (the rest is public text)."""
         return self.batch_size - round(self.batch_size * self.public_share)
 
-    def dense_optim(self, protocol: str, anchor_config: dict, owners: int = 1) -> OptimConfig:
-        """How one dense model trains under `protocol` on `owners` owners' text pooled (1: a dense expert). Data-
-        matched: a FlexOlmo expert's owner sequences per step, for its steps (so exactly its owner tokens per
-        owner); FLOP-matched: full batches for `dense_steps` per owner."""
+    def dense_optim(self, protocol: str, anchor_config: dict, owners: int = 1,
+                    full_model: bool = False) -> OptimConfig:
+        """How one dense model trains under `protocol` on `owners` owners' text pooled (1: a dense expert), its
+        FFNs only or, with `full_model`, every weight. Data-matched: a FlexOlmo expert's owner sequences per step,
+        for its steps (so exactly its owner tokens per owner); FLOP-matched: full batches for `dense_steps` per
+        owner."""
         if protocol == "data_matched":
             return self.optim(self.expert_steps * owners).model_copy(update={"batch_size": self.owner_sequences()})
         if protocol == "flop_matched":
-            return self.optim(self.dense_steps(anchor_config) * owners)
+            return self.optim(self.dense_steps(anchor_config, dense_kind(full_model)) * owners)
         raise ValueError(f"unknown protocol {protocol!r}")
 
-    def dense_run(self, protocol: str, anchor_config: dict, owners: int = 1) -> TrainingRun:
+    def dense_run(self, protocol: str, anchor_config: dict, owners: int = 1, full_model: bool = False) -> TrainingRun:
         """The training run behind one dense model under `protocol` (see `dense_optim`): owner text only."""
-        optim = self.dense_optim(protocol, anchor_config, owners)
-        return TrainingRun("dense_ffn", optim.steps, optim.batch_size, optim.batch_size)
+        optim = self.dense_optim(protocol, anchor_config, owners, full_model)
+        return TrainingRun(dense_kind(full_model), optim.steps, optim.batch_size, optim.batch_size)
 
-    def dense_steps(self, anchor_config: dict) -> int:
-        """Steps of each dense expert so that five of them cost at least FlexOlmo's training: five coordinated
-        experts and every router tuning run (`flexolmo.experiments.compute`); never fewer than the owners' steps."""
+    def dense_steps(self, anchor_config: dict, kind: str = "dense_ffn") -> int:
+        """Steps of each dense expert (trained as `kind` says) so that five of them cost at least FlexOlmo's
+        training: five coordinated experts and every router tuning run (`flexolmo.experiments.compute`); never
+        fewer than the owners' steps."""
 
         flexolmo = sum(run.flops(anchor_config, self.seq_len) for run in flexolmo_runs(self))
-        per_dense_step = self.batch_size * self.seq_len * training_flops_per_token(anchor_config, self.seq_len,
-                                                                                    "dense_ffn")
+        per_dense_step = self.batch_size * self.seq_len * training_flops_per_token(anchor_config, self.seq_len, kind)
         steps = -(-flexolmo // (len(CLOSED_DOMAINS) * per_dense_step))  # ceiling
         return max(self.expert_steps, int(steps))
+
+
+def dense_kind(full_model: bool) -> str:
+    """The training kind (`flexolmo.experiments.compute`) of a dense expert: FFNs only, or every weight."""
+    return "dense_full" if full_model else "dense_ffn"
 
 
 def flexolmo_runs(config: DemoConfig, owner_only: bool = False) -> list:

@@ -41,6 +41,7 @@ def protocol_specs(config: DemoConfig, anchor_config: dict, protocol: str) -> di
     """The methods built from the dense experts, each trained as `protocol` says."""
     owners, members = len(CLOSED_DOMAINS), len(CLOSED_DOMAINS) + 1
     dense = [config.dense_run(protocol, anchor_config)] * owners
+    full = [config.dense_run(protocol, anchor_config, full_model=True)] * owners
     tunings = flexolmo_runs(config)[owners:]
     # The paper's BTM: every member reads the context (with at least two tokens there is something to score),
     # the k kept members read the whole window; in full-model passes per token of the window.
@@ -56,6 +57,11 @@ def protocol_specs(config: DemoConfig, anchor_config: dict, protocol: str) -> di
         "btx_ffn_untuned": (dense, owners, {"experts_per_token": config.top_k}),
         "btx_ffn": (dense + tunings, owners, {"experts_per_token": config.top_k}),
         "unrestricted": ([config.dense_run(protocol, anchor_config, owners)], owners, {}),
+        "model_soup_full": (full, owners, {}),
+        "btm_full": (full, owners, {"forward_passes": sequence_btm}),
+        "prompt_routing_full": (full, owners, {}),
+        "btx_untuned": (full, owners, {"experts_per_token": config.top_k}),
+        "btx": (full + tunings, owners, {"experts_per_token": config.top_k}),
     }
 
 
