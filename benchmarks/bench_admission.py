@@ -33,14 +33,13 @@ numbers (honest maximum with margin, below every attack).
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 from flexolmo.coordinator.admission import AdmissionPolicy
 from flexolmo.coordinator.merge import merge
@@ -154,11 +153,12 @@ def attacks(anchor: Path, honest: dict[str, Path]) -> dict[str, tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="the demo data (anchor and corpora)")
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"),
                         help="a demo run whose experts/ and proxies/ are reused (made there when missing)")
-    parser.add_argument("--work", type=Path, default=Path("runs/admission"))
+    parser.add_argument("--work", type=Path, default=Path("runs/admission"),
+                        help="where the merged models and forged packages are written")
     args = parser.parse_args()
     anchor, probe = args.data_dir / "anchor", args.data_dir / "public.heldout.jsonl.gz"
     demo = Demo(DemoConfig(data_dir=args.data_dir.resolve(), out=args.demo_dir))

@@ -14,7 +14,6 @@ negative-bias model) and reports that noise per expert and layer. Writes `benchm
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig,
 from flexolmo.model.moe import decoder_layers
 from flexolmo.model.runtime import load_model
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("bias.json")
 
@@ -71,12 +70,11 @@ def learned_biases(demo_out: Path) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"),
                         help="a demo run; with --ablation finished, its learned biases are reported")
     parser.add_argument("--windows", type=int, default=8, help="windows of each validation file read")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     demo = DemoConfig()
     began = time.perf_counter()

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import SHAPE, SMALL_SHAPE, build_model  # noqa: E402  (sibling benchmark's model)
@@ -119,19 +119,24 @@ def check_equal(models: dict, inputs: dict, new_tokens: int, tolerance: float) -
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--long-batch", type=int, default=8)
-    parser.add_argument("--long-seq", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"),
+                        help="where the merged model is built, or reused (shared with bench_load.py)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternated rounds of every workload per runtime; the best is kept")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated per decode run")
+    parser.add_argument("--long-batch", type=int, default=8, help="batch size of the long forward")
+    parser.add_argument("--long-seq", type=int, default=256, help="sequence length of the long forward")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype both runtimes load the model in")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| allowed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--block-reps", type=int, default=200, help="calls per runtime of each small block")
     parser.add_argument("--blocks-only", action="store_true", help="time only the MoE blocks")
-    parser.add_argument("--small", action="store_true")
-    parser.add_argument("--results", type=Path)
+    parser.add_argument("--small", action="store_true",
+                        help="tiny model (hidden 128, 2 layers): a harness check whose numbers mean nothing")
+    parser.add_argument("--results", type=Path,
+                        help="JSON output (default benchmarks/results/decode.json; with --small, WORKDIR/decode.json)")
     return parser.parse_args()
 
 

@@ -16,7 +16,6 @@ dp_mean_hidden`: the mean-hidden direction of a Poisson sample of ~1,024 owner s
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -30,7 +29,7 @@ from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.training.loop import OptimConfig
 
-from common import results_file
+from common import argument_parser, results_file
 
 RESULTS = results_file("dp_merge.json")
 OTHERS = ("math", "legal", "biomedical", "literature")
@@ -55,11 +54,13 @@ def train_dp_code(data: Path, out: Path, public_share: float, router_init: str =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
-    parser.add_argument("--demo-experts", type=Path, default=Path("runs/demo/experts"))
-    parser.add_argument("--work", type=Path, default=Path("runs/dp-merge"))
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="the demo data (anchor and corpora)")
+    parser.add_argument("--demo-experts", type=Path, default=Path("runs/demo/experts"),
+                        help="the demo's expert packages (code and the four others merged with each DP expert)")
+    parser.add_argument("--work", type=Path, default=Path("runs/dp-merge"),
+                        help="where the DP experts and merged models are written (reused when present)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     others = [args.demo_experts / name for name in OTHERS]
     if not all((path / "manifest.json").exists() for path in [*others, args.demo_experts / "code"]):

@@ -19,7 +19,6 @@ and compares both with `flexolmo.training.memory_plan.plan_memory` for the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 RESULTS = results_file("fsdp_memory.json")
 ANCHOR = {"model_type": "olmo2", "vocab_size": 50304, "hidden_size": 1024, "intermediate_size": 4096,
@@ -145,14 +144,16 @@ def main() -> None:
 
     from flexolmo.training.memory_plan import GIB, PlanSettings, plan_memory
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser = argument_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=4,
+                        help="training steps per layout (the peak is measured after the first)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step over all ranks")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (in training and in the plan)")
     parser.add_argument("--layouts", nargs="*", default=None,
                         help="run only these layouts (e.g. fsdp:4), replacing their entries in --out")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         raise SystemExit("set MALLOC_MMAP_THRESHOLD_=65536 (see the docstring) so freed memory leaves the RSS")

@@ -20,7 +20,6 @@ against each other (they differ by autocast against FSDP's bf16 casting only).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_expert import flops_per_token  # noqa: E402  (the same FLOP count as the CPU benchmark)
@@ -104,17 +103,18 @@ def main() -> None:
     from flexolmo.data.tokens import TokenizedFile, TokenStream
     from flexolmo.training.memory_plan import PlanSettings, plan_memory
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--anchor", type=Path, default=Path(__file__).parent / "anchors" / "OLMo-2-0425-1B",
                         help="directory whose config.json gives the shape")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, per round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (in training and in the plan)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, TFLOP/s")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_train.py needs a CUDA GPU; the CPU measurements are bench_fsdp_memory.py")

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import read_status, write_anchor, write_expert  # noqa: E402  (sibling benchmark's writers)
@@ -116,12 +116,15 @@ def build_model(workdir: Path, shape: dict) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"))
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--small", action="store_true")
-    parser.add_argument("--results", type=Path)
-    parser.add_argument("--child")
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-load"),
+                        help="where the synthetic anchor, packages and merged model are built (reused when present)")
+    parser.add_argument("--repeats", type=int, default=2, help="loads per loader, each in a child process; best kept")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny model (hidden 128, 2 layers): a harness check whose numbers mean nothing")
+    parser.add_argument("--results", type=Path,
+                        help="JSON output (default benchmarks/results/load.json; with --small, WORKDIR/load.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one load, in a child process
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))

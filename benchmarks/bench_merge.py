@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
+from common import argument_parser, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024**2
@@ -398,15 +398,14 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "flexolmo-bench-merge",
                         help="scratch directory (created; must not exist)")
     parser.add_argument("--small", action="store_true", help="tiny model (hidden 256, 2 layers): a harness check")
     parser.add_argument("--estimate", action="store_true", help="print sizes and disk needed, write nothing")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--experts", type=int, default=4, help="expert packages written and merged")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token in the merged model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic anchor and expert weights")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON output (default benchmarks/results/merge.json; with --small, under /tmp)")
     parser.add_argument("--keep", action="store_true",

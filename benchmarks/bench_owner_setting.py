@@ -32,7 +32,7 @@ from flexolmo.experiments.demo_config import (CLOSED_DOMAINS, PUBLIC, expert_def
                                               merged_model_dir)
 from flexolmo.owner.expert import ExpertConfig
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 DOMAINS = [PUBLIC, *CLOSED_DOMAINS]
 NUMERIC_SETTINGS = sorted(name for name, field in ExpertConfig.model_fields.items() if field.annotation in (int, float))
@@ -60,8 +60,7 @@ def adopted(candidate: dict, reference: dict) -> bool:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished demo run")
     parser.add_argument("--setting", required=True, choices=NUMERIC_SETTINGS, help="the train-expert setting varied")
     parser.add_argument("--values", type=float, nargs="+", required=True, help="the values tried besides the default")

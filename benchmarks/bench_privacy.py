@@ -70,7 +70,7 @@ from flexolmo.owner.package import read_manifest
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.training.loop import OptimConfig, config_digest, lm_loss_fn, train
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 RESULTS = results_file("privacy.json")
 TINY_ROOT = Path("/tmp/flexolmo-bench-privacy-tiny")
@@ -87,15 +87,16 @@ _NOT_IN_DIGEST = {"results", "tiny", "work"}
 
 # -- settings -----------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--domain", default="code", help="the owner whose training documents are audited")
-    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
+    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"),
+                        help="the anchor every audited model and expert is built on")
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"),
                         help="holds <domain>.train.jsonl.gz and <domain>.heldout.jsonl.gz")
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"),
                         help="the demo's output (dense/<domain> and the merged model its validation chose)")
     parser.add_argument("--work", type=Path, default=Path("runs/privacy"), help="artefacts of this benchmark")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (JSON)")
     audit = parser.add_argument_group("extraction audit")
     audit.add_argument("--num-docs", type=int, default=100, help="training documents audited (paper: 10,000)")
     audit.add_argument("--prefix-tokens", type=int, default=32, help="prompt tokens per document (paper: 32)")
@@ -107,14 +108,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     overfit = parser.add_argument_group("overfit sanity check")
     overfit.add_argument("--overfit-docs", type=int, default=32, help="first N training documents memorised")
     overfit.add_argument("--overfit-epochs", type=float, default=60, help="times each document is seen")
-    overfit.add_argument("--overfit-batch-size", type=int, default=8)
-    overfit.add_argument("--overfit-lr", type=float, default=1e-3)
+    overfit.add_argument("--overfit-batch-size", type=int, default=8, help="sequences per step")
+    overfit.add_argument("--overfit-lr", type=float, default=1e-3, help="learning rate")
     dp = parser.add_argument_group("DP experts")
     dp.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0, 32.0], help="one DP expert each")
-    dp.add_argument("--dp-delta", type=float, default=1e-6)
+    dp.add_argument("--dp-delta", type=float, default=1e-6, help="DP delta of every DP expert")
     dp.add_argument("--dp-steps", type=int, default=60, help="steps of every expert, the non-private one too")
     dp.add_argument("--dp-batch-size", type=int, default=32, help="(expected) sequences per step")
-    dp.add_argument("--dp-lr", type=float, default=5e-4)
+    dp.add_argument("--dp-lr", type=float, default=5e-4, help="learning rate of every expert, the non-private one too")
     parser.add_argument("--seq-len", type=int, default=256, help="training and evaluation sequence length")
     parser.add_argument("--max-sequences", type=int, default=48, help="held-out sequences scored")
     parser.add_argument("--tiny", action="store_true",

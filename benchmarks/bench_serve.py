@@ -40,7 +40,6 @@ different masks against one mask. `scripts/gpu_check.sh` runs both where a GPU i
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -62,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_load import DEMO_ANCHOR, SMALL_SHAPE
 from bench_merge import write_anchor, write_expert
-from common import write_results
+from common import argument_parser, write_results
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 WORDS = ["the", "of", "and", "river", "city", "music", "science", "language", "country", "people", "century", "war",
@@ -370,11 +369,13 @@ def main() -> None:
     from flexolmo.serve.server import ModelServer, ServeOptions
     from flexolmo.serve.threaded import running_server
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-serve"))
-    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAM_COUNTS))
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flexolmo-bench-serve"),
+                        help="where the synthetic merged model is built (reused when present)")
+    parser.add_argument("--streams", type=int, nargs="+", default=list(STREAM_COUNTS),
+                        help="numbers of concurrent client streams measured, one run each")
     parser.add_argument("--requests", type=int, default=3, help="requests per stream")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="greedy completion tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each HTTP mode; the best is reported")
     parser.add_argument("--withdrawals", type=int, default=5, help="withdrawals timed per active-set source")
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL, help="poll interval of the URL source")
@@ -382,7 +383,7 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true",
                         help="instead: the vLLM plugin (needs vllm and a GPU) against flexolmo's CPU runtime")
     parser.add_argument("--vllm-dtype", default="float32", help="dtype vLLM loads the model in")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, load_average = time.perf_counter(), os.getloadavg()[0]

@@ -23,7 +23,6 @@ Results: printed, and `benchmarks/results/service.json` (`service-postgresql.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
@@ -51,6 +50,7 @@ from flexolmo.trust.active_set import verify_active_set
 from flexolmo.trust.signing import TrustedKeys, generate_key_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import argument_parser
 from service_fixtures import ServerThread, owner_packages, tiny_anchor_and_expert
 
 RESULTS = Path(__file__).parent / "results"
@@ -157,7 +157,7 @@ def log_verification(path: Path, events: int = 100_000) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--db", help="database URL (default: a fresh SQLite file in the scratch directory)")
     parser.add_argument("--store", help="package store (default: a directory in the scratch directory)")
     parser.add_argument("--store-endpoint", help="the S3-compatible service's URL for an s3:// --store")

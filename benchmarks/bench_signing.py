@@ -12,7 +12,6 @@ Results: a table and `benchmarks/results/signing.json`.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import sys
@@ -32,7 +31,7 @@ from flexolmo.trust.signing import (
     verify_directory,
 )
 
-from common import results_file, write_results
+from common import argument_parser, results_file, write_results
 
 RESULTS = results_file("signing.json")
 ROUNDS = 3
@@ -58,9 +57,10 @@ def measure(path: Path, key: Path, trusted: TrustedKeys) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
-    parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"))
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="the demo data (anchor and corpora)")
+    parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"),
+                        help="a finished demo run whose experts/ packages are signed and merged")
     args = parser.parse_args()
     results = {"command": " ".join(shlex.quote(a) for a in sys.argv), "rounds": ROUNDS, "artefacts": {}}
     with tempfile.TemporaryDirectory() as scratch:

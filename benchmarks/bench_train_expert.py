@@ -18,7 +18,6 @@ resident size before training, each variant in a fresh subprocess.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from flexolmo.model.router_init import initial_rows
 from flexolmo.owner.owner_model import build_owner_model, owner_loss, owner_trainable_parameters
 from flexolmo.training.loop import OptimConfig, lm_loss_fn, make_batch, train
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("train_expert.json")
 
@@ -130,15 +129,16 @@ print(json.dumps({{'rss_before': before, 'peak': status('VmHWM')}}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
-    parser.add_argument("--data", type=Path, default=Path("data/demo/code.train.jsonl.gz"))
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"), help="the anchor both variants train")
+    parser.add_argument("--data", type=Path, default=Path("data/demo/code.train.jsonl.gz"),
+                        help="the training text both variants read")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones, per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = json.loads((args.anchor / "config.json").read_text())

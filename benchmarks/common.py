@@ -3,13 +3,21 @@ never leaves a half-written results file that looks complete), and the command t
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from flexolmo.cli.common import HelpFormatter
 from flexolmo.core.fileio import atomic_write_json
 from flexolmo.core.progress import announce_output
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's command-line parser, formatted as every `flexolmo` command's (each option's default shown);
+    every option still needs a `help`, since argparse shows no default for an option without one."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def results_file(name: str) -> Path:
