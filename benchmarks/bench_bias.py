@@ -97,7 +97,6 @@ def main() -> None:
                                  "seq_len": demo.seq_len, "most_constant_coordinate": constant,
                                  "learned_bias": biases, "folded_logit_noise_std": noise,
                                  "seconds": time.perf_counter() - began})
-    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

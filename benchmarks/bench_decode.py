@@ -269,7 +269,6 @@ def main() -> None:
     common = run_description(args, shape, ours, models, blocks)
     if args.blocks_only:
         write_results(results_path, common)
-        print(f"results: {results_path}")
         return
     checks = check_equal(models, inputs, args.new_tokens, args.tolerance)
     masked_expert = ours.expert_names[1]
@@ -277,7 +276,6 @@ def main() -> None:
     summary = summarise(common, args, runs, exclude_seconds, tokens_per_run, checks, masked_expert)
     write_results(results_path, summary)
     print_summary(merged, summary, args, torch.get_num_threads())
-    print(f"results: {results_path}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ dp_mean_hidden`: the mean-hidden direction of a Poisson sample of ~1,024 owner s
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.privacy import DPConfig
 from flexolmo.training.loop import OptimConfig
 
-from common import argument_parser, results_file
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("dp_merge.json")
 OTHERS = ("math", "legal", "biomedical", "literature")
@@ -90,10 +89,9 @@ def main() -> None:
     print_table("share of each domain's tokens routed to the code expert", ["code expert", *DOMAINS],
                 [[label, *[row[d] for d in DOMAINS]] for label, row in code_share.items()])
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "command": "python " + shlex.join(sys.argv), "packages": {k: str(v) for k, v in codes.items()},
-        "bits_per_byte": bits, "code_expert_share": code_share, "dp": privacy}, indent=2) + "\n")
-    print(f"results: {args.results}")
+    write_results(args.results, {
+        "command": command_line(), "packages": {k: str(v) for k, v in codes.items()},
+        "bits_per_byte": bits, "code_expert_share": code_share, "dp": privacy})
 
 
 if __name__ == "__main__":

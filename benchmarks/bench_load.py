@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import argument_parser, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_merge import read_status, write_anchor, write_expert  # noqa: E402  (sibling benchmark's writers)
@@ -147,7 +146,7 @@ def main() -> None:
     difference = float((torch.load(args.workdir / "logits-transformers.pt")
                         - torch.load(args.workdir / "logits-flexolmo.pt")).abs().max())
     summary = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line(),
         "shape": shape, "experts": 1 + EXPERTS, "checkpoint_bytes": checkpoint_bytes,
         "repeats": args.repeats, "threads": torch.get_num_threads(),
         "seconds": {loader: best[loader]["seconds"] for loader in LOADERS},
@@ -166,7 +165,6 @@ def main() -> None:
         print(f"{loader:<14}{best[loader]['seconds']:>10.2f}{peak[loader] / 1e6:>10.0f}")
     print(f"flexolmo / transformers: time {summary['flexolmo_over_transformers_time']:.2f}, memory "
           f"{summary['flexolmo_over_transformers_memory']:.2f}; logits max |diff| {difference:.2e}")
-    print(f"results: {results_path}")
 
 
 if __name__ == "__main__":

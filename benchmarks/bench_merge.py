@@ -647,7 +647,6 @@ def main() -> None:
             "versions": software_versions(),
         }
         write_results(results_path, report)
-        print(f"results: {results_path}")
     finally:
         if args.keep:
             print(f"scratch data kept in {work}")

@@ -14,7 +14,6 @@ construction, which the output states. Every step is cached under --work; writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config
 from flexolmo.model.anchor import read_config
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("owner_tokens.json")
 
@@ -39,11 +38,10 @@ def matched_steps(config: DemoConfig) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished demo run")
     parser.add_argument("--work", type=Path, default=Path("runs/owner-tokens"), help="where every step is cached")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     began = time.perf_counter()
     demo_config = finished_demo_config(args.demo)
@@ -61,8 +59,9 @@ def main() -> None:
                        [TrainingRun("coordinated", steps, config.batch_size, owner_sequences)] * len(CLOSED_DOMAINS),
                        experts_per_token=config.top_k)
     rows = {"flexolmo_owner_tokens_matched": (row, cost)}
-    for method in ("public", "flexolmo_untuned", "btx_untuned"):
-        rows[method] = (demo_results["methods"][method], demo_results["costs"][method])
+    flop_matched = demo_results["protocols"]["flop_matched"]  # the dense experts whose owner tokens are matched
+    for method in ("public", "flexolmo_untuned", "btx_ffn_untuned"):
+        rows[method] = (flop_matched["methods"][method], flop_matched["costs"][method])
     domains = [PUBLIC, *CLOSED_DOMAINS, "mixed", "closed_average"]
     print_table(f"bits per byte on held-out text; coordinated experts at {steps} steps match the dense experts' "
                 "owner tokens", ["method", *domains, "training PFLOPs", "owner tokens"],
@@ -72,7 +71,6 @@ def main() -> None:
                                  "demo_expert_steps": demo_config.expert_steps,
                                  "results": {m: {"bits_per_byte": r, "cost": c} for m, (r, c) in rows.items()},
                                  "seconds": time.perf_counter() - began})
-    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -495,7 +495,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     write_results(args.results, results)
     show(results)
-    print(f"results: {args.results}")
     return results
 
 

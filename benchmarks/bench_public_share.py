@@ -12,7 +12,6 @@ setting, so the held-out files are not read. Every step is cached under --work; 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,18 +20,17 @@ from flexolmo.core.progress import print_table
 from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("public_share.json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished demo run")
     parser.add_argument("--work", type=Path, default=Path("runs/public-share"), help="where every step is cached")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.75], help="public shares tried")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     began = time.perf_counter()
     demo_config = finished_demo_config(args.demo)
@@ -56,7 +54,6 @@ def main() -> None:
                                  "demo_public_share": demo_config.public_share,
                                  "validation": {"anchor": anchor, **{f"{share:g}": s for share, s in rows}},
                                  "seconds": time.perf_counter() - began})
-    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ script resumes; a --work holding another setting is refused. Writes `benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, finished_demo_config, merged_model_dir
 from flexolmo.owner.proxy import read_proxies, text_sha256
 
-from common import command_line, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("router_tuning.json")
 EMBEDDERS = ("anchor", "minilm")
@@ -63,14 +62,13 @@ def selection_quality(files: list[Path]) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished demo run")
     parser.add_argument("--work", type=Path, default=Path("runs/router-tuning"), help="where every step is cached")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.005, 0.05],
                         help="proxy sizes tried: proxy bytes / owner training bytes (select-proxy's default first)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="tuning learning rates tried")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     began = time.perf_counter()
     demo = bench_demo(args.demo, args.work)
@@ -124,7 +122,6 @@ def main() -> None:
         "heldout": heldout_rows,
         "seconds": time.perf_counter() - began,
     })
-    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,6 @@ runs/demo). Results: a table and `benchmarks/results/tasks.json`.
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,20 +22,21 @@ from flexolmo.experiments.demo_config import chosen_model_dir
 from flexolmo.model.merged_format import read_merged_info
 from flexolmo.model.runtime import load_model
 
-from common import results_file
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("tasks.json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"), help="the public model scored")
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"), help="the demo's output")
     parser.add_argument("--merged", type=Path, default=None,
                         help="the merged model (default: the one the demo reports, as its validation chose)")
-    parser.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS))
-    parser.add_argument("--limit", type=int, default=500)
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS),
+                        help="lm-evaluation-harness tasks (offline data)")
+    parser.add_argument("--limit", type=int, default=500, help="documents scored per task (the first ones)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     try:
         args.merged = args.merged or chosen_model_dir(args.demo_dir)
@@ -61,11 +59,10 @@ def main() -> None:
                 [[label, *[f"{by_task[t]['value']:.3f} ± {by_task[t]['stderr']:.3f}" for t in args.tasks]]
                  for label, by_task in accuracy.items()])
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "command": "python " + shlex.join(sys.argv), "limit": args.limit, "tasks": args.tasks,
+    write_results(args.results, {
+        "command": command_line(), "limit": args.limit, "tasks": args.tasks,
         "models": {label: {"path": str(path), "exclude": exclude} for label, (path, exclude) in models.items()},
-        "scores": rows, "seconds": seconds}, indent=2) + "\n")
-    print(f"results: {args.results}")
+        "scores": rows, "seconds": seconds})
 
 
 if __name__ == "__main__":

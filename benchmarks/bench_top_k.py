@@ -11,9 +11,6 @@ directory, then the one evaluation path (`evaluate_path`) with the demo's settin
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
 import sys
 import tempfile
 import time
@@ -23,20 +20,21 @@ from flexolmo.coordinator.merge import merge
 from flexolmo.core.progress import print_table
 from flexolmo.evaluation.scoring import EvalSettings, evaluate_path
 
-from common import results_file
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("top_k.json")
 DOMAINS = ("public", "code", "math", "legal", "biomedical", "literature")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"))
-    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"))
-    parser.add_argument("--experts", type=Path, default=Path("runs/demo/experts"))
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 3, 4, 6])
-    parser.add_argument("--max-sequences", type=int, default=48)
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser = argument_parser(__doc__.splitlines()[0])
+    parser.add_argument("--anchor", type=Path, default=Path("data/demo/anchor"),
+                        help="the anchor the experts merge onto")
+    parser.add_argument("--data-dir", type=Path, default=Path("data/demo"), help="the held-out text scored")
+    parser.add_argument("--experts", type=Path, default=Path("runs/demo/experts"), help="a folder of expert packages")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 3, 4, 6], help="experts per token tried")
+    parser.add_argument("--max-sequences", type=int, default=48, help="held-out windows scored per domain")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     packages = sorted(path for path in args.experts.iterdir() if (path / "manifest.json").exists()) \
         if args.experts.is_dir() else []
@@ -62,10 +60,9 @@ def main() -> None:
     print_table(f"held-out bits per byte, {len(packages)} experts + public", ["model", *columns],
                 [[label, *[row[c] for c in columns]] for label, row in results.items()])
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "command": "python " + shlex.join(sys.argv), "packages": [str(p) for p in packages],
-        "max_sequences": args.max_sequences, "bits_per_byte": results, "eval_seconds": seconds}, indent=2) + "\n")
-    print(f"results: {args.results}")
+    write_results(args.results, {
+        "command": command_line(), "packages": [str(p) for p in packages],
+        "max_sequences": args.max_sequences, "bits_per_byte": results, "eval_seconds": seconds})
 
 
 if __name__ == "__main__":

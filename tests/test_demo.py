@@ -288,6 +288,34 @@ def test_quick_demo_on_the_shipped_anchor_and_corpora(tmp_path):
     assert "not meaningful" in (tmp_path / "quick" / "report.md").read_text()
 
 
+STUDY = ["--demo", "{demo}", "--work", "{work}", "--out", "{out}"]
+
+
+@pytest.mark.parametrize("script, arguments", [
+    ("bench_owner_tokens.py", STUDY),
+    ("bench_public_share.py", [*STUDY, "--shares", "0.5"]),  # the quick demo has batches of 2
+    ("bench_router_tuning.py", [*STUDY, "--fractions", "0.05", "--lrs", "1e-3"]),
+    ("bench_owner_setting.py", [*STUDY, "--setting", "router_lr_scale", "--values", "3"]),
+    ("bench_top_k.py", ["--anchor", "{data}/anchor", "--data-dir", "{data}", "--experts", "{demo}/experts",
+                        "--top-k", "1", "2", "--max-sequences", "2", "--results", "{out}"]),
+])
+def test_every_study_of_a_finished_demo_runs_on_one_and_writes_its_results(quick_demo, tmp_path, script, arguments):
+    """The benchmarks that build on a finished demo read its results and models as the demo writes them now (one
+    read a layout two revisions old and failed after a 12-minute run)."""
+    import subprocess
+    import sys
+
+    config, _, _ = quick_demo
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "results.json"
+    paths = {"demo": config.out, "work": tmp_path / "work", "out": out, "data": config.data_dir}
+    run = subprocess.run([sys.executable, str(repo / "benchmarks" / script),
+                          *[argument.format(**paths) for argument in arguments]],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert script in json.loads(out.read_text())["command"]
+
+
 def test_device_is_not_part_of_the_demo_settings_but_dtype_is():
     from flexolmo.experiments.demo_config import DemoConfig
 
