@@ -65,3 +65,14 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(FlexOlmoError, match="cannot write"):
         atomic_write_bytes(tmp_path / "blocked", b"x")  # a directory is in the way: the rename fails
     assert sorted(path.name for path in tmp_path.iterdir()) == ["blocked"]
+
+
+def test_a_results_table_sent_to_a_file_or_pipe_keeps_every_cell_whole(capsys):
+    """Written to a log (stdout not a terminal), a table wider than 80 columns must not fold its cells into
+    slivers (it did: method names split over six lines, numbers over two)."""
+    from flexolmo.core.progress import print_table
+
+    columns = ["method", *[f"domain number {i}" for i in range(10)]]
+    print_table("wide", columns, [["flexolmo_owner_tokens_matched", *[1.23456789] * 10]])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "flexolmo" in line)
+    assert "flexolmo_owner_tokens_matched" in row and row.count("1.2346") == 10

@@ -57,7 +57,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
         table.add_column(column, justify="right" if column != columns[0] else "left", overflow="fold")
     for row in rows:
         table.add_row(*[f"{cell:.4f}" if isinstance(cell, float) else str(cell) for cell in row])
-    Console().print(table)
+    out = Console()
+    if not out.is_terminal:  # a log file or a pipe has no screen to fit: never fold a cell into slivers there
+        out = Console(width=max(out.width, out.measure(table, options=out.options.update_width(10_000)).maximum))
+    out.print(table)
 
 
 def print_generation(prompt: str, continuation: str) -> None:
