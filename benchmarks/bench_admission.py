@@ -33,13 +33,11 @@ numbers (honest maximum with margin, below every attack).
 
 from __future__ import annotations
 
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from common import argument_parser, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 from flexolmo.coordinator.admission import AdmissionPolicy
 from flexolmo.coordinator.merge import merge
@@ -166,7 +164,7 @@ def main() -> None:
     honest = demo.train_experts()
     members = AdmissionPolicy(**NO_LIMITS, proxies=demo.select_proxies(), public=[demo.public_pool()])
     victim_heldout = demo.heldout_file(VICTIM)
-    results = {"command": " ".join(shlex.quote(a) for a in sys.argv), "probe": str(probe), "top_k": 2,
+    results = {"command": command_line(), "probe": str(probe), "top_k": 2,
                "attacker": ATTACKER, "victim": VICTIM}
     console.rule("five honest experts")
     results["honest"] = measure(anchor, [honest[d] for d in CLOSED_DOMAINS], probe, members, args.work / "merged",

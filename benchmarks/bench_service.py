@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -50,10 +49,9 @@ from flexolmo.trust.active_set import verify_active_set
 from flexolmo.trust.signing import TrustedKeys, generate_key_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import argument_parser
+from common import argument_parser, command_line, results_file, write_results
 from service_fixtures import ServerThread, owner_packages, tiny_anchor_and_expert
 
-RESULTS = Path(__file__).parent / "results"
 OWNERS = [f"owner{i}" for i in range(1, 9)]
 
 
@@ -186,7 +184,7 @@ def main() -> None:
         check = verify_log(engine)
         log = log_verification(root / "log.db")
     results = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv), "machine": platform.platform(),
+        "command": command_line(), "machine": platform.platform(),
         "database": "sqlite" if not args.db else engine.url.get_backend_name(),
         "store": "s3" if (args.store or "").startswith("s3://") else "local",
         "admission_workers": 1,
@@ -200,9 +198,8 @@ def main() -> None:
     }
     name = "service" + ("" if results["database"] == "sqlite" else f"-{results['database']}") + (
         "-s3" if results["store"] == "s3" else "")
-    out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
+    write_results(results_file(f"{name}.json"), results)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ Results: a table and `benchmarks/results/signing.json`.
 
 from __future__ import annotations
 
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from flexolmo.trust.signing import (
     verify_directory,
 )
 
-from common import argument_parser, results_file, write_results
+from common import argument_parser, command_line, results_file, write_results
 
 RESULTS = results_file("signing.json")
 ROUNDS = 3
@@ -62,7 +60,7 @@ def main() -> None:
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"),
                         help="a finished demo run whose experts/ packages are signed and merged")
     args = parser.parse_args()
-    results = {"command": " ".join(shlex.quote(a) for a in sys.argv), "rounds": ROUNDS, "artefacts": {}}
+    results = {"command": command_line(), "rounds": ROUNDS, "artefacts": {}}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "trusted").mkdir()
