@@ -22,7 +22,7 @@ import torch
 
 from flexolmo.core.progress import print_table
 from flexolmo.data.tokens import load_token_stream
-from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, merged_model_dir
+from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config, merged_model_dir
 from flexolmo.model.moe import decoder_layers
 from flexolmo.model.runtime import load_model
 
@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="windows of each validation file read")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
-    demo = DemoConfig()
+    # The finished demo's own anchor and text when there is one (its biases are read from it), else the shipped ones.
+    demo = finished_demo_config(args.demo) if (args.demo / "results.json").exists() else DemoConfig()
     began = time.perf_counter()
     files = [demo.data_dir / f"{domain}.validation.jsonl.gz" for domain in (PUBLIC, *CLOSED_DOMAINS)]
     constant = most_constant_coordinate(demo.data_dir / "anchor", files, demo.seq_len, args.windows)

@@ -219,6 +219,17 @@ def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
         assert data["btx"]["owner_tokens"] == data["btx_ffn"]["owner_tokens"]
         assert flops["btx_untuned"]["training_flops"] >= flops["flexolmo"]["training_flops"]
     assert {"data_matched/btx", "flop_matched/btx"} <= set(results["router_tuning"])
+    # The bias study reads the learned biases the ablation's merge kept, one per layer for each owner.
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_bias.py"), "--demo", str(config.out),
+                          "--windows", "1", "--out", str(tmp_path / "bias.json")],
+                         cwd=repo, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    learned = json.loads((tmp_path / "bias.json").read_text())["learned_bias"]
+    assert sorted(learned) == sorted(CLOSED_DOMAINS) and all(len(v) == 2 for v in learned.values())
     for domain in CLOSED_DOMAINS:
         random_init = load_package(tmp_path / "demo" / "experts_random_init" / domain).manifest
         assert random_init["privacy"]["router_init"] == "random"
@@ -298,6 +309,8 @@ STUDY = ["--demo", "{demo}", "--work", "{work}", "--out", "{out}"]
     ("bench_owner_setting.py", [*STUDY, "--setting", "router_lr_scale", "--values", "3"]),
     ("bench_top_k.py", ["--anchor", "{data}/anchor", "--data-dir", "{data}", "--experts", "{demo}/experts",
                         "--top-k", "1", "2", "--max-sequences", "2", "--results", "{out}"]),
+    ("bench_tasks.py", ["--anchor", "{data}/anchor", "--demo-dir", "{demo}", "--tasks", "copa", "--limit", "4",
+                        "--results", "{out}"]),
 ])
 def test_every_study_of_a_finished_demo_runs_on_one_and_writes_its_results(quick_demo, tmp_path, script, arguments):
     """The benchmarks that build on a finished demo read its results and models as the demo writes them now (one
