@@ -20,9 +20,9 @@ from flexolmo.core.progress import console
 from flexolmo.data.tokens import load_token_stream
 from flexolmo.experiments.baselines import (
     BranchTrainMergeEnsemble,
-    btx_trunk,
     PromptRoutedModel,
     SequenceBTM,
+    btx_trunk,
     dense_expert_package,
     model_soup,
     train_dense_expert,
