@@ -134,7 +134,7 @@ class DemoConfig(BaseModel):
     public_share: float = Field(0.5, ge=0, lt=1, description="share of each owner batch drawn from public text")
     top_k: int = Field(2, ge=1, description="experts per token in the merged model")
     tune_steps: int = Field(TUNE_STEPS, ge=1, description="router tuning steps")
-    tune_lrs: tuple[float, ...] = Field((1e-3, 3e-3), min_length=1,
+    tune_lrs: tuple[float, ...] = Field((3e-4, 1e-3), min_length=1,
                                         description="router tuning learning rates tried; the rule in docs/demo.md "
                                                     "keeps the best closed-domain average on validation text")
     btm_top_k: int = Field(2, ge=1, description="members the BTM ensembles keep (per sequence, or per position)")

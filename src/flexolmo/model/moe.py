@@ -45,7 +45,7 @@ ROUTER_Z_LOSS_COEF = 1e-3
 class ExpertRouter(nn.Module):
     """One router row per expert; owner rows may carry a learned bias kept <= 0 by `clamp_bias_`."""
 
-    def __init__(self, hidden_size: int, rows: torch.Tensor, bias_experts: Sequence[int] = ()):
+    def __init__(self, hidden_size: int, rows: torch.Tensor, bias_experts: Sequence[int] = (), bias_start: float = 0.0):
         super().__init__()
         self.rows = nn.ModuleList(
             nn.Linear(hidden_size, 1, bias=index in bias_experts) for index in range(rows.shape[0])
@@ -54,7 +54,7 @@ class ExpertRouter(nn.Module):
             for index, row in enumerate(self.rows):
                 row.weight.copy_(rows[index : index + 1])
                 if row.bias is not None:
-                    row.bias.zero_()
+                    row.bias.fill_(bias_start)
 
     @property
     def num_experts(self) -> int:
@@ -215,18 +215,20 @@ def convert_to_moe(
     top_k: int,
     bias_experts: Sequence[int] = (),
     normalize_top_k: bool = False,
+    bias_start: float = 0.0,
 ) -> nn.Module:
     """Replace every layer's dense FFN by a FlexMoEBlock whose experts are the FFN and `num_experts - 1` copies.
 
     `router_rows[layer]` is that layer's (num_experts, H) router matrix. Experts are exact copies, so callers
-    overwrite the ones they have trained weights for. `normalize_top_k` is the merged format's `norm_topk_prob`
+    overwrite the ones they have trained weights for. The experts in `bias_experts` get a learned router bias
+    starting at `bias_start`. `normalize_top_k` is the merged format's `norm_topk_prob`
     (it changes nothing when top-k keeps every expert, as in owner training).
     """
     for layer, rows in zip(decoder_layers(model), router_rows, strict=True):
         dense_ffn = layer.mlp
         experts = [dense_ffn] + [copy.deepcopy(dense_ffn) for _ in range(num_experts - 1)]
         like = next(dense_ffn.parameters())
-        router = ExpertRouter(rows.shape[1], rows, bias_experts)
+        router = ExpertRouter(rows.shape[1], rows, bias_experts, bias_start)
         layer.mlp = FlexMoEBlock(experts, router, top_k, normalize_top_k).to(device=like.device, dtype=like.dtype)
     return model
 

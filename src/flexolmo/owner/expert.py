@@ -84,6 +84,9 @@ class ExpertConfig(BaseModel):
                                        "of them when fewer); 1024 chosen on validation text "
                                        "(benchmarks/docs/router-init.md)")
     negative_bias: bool = Field(False, description="learn a router bias <= 0 for the owner's expert")
+    negative_bias_start: float = Field(0.0, le=0, allow_inf_nan=False,
+                                       description="where that bias starts, in router-logit units (needs "
+                                                   "--negative-bias; the paper leaves it uninitialised)")
     router_lr_scale: float = Field(0.3, gt=0, allow_inf_nan=False,
                                    description="the owner's router row learns at this multiple of --lr (its FFN "
                                                "at --lr), on the same schedule; 0.3 chosen on validation text "
@@ -252,7 +255,7 @@ def train_expert(config: ExpertConfig, resume: bool = False, sign_key: Path | No
     if config.parallel.fsdp:  # built in host memory; sharding moves one layer at a time to the device
         anchor.model.to("cpu")
     torch.manual_seed(optim.seed)
-    model = build_owner_model(anchor, owner_rows, config.negative_bias)
+    model = build_owner_model(anchor, owner_rows, config.negative_bias, config.negative_bias_start)
     anchor.model = None
     trainable = owner_trainable_parameters(model)
     hooks = [ClampBias(model)]
@@ -307,6 +310,9 @@ def _check_settings(config: ExpertConfig, router_init: str) -> None:
         raise PackageError("--replicate-frozen only applies with --fsdp (without it every weight is replicated)")
     if config.dp:
         check_dp_settings(config.optim.grad_accum)
+    if config.negative_bias_start and not config.negative_bias:
+        raise PackageError(f"--negative-bias-start {config.negative_bias_start:g} sets where the router bias starts; "
+                           "add --negative-bias, or drop --negative-bias-start")
     if config.public_share and not config.public_data:
         raise DataError("--public-share needs --public-data (public text, e.g. the coordinator's public corpus)")
     batch = config.optim.batch_size

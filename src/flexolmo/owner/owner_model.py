@@ -17,12 +17,14 @@ from flexolmo.training.loop import causal_lm_loss
 OWNER_EXPERT = 1
 
 
-def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool) -> torch.nn.Module:
-    """The anchor with every FFN turned into the 2-expert block, experts identical, rows [r_pub, r_i]."""
+def build_owner_model(anchor: Anchor, owner_rows: list[torch.Tensor], negative_bias: bool,
+                      bias_start: float = 0.0) -> torch.nn.Module:
+    """The anchor with every FFN turned into the 2-expert block, experts identical, rows [r_pub, r_i]; with
+    `negative_bias`, the owner's row carries a learned bias starting at `bias_start` (<= 0)."""
     public_rows = load_public_rows(anchor.path, len(decoder_layers(anchor.model)))
     rows = [torch.stack([public.float(), own.float()]) for public, own in zip(public_rows, owner_rows)]
     return convert_to_moe(anchor.model, rows, num_experts=2, top_k=2,
-                          bias_experts=[OWNER_EXPERT] if negative_bias else [])
+                          bias_experts=[OWNER_EXPERT] if negative_bias else [], bias_start=bias_start)
 
 
 def owner_trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
