@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_optim
 
 from flexolmo.coordinator.merge import merge, remove_experts
+from flexolmo.core.errors import PackageError
 from flexolmo.model.anchor import load_anchor
 from flexolmo.model.merged_format import MERGED_METADATA_FILE
 from flexolmo.model.runtime import load_model
@@ -58,3 +60,18 @@ def test_merge_keeps_the_bias_and_the_runtime_applies_it_on_request(tiny_anchor,
     remove_experts(tmp_path / "three", ["code"], tmp_path / "math-left")
     left = json.loads((tmp_path / "math-left" / MERGED_METADATA_FILE).read_text())
     assert left["router_bias_dropped"] == [] and all("router_bias" not in e for e in left["experts"])
+
+
+def test_the_bias_starts_where_the_owner_asks_and_trains_from_there(tiny_anchor, corpora, tmp_path):
+    starts = {0.0: tmp_path / "at-zero", -2.0: tmp_path / "below"}
+    for start, out in starts.items():
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=out, negative_bias=True,
+                                  negative_bias_start=start, optim=tiny_optim(steps=4, lr=2e-2)))
+        biases = [value for name, value in load_package(out).tensors.items() if name.endswith("router.bias")]
+        assert biases and all(value.item() <= 0 for value in biases)
+        # A few router steps move it by hundredths: it is still near where it started, and it did train.
+        assert all(abs(value.item() - start) < 0.1 for value in biases), (start, biases)
+        assert any(value.item() != start for value in biases)
+    with pytest.raises(PackageError, match="add --negative-bias"):
+        train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=tmp_path / "no",
+                                  negative_bias_start=-1.0, optim=tiny_optim(steps=4, lr=2e-2)))

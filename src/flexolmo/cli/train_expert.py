@@ -20,7 +20,7 @@ from flexolmo.training.distributed import ParallelConfig
 
 EXPERT_FIELDS = ("anchor", "data", "heldout", "name", "out", "text_field", "heldout_fraction")
 METHOD_FIELDS = ("router_init", "router_init_sequences", "router_lr_scale", "public_data", "public_share",
-                 "negative_bias", "z_loss_coef", "eval_max_sequences")
+                 "negative_bias", "negative_bias_start", "z_loss_coef", "eval_max_sequences")
 DP_FIELDS = ("epsilon", "delta", "max_grad_norm", "router_noise_multiplier")
 PARALLEL_FIELDS = ("fsdp", "replicate_frozen", "activation_checkpointing")
 
