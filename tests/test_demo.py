@@ -306,6 +306,8 @@ STUDY = ["--demo", "{demo}", "--work", "{work}", "--out", "{out}"]
     ("bench_owner_tokens.py", STUDY),
     ("bench_public_share.py", [*STUDY, "--shares", "0.5"]),  # the quick demo has batches of 2
     ("bench_router_tuning.py", [*STUDY, "--fractions", "0.05", "--lrs", "1e-3"]),
+    ("bench_router_tuning.py", [*STUDY, "--fractions", "0.05", "--lrs", "1e-3", "--embedders", "anchor",
+                                "--pool", "{data}/public.validation.jsonl.gz"]),
     ("bench_owner_setting.py", [*STUDY, "--setting", "router_lr_scale", "--values", "3"]),
     ("bench_owner_setting.py", [*STUDY, "--setting", "negative_bias_start", "--values", "-1", "--also",
                                 "negative_bias=true", "--router-bias"]),
