@@ -9,7 +9,12 @@ k of h were a constant c at every token: r_e[k] += b_e / c. Per layer, the scrip
 the smallest coefficient of variation (std / |mean|) over tokens of every shipped `*.validation` file; folding
 b_e into it would add router-logit noise of standard deviation |b_e| * that ratio, token by token. With a
 finished `--ablation` demo it also reads the biases the owners learned (`flexolmo_experts.json` of the merged
-negative-bias model) and reports that noise per expert and layer. Writes `benchmarks/results/bias.json`.
+negative-bias model) and reports that noise per expert and layer.
+
+With --prior, a third question: is a bias started below zero worth something because the owners train with it, or
+only as a prior at inference? The demo's FlexOlmo merge (untuned; its owners trained without a bias) is scored on
+the shipped `*.validation` files with a fixed bias on every owner's router row in every layer, applied by
+flexolmo's runtime, at each value given (0 is the merge as it is). Writes `benchmarks/results/bias.json`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from pathlib import Path
 
 import torch
 
+from flexolmo.core.errors import FlexOlmoError
 from flexolmo.core.progress import print_table
 from flexolmo.data.tokens import load_token_stream
+from flexolmo.evaluation.scoring import evaluate
+from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config, merged_model_dir
-from flexolmo.model.moe import decoder_layers
+from flexolmo.model.moe import decoder_layers, set_router_bias
 from flexolmo.model.runtime import load_model
 
 from common import argument_parser, command_line, results_file, write_results
@@ -69,13 +77,36 @@ def learned_biases(demo_out: Path) -> dict[str, list[float]]:
             if "router_bias" in entry}
 
 
+def scored_with_prior(demo_out: Path, values: list[float]) -> dict[str, dict[str, float]]:
+    """Validation bits per byte of the demo's untuned FlexOlmo with each fixed owner-row bias (see --prior)."""
+    demo = Demo(finished_demo_config(demo_out))
+    files = {domain: [demo.validation_file(domain)] for domain in (PUBLIC, *CLOSED_DOMAINS)}
+    scores = {}
+    for value in sorted(set(values) | {0.0}, reverse=True):
+        loaded = demo.load(merged_model_dir(demo_out, "flexolmo", None))
+        layers = len(decoder_layers(loaded.model))
+        for expert in range(1, len(loaded.expert_names)):  # slot 0 is the public expert
+            set_router_bias(loaded.model, expert, [value] * layers)
+        result = evaluate(loaded.model, loaded.tokenizer, files, demo.settings, loaded.expert_names,
+                          f"flexolmo_prior{value:g}")
+        row = {domain: score.bits_per_byte for domain, score in result.domains.items()}
+        row["closed_average"] = sum(row[domain] for domain in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
+        scores[f"{value:g}"] = row
+    return scores
+
+
 def main() -> None:
     parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"),
                         help="a demo run; with --ablation finished, its learned biases are reported")
     parser.add_argument("--windows", type=int, default=8, help="windows of each validation file read")
+    parser.add_argument("--prior", type=float, nargs="+", default=[], metavar="BIAS",
+                        help="also score the finished demo's FlexOlmo on validation text with this fixed bias (<= 0) "
+                             "on every owner's router row at inference (flexolmo's runtime)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
+    if any(value > 0 for value in args.prior):
+        raise SystemExit(f"error: --prior takes biases <= 0 (a negative bias), not {args.prior}")
     # The finished demo's own anchor and text when there is one (its biases are read from it), else the shipped ones.
     demo = finished_demo_config(args.demo) if (args.demo / "results.json").exists() else DemoConfig()
     began = time.perf_counter()
@@ -93,7 +124,12 @@ def main() -> None:
         print_table("learned bias per layer", ["expert", *layers], [[n, *v] for n, v in biases.items()])
         print_table("router-logit noise std if folded into that coordinate", ["expert", *layers],
                     [[n, *v] for n, v in noise.items()])
-    write_results(args.out, {"command": command_line(),
+    prior = scored_with_prior(args.demo, args.prior) if args.prior else {}
+    if prior:
+        domains = [PUBLIC, *CLOSED_DOMAINS, "closed_average"]
+        print_table("validation bits per byte, the demo's FlexOlmo with a fixed owner-row bias at inference",
+                    ["bias", *domains], [[value, *[row[d] for d in domains]] for value, row in prior.items()])
+    write_results(args.out, {"command": command_line(), "inference_prior_validation": prior,
                                  "validation_files": [str(f) for f in files], "windows_per_file": args.windows,
                                  "seq_len": demo.seq_len, "most_constant_coordinate": constant,
                                  "learned_bias": biases, "folded_logit_noise_std": noise,
@@ -101,4 +137,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FlexOlmoError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -225,10 +225,15 @@ def test_ablation_adds_its_rows_to_the_same_run(quick_demo, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_bias.py"), "--demo", str(config.out),
-                          "--windows", "1", "--out", str(tmp_path / "bias.json")],
+                          "--windows", "1", "--prior", "-50", "--out", str(tmp_path / "bias.json")],
                          cwd=repo, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    learned = json.loads((tmp_path / "bias.json").read_text())["learned_bias"]
+    bias = json.loads((tmp_path / "bias.json").read_text())
+    # Without a prior it is the demo's own untuned model, scored the demo's way; a prior changes the routing.
+    untuned = results["router_tuning"]["flexolmo"]["validation"]["untuned"]
+    assert bias["inference_prior_validation"]["0"] == pytest.approx(untuned, abs=1e-6)
+    assert bias["inference_prior_validation"]["-50"]["public"] != untuned["public"]
+    learned = bias["learned_bias"]
     assert sorted(learned) == sorted(CLOSED_DOMAINS) and all(len(v) == 2 for v in learned.values())
     for domain in CLOSED_DOMAINS:
         random_init = load_package(tmp_path / "demo" / "experts_random_init" / domain).manifest

@@ -208,6 +208,15 @@ def moe_blocks(model: nn.Module) -> Iterator[FlexMoEBlock]:
             yield module
 
 
+@torch.no_grad()
+def set_router_bias(model: nn.Module, expert: int, per_layer: Sequence[float]) -> None:
+    """Give `expert`'s router row a fixed bias in every MoE layer of `model` (one value per layer), replacing any
+    it had. flexolmo's runtime only: the merged checkpoint formats have no router bias."""
+    for block, value in zip(moe_blocks(model), per_layer, strict=True):
+        row = block.gate.rows[expert]
+        row.bias = nn.Parameter(row.weight.new_tensor([value]), requires_grad=False)
+
+
 def convert_to_moe(
     model: nn.Module,
     router_rows: Sequence[torch.Tensor],

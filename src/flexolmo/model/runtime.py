@@ -45,7 +45,7 @@ from flexolmo.model.merged_format import (
     merged_config,
     read_merged_info,
 )
-from flexolmo.model.moe import convert_to_moe, moe_blocks, set_active_experts
+from flexolmo.model.moe import convert_to_moe, set_active_experts, set_router_bias
 from flexolmo.trust.record import verify_slots
 from flexolmo.trust.signing import TrustedKeys
 
@@ -132,12 +132,9 @@ def _install_router_bias(model: torch.nn.Module, entries: list[dict]) -> None:
 
     flexolmo's runtime only: the flex_olmo format has no router bias, so transformers and vLLM compute the
     checkpoint without it. Used to measure what the bias is worth at inference."""
-    for layer, block in enumerate(moe_blocks(model)):
-        for index, entry in enumerate(entries):
-            if "router_bias" in entry:
-                row = block.gate.rows[index]
-                row.bias = torch.nn.Parameter(row.weight.new_tensor([entry["router_bias"][layer]]),
-                                              requires_grad=False)
+    for index, entry in enumerate(entries):
+        if "router_bias" in entry:
+            set_router_bias(model, index, entry["router_bias"])
 
 
 def _runtime_tensors(name: str, reader: LazyReader, family: AnchorFamily) -> list[tuple[str, torch.Tensor]]:
