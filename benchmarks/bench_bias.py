@@ -28,7 +28,6 @@ import torch
 from flexolmo.core.errors import FlexOlmoError
 from flexolmo.core.progress import print_table
 from flexolmo.data.tokens import load_token_stream
-from flexolmo.evaluation.scoring import evaluate
 from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config, merged_model_dir
 from flexolmo.model.moe import decoder_layers, set_router_bias
@@ -80,18 +79,13 @@ def learned_biases(demo_out: Path) -> dict[str, list[float]]:
 def scored_with_prior(demo_out: Path, values: list[float]) -> dict[str, dict[str, float]]:
     """Validation bits per byte of the demo's untuned FlexOlmo with each fixed owner-row bias (see --prior)."""
     demo = Demo(finished_demo_config(demo_out))
-    files = {domain: [demo.validation_file(domain)] for domain in (PUBLIC, *CLOSED_DOMAINS)}
+    loaded = demo.load(merged_model_dir(demo_out, "flexolmo", None))
+    layers = len(decoder_layers(loaded.model))
     scores = {}
     for value in sorted(set(values) | {0.0}, reverse=True):
-        loaded = demo.load(merged_model_dir(demo_out, "flexolmo", None))
-        layers = len(decoder_layers(loaded.model))
-        for expert in range(1, len(loaded.expert_names)):  # slot 0 is the public expert
+        for expert in range(1, len(loaded.expert_names)):  # slot 0 is the public expert; each value replaces the last
             set_router_bias(loaded.model, expert, [value] * layers)
-        result = evaluate(loaded.model, loaded.tokenizer, files, demo.settings, loaded.expert_names,
-                          f"flexolmo_prior{value:g}")
-        row = {domain: score.bits_per_byte for domain, score in result.domains.items()}
-        row["closed_average"] = sum(row[domain] for domain in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
-        scores[f"{value:g}"] = row
+        scores[f"{value:g}"] = demo.validation_scores(loaded, f"flexolmo_prior{value:g}")
     return scores
 
 

@@ -177,13 +177,16 @@ class Demo:
         cache = self.out / "validation" / f"{name}.json"
         if not cache.exists():
             console.rule(f"validation score of {name}")
-            loaded = self.load(model)
-            files = {d: [self.validation_file(d)] for d in (PUBLIC, *CLOSED_DOMAINS)}
-            result = evaluate(loaded.model, loaded.tokenizer, files, self.settings, loaded.expert_names, name)
-            scores = {d: score.bits_per_byte for d, score in result.domains.items()}
-            scores["closed_average"] = sum(scores[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
-            atomic_write_json(cache, scores)
+            atomic_write_json(cache, self.validation_scores(self.load(model), name))
         return json.loads(cache.read_text())
+
+    def validation_scores(self, loaded: LoadedModel, name: str) -> dict:
+        """Bits per byte of a loaded model on every domain's validation text, and the closed-domain average."""
+        files = {d: [self.validation_file(d)] for d in (PUBLIC, *CLOSED_DOMAINS)}
+        result = evaluate(loaded.model, loaded.tokenizer, files, self.settings, loaded.expert_names, name)
+        scores = {d: score.bits_per_byte for d, score in result.domains.items()}
+        scores["closed_average"] = sum(scores[d] for d in CLOSED_DOMAINS) / len(CLOSED_DOMAINS)
+        return scores
 
     def prompt_router(self, proxies: list[Path] | None) -> PromptRouter:
         """A prompt router over the public model and the owners, fit once per run (it depends on no protocol).
