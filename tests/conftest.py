@@ -97,3 +97,18 @@ def serve_merged(tmp_path_factory, tiny_anchor, corpora) -> Path:
         packages.append(root / domain)
     merge(tiny_anchor, packages, root / "merged", top_k=2)
     return root / "merged"
+
+
+@pytest.fixture(scope="session")
+def serve_merged_biased(tmp_path_factory, tiny_anchor, corpora, serve_merged) -> Path:
+    """`serve_merged` with its code expert trained again under the negative router bias, started at -0.25 so that
+    applying the bias (`--router-bias`) visibly changes routing without silencing the expert (at -1 it is never
+    in a token's top-2 on these prompts); the math expert is the same package."""
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+
+    root = tmp_path_factory.mktemp("serve-biased")
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=root / "code",
+                              negative_bias=True, negative_bias_start=-0.25, optim=tiny_optim(steps=6, lr=3e-2)))
+    merge(tiny_anchor, [root / "code", serve_merged.parent / "math"], root / "merged", top_k=2)
+    return root / "merged"

@@ -63,6 +63,7 @@ RECORD = {"format": MERGED_FORMAT, "format_version": MERGED_FORMAT_VERSION, "top
           "router_bias_dropped": ["code"], "created": "2026-01-01", "versions": {"flexolmo": "0.1"},
           "anchor": {"fingerprint": HEX, "fingerprint_scheme": 2, "config": ANCHOR_CONFIG},
           "experts": [{"name": "code", "source": "package", "slot_sha256": HEX, "package_sha256": HEX,
+                       "router_bias": [-0.5, -1.0],
                        "signer": {"name": "code", "key_id": HEX},
                        "manifest": {"name": "code", "training": {"tokens": 5},
                                     "privacy": {"dp": {"epsilon": 1.0}, "router_row": "public"}}}]}

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_optim
 
 from flexolmo.coordinator.merge import merge, remove_experts
-from flexolmo.core.errors import PackageError
+from flexolmo.core.errors import MergeError, PackageError
 from flexolmo.model.anchor import load_anchor
-from flexolmo.model.merged_format import MERGED_METADATA_FILE
+from flexolmo.model.merged_format import MERGED_METADATA_FILE, read_merged_info
 from flexolmo.model.runtime import load_model
 from flexolmo.owner.expert import ExpertConfig, train_expert
 from flexolmo.owner.owner_model import load_package_into_owner_model
@@ -43,6 +43,8 @@ def test_merge_keeps_the_bias_and_the_runtime_applies_it_on_request(tiny_anchor,
     merge(tiny_anchor, [tmp_path / "code"], tmp_path / "pair", top_k=2)
     metadata = json.loads((tmp_path / "pair" / MERGED_METADATA_FILE).read_text())
     assert metadata["router_bias_dropped"] == ["code"] and metadata["experts"][1]["router_bias"] == BIAS
+    assert load_model(tmp_path / "pair", router_bias=True).biased_experts == ["code"]
+    assert load_model(tmp_path / "pair").biased_experts == []
     owner = load_package_into_owner_model(load_anchor(tiny_anchor), load_package(tmp_path / "code").tensors)
     with_bias = load_model(tmp_path / "pair", router_bias=True)
     without = load_model(tmp_path / "pair")
@@ -75,3 +77,26 @@ def test_the_bias_starts_where_the_owner_asks_and_trains_from_there(tiny_anchor,
     with pytest.raises(PackageError, match="add --negative-bias"):
         train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=tmp_path / "no",
                                   negative_bias_start=-1.0, optim=tiny_optim(steps=4, lr=2e-2)))
+
+
+def test_a_positive_router_bias_is_refused_in_a_package_and_in_a_merged_record(tiny_anchor, corpora, tmp_path):
+    """Training keeps the bias <= 0, so it can only lower its own expert's share; a positive one would take
+    routing weight, and the credit paid by it, from every other expert wherever the kept biases are applied."""
+    train_expert(ExpertConfig(anchor=tiny_anchor, data=[corpora["code"]], name="code", out=tmp_path / "trained",
+                              negative_bias=True, optim=tiny_optim(steps=2, lr=2e-2)))
+    package = load_package(tmp_path / "trained")
+    fields = {k: v for k, v in package.manifest.items() if k not in ("format", "format_version", "name", "tensors",
+                                                                    "tensors_sha256", "file_sha256")}
+    forged = {**package.tensors, "layers.1.router.bias": torch.tensor([0.5])}
+    write_package(tmp_path / "forged", "code", forged, fields)
+    with pytest.raises(PackageError, match=r"layers.1.router.bias is a positive router bias \(0.5\)"):
+        load_package(tmp_path / "forged")
+
+    merge(tiny_anchor, [tmp_path / "trained"], tmp_path / "merged", top_k=2)
+    record_file = tmp_path / "merged" / MERGED_METADATA_FILE
+    record = json.loads(record_file.read_text())
+    for bias in ([0.5, -1.0], [-1.0], [-1.0, float("nan")], ["-1", -1.0]):
+        record["experts"][1]["router_bias"] = bias
+        record_file.write_text(json.dumps(record))
+        with pytest.raises(MergeError, match="expert slot 1's 'router_bias' is not one value <= 0 per layer"):
+            read_merged_info(tmp_path / "merged")

@@ -1,5 +1,6 @@
 """`flexolmo serve` as a process: it starts from the command line (saying in one line that, without
---trusted-keys, the model is unauthenticated), and SIGTERM lets the requests in flight finish before it exits."""
+--trusted-keys, the model is unauthenticated, and applying the owners' router biases with --router-bias), and
+SIGTERM lets the requests in flight finish before it exits."""
 
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90) -> No
     raise AssertionError(f"the server did not come up: {process.communicate(timeout=5)}")
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits(serve_merged):
+def test_sigterm_finishes_the_request_in_flight_then_exits(serve_merged_biased):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "flexolmo", "serve", "--model", str(serve_merged),
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "flexolmo", "serve", "--model", str(serve_merged_biased),
+                                "--port", str(port), "--router-bias"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(url, process)
+        assert httpx.get(f"{url}/health").json()["router_bias"] == ["code"]
         events: list[str] = []
         started = threading.Event()
 

@@ -70,6 +70,20 @@ def add_exclude_flag(parser) -> None:
     add_trusted_keys_flag(parser)
 
 
+def add_router_bias_flag(parser) -> None:
+    """`--router-bias`: on every command that runs a merged model, apply the router biases its owners trained
+    (the paper's negative bias), which the merge keeps in the model's record; transformers leaves them out."""
+    parser.add_argument("--router-bias", action="store_true",
+                        help="apply the owners' trained router biases kept in the merged model's record "
+                             "(flexolmo's runtime; transformers computes the checkpoint without them)")
+
+
+def model_title(args: argparse.Namespace) -> str:
+    """A results table's title: the model, with what `--exclude` and `--router-bias` changed in it."""
+    return (f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
+            + (" with its owners' router biases" if args.router_bias else ""))
+
+
 def add_json_flag(parser, help: str, metavar: str = "FILE") -> None:
     """`--json FILE` and `--force`: a result file, never written over an existing one unless `--force`;
     `--json -` prints it instead."""

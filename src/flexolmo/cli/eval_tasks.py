@@ -21,7 +21,9 @@ from flexolmo.cli.common import (
     add_device_flags,
     add_exclude_flag,
     add_json_flag,
+    add_router_bias_flag,
     json_output,
+    model_title,
     torch_dtype,
     trusted_keys,
     write_json_output,
@@ -40,6 +42,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--task-dir", nargs="*", default=[], type=Path, metavar="DIR",
                         help="directories of your own lm-eval task YAMLs")
     add_exclude_flag(parser)
+    add_router_bias_flag(parser)
     add_config_flags(parser, TaskSettings, TASK_FIELDS)
     add_device_flags(parser)
     add_json_flag(parser, help="write the scores as JSON to this file")
@@ -53,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     target = json_output(args)
     loaded = load_model(args.model, exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
-                        trusted_keys=trusted_keys(args))
+                        router_bias=args.router_bias, trusted_keys=trusted_keys(args))
     scores = evaluate_tasks(loaded, args.tasks, args.task_dir, task_settings(args))
-    title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
+    title = model_title(args)
     print_table(title, ["task", "metric", "value", "stderr", "documents"],
                 [[s.task, s.metric, s.value, "" if s.stderr is None else s.stderr, s.samples] for s in scores])
-    write_json_output(target, {"model": str(args.model), "exclude": args.exclude, "limit": args.limit,
+    write_json_output(target, {"model": str(args.model), "exclude": args.exclude,
+                               "router_bias": args.router_bias, "limit": args.limit,
                                "num_fewshot": args.num_fewshot, "scores": [s.as_dict() for s in scores]}, "scores")
     return 0
 

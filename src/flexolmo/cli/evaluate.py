@@ -23,7 +23,9 @@ from flexolmo.cli.common import (
     add_device_flags,
     add_exclude_flag,
     add_json_flag,
+    add_router_bias_flag,
     json_output,
+    model_title,
     trusted_keys,
     write_json_output,
 )
@@ -39,6 +41,7 @@ def register(subparsers, name: str) -> None:
     add_data_flag(parser, metavar="[NAME=]FILE",
                   help="text files, one domain each (named after the file unless NAME= is given)")
     add_exclude_flag(parser)
+    add_router_bias_flag(parser)
     from flexolmo.evaluation.scoring import EvalSettings
 
     add_config_flags(parser, EvalSettings, EVAL_FIELDS)
@@ -54,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     target = json_output(args)
     settings = eval_settings(args)
-    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude, trusted_keys(args))
+    result = evaluate_path(Path(args.model), parse_domains(args.data), settings, args.exclude, trusted_keys(args),
+                           args.router_bias)
     rows = [[name, s.bits_per_byte, s.loss, s.perplexity, f"{s.tokens:,}", f"{s.bytes:,}"]
             for name, s in result.domains.items()]
-    title = f"{args.model}" + (f" without {', '.join(args.exclude)}" if args.exclude else "")
+    title = model_title(args)
     print_table(title, ["domain", "bits/byte", "loss", "perplexity", "tokens", "bytes"], rows)
     routed = {name: s.routing for name, s in result.domains.items() if s.routing}
     if routed:

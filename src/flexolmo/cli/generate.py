@@ -8,7 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, add_exclude_flag, torch_dtype, trusted_keys
+from flexolmo.cli.common import (
+    add_command,
+    add_device_flags,
+    add_exclude_flag,
+    add_router_bias_flag,
+    torch_dtype,
+    trusted_keys,
+)
 from flexolmo.cli.config_flags import add_config_flags, config_values
 from flexolmo.model.runtime import GenerationSettings
 
@@ -20,6 +27,7 @@ def register(subparsers, name: str) -> None:
     parser.add_argument("--model", required=True, help="model directory (dense or merged)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     add_exclude_flag(parser)
+    add_router_bias_flag(parser)
     add_config_flags(parser, GenerationSettings, GENERATION_FIELDS)
     add_device_flags(parser)
     parser.set_defaults(run=run)
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from flexolmo.model.runtime import generate_text, load_model
 
     loaded = load_model(Path(args.model), exclude=args.exclude, dtype=torch_dtype(args.dtype), device=args.device,
-                        trusted_keys=trusted_keys(args))
+                        router_bias=args.router_bias, trusted_keys=trusted_keys(args))
     continuation = generate_text(loaded, args.prompt, generation_settings(args))
     print_generation(args.prompt, continuation)
     return 0

@@ -21,7 +21,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flexolmo.cli.common import add_command, add_device_flags, add_trusted_keys_flag, torch_dtype, trusted_keys
+from flexolmo.cli.common import (
+    add_command,
+    add_device_flags,
+    add_router_bias_flag,
+    add_trusted_keys_flag,
+    torch_dtype,
+    trusted_keys,
+)
 from flexolmo.core.errors import TrustError
 from flexolmo.serve.follow import DEFAULT_POLL, MAX_POLL, MIN_POLL
 
@@ -43,6 +50,7 @@ def register(subparsers, name: str) -> None:
                         help="directory with the coordinator's public key, which signs the active set")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     add_trusted_keys_flag(parser)
+    add_router_bias_flag(parser)
     add_device_flags(parser)
     parser.set_defaults(run=run)
 
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     # Before anything loads: with keys the coordinator's signature must cover the files as they are (one line
     # and no server when it does not); without keys, one warning line.
     authenticate_merged_model(args.model, trusted, "serve")
-    loaded = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device)
+    loaded = load_model(args.model, dtype=torch_dtype(args.dtype), device=args.device, router_bias=args.router_bias)
     options = ServeOptions(args.keys, args.active_set, args.coordinator_keys, args.max_batch, args.active_set_poll)
     uvicorn.run(create_app(ModelServer(loaded, options)), host=args.host, port=args.port, log_level="info")
     return 0

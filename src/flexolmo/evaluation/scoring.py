@@ -201,9 +201,10 @@ class EvalResult:
     model: str
     excluded: list[str]
     domains: dict[str, Score] = field(default_factory=dict)
+    router_bias: bool = False  # the owners' kept router biases were applied (`load_model(router_bias=True)`)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "excluded": self.excluded,
+        return {"model": self.model, "excluded": self.excluded, "router_bias": self.router_bias,
                 "domains": {name: score.as_dict() for name, score in self.domains.items()}}
 
 
@@ -247,11 +248,14 @@ def parse_domains(values: Sequence[str]) -> dict[str, list[Path]]:
 
 
 def evaluate_path(path: Path, domains: Mapping[str, Sequence[Path]], settings: EvalSettings,
-                  exclude: Sequence[str] = (), trusted_keys=None) -> EvalResult:
-    """Load a dense or merged model directory (with `exclude` experts masked, and authenticated against
-    `trusted_keys` when given: `runtime.load_model`) and evaluate it."""
+                  exclude: Sequence[str] = (), trusted_keys=None, router_bias: bool = False) -> EvalResult:
+    """Load a dense or merged model directory (with `exclude` experts masked, the owners' router biases applied
+    when `router_bias`, and authenticated against `trusted_keys` when given: `runtime.load_model`) and
+    evaluate it."""
 
     loaded = load_model(path, exclude=exclude, dtype=getattr(torch, settings.dtype), device=settings.device,
-                        trusted_keys=trusted_keys)
+                        router_bias=router_bias, trusted_keys=trusted_keys)
     check_context(getattr(loaded.model.config, "max_position_embeddings", None), settings.seq_len, path)
-    return evaluate(loaded.model, loaded.tokenizer, domains, settings, loaded.expert_names, str(path), exclude)
+    result = evaluate(loaded.model, loaded.tokenizer, domains, settings, loaded.expert_names, str(path), exclude)
+    result.router_bias = router_bias
+    return result

@@ -128,7 +128,18 @@ def _record_problem(metadata: dict) -> str | None:
     for key in ("num_hidden_layers", "hidden_size"):
         if not _positive_int(config.get(key)):
             return f"'anchor.config.{key}' is not a positive integer"
+    for index, entry in enumerate(experts):
+        if "router_bias" in entry and not _is_router_bias(entry["router_bias"], config["num_hidden_layers"]):
+            return f"expert slot {index}'s 'router_bias' is not one value <= 0 per layer"
     return None
+
+
+def _is_router_bias(value, layers: int) -> bool:
+    """A kept router bias as `merge` writes it: one finite value at or below zero per layer (a positive one would
+    take routing, and credit, from the other experts where the bias is applied)."""
+    return (isinstance(value, list) and len(value) == layers
+            and all(not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and math.isfinite(v))
+                    and v <= 0 for v in value))
 
 
 def verify_merged_model(path: Path | str, trusted_keys: TrustedKeys | None = None) -> dict:

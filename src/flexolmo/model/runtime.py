@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from flexolmo.core.devices import check_device
 from flexolmo.core.errors import AnchorError, MergeError, TrustError
+from flexolmo.core.progress import console
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.core.weights import RUNTIME_ROUTER_ROW, parse
 from flexolmo.model.anchor import (
@@ -62,10 +63,18 @@ class LoadedModel:
     tokenizer: object
     expert_names: list[str] = field(default_factory=list)
     record: dict | None = None  # a merged model's flexolmo_experts.json
+    router_bias: bool = False  # the owners' kept router biases are applied (`load_model(router_bias=True)`)
 
     @property
     def is_moe(self) -> bool:
         return bool(self.expert_names)
+
+    @property
+    def biased_experts(self) -> list[str]:
+        """The experts whose trained router bias this model applies (none unless loaded with `router_bias`)."""
+        if not self.router_bias:
+            return []
+        return [entry["name"] for entry in self.record["experts"] if "router_bias" in entry]
 
     def exclude(self, names: Sequence[str]) -> None:
         """Mask the named experts (all others active); an empty list re-enables every expert."""
@@ -123,18 +132,21 @@ def _load_merged(path: Path, dtype: torch.dtype, device: str, router_bias: bool 
     _copy_weights(path, model, family, tied_head=bool(config.get("tie_word_embeddings")))
     if router_bias:
         _install_router_bias(model, info.metadata["experts"])
-    return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names, info.metadata)
+    return LoadedModel(path, model.eval(), load_tokenizer(path), info.expert_names, info.metadata, router_bias)
 
 
 @torch.no_grad()
 def _install_router_bias(model: torch.nn.Module, entries: list[dict]) -> None:
     """Give each expert with a learned router bias (kept by the merge in its metadata entry) that bias again.
 
-    flexolmo's runtime only: the flex_olmo format has no router bias, so transformers and vLLM compute the
-    checkpoint without it. Used to measure what the bias is worth at inference."""
-    for index, entry in enumerate(entries):
-        if "router_bias" in entry:
-            set_router_bias(model, index, entry["router_bias"])
+    The merged formats have no router bias, so transformers computes the checkpoint without it; flexolmo's
+    runtime (`--router-bias` on eval, eval-tasks, generate and serve) and the vLLM plugin (`load_llm(...,
+    router_bias=True)`) apply it on request."""
+    biased = [index for index, entry in enumerate(entries) if "router_bias" in entry]
+    for index in biased:
+        set_router_bias(model, index, entries[index]["router_bias"])
+    if not biased:
+        console.print("note: no expert of this model was trained with a router bias; --router-bias changes nothing")
 
 
 def _runtime_tensors(name: str, reader: LazyReader, family: AnchorFamily) -> list[tuple[str, torch.Tensor]]:
@@ -181,10 +193,10 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
                device: str = "cpu", router_bias: bool = False,
                trusted_keys: TrustedKeys | None = None) -> LoadedModel:
     """Load a dense or merged model directory, with `exclude` experts masked. `router_bias=True` applies the
-    owners' learned router biases that a merged checkpoint keeps in its metadata (not read by transformers or
-    vLLM, so the result is then a model only flexolmo runs). With `trusted_keys` a merged model must verify
-    against them first (a dense model, which flexolmo never signs, is refused); without them, excluding experts
-    by name warns that the names are not authenticated."""
+    owners' learned router biases that a merged checkpoint keeps in its record (not read by transformers, so the
+    result is then a model that flexolmo's runtime and its vLLM plugin compute). With `trusted_keys` a merged
+    model must verify against them first (a dense model, which flexolmo never signs, is refused); without them,
+    excluding experts by name warns that the names are not authenticated."""
     path = Path(path)
     check_device(device)
     config = read_config(path)
@@ -193,6 +205,8 @@ def load_model(path: Path | str, exclude: Sequence[str] = (), dtype: torch.dtype
         if trusted_keys is not None or exclude:
             authenticate_merged_model(path, trusted_keys, "--exclude" if exclude else "loading")
         loaded = _load_merged(path, dtype, device, router_bias)
+    elif router_bias and model_type in ANCHOR_FAMILIES:
+        raise AnchorError(f"{path}: a dense model has no experts, so no router bias to apply: leave out --router-bias")
     elif trusted_keys is not None and model_type in ANCHOR_FAMILIES:
         raise TrustError(f"{path}: a dense model, which no coordinator signs; --trusted-keys authenticates merged "
                          "models only: leave it out")

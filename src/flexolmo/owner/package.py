@@ -13,7 +13,8 @@ this order: the manifest's types; that the directory holds nothing else; the sig
 trusts keys; the safetensors header (parsed before any checksum is believed, so a pickle is refused however
 its checksums were forged); every expected tensor present for the anchor and no other, each of the right
 shape and a floating dtype; the header's name equal to the manifest's; the file and tensor checksums; every
-value finite; the anchor's fingerprint and shape; and a DP claim's epsilon against its own parameters.
+value finite and every router bias at or below zero; the anchor's fingerprint and shape; and a DP claim's epsilon
+against its own parameters.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flexolmo.core.fileio import (
     digest_tensor,
     sha256_file,
 )
-from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
+from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER, parse
 from flexolmo.model.anchor import ANCHOR_FAMILIES, FINGERPRINT_SCHEME
 from flexolmo.owner.manifest import FORMAT, FORMAT_VERSION, NAME_REGEX, ExpertManifest, describe_validation
 from flexolmo.owner.privacy import spent_epsilon
@@ -255,6 +256,7 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
             if not bool(torch.isfinite(tensor).all()):
                 raise PackageError(f"{tensor_file}: tensor {name} holds NaN or infinite values; such an expert "
                                    "would break every model it joins")
+            _check_bias_sign(tensor_file, name, tensor)
             digest_tensor(digest, name, tensor)
             if keep:
                 kept[name] = tensor
@@ -265,6 +267,15 @@ def _check_contents(tensor_file: Path, manifest: dict, keep: bool) -> dict[str, 
         raise PackageError(f"{tensor_file}: file bytes differ from the manifest's file_sha256; the package was "
                            "altered")
     return kept if keep else None
+
+
+def _check_bias_sign(tensor_file: Path, name: str, tensor: torch.Tensor) -> None:
+    """A router bias is the method's negative bias, which training keeps at or below zero: it can only lower its
+    own expert's share. A positive one would take routing weight, and the credit paid by it, from every other
+    expert wherever a runtime applies the kept biases (`--router-bias`)."""
+    if parse(PACKAGE_BIAS, name) is not None and bool((tensor > 0).any()):
+        raise PackageError(f"{tensor_file}: tensor {name} is a positive router bias ({float(tensor.max()):g}); "
+                           "training keeps it at or below zero, so the package was not made by train-expert")
 
 
 def check_against_anchor(package_path: Path, manifest: dict, anchor_fingerprint: str, anchor_config: dict) -> None:

@@ -186,7 +186,7 @@ def _information_routes(app: FastAPI, server: ModelServer) -> None:
     async def health() -> Response:
         active = server.active_state()
         return JSONResponse({"status": "failed_closed" if active.failed_closed else "ok", "model": server.model_id,
-                             "experts": server.expert_names,
+                             "experts": server.expert_names, "router_bias": server.loaded.biased_experts,
                              "active_set": ({**active.as_dict(), "source": server.follower.source}
                                             if server.follower else None),
                              "running": server.scheduler.running, "waiting": server.scheduler.waiting})
