@@ -4,8 +4,9 @@
 #      its one-process NCCL FSDP variant included);
 #   2. fsdp: `train-expert --fsdp` over NCCL across processes, one per GPU (skipped with fewer than 2 GPUs);
 #   3. serve: benchmarks/bench_serve.py with flexolmo's own runtime on the GPU (--device cuda);
-#   4. vllm: the vLLM plugin against flexolmo's CPU runtime, and its throughput (bench_serve.py --vllm), only
-#      where `import vllm` works (it says so when it does not).
+#   4. vllm: the vLLM plugin against flexolmo's CPU runtime, and its throughput (bench_serve.py --vllm), then the
+#      glue's tests (tests/test_serve_vllm_glue.py: masks and router biases), only where `import vllm` works (it
+#      says so when it does not).
 # Every output line starts with the device's name; JSON results go under $OUT (or /tmp/flexolmo-gpu-check), with
 # a summary of what ran, failed or was skipped in gpu_check.json.
 #
@@ -23,7 +24,7 @@ RESULTS=${OUT:-/tmp/flexolmo-gpu-check}
 WORK=/tmp/flexolmo-gpu-check-work
 # What flexolmo's serving and training import beyond the device tool's GPU image (its package list), with
 # everything they require: --prepare fetches this closure at the versions installed here.
-ROOTS="fastapi uvicorn openai pydantic pyOpenSSL securesystemslib prometheus-client httpx"
+ROOTS="fastapi uvicorn openai pydantic pyOpenSSL securesystemslib prometheus-client httpx pytest"
 
 if [ "$MODE" = --prepare ]; then
   pins=$("$PYTHON" - $ROOTS <<'PY'
@@ -132,6 +133,8 @@ elif [ "$GPUS" -lt 1 ]; then
   skip vllm "vllm imports but there is no GPU: the vLLM plugin was NOT run"
 else
   step vllm 200 "$PYTHON" benchmarks/bench_serve.py --vllm --workdir "$WORK/serve" --out "$RESULTS/serve_vllm.json"
+  # The glue's own tests: masks and the owners' router biases against flexolmo's runtime, greedy token for token.
+  step vllm-tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_serve_vllm_glue.py
 fi
 
 summary=$(IFS=,; echo "${STATUS[*]}")

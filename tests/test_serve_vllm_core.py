@@ -25,11 +25,13 @@ from flexolmo.serve.vllm_plugin.core import (
     MaskRow,
     MaskTable,
     check_mask_arg,
+    layer_index,
     mask_of,
     mask_row,
     masked_top_k,
     per_expert,
     requests_for_vllm,
+    router_bias_table,
     token_masks,
 )
 
@@ -60,6 +62,39 @@ def test_masked_top_k_routes_as_flexolmos_own_block(normalize, experts, top_k):
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32 and weights.shape == (tokens, top_k)
     assert torch.allclose(per_expert(weights, ids, experts), expected, atol=1e-6)
     assert not (per_expert(weights, ids, experts)[~masks] != 0).any()  # a masked expert gets nothing
+
+
+def test_masked_top_k_with_router_biases_routes_as_flexolmos_biased_block():
+    """The owners' kept biases, laid out per layer by `router_bias_table` and added by `masked_top_k`, route as
+    flexolmo's runtime does after `--router-bias` (`set_router_bias` on each row)."""
+    generator = torch.Generator().manual_seed(7)
+    experts, hidden_size, tokens, top_k = 4, 16, 64, 2
+    record = [{"name": "public"}, {"name": "code", "router_bias": [-0.5, -1.5]}, {"name": "math"},
+              {"name": "law", "router_bias": [-2.0, -0.25]}]
+    table = router_bias_table(record, num_layers=2)
+    assert table.tolist() == [[0.0, -0.5, 0.0, -2.0], [0.0, -1.5, 0.0, -0.25]]
+    rows = torch.randn(experts, hidden_size, generator=generator)
+    hidden = torch.randn(tokens, 1, hidden_size, generator=generator)
+    masks = random_masks(generator, tokens, experts)
+    for layer in range(2):
+        block = FlexMoEBlock([nn.Identity() for _ in range(experts)], ExpertRouter(hidden_size, rows, [1, 3]),
+                             top_k)
+        with torch.no_grad():
+            for expert in (1, 3):
+                block.gate.rows[expert].bias.fill_(table[layer, expert])
+        with row_masks(block, masks):
+            expected = block.route(hidden).weights[:, 0]
+        logits = hidden[:, 0] @ rows.T  # the checkpoint's router: no bias
+        weights, ids = masked_top_k(logits, masks, top_k, False, table[layer])
+        assert torch.allclose(per_expert(weights, ids, experts), expected, atol=1e-6)
+        unbiased, unbiased_ids = masked_top_k(logits, masks, top_k, False)
+        assert not torch.allclose(per_expert(unbiased, unbiased_ids, experts), expected, atol=1e-3)
+
+
+def test_a_fused_moe_finds_its_decoder_layer_by_name():
+    assert layer_index("model.layers.7.mlp.experts") == 7 and layer_index("layers.12.mlp.experts") == 12
+    with pytest.raises(ValueError, match="in no decoder layer"):
+        layer_index("model.mlp.experts")
 
 
 class PersistentBatch:

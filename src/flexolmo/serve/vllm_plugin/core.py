@@ -16,7 +16,10 @@ The path of a mask through vLLM (v1 engine), and which part of it lives here:
    `query_start_loc[i]:query_start_loc[i+1]` (vLLM's attention metadata); `token_masks` repeats each row over
    its request's tokens.
 4. Every MoE layer routes with `masked_top_k`: softmax over the token's allowed experts, top-k, renormalised
-   when the format does (`norm_topk_prob`), the semantics of `flexolmo.model.moe.FlexMoEBlock.route`.
+   when the format does (`norm_topk_prob`), the semantics of `flexolmo.model.moe.FlexMoEBlock.route`. A model
+   loaded with its owners' router biases (`load_llm(..., router_bias=True)`, which sets `ROUTER_BIAS_CONFIG` in
+   the model's config) adds each layer's row of `router_bias_table` to its logits first, as flexolmo's runtime
+   does with `--router-bias`.
 
 A request that carries no mask runs the public expert only (fail closed): the plugin is used through the
 frontend, which always sends one. Slot 0 is the public expert in every merged model flexolmo writes.
@@ -25,6 +28,7 @@ frontend, which always sends one. Slot 0 is the public expert in every merged mo
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -34,8 +38,10 @@ from flexolmo.serve.access import request_mask
 from flexolmo.serve.follow import ActiveState
 
 MASK_ARG = "flexolmo_mask"  # the key of the mask in a request's SamplingParams.extra_args
+ROUTER_BIAS_CONFIG = "flexolmo_router_bias"  # set in the model's config (hf_overrides) to apply kept biases
 PUBLIC_SLOT = 0
 SALT_PREFIX = "flexolmo-mask-v1:"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class MaskRow(NamedTuple):
@@ -136,19 +142,41 @@ def token_masks(rows: torch.Tensor, query_start_loc: torch.Tensor, num_tokens: i
     return torch.cat([masks, padding])
 
 
-def masked_top_k(gating_output: torch.Tensor, token_mask: torch.Tensor, top_k: int,
-                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_top_k(gating_output: torch.Tensor, token_mask: torch.Tensor, top_k: int, renormalize: bool,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights (T, k) float32, expert ids (T, k) int32): each token's top-k of the softmax over its allowed
     experts, renormalised to sum to 1 when `renormalize`. A masked expert gets probability 0, exactly as if it
-    were removed; a token allowed fewer than k experts keeps them all and its other slots have weight 0."""
+    were removed; a token allowed fewer than k experts keeps them all and its other slots have weight 0.
+    `bias` (E,), where given, is added to every token's logits before the mask (the owners' router biases)."""
     if gating_output.shape != token_mask.shape:
         raise ValueError(f"router logits {tuple(gating_output.shape)} and token masks {tuple(token_mask.shape)} "
                          "differ in shape")
-    logits = gating_output.float().masked_fill(~token_mask, float("-inf"))
+    logits = gating_output.float()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.masked_fill(~token_mask, float("-inf"))
     weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
+
+
+def router_bias_table(record_experts: Sequence[dict], num_layers: int) -> torch.Tensor:
+    """(layers, E) float32: each expert's kept router bias per layer (the merged record's `router_bias`, already
+    checked by `read_merged_info` to be one value <= 0 per layer), zero for an expert trained without one."""
+    table = torch.zeros(num_layers, len(record_experts))
+    for expert, entry in enumerate(record_experts):
+        if "router_bias" in entry:
+            table[:, expert] = torch.tensor(entry["router_bias"], dtype=torch.float32)
+    return table
+
+
+def layer_index(module_name: str) -> int:
+    """The decoder layer a module belongs to, from its name in the model (`model.layers.7.mlp.experts` -> 7)."""
+    match = _LAYER.search(module_name)
+    if match is None:
+        raise ValueError(f"module {module_name!r} is in no decoder layer (no '.layers.N.' in its name)")
+    return int(match.group(1))
 
 
 def per_expert(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ when it was written; `scripts/gpu_check.sh` runs it where vLLM imports (docs/ser
   with the persistent batch's changes and each new request's `SamplingParams`, which is how the mask in
   `extra_args` reaches the worker. It keeps a `core.MaskTable`.
 - `Masked*ForCausalLM`: vLLM's own FlexOlmo, Qwen2-MoE and Qwen3-MoE models with every `FusedMoE` routed by
-  `core.masked_top_k`, each token under its request's mask. The model and the logits processor are built apart
+  `core.masked_top_k`, each token under its request's mask (and with its layer's owners' router biases where
+  the model was loaded with them). The model and the logits processor are built apart
   by vLLM in the same worker process from the same `VllmConfig` object, and share nothing else: the table is
   kept on that object (`shared_table`).
 - `load_llm` / `generate`: vLLM's offline `LLM` on a merged model, under the masked architecture, with
@@ -36,11 +37,14 @@ from flexolmo.model.merged_format import read_merged_info
 from flexolmo.serve.vllm_plugin import MASKED_ARCHITECTURES
 from flexolmo.serve.vllm_plugin.core import (
     MASK_ARG,
+    ROUTER_BIAS_CONFIG,
     MaskRow,
     MaskTable,
     check_mask_arg,
+    layer_index,
     masked_top_k,
     requests_for_vllm,
+    router_bias_table,
     token_masks,
 )
 
@@ -91,10 +95,21 @@ class _TokenMasks:
     def __init__(self) -> None:
         self.current: torch.Tensor | None = None
 
-    def route(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
-              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """FusedMoE's `custom_routing_function`."""
-        return masked_top_k(gating_output, self.current[: gating_output.shape[0]], topk, renormalize)
+
+class _LayerRouting:
+    """One FusedMoE's `custom_routing_function`: the current forward's token masks, and this layer's router
+    biases when the model applies them (moved to the logits' device once)."""
+
+    def __init__(self, masks: _TokenMasks, bias: torch.Tensor | None):
+        self.masks = masks
+        self.bias = bias
+
+    def __call__(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
+                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bias is not None and self.bias.device != gating_output.device:
+            self.bias = self.bias.to(gating_output.device)
+        return masked_top_k(gating_output, self.masks.current[: gating_output.shape[0]], topk, renormalize,
+                            self.bias)
 
 
 class _Masked:
@@ -109,13 +124,16 @@ class _Masked:
             raise ValueError("flexolmo's masked models need their logits processor: pass logits_processors="
                              "['flexolmo.serve.vllm_plugin.glue:RequestMasks'] (--logits-processors)")
         self._masks = _TokenMasks()
-        renormalize = bool(getattr(vllm_config.model_config.hf_config, "norm_topk_prob", False))
-        for layer in self.modules():
+        hf_config = vllm_config.model_config.hf_config
+        renormalize = bool(getattr(hf_config, "norm_topk_prob", False))
+        biases = _router_biases(vllm_config) if getattr(hf_config, ROUTER_BIAS_CONFIG, False) else None
+        for name, layer in self.named_modules():
             if isinstance(layer, FusedMoE):
                 if layer.renormalize != renormalize:  # vLLM's FlexOlmo never renormalises, whatever the config
                     raise ValueError(f"vLLM's model routes with renormalize={layer.renormalize}, the checkpoint "
                                      f"says norm_topk_prob={renormalize}: vLLM would not compute this model")
-                layer.custom_routing_function = self._masks.route
+                bias = None if biases is None else biases[layer_index(name)]
+                layer.custom_routing_function = _LayerRouting(self._masks, bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *args, **kwargs):
         self._masks.current = self._token_masks(positions.shape[-1], positions.device)
@@ -136,6 +154,12 @@ class _Masked:
         return token_masks(rows, query_start_loc, num_tokens)
 
 
+def _router_biases(vllm_config: VllmConfig) -> torch.Tensor:
+    """(layers, E): the owners' router biases the merged model's record keeps (`core.router_bias_table`)."""
+    info = read_merged_info(vllm_config.model_config.model)
+    return router_bias_table(info.metadata["experts"], int(info.config["num_hidden_layers"]))
+
+
 class MaskedFlexOlmoForCausalLM(_Masked, FlexOlmoForCausalLM):
     pass
 
@@ -148,12 +172,14 @@ class MaskedQwen3MoeForCausalLM(_Masked, Qwen3MoeForCausalLM):
     pass
 
 
-def load_llm(path: Path | str, **options) -> LLM:
+def load_llm(path: Path | str, router_bias: bool = False, **options) -> LLM:
     """vLLM's offline engine on a merged model, under its masked architecture, with `RequestMasks`, prefix
-    caching (salted per mask) and eager execution; `options` go to `LLM` (dtype, gpu_memory_utilization, ...)."""
+    caching (salted per mask) and eager execution; `router_bias` applies the owners' kept router biases as
+    `--router-bias` does; `options` go to `LLM` (dtype, gpu_memory_utilization, ...)."""
     architecture = read_merged_info(path).config["architectures"][0]
-    return LLM(model=str(path), hf_overrides={"architectures": [MASKED_ARCHITECTURES[architecture]]},
-               logits_processors=[RequestMasks], enforce_eager=True, enable_prefix_caching=True, **options)
+    overrides = {"architectures": [MASKED_ARCHITECTURES[architecture]], ROUTER_BIAS_CONFIG: router_bias}
+    return LLM(model=str(path), hf_overrides=overrides, logits_processors=[RequestMasks], enforce_eager=True,
+               enable_prefix_caching=True, **options)
 
 
 def generate(llm: LLM, prompts: Sequence[list[int]], rows: Sequence[MaskRow], max_tokens: int,
