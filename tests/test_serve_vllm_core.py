@@ -1,7 +1,8 @@
-"""The vLLM plugin's core, without vLLM: the masked top-k routing equals flexolmo's own (`FlexMoEBlock.route`) for
-every family's renormalisation and any masks; the mask table follows vLLM's persistent batch through removals,
-additions, one-way moves and swaps; rows expand to a flattened batch's tokens; a request's mask is resolved as
-the CPU server resolves it; two different masks or versions never share a cache salt."""
+"""The vLLM plugin's core, without vLLM: vLLM's own top-k routing on the masked router logits equals flexolmo's
+own (`FlexMoEBlock.route`) for every family's renormalisation and any masks, with the owners' router biases too;
+the router hooks reach every MoE layer or fail the forward; the mask table follows vLLM's persistent batch through
+removals, additions, one-way moves and swaps; rows expand to a flattened batch's tokens; a request's mask is
+resolved as the CPU server resolves it; two different masks or versions never share a cache salt."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from flexolmo.serve.vllm_plugin.core import (
     MASK_ARG,
     MaskRow,
     MaskTable,
+    RouterMasks,
     check_mask_arg,
-    layer_index,
     mask_of,
     mask_row,
-    masked_top_k,
-    per_expert,
+    masked_logits,
+    moe_routers,
     requests_for_vllm,
     router_bias_table,
     token_masks,
@@ -45,9 +46,18 @@ def random_masks(generator: torch.Generator, tokens: int, experts: int) -> torch
     return masks
 
 
+def native_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
+    """(T, E): what vLLM's own top-k softmax routing (`fused_topk`) gives each expert for these router logits:
+    the float32 softmax over all experts, its top-k, renormalised when the layer does; zero outside the top-k."""
+    weights, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(logits, dtype=torch.float32).scatter(-1, ids, weights)
+
+
 @pytest.mark.parametrize("normalize", sorted({family.normalize_top_k for family in ANCHOR_FAMILIES.values()}))
 @pytest.mark.parametrize("experts, top_k", [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3), (7, 2), (7, 7)])
-def test_masked_top_k_routes_as_flexolmos_own_block(normalize, experts, top_k):
+def test_vllms_routing_on_masked_logits_equals_flexolmos_own_block(normalize, experts, top_k):
     generator = torch.Generator().manual_seed(experts * 10 + top_k)
     hidden_size, tokens = 16, 64
     block = FlexMoEBlock([nn.Identity() for _ in range(experts)],
@@ -58,15 +68,55 @@ def test_masked_top_k_routes_as_flexolmos_own_block(normalize, experts, top_k):
     with row_masks(block, masks):
         expected = block.route(hidden).weights[:, 0]
     logits = block.gate(hidden)[:, 0]
-    weights, ids = masked_top_k(logits, masks, top_k, normalize)
-    assert weights.dtype == torch.float32 and ids.dtype == torch.int32 and weights.shape == (tokens, top_k)
-    assert torch.allclose(per_expert(weights, ids, experts), expected, atol=1e-6)
-    assert not (per_expert(weights, ids, experts)[~masks] != 0).any()  # a masked expert gets nothing
+    routed = native_top_k(masked_logits(logits, masks), top_k, normalize)
+    assert torch.allclose(routed, expected, atol=1e-6)
+    assert not routed[~masks].any()  # a masked expert gets nothing
+    # In the half-precision logits vLLM's routers produce, a masked expert's probability is exactly 0 as well.
+    assert not torch.softmax(masked_logits(logits.bfloat16(), masks).float(), dim=-1)[~masks].any()
 
 
-def test_masked_top_k_with_router_biases_routes_as_flexolmos_biased_block():
-    """The owners' kept biases, laid out per layer by `router_bias_table` and added by `masked_top_k`, route as
-    flexolmo's runtime does after `--router-bias` (`set_router_bias` on each row)."""
+class Experts(nn.Module):
+    """Stands in for vLLM's MoE layer (`FusedMoE`), of which the masks need only how it renormalises."""
+
+    def __init__(self, renormalize: bool):
+        super().__init__()
+        self.renormalize = renormalize
+
+
+class TupleRouter(nn.Linear):
+    """A router that returns (logits, bias), as vLLM's `ReplicatedLinear` does by default."""
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(hidden), None
+
+
+def vllm_like_model(rows: torch.Tensor, layers: int, renormalize: bool = False) -> nn.Module:
+    """`model.layers.N.mlp.{gate, experts}` as vLLM's FlexOlmo and Qwen-MoE models name them; layer 1's router
+    returns a tuple."""
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    for layer in range(layers):
+        mlp = nn.Module()
+        mlp.gate = (TupleRouter if layer == 1 else nn.Linear)(rows.shape[1], rows.shape[0], bias=False)
+        with torch.no_grad():
+            mlp.gate.weight.copy_(rows)
+        mlp.experts = Experts(renormalize)
+        decoder = nn.Module()
+        decoder.mlp = mlp
+        model.layers.append(decoder)
+    outer = nn.Module()
+    outer.model = model
+    return outer
+
+
+def routed_logits(model: nn.Module, hidden: torch.Tensor) -> list[torch.Tensor]:
+    outputs = [decoder.mlp.gate(hidden) for decoder in model.model.layers]
+    return [output[0] if isinstance(output, tuple) else output for output in outputs]
+
+
+def test_router_hooks_mask_every_layer_and_apply_its_owner_biases_as_flexolmos_runtime_does():
+    """The owners' kept biases, laid out per layer by `router_bias_table` and added by the hooks before the mask,
+    route as flexolmo's runtime does after `--router-bias` (`set_router_bias` on each row)."""
     generator = torch.Generator().manual_seed(7)
     experts, hidden_size, tokens, top_k = 4, 16, 64, 2
     record = [{"name": "public"}, {"name": "code", "router_bias": [-0.5, -1.5]}, {"name": "math"},
@@ -74,8 +124,16 @@ def test_masked_top_k_with_router_biases_routes_as_flexolmos_biased_block():
     table = router_bias_table(record, num_layers=2)
     assert table.tolist() == [[0.0, -0.5, 0.0, -2.0], [0.0, -1.5, 0.0, -0.25]]
     rows = torch.randn(experts, hidden_size, generator=generator)
-    hidden = torch.randn(tokens, 1, hidden_size, generator=generator)
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
     masks = random_masks(generator, tokens, experts)
+    model, plain = vllm_like_model(rows, layers=2), vllm_like_model(rows, layers=2)
+    biased, unbiased = RouterMasks(table), RouterMasks()
+    biased.install(moe_routers(model.named_modules(), renormalize=False))
+    unbiased.install(moe_routers(plain.named_modules(), renormalize=False))
+    with torch.no_grad(), biased.masking(masks):
+        hooked = routed_logits(model, hidden)
+    with torch.no_grad(), unbiased.masking(masks):
+        hooked_plain = routed_logits(plain, hidden)
     for layer in range(2):
         block = FlexMoEBlock([nn.Identity() for _ in range(experts)], ExpertRouter(hidden_size, rows, [1, 3]),
                              top_k)
@@ -83,18 +141,34 @@ def test_masked_top_k_with_router_biases_routes_as_flexolmos_biased_block():
             for expert in (1, 3):
                 block.gate.rows[expert].bias.fill_(table[layer, expert])
         with row_masks(block, masks):
-            expected = block.route(hidden).weights[:, 0]
-        logits = hidden[:, 0] @ rows.T  # the checkpoint's router: no bias
-        weights, ids = masked_top_k(logits, masks, top_k, False, table[layer])
-        assert torch.allclose(per_expert(weights, ids, experts), expected, atol=1e-6)
-        unbiased, unbiased_ids = masked_top_k(logits, masks, top_k, False)
-        assert not torch.allclose(per_expert(unbiased, unbiased_ids, experts), expected, atol=1e-3)
+            expected = block.route(hidden[:, None]).weights[:, 0]
+        assert torch.allclose(native_top_k(hooked[layer], top_k, False), expected, atol=1e-6)
+        assert not torch.allclose(native_top_k(hooked_plain[layer], top_k, False), expected, atol=1e-3)
 
 
-def test_a_fused_moe_finds_its_decoder_layer_by_name():
-    assert layer_index("model.layers.7.mlp.experts") == 7 and layer_index("layers.12.mlp.experts") == 12
-    with pytest.raises(ValueError, match="in no decoder layer"):
-        layer_index("model.mlp.experts")
+def test_a_forward_that_routes_around_the_hooks_fails_instead_of_serving_unmasked():
+    rows = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    model, routing = vllm_like_model(rows, layers=2), RouterMasks()
+    routing.install(moe_routers(model.named_modules(), renormalize=False))
+    masks = torch.ones(5, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="reached 1 of 2 MoE routers"), routing.masking(masks):
+        model.model.layers[0].mlp.gate(torch.randn(5, 8))  # layer 1 routed some other way
+    with pytest.raises(RuntimeError, match="outside a masked forward"):
+        model.model.layers[0].mlp.gate(torch.randn(5, 8))
+    with routing.masking(masks):
+        routed_logits(model, torch.randn(5, 8))  # every router reached: no error
+
+
+def test_a_model_whose_moe_layers_the_hooks_cannot_all_reach_is_refused():
+    rows = torch.randn(3, 8)
+    model = vllm_like_model(rows, layers=2)
+    del model.model.layers[1].mlp.gate  # experts whose router is somewhere else
+    with pytest.raises(ValueError, match=r"routers in layers \[0\] and experts in layers \[0, 1\]"):
+        moe_routers(model.named_modules(), renormalize=False)
+    with pytest.raises(ValueError, match="routers in layers"):
+        moe_routers(nn.Linear(2, 2).named_modules(), renormalize=False)
+    with pytest.raises(ValueError, match="renormalize=False, the checkpoint says norm_topk_prob=True"):
+        moe_routers(vllm_like_model(rows, layers=2).named_modules(), renormalize=True)
 
 
 class PersistentBatch:

@@ -1,5 +1,6 @@
 """What the vLLM plugin computes, without vLLM: a request's mask row, its cache salt, the rows of vLLM's
-persistent batch, their expansion to the flattened tokens of one forward, and the masked top-k routing.
+persistent batch, their expansion to the flattened tokens of one forward, and the masking of every MoE layer's
+router logits.
 
 The path of a mask through vLLM (v1 engine), and which part of it lives here:
 
@@ -15,11 +16,15 @@ The path of a mask through vLLM (v1 engine), and which part of it lives here:
 3. The model's forward flattens the batch's tokens in batch-index order, request i owning positions
    `query_start_loc[i]:query_start_loc[i+1]` (vLLM's attention metadata); `token_masks` repeats each row over
    its request's tokens.
-4. Every MoE layer routes with `masked_top_k`: softmax over the token's allowed experts, top-k, renormalised
-   when the format does (`norm_topk_prob`), the semantics of `flexolmo.model.moe.FlexMoEBlock.route`. A model
-   loaded with its owners' router biases (`load_llm(..., router_bias=True)`, which sets `ROUTER_BIAS_CONFIG` in
-   the model's config) adds each layer's row of `router_bias_table` to its logits first, as flexolmo's runtime
-   does with `--router-bias`.
+4. Every MoE layer's router (`mlp.gate`) has a forward hook (`RouterMasks`) that sets each token's disallowed
+   experts' logits to the lowest value (`masked_logits`), so vLLM's own top-k softmax routing, whatever kernel
+   computes it, gives them weight 0 and ranges over the allowed experts: the semantics of
+   `flexolmo.model.moe.FlexMoEBlock.route`. The hook counts the routers it reached, and a forward that did not
+   reach all of them raises: a vLLM that routes some other way fails loudly rather than serving without masks.
+   (Masking the logits, not replacing vLLM's top-k, is what keeps this independent of how vLLM's MoE layer
+   picks experts, which changed after 0.11.) A model loaded with its owners' router biases
+   (`load_llm(..., router_bias=True)`, which sets `ROUTER_BIAS_CONFIG` in the model's config) adds each layer's
+   row of `router_bias_table` to its logits first, as flexolmo's runtime does with `--router-bias`.
 
 A request that carries no mask runs the public expert only (fail closed): the plugin is used through the
 frontend, which always sends one. Slot 0 is the public expert in every merged model flexolmo writes.
@@ -27,12 +32,15 @@ frontend, which always sends one. Slot 0 is the public expert in every merged mo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from flexolmo.serve.access import request_mask
 from flexolmo.serve.follow import ActiveState
@@ -41,7 +49,7 @@ MASK_ARG = "flexolmo_mask"  # the key of the mask in a request's SamplingParams.
 ROUTER_BIAS_CONFIG = "flexolmo_router_bias"  # set in the model's config (hf_overrides) to apply kept biases
 PUBLIC_SLOT = 0
 SALT_PREFIX = "flexolmo-mask-v1:"
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_MOE_PART = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate|experts)$")
 
 
 class MaskRow(NamedTuple):
@@ -142,23 +150,19 @@ def token_masks(rows: torch.Tensor, query_start_loc: torch.Tensor, num_tokens: i
     return torch.cat([masks, padding])
 
 
-def masked_top_k(gating_output: torch.Tensor, token_mask: torch.Tensor, top_k: int, renormalize: bool,
-                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights (T, k) float32, expert ids (T, k) int32): each token's top-k of the softmax over its allowed
-    experts, renormalised to sum to 1 when `renormalize`. A masked expert gets probability 0, exactly as if it
-    were removed; a token allowed fewer than k experts keeps them all and its other slots have weight 0.
-    `bias` (E,), where given, is added to every token's logits before the mask (the owners' router biases)."""
+def masked_logits(gating_output: torch.Tensor, token_mask: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Router logits (T, E) with each token's disallowed experts at the dtype's lowest value, and `bias` (E,),
+    where given, added first (the owners' router biases). vLLM's own routing then computes on them what
+    `FlexMoEBlock.route` computes under the same masks: the softmax gives a masked expert probability 0 (its
+    exponent underflows), so top-k and any renormalisation range over the allowed experts only; a token allowed
+    fewer than k experts keeps them all, and its other slots have weight 0. The lowest finite value rather than
+    -inf, so that no kernel ever multiplies an infinity by zero."""
     if gating_output.shape != token_mask.shape:
         raise ValueError(f"router logits {tuple(gating_output.shape)} and token masks {tuple(token_mask.shape)} "
                          "differ in shape")
-    logits = gating_output.float()
-    if bias is not None:
-        logits = logits + bias
-    logits = logits.masked_fill(~token_mask, float("-inf"))
-    weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    logits = gating_output if bias is None else gating_output + bias.to(gating_output.dtype)
+    return logits.masked_fill(~token_mask, torch.finfo(logits.dtype).min)
 
 
 def router_bias_table(record_experts: Sequence[dict], num_layers: int) -> torch.Tensor:
@@ -171,18 +175,73 @@ def router_bias_table(record_experts: Sequence[dict], num_layers: int) -> torch.
     return table
 
 
-def layer_index(module_name: str) -> int:
-    """The decoder layer a module belongs to, from its name in the model (`model.layers.7.mlp.experts` -> 7)."""
-    match = _LAYER.search(module_name)
-    if match is None:
-        raise ValueError(f"module {module_name!r} is in no decoder layer (no '.layers.N.' in its name)")
-    return int(match.group(1))
+def moe_routers(named_modules: Iterable[tuple[str, nn.Module]], renormalize: bool) -> dict[int, nn.Module]:
+    """Each MoE layer's router (`...layers.N.mlp.gate`, the module whose logits vLLM's MoE layer routes on), by
+    decoder layer. ValueError unless every layer with experts (`...layers.N.mlp.experts`) has one and no router
+    lacks experts, and every experts module renormalises as the checkpoint says (`norm_topk_prob`): a model laid
+    out otherwise would route around the masks, or compute another model."""
+    routers, experts = {}, {}
+    for name, module in named_modules:
+        match = _MOE_PART.search(name)
+        if match is not None:
+            (routers if match.group(2) == "gate" else experts)[int(match.group(1))] = module
+    if not routers or routers.keys() != experts.keys():
+        raise ValueError(f"vLLM's model has routers in layers {sorted(routers)} and experts in layers "
+                         f"{sorted(experts)}: flexolmo's masks cannot reach every MoE layer of this vLLM version")
+    for layer, module in experts.items():
+        if getattr(module, "renormalize", None) != renormalize:  # vLLM's FlexOlmo never renormalises
+            raise ValueError(f"vLLM's MoE layer {layer} routes with renormalize="
+                             f"{getattr(module, 'renormalize', 'unknown')}, the checkpoint says norm_topk_prob="
+                             f"{renormalize}: vLLM would not compute this model")
+    return routers
 
 
-def per_expert(weights: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(T, E): top-k weights laid out per expert (0 outside the top-k), as `FlexMoEBlock.route` reports them."""
-    return torch.zeros(weights.shape[0], num_experts, dtype=weights.dtype,
-                       device=weights.device).scatter_add(-1, ids.long(), weights)
+class RouterMasks:
+    """Puts each forward's token masks (and a layer's owner biases) into the router logits of every MoE layer,
+    through a forward hook on the layer's router, and counts the layers it reached: a forward in which any MoE
+    layer routed without passing through it (a vLLM version that routes another way, or a compiled model that
+    does not re-run Python hooks) raises instead of returning outputs computed without the masks."""
+
+    def __init__(self, biases: torch.Tensor | None = None):
+        self.biases = biases  # (layers, E), or None: no biases applied
+        self.layers = 0
+        self.current: torch.Tensor | None = None  # (tokens, E) of the forward in progress
+        self.reached = 0
+        self._device_biases: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def install(self, routers: dict[int, nn.Module]) -> None:
+        for layer, router in routers.items():
+            router.register_forward_hook(functools.partial(self._apply, layer))
+        self.layers += len(routers)
+
+    def _apply(self, layer: int, _module: nn.Module, _inputs: tuple, output):
+        if self.current is None:
+            raise RuntimeError("a router ran outside a masked forward; flexolmo refuses to route without masks")
+        logits = output[0] if isinstance(output, tuple) else output  # ReplicatedLinear may return (out, bias)
+        masked = masked_logits(logits, self.current[: logits.shape[0]], self._bias(layer, logits.device))
+        self.reached += 1
+        return (masked, *output[1:]) if isinstance(output, tuple) else masked
+
+    def _bias(self, layer: int, device: torch.device) -> torch.Tensor | None:
+        if self.biases is None:
+            return None
+        key = (layer, device)
+        if key not in self._device_biases:
+            self._device_biases[key] = self.biases[layer].to(device)
+        return self._device_biases[key]
+
+    @contextmanager
+    def masking(self, token_masks: torch.Tensor) -> Iterator[None]:
+        """Run one forward under `token_masks` (tokens, E); afterwards, check that every router was reached."""
+        self.current, self.reached = token_masks, 0
+        try:
+            yield
+        finally:
+            self.current = None
+        if self.reached != self.layers:
+            raise RuntimeError(f"flexolmo's expert masks reached {self.reached} of {self.layers} MoE routers in "
+                               "this forward: this vLLM routes in a way the plugin does not reach, so its outputs "
+                               "would ignore the masks; use the vLLM version docs/serving.md names")
 
 
 def requests_for_vllm(prompts: Sequence[list[int]], rows: Sequence[MaskRow]) -> list[tuple[dict, dict]]:

@@ -1,20 +1,21 @@
-"""The thin part of the vLLM plugin that imports vLLM (written against vLLM 0.11.1's v1 engine; see `core` for
-the path of a mask and the parts that run without vLLM). NOT RUN YET: no GPU and no vLLM wheel were at hand
-when it was written; `scripts/gpu_check.sh` runs it where vLLM imports (docs/serving.md says what was run).
+"""The thin part of the vLLM plugin that imports vLLM (written against vLLM 0.11.1's v1 engine, and meant to
+hold where later versions route differently; see `core` for the path of a mask and the parts that run without
+vLLM). NOT RUN YET: no GPU and no vLLM wheel were at hand when it was written; `scripts/gpu_check.sh` runs it
+where vLLM imports (docs/serving.md says what was run).
 
 - `RequestMasks`: a logits processor that changes no logits; vLLM calls its `update_state` before every forward
   with the persistent batch's changes and each new request's `SamplingParams`, which is how the mask in
   `extra_args` reaches the worker. It keeps a `core.MaskTable`.
-- `Masked*ForCausalLM`: vLLM's own FlexOlmo, Qwen2-MoE and Qwen3-MoE models with every `FusedMoE` routed by
-  `core.masked_top_k`, each token under its request's mask (and with its layer's owners' router biases where
-  the model was loaded with them). The model and the logits processor are built apart
-  by vLLM in the same worker process from the same `VllmConfig` object, and share nothing else: the table is
-  kept on that object (`shared_table`).
+- `Masked*ForCausalLM`: vLLM's own FlexOlmo, Qwen2-MoE and Qwen3-MoE models with a `core.RouterMasks` hook on
+  every MoE layer's router: each token's logits under its request's mask (and with its layer's owners' router
+  biases where the model was loaded with them), and a forward that routed around the hooks raises. The model
+  and the logits processor are built apart by vLLM in the same worker process from the same `VllmConfig`
+  object, and share nothing else: the table is kept on that object (`shared_table`).
 - `load_llm` / `generate`: vLLM's offline `LLM` on a merged model, under the masked architecture, with
   `RequestMasks` and eager execution, and greedy generation of requests with their mask and cache salt.
 
-Eager only (`enforce_eager=True`, checked): the routing reads the current forward's token masks from Python, which
-a captured CUDA graph would not re-run.
+Eager only (`enforce_eager=True`, checked): the hooks read the current forward's token masks from Python, which
+a captured CUDA graph or a compiled model would not re-run (the hooks' count would then fail the forward).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.fused_moe import FusedMoE
 from vllm.model_executor.models.flex_olmo import FlexOlmoForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -40,9 +40,9 @@ from flexolmo.serve.vllm_plugin.core import (
     ROUTER_BIAS_CONFIG,
     MaskRow,
     MaskTable,
+    RouterMasks,
     check_mask_arg,
-    layer_index,
-    masked_top_k,
+    moe_routers,
     requests_for_vllm,
     router_bias_table,
     token_masks,
@@ -89,31 +89,8 @@ class RequestMasks(LogitsProcessor):
         return True
 
 
-class _TokenMasks:
-    """The current forward's (tokens, E) masks, set by the model's forward and read by every layer's routing."""
-
-    def __init__(self) -> None:
-        self.current: torch.Tensor | None = None
-
-
-class _LayerRouting:
-    """One FusedMoE's `custom_routing_function`: the current forward's token masks, and this layer's router
-    biases when the model applies them (moved to the logits' device once)."""
-
-    def __init__(self, masks: _TokenMasks, bias: torch.Tensor | None):
-        self.masks = masks
-        self.bias = bias
-
-    def __call__(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
-                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.bias is not None and self.bias.device != gating_output.device:
-            self.bias = self.bias.to(gating_output.device)
-        return masked_top_k(gating_output, self.masks.current[: gating_output.shape[0]], topk, renormalize,
-                            self.bias)
-
-
 class _Masked:
-    """Mixed into vLLM's model class: per-request masks into every FusedMoE's routing."""
+    """Mixed into vLLM's model class: per-request masks into every MoE layer's router logits."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -123,21 +100,15 @@ class _Masked:
         if not self._table.installed:
             raise ValueError("flexolmo's masked models need their logits processor: pass logits_processors="
                              "['flexolmo.serve.vllm_plugin.glue:RequestMasks'] (--logits-processors)")
-        self._masks = _TokenMasks()
         hf_config = vllm_config.model_config.hf_config
-        renormalize = bool(getattr(hf_config, "norm_topk_prob", False))
-        biases = _router_biases(vllm_config) if getattr(hf_config, ROUTER_BIAS_CONFIG, False) else None
-        for name, layer in self.named_modules():
-            if isinstance(layer, FusedMoE):
-                if layer.renormalize != renormalize:  # vLLM's FlexOlmo never renormalises, whatever the config
-                    raise ValueError(f"vLLM's model routes with renormalize={layer.renormalize}, the checkpoint "
-                                     f"says norm_topk_prob={renormalize}: vLLM would not compute this model")
-                bias = None if biases is None else biases[layer_index(name)]
-                layer.custom_routing_function = _LayerRouting(self._masks, bias)
+        routers = moe_routers(self.named_modules(), bool(getattr(hf_config, "norm_topk_prob", False)))
+        self._routing = RouterMasks(_router_biases(vllm_config) if getattr(hf_config, ROUTER_BIAS_CONFIG, False)
+                                    else None)
+        self._routing.install(routers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, *args, **kwargs):
-        self._masks.current = self._token_masks(positions.shape[-1], positions.device)
-        return super().forward(input_ids, positions, *args, **kwargs)
+        with self._routing.masking(self._token_masks(positions.shape[-1], positions.device)):
+            return super().forward(input_ids, positions, *args, **kwargs)
 
     def _token_masks(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         metadata = get_forward_context().attn_metadata
