@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Mutation testing of flexolmo's core modules with mutmut (pinned in the `mutation` extra; run locally, NOT in CI).
 #
-# For each core module (routing = moe, merge, package = package.py + trust/, evaluate, privacy, training), or the
-# ones named as arguments, this copies src/, tests/ and pyproject.toml into a fresh scratch directory, lets mutmut
-# generate mutants of that module only, and runs each mutant against the focused test files listed below (per
-# mutant mutmut runs only the tests that executed the mutated function). The repository's src/ is never
+# For each core module (routing = moe, merge, package = package.py + trust/, evaluate, privacy, training, serving =
+# the serving masks: access rules and the vLLM plugin's mask path), or the ones named as arguments, this copies
+# src/, tests/ and pyproject.toml into a fresh scratch directory, lets mutmut generate mutants of that module
+# only, and runs each mutant against the focused test files listed below (per mutant mutmut runs only the tests
+# that executed the mutated function). The repository's src/ is never
 # modified: mutated code only ever exists in the scratch directory, which is deleted on exit (unless --keep).
 #
 # It writes one entry per module to benchmarks/results/mutation.json (killed / total, survived, timeouts, no
@@ -20,7 +21,7 @@
 #
 # Usage: scripts/mutation.sh [--max-mutants N] [--seed S] [--jobs J] [--tests "tests/a.py tests/b.py"]
 #                            [--keep] [--out FILE] [--list] [--estimate] [MODULE ...]
-#   MODULE         moe | merge | package | evaluate | privacy | training (default: all six)
+#   MODULE         moe | merge | package | evaluate | privacy | training | serving (default: all seven)
 #   --max-mutants  run a seeded random sample of at most N mutants per module (default: all mutants)
 #   --seed         seed of the sample (default 0)
 #   --jobs         parallel mutmut workers (default 1)
@@ -46,6 +47,7 @@ declare -A SOURCES=(
     [evaluate]="src/flexolmo/evaluation/scoring.py"
     [privacy]="src/flexolmo/owner/privacy.py"
     [training]="src/flexolmo/training/loop.py"
+    [serving]="src/flexolmo/serve/access.py src/flexolmo/serve/vllm_plugin/core.py"
 )
 declare -A TESTS=(
     [moe]="tests/test_moe.py tests/test_merge.py"
@@ -54,8 +56,9 @@ declare -A TESTS=(
     [evaluate]="tests/test_evaluate.py tests/test_cli.py tests/test_moe.py"
     [privacy]="tests/test_privacy.py tests/test_early_checks.py"
     [training]="tests/test_expert.py tests/test_run_state.py tests/test_privacy.py"
+    [serving]="tests/test_serve_access.py tests/test_serve_vllm_core.py"
 )
-ALL_MODULES=(moe merge package evaluate privacy training)
+ALL_MODULES=(moe merge package evaluate privacy training serving)
 
 MAX_MUTANTS=0
 SEED=0

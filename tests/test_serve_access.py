@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from flexolmo.core.errors import TrustError
-from flexolmo.serve.access import AccessError, allowed_experts, read_keys, requested_experts
+from flexolmo.serve.access import AccessError, allowed_experts, read_keys, request_mask, requested_experts
 
 NAMES = ["public", "code", "math"]
 
@@ -25,6 +25,26 @@ def test_keys_map_to_their_experts_with_public_always_on(tmp_path):
     with pytest.raises(AccessError, match="may not use expert.s. math") as refused:
         requested_experts(keys["b"], ["math"], NAMES)
     assert refused.value.status == 403
+
+
+@pytest.mark.parametrize("api_key, status, message", [
+    (None, 401, "an API key is required"), ("", 401, "an API key is required"), ("z", 401, "unknown API key")])
+def test_a_missing_or_unknown_key_is_a_401(api_key, status, message):
+    keys = {"b": frozenset({"public", "code"})}
+    assert allowed_experts(keys, "b", NAMES) == frozenset({"public", "code"})
+    with pytest.raises(AccessError, match=message) as refused:
+        allowed_experts(keys, api_key, NAMES)
+    assert refused.value.status == status
+
+
+def test_a_name_the_model_lacks_is_a_400_even_where_the_key_could_not_use_it():
+    with pytest.raises(AccessError, match=r"the model has no expert\(s\) legal \(it has: public, code, math\)") \
+            as refused:
+        requested_experts(frozenset({"public"}), ["legal", "math"], NAMES)
+    assert refused.value.status == 400
+    # The request's mask: what the key allows, narrowed, within the active set.
+    assert request_mask(NAMES, frozenset(NAMES), ["math"], (True, True, True)) == (True, False, True)
+    assert request_mask(NAMES, frozenset(NAMES), None, (True, True, False)) == (True, True, False)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -110,7 +110,14 @@ def vllm_like_model(rows: torch.Tensor, layers: int, renormalize: bool = False) 
 
 
 def routed_logits(model: nn.Module, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's router logits, after checking that a hooked router returns what it returned before: a tensor,
+    or a (logits, bias) tuple."""
     outputs = [decoder.mlp.gate(hidden) for decoder in model.model.layers]
+    for decoder, output in zip(model.model.layers, outputs):
+        if isinstance(decoder.mlp.gate, TupleRouter):
+            assert isinstance(output, tuple) and len(output) == 2 and output[1] is None
+        else:
+            assert isinstance(output, torch.Tensor)
     return [output[0] if isinstance(output, tuple) else output for output in outputs]
 
 
@@ -151,10 +158,12 @@ def test_a_forward_that_routes_around_the_hooks_fails_instead_of_serving_unmaske
     model, routing = vllm_like_model(rows, layers=2), RouterMasks()
     routing.install(moe_routers(model.named_modules(), renormalize=False))
     masks = torch.ones(5, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="outside a masked forward"):
+        model.model.layers[0].mlp.gate(torch.randn(5, 8))  # before any forward
     with pytest.raises(RuntimeError, match="reached 1 of 2 MoE routers"), routing.masking(masks):
         model.model.layers[0].mlp.gate(torch.randn(5, 8))  # layer 1 routed some other way
     with pytest.raises(RuntimeError, match="outside a masked forward"):
-        model.model.layers[0].mlp.gate(torch.randn(5, 8))
+        model.model.layers[0].mlp.gate(torch.randn(5, 8))  # after one
     with routing.masking(masks):
         routed_logits(model, torch.randn(5, 8))  # every router reached: no error
 
@@ -217,6 +226,7 @@ class PersistentBatch:
 def test_the_mask_table_follows_the_persistent_batch():
     rng = random.Random(0)
     table, batch = MaskTable(len(NAMES)), PersistentBatch()
+    assert table.installed is False  # until a logits processor keeps it; the model refuses to load before
     masks: dict[str, tuple[bool, ...]] = {}
     running: list[str] = []
     for step in range(300):
@@ -265,6 +275,13 @@ def test_rows_expand_to_the_flattened_tokens_of_their_requests():
         + [[True, False, False]] * 2  # the padding: public only
     with pytest.raises(ValueError, match="own 6 tokens"):
         token_masks(rows, torch.tensor([0, 2, 5, 6]), num_tokens=5)
+    exact = token_masks(rows, torch.tensor([0, 2, 5, 6]), num_tokens=6)  # no padding
+    assert exact.dtype == torch.bool and exact.tolist() == masks.tolist()[:6]
+    # More experts than rows: the table's row count, not its width, bounds the requests.
+    wide = torch.ones(2, 5, dtype=torch.bool)
+    assert token_masks(wide, torch.tensor([0, 1, 3]), num_tokens=3).tolist() == [[True] * 5] * 3
+    with pytest.raises(ValueError, match="the forward has 3 requests but the mask table 2 rows"):
+        token_masks(wide, torch.tensor([0, 1, 2, 3]), num_tokens=3)
 
 
 def test_a_requests_mask_is_resolved_as_the_cpu_server_resolves_it():
