@@ -2,10 +2,10 @@
 # Mutation testing of flexolmo's core modules with mutmut (pinned in the `mutation` extra; run locally, NOT in CI).
 #
 # For each core module (routing = moe, merge, package = package.py + trust/, evaluate, privacy, training, serving =
-# the serving masks: access rules and the vLLM plugin's mask path), or the ones named as arguments, this copies
-# src/, tests/ and pyproject.toml into a fresh scratch directory, lets mutmut generate mutants of that module
-# only, and runs each mutant against the focused test files listed below (per mutant mutmut runs only the tests
-# that executed the mutated function). The repository's src/ is never
+# the serving masks: access rules, the scheduler and its caches, the vLLM plugin's mask path), or the ones named
+# as arguments, this copies src/, tests/ and pyproject.toml into a fresh scratch directory, lets mutmut generate
+# mutants of that module only, and runs each mutant against the focused test files listed below (per mutant
+# mutmut runs only the tests that executed the mutated function). The repository's src/ is never
 # modified: mutated code only ever exists in the scratch directory, which is deleted on exit (unless --keep).
 #
 # It writes one entry per module to benchmarks/results/mutation.json (killed / total, survived, timeouts, no
@@ -47,7 +47,7 @@ declare -A SOURCES=(
     [evaluate]="src/flexolmo/evaluation/scoring.py"
     [privacy]="src/flexolmo/owner/privacy.py"
     [training]="src/flexolmo/training/loop.py"
-    [serving]="src/flexolmo/serve/access.py src/flexolmo/serve/vllm_plugin/core.py"
+    [serving]="src/flexolmo/serve/access.py src/flexolmo/serve/engine.py src/flexolmo/serve/kvcache.py src/flexolmo/serve/vllm_plugin/core.py"
 )
 declare -A TESTS=(
     [moe]="tests/test_moe.py tests/test_merge.py"
@@ -56,7 +56,7 @@ declare -A TESTS=(
     [evaluate]="tests/test_evaluate.py tests/test_cli.py tests/test_moe.py"
     [privacy]="tests/test_privacy.py tests/test_early_checks.py"
     [training]="tests/test_expert.py tests/test_run_state.py tests/test_privacy.py"
-    [serving]="tests/test_serve_access.py tests/test_serve_vllm_core.py"
+    [serving]="tests/test_serve_access.py tests/test_serve_vllm_core.py tests/test_serve_engine.py tests/test_serve_cache.py tests/test_serve_rowmask.py"
 )
 ALL_MODULES=(moe merge package evaluate privacy training serving)
 
