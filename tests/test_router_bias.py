@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_optim
 
+from flexolmo.coordinator.inspection import describe
 from flexolmo.coordinator.merge import merge, remove_experts
 from flexolmo.core.errors import MergeError, PackageError
 from flexolmo.model.anchor import load_anchor
@@ -44,6 +45,8 @@ def test_merge_keeps_the_bias_and_the_runtime_applies_it_on_request(tiny_anchor,
     metadata = json.loads((tmp_path / "pair" / MERGED_METADATA_FILE).read_text())
     assert metadata["router_bias_dropped"] == ["code"] and metadata["experts"][1]["router_bias"] == BIAS
     assert load_model(tmp_path / "pair", router_bias=True).biased_experts == ["code"]
+    assert dict(describe(tmp_path / "pair").fields)["router biases"] == \
+        "code -1.12 (mean over layers; transformers drops them, --router-bias applies them)"
     assert load_model(tmp_path / "pair").biased_experts == []
     owner = load_package_into_owner_model(load_anchor(tiny_anchor), load_package(tmp_path / "code").tensors)
     with_bias = load_model(tmp_path / "pair", router_bias=True)

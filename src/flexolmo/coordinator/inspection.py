@@ -186,7 +186,7 @@ def describe_merged(path: Path) -> Description:
         ("top-k", str(top_k) + (f" (the merge recorded {recorded})" if recorded not in (None, top_k) else "")),
         ("anchor fingerprint", info.anchor_fingerprint),
         *_shape_fields(config, reader, experts=experts, top_k=top_k),
-        ("router bias dropped", ", ".join(map(str, metadata.get("router_bias_dropped") or [])) or "none"),
+        ("router biases", _router_biases(metadata["experts"])),
         ("created", str(metadata.get("created", "-"))),
         ("flexolmo version", str(_object(metadata.get("versions")).get("flexolmo", "-"))),
     ]
@@ -196,6 +196,16 @@ def describe_merged(path: Path) -> Description:
                                          "router row"],
                              [_expert_row(index, entry) for index, entry in enumerate(metadata["experts"])])
     return Description(MERGED, path, fields, [table], record={"kind": MERGED, "config": config, **metadata})
+
+
+def _router_biases(entries: list[dict]) -> str:
+    """The owners' trained router biases the record keeps (checked <= 0 per layer by `read_merged_info`): what
+    `--router-bias` would apply, each as its mean over layers."""
+    kept = [f"{entry['name']} {sum(entry['router_bias']) / len(entry['router_bias']):.3g}"
+            for entry in entries if "router_bias" in entry]
+    if not kept:
+        return "none"
+    return f"{', '.join(kept)} (mean over layers; transformers drops them, --router-bias applies them)"
 
 
 def _object(value) -> dict:
