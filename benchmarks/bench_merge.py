@@ -246,11 +246,13 @@ def write_anchor(anchor_dir: Path, shape: dict, seed: int, shard_bytes: int) -> 
         save_public_rows(anchor_dir, rows, staging=staging)
 
 
-def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: dict) -> None:
+def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: dict,
+                 router_bias: float | None = None) -> None:
+    """A synthetic expert package of `shape`; with `router_bias`, that (negative) router bias in every layer."""
     import torch
 
     from flexolmo.core.provenance import software_versions, utc_now
-    from flexolmo.core.weights import PACKAGE_FFN, PACKAGE_ROUTER
+    from flexolmo.core.weights import PACKAGE_BIAS, PACKAGE_FFN, PACKAGE_ROUTER
     from flexolmo.owner.package import write_package
 
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
@@ -262,6 +264,8 @@ def write_expert(out: Path, name: str, shape: dict, seed: int, anchor_record: di
                 proj_shape, seed * 1_000_003 + layer * 10 + offset, torch.bfloat16)
         generator = torch.Generator().manual_seed(seed * 7919 + layer)
         tensors[PACKAGE_ROUTER.format(layer=layer)] = torch.randn(1, hidden, generator=generator) * 0.02
+        if router_bias is not None:
+            tensors[PACKAGE_BIAS.format(layer=layer)] = torch.tensor([router_bias])
     # A complete manifest (the package schema refuses a partial one), declaring what the package is: synthetic.
     write_package(out, name, tensors, {
         "anchor": anchor_record,

@@ -32,10 +32,14 @@ poll interval). Every response under the new set must give the withdrawn expert 
 Results: `benchmarks/results/serve.json` (`--out`).
 
 `--device cuda` serves on a GPU through flexolmo's own runtime (the same measurements; `machine.device` names the
-GPU). `--vllm` measures the vLLM plugin instead (`flexolmo.serve.vllm_plugin`; needs vllm and a GPU): greedy
-tokens of 4 prompts x 5 masks in one batch against flexolmo's runtime on the CPU, twice (the second time with
-the prefix cache warm under the other masks' salts), and tokens/s of 32 x `--requests` requests with all
-different masks against one mask. `scripts/gpu_check.sh` runs both where a GPU is lent.
+GPU). `--router-bias` measures instead what `flexolmo serve --router-bias` costs: tokens/s of a server applying
+the owners' router biases over one serving the same model without them (synthetic owners with biases of
+-0.1 (i + 1)), 8 streams of all different masks, alternated, with every biased response checked against its
+solo run (`--out benchmarks/results/serve_router_bias.json`). `--vllm` measures the vLLM plugin instead
+(`flexolmo.serve.vllm_plugin`; needs vllm and a GPU): greedy tokens of 4 prompts x 5 masks in one batch against
+flexolmo's runtime on the CPU, twice (the second time with the prefix cache warm under the other masks' salts),
+and tokens/s of 32 x `--requests` requests with all different masks against one mask. `scripts/gpu_check.sh`
+runs both where a GPU is lent.
 """
 
 from __future__ import annotations
@@ -72,16 +76,17 @@ OWNERS = 6
 STREAM_COUNTS = (8, 32)
 
 
-def build_model(workdir: Path) -> Path:
+def build_model(workdir: Path, router_biases: bool = False) -> Path:
     """A small merge of `bench_load.py`'s shape: the shipped demo anchor's tokenizer and `OWNERS` synthetic
-    experts."""
+    experts; with `router_biases`, owner i's package carries a router bias of -0.1 (i + 1) in every layer."""
     import shutil
 
     from flexolmo.coordinator.merge import merge
     from flexolmo.model.anchor import compute_fingerprint, read_config
     from flexolmo.owner.expert import anchor_record
 
-    merged, anchor = workdir / f"owners{OWNERS}" / "merged", workdir / "anchor"
+    suffix = "-biased" if router_biases else ""
+    merged, anchor = workdir / f"owners{OWNERS}{suffix}" / "merged", workdir / "anchor"
     if merged.exists():
         return merged
     if not anchor.exists():
@@ -89,10 +94,11 @@ def build_model(workdir: Path) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(DEMO_ANCHOR / name, anchor / name)
     record = anchor_record(compute_fingerprint(anchor), read_config(anchor))
-    packages = [workdir / f"expert{index}" for index in range(OWNERS)]
+    packages = [workdir / f"expert{index}{suffix}" for index in range(OWNERS)]
     for index, package in enumerate(packages):
         if not package.exists():
-            write_expert(package, f"expert{index}", SMALL_SHAPE, seed=index + 1, anchor_record=record)
+            write_expert(package, f"expert{index}", SMALL_SHAPE, seed=index + 1, anchor_record=record,
+                         router_bias=-0.1 * (index + 1) if router_biases else None)
     merged.parent.mkdir(parents=True, exist_ok=True)
     merge(anchor, packages, merged, top_k=2)
     return merged
@@ -306,6 +312,43 @@ def run_streams(url: str, loaded, streams: int, requests: int, max_tokens: int, 
     return result
 
 
+def router_bias_cost(merged: Path, args) -> dict:
+    """One server applying the owners' router biases (`--router-bias`) against one serving the same model without
+    them, in this process: min(--streams) streams of all different masks, the modes alternated for --rounds,
+    best kept; every biased response is checked against the biased model's solo greedy run."""
+    from flexolmo.model.runtime import load_model
+    from flexolmo.serve.server import ModelServer, ServeOptions
+    from flexolmo.serve.threaded import running_server
+
+    loaded = {mode: load_model(merged, device=args.device, router_bias=mode == "router_bias")
+              for mode in ("plain", "router_bias")}
+    streams = min(args.streams)
+    masks = allow_lists(loaded["plain"].expert_names[1:], streams)
+    cases = [(prompt, masks[index % streams]) for index, prompt in enumerate(prompts(streams * args.requests))]
+    runs = {mode: [] for mode in loaded}
+    with running_server(ModelServer(loaded["plain"], ServeOptions(max_batch=streams))) as plain, \
+            running_server(ModelServer(loaded["router_bias"], ServeOptions(max_batch=streams))) as biased:
+        urls = {"plain": plain, "router_bias": biased}
+        for url in urls.values():
+            run_http(url, cases[:streams], streams, 4)  # warm-up, not measured
+        for _ in range(args.rounds):
+            for mode, url in urls.items():
+                runs[mode].append(run_http(url, cases, streams, args.max_tokens))
+    expected = [solo_text(loaded["router_bias"], prompt, experts, args.max_tokens) for prompt, experts in cases]
+    mismatches = sum(got != want for result in runs["router_bias"] for got, want in zip(result["texts"], expected))
+    changed = sum(a != b for a, b in zip(runs["plain"][0]["texts"], runs["router_bias"][0]["texts"]))
+    best = {mode: dict(max(results, key=lambda result: result["tokens_per_s"]),
+                       rounds_tokens_per_s=[result["tokens_per_s"] for result in results])
+            for mode, results in runs.items()}
+    for mode in best.values():
+        mode.pop("texts")
+    return {"streams": streams, "requests": len(cases), "biases": "owner i: -0.1 (i + 1), every layer",
+            "modes": best, "router_bias_over_plain": round(best["router_bias"]["tokens_per_s"]
+                                                             / best["plain"]["tokens_per_s"], 3),
+            "responses_differing_from_solo_run": mismatches, "responses_checked": len(expected) * args.rounds,
+            "responses_the_biases_changed": changed}
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor()
                                                                                   or platform.machine())
@@ -383,11 +426,14 @@ def main() -> None:
     parser.add_argument("--vllm", action="store_true",
                         help="instead: the vLLM plugin (needs vllm and a GPU) against flexolmo's CPU runtime")
     parser.add_argument("--vllm-dtype", default="float32", help="dtype vLLM loads the model in")
+    parser.add_argument("--router-bias", action="store_true",
+                        help="instead: throughput with the owners' router biases applied over the same model "
+                             "without them (a model whose synthetic owners carry biases)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (JSON)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, load_average = time.perf_counter(), os.getloadavg()[0]
-    merged = build_model(args.workdir)
+    merged = build_model(args.workdir, router_biases=args.router_bias)
     result = {"command": shlex.join(["benchmarks/bench_serve.py", *sys.argv[1:]]),
               "machine": {"device": device_name("cuda" if args.vllm else args.device), "cores": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -395,6 +441,8 @@ def main() -> None:
               "model": {"shape": SMALL_SHAPE, "experts": OWNERS + 1, "top_k": 2}, "max_tokens": args.max_tokens}
     if args.vllm:
         result["vllm"] = vllm_check(merged, args)
+    elif args.router_bias:
+        result["router_bias"] = router_bias_cost(merged, args)
     else:
         loaded = load_model(merged, device=args.device)
         server = ModelServer(loaded, ServeOptions(max_batch=max(args.streams)))

@@ -132,8 +132,8 @@ def _merged_metadata(plan: MergePlan, dtype: torch.dtype) -> dict:
     dropped_bias = [record["name"] for record in records if "router_bias" in record]
     for name in dropped_bias:
         console.print(f"[yellow]note:[/] expert '{name}' learned a router bias; the {plan.family.moe_model_type} "
-                      f"format has no router bias, so transformers and vLLM run without it (kept in "
-                      f"{MERGED_METADATA_FILE} for flexolmo's runtime only)")
+                      f"format has no router bias, so transformers runs without it; kept in "
+                      f"{MERGED_METADATA_FILE}, where --router-bias (serve, eval, eval-tasks, generate) applies it")
     return {
         "format": MERGED_FORMAT,
         "format_version": MERGED_FORMAT_VERSION,
