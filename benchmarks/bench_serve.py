@@ -279,6 +279,25 @@ def withdrawal_latency(loaded, root: Path, source: str, withdrawals: int, poll: 
             "latency_max_s": max(latencies) if latencies else None, "events": events}
 
 
+def best_rounds(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each mode's best round by tokens/s (the machine is shared), with every round's tokens/s, without texts."""
+    best = {}
+    for mode, results in runs.items():
+        best[mode] = {key: value for key, value in max(results, key=lambda result: result["tokens_per_s"]).items()
+                      if key != "texts"}
+        best[mode]["rounds_tokens_per_s"] = [result["tokens_per_s"] for result in results]
+    return best
+
+
+def differing_from_solo(loaded, cases: list[tuple[str, list[str] | None]], results: list[dict],
+                        max_tokens: int) -> tuple[int, int]:
+    """(responses that differ from the request's solo greedy run on `loaded`, responses checked) over `results`,
+    rounds of `run_http` on `cases`."""
+    expected = [solo_text(loaded, prompt, experts, max_tokens) for prompt, experts in cases]
+    mismatches = sum(got != want for result in results for got, want in zip(result["texts"], expected))
+    return mismatches, len(expected) * len(results)
+
+
 def run_streams(url: str, loaded, streams: int, requests: int, max_tokens: int, rounds: int,
                 with_generate: bool) -> dict:
     """Different masks against one mask for `streams` concurrent streams (best of `rounds`, alternating)."""
@@ -291,21 +310,16 @@ def run_streams(url: str, loaded, streams: int, requests: int, max_tokens: int, 
     for _ in range(rounds):
         runs["different_masks"].append(run_http(url, different, streams, max_tokens))
         runs["same_mask"].append(run_http(url, same, streams, max_tokens))
-    modes = {mode: dict(max(results, key=lambda result: result["tokens_per_s"]),
-                        rounds_tokens_per_s=[result["tokens_per_s"] for result in results])
-             for mode, results in runs.items()}
+    modes = best_rounds(runs)
     if with_generate:
         modes["generate_sequential"] = run_generate(loaded, different, max_tokens)
-    expected = [solo_text(loaded, prompt, experts, max_tokens) for prompt, experts in different]
-    mismatches = sum(got != want for result in runs["different_masks"]
-                     for got, want in zip(result["texts"], expected))
-    for mode in modes.values():
-        mode.pop("texts")
+        modes["generate_sequential"].pop("texts")
+    mismatches, checked = differing_from_solo(loaded, different, runs["different_masks"], max_tokens)
     result = {"streams": streams, "requests": len(texts), "modes": modes,
               "different_masks_over_same_mask": round(modes["different_masks"]["tokens_per_s"]
                                                       / modes["same_mask"]["tokens_per_s"], 3),
               "responses_differing_from_solo_run": mismatches,
-              "responses_checked": len(expected) * rounds}
+              "responses_checked": checked}
     if with_generate:
         result["different_masks_over_sequential_generate"] = round(
             modes["different_masks"]["tokens_per_s"] / modes["generate_sequential"]["tokens_per_s"], 3)
@@ -334,18 +348,13 @@ def router_bias_cost(merged: Path, args) -> dict:
         for _ in range(args.rounds):
             for mode, url in urls.items():
                 runs[mode].append(run_http(url, cases, streams, args.max_tokens))
-    expected = [solo_text(loaded["router_bias"], prompt, experts, args.max_tokens) for prompt, experts in cases]
-    mismatches = sum(got != want for result in runs["router_bias"] for got, want in zip(result["texts"], expected))
+    mismatches, checked = differing_from_solo(loaded["router_bias"], cases, runs["router_bias"], args.max_tokens)
     changed = sum(a != b for a, b in zip(runs["plain"][0]["texts"], runs["router_bias"][0]["texts"]))
-    best = {mode: dict(max(results, key=lambda result: result["tokens_per_s"]),
-                       rounds_tokens_per_s=[result["tokens_per_s"] for result in results])
-            for mode, results in runs.items()}
-    for mode in best.values():
-        mode.pop("texts")
+    best = best_rounds(runs)
     return {"streams": streams, "requests": len(cases), "biases": "owner i: -0.1 (i + 1), every layer",
             "modes": best, "router_bias_over_plain": round(best["router_bias"]["tokens_per_s"]
                                                              / best["plain"]["tokens_per_s"], 3),
-            "responses_differing_from_solo_run": mismatches, "responses_checked": len(expected) * args.rounds,
+            "responses_differing_from_solo_run": mismatches, "responses_checked": checked,
             "responses_the_biases_changed": changed}
 
 
