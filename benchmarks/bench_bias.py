@@ -19,7 +19,6 @@ flexolmo's runtime, at each value given (0 is the merge as it is). Writes `bench
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from flexolmo.core.progress import print_table
 from flexolmo.data.tokens import load_token_stream
 from flexolmo.experiments.demo import Demo
 from flexolmo.experiments.demo_config import CLOSED_DOMAINS, PUBLIC, DemoConfig, finished_demo_config, merged_model_dir
+from flexolmo.model.merged_format import MERGED_METADATA_FILE, kept_router_biases, read_merged_info
 from flexolmo.model.moe import decoder_layers, set_router_bias
 from flexolmo.model.runtime import load_model
 
@@ -69,11 +69,12 @@ def most_constant_coordinate(anchor_dir: Path, files: list[Path], seq_len: int, 
 
 def learned_biases(demo_out: Path) -> dict[str, list[float]]:
     """The per-layer biases the ablation's owners learned, as the merge kept them; empty without an ablation run."""
-    metadata = merged_model_dir(demo_out, "flexolmo_negative_bias", None) / "flexolmo_experts.json"
-    if not metadata.exists():
+    merged = merged_model_dir(demo_out, "flexolmo_negative_bias", None)
+    if not (merged / MERGED_METADATA_FILE).exists():
         return {}
-    return {entry["name"]: entry["router_bias"] for entry in json.loads(metadata.read_text())["experts"]
-            if "router_bias" in entry}
+    info = read_merged_info(merged)
+    kept = kept_router_biases(info.metadata["experts"])
+    return {info.expert_names[slot]: per_layer for slot, per_layer in kept.items()}
 
 
 def scored_with_prior(demo_out: Path, values: list[float]) -> dict[str, dict[str, float]]:

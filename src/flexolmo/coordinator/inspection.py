@@ -15,7 +15,7 @@ from pathlib import Path
 from flexolmo.core.errors import FlexOlmoError, PackageError
 from flexolmo.core.tensor_io import LazyReader
 from flexolmo.model.anchor import ANCHOR_FAMILIES, PUBLIC_ROUTER_FILE, compute_fingerprint, read_config
-from flexolmo.model.merged_format import read_merged_info
+from flexolmo.model.merged_format import kept_router_biases, read_merged_info
 from flexolmo.owner.manifest import describe_disclosure
 from flexolmo.owner.package import MANIFEST_FILE, load_package
 from flexolmo.trust.signing import SIGNATURE_FILE
@@ -199,10 +199,10 @@ def describe_merged(path: Path) -> Description:
 
 
 def _router_biases(entries: list[dict]) -> str:
-    """The owners' trained router biases the record keeps (checked <= 0 per layer by `read_merged_info`): what
-    `--router-bias` would apply, each as its mean over layers."""
-    kept = [f"{entry['name']} {sum(entry['router_bias']) / len(entry['router_bias']):.3g}"
-            for entry in entries if "router_bias" in entry]
+    """The owners' trained router biases the record keeps: what `--router-bias` would apply, each as its mean
+    over layers."""
+    kept = [f"{entries[slot]['name']} {sum(per_layer) / len(per_layer):.3g}"
+            for slot, per_layer in kept_router_biases(entries).items()]
     if not kept:
         return "none"
     return f"{', '.join(kept)} (mean over layers; transformers drops them, --router-bias applies them)"

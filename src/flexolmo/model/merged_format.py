@@ -134,6 +134,12 @@ def _record_problem(metadata: dict) -> str | None:
     return None
 
 
+def kept_router_biases(record_experts: list[dict]) -> dict[int, list[float]]:
+    """The owners' trained router biases a merged record keeps, by expert slot, one value per layer (each <= 0,
+    as `read_merged_info` checks). No merged format carries them; `--router-bias` applies them."""
+    return {slot: entry["router_bias"] for slot, entry in enumerate(record_experts) if "router_bias" in entry}
+
+
 def _is_router_bias(value, layers: int) -> bool:
     """A kept router bias as `merge` writes it: one finite value at or below zero per layer (a positive one would
     take routing, and credit, from the other experts where the bias is applied)."""

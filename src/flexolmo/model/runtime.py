@@ -43,6 +43,7 @@ from flexolmo.model.merged_format import (
     MergedModelInfo,
     authenticate_merged_model,
     is_extra_tensor,
+    kept_router_biases,
     merged_config,
     read_merged_info,
 )
@@ -74,7 +75,7 @@ class LoadedModel:
         """The experts whose trained router bias this model applies (none unless loaded with `router_bias`)."""
         if not self.router_bias:
             return []
-        return [entry["name"] for entry in self.record["experts"] if "router_bias" in entry]
+        return [self.expert_names[slot] for slot in kept_router_biases(self.record["experts"])]
 
     def exclude(self, names: Sequence[str]) -> None:
         """Mask the named experts (all others active); an empty list re-enables every expert."""
@@ -142,10 +143,10 @@ def _install_router_bias(model: torch.nn.Module, entries: list[dict]) -> None:
     The merged formats have no router bias, so transformers computes the checkpoint without it; flexolmo's
     runtime (`--router-bias` on eval, eval-tasks, generate and serve) and the vLLM plugin (`load_llm(...,
     router_bias=True)`) apply it on request."""
-    biased = [index for index, entry in enumerate(entries) if "router_bias" in entry]
-    for index in biased:
-        set_router_bias(model, index, entries[index]["router_bias"])
-    if not biased:
+    biases = kept_router_biases(entries)
+    for slot, per_layer in biases.items():
+        set_router_bias(model, slot, per_layer)
+    if not biases:
         console.print("note: no expert of this model was trained with a router bias; --router-bias changes nothing")
 
 

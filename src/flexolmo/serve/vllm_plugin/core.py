@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from flexolmo.model.merged_format import kept_router_biases
 from flexolmo.serve.access import request_mask
 from flexolmo.serve.follow import ActiveState
 
@@ -166,12 +167,11 @@ def masked_logits(gating_output: torch.Tensor, token_mask: torch.Tensor,
 
 
 def router_bias_table(record_experts: Sequence[dict], num_layers: int) -> torch.Tensor:
-    """(layers, E) float32: each expert's kept router bias per layer (the merged record's `router_bias`, already
-    checked by `read_merged_info` to be one value <= 0 per layer), zero for an expert trained without one."""
+    """(layers, E) float32: each expert's kept router bias per layer (`kept_router_biases` of the merged record),
+    zero for an expert trained without one."""
     table = torch.zeros(num_layers, len(record_experts))
-    for expert, entry in enumerate(record_experts):
-        if "router_bias" in entry:
-            table[:, expert] = torch.tensor(entry["router_bias"], dtype=torch.float32)
+    for slot, per_layer in kept_router_biases(list(record_experts)).items():
+        table[:, slot] = torch.tensor(per_layer, dtype=torch.float32)
     return table
 
 
