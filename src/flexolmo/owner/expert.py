@@ -87,9 +87,9 @@ class ExpertConfig(BaseModel):
     negative_bias_start: float = Field(0.0, le=0, allow_inf_nan=False,
                                        description="where that bias starts, in router-logit units (needs "
                                                    "--negative-bias; the paper leaves it uninitialised). Below 0 "
-                                                   "helps only where the bias is applied at inference, which the "
-                                                   "standard checkpoint cannot do: 0 kept "
-                                                   "(benchmarks/docs/ablation.md)")
+                                                   "helps only where the bias is applied at inference "
+                                                   "(--router-bias), which the standard checkpoint cannot do: 0 "
+                                                   "kept (benchmarks/docs/ablation.md)")
     router_lr_scale: float = Field(0.3, gt=0, allow_inf_nan=False,
                                    description="the owner's router row learns at this multiple of --lr (its FFN "
                                                "at --lr), on the same schedule; 0.3 chosen on validation text "
