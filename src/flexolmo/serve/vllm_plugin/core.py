@@ -189,11 +189,20 @@ def moe_routers(named_modules: Iterable[tuple[str, nn.Module]], renormalize: boo
         raise ValueError(f"vLLM's model has routers in layers {sorted(routers)} and experts in layers "
                          f"{sorted(experts)}: flexolmo's masks cannot reach every MoE layer of this vLLM version")
     for layer, module in experts.items():
-        if getattr(module, "renormalize", None) != renormalize:  # vLLM's FlexOlmo never renormalises
-            raise ValueError(f"vLLM's MoE layer {layer} routes with renormalize="
-                             f"{getattr(module, 'renormalize', 'unknown')}, the checkpoint says norm_topk_prob="
-                             f"{renormalize}: vLLM would not compute this model")
+        if _renormalizes(module) != renormalize:
+            raise ValueError(f"vLLM's MoE layer {layer} routes with renormalize={_renormalizes(module)}, the "
+                             f"checkpoint says norm_topk_prob={renormalize}: vLLM would not compute this model")
     return routers
+
+
+def _renormalizes(experts: nn.Module) -> bool | str:
+    """Whether vLLM's MoE layer renormalises its top-k weights: an attribute of the layer up to vLLM 0.11, of its
+    router object (`MoERunner.router`) later; "unknown" where neither says."""
+    for holder in (experts, getattr(experts, "router", None)):
+        value = getattr(holder, "renormalize", None)
+        if isinstance(value, bool):
+            return value
+    return "unknown"
 
 
 class RouterMasks:

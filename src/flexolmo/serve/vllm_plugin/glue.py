@@ -25,12 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from vllm import LLM, SamplingParams
+import vllm
+from vllm import LLM, ModelRegistry, SamplingParams
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.flex_olmo import FlexOlmoForCausalLM
-from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
-from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from flexolmo.model.merged_format import read_merged_info
@@ -131,16 +129,19 @@ def _router_biases(vllm_config: VllmConfig) -> torch.Tensor:
     return router_bias_table(info.metadata["experts"], int(info.config["num_hidden_layers"]))
 
 
-class MaskedFlexOlmoForCausalLM(_Masked, FlexOlmoForCausalLM):
-    pass
+def _masked(architecture: str) -> type:
+    """`_Masked` over the class this vLLM itself serves `architecture` with, looked up in its registry rather
+    than imported from a module path: vLLM 0.11 had its own FlexOlmo module, later versions serve FlexOlmo
+    through their Transformers backend (`TransformersMoEForCausalLM`)."""
+    base = ModelRegistry._try_load_model_cls(architecture)
+    if base is None:
+        raise ImportError(f"vLLM {vllm.__version__} does not serve {architecture}; flexolmo's plugin needs it")
+    return type(f"Masked{architecture}", (_Masked, base), {"__module__": __name__})
 
 
-class MaskedQwen2MoeForCausalLM(_Masked, Qwen2MoeForCausalLM):
-    pass
-
-
-class MaskedQwen3MoeForCausalLM(_Masked, Qwen3MoeForCausalLM):
-    pass
+MaskedFlexOlmoForCausalLM = _masked("FlexOlmoForCausalLM")
+MaskedQwen2MoeForCausalLM = _masked("Qwen2MoeForCausalLM")
+MaskedQwen3MoeForCausalLM = _masked("Qwen3MoeForCausalLM")
 
 
 def load_llm(path: Path | str, router_bias: bool = False, **options) -> LLM:
