@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -20,7 +21,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90, log: Path | None = None) -> None:
+    """Until `url`/health answers 200; else fail with the server's output: its piped output, or the end of `log`,
+    the file it writes to."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -28,7 +31,8 @@ def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 90) -> No
                 return
         except httpx.TransportError:
             time.sleep(0.2)
-    raise AssertionError(f"the server did not come up: {process.communicate(timeout=5)}")
+    output = process.communicate(timeout=5) if log is None else log.read_text()[-3000:]
+    raise AssertionError(f"the server did not come up: {output}")
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(serve_merged_biased):

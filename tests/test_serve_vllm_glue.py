@@ -12,14 +12,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from conftest import tiny_optim
-from service_support import free_port
+from test_serve_process import free_port, wait_healthy
 from serve_helpers import solo_greedy, solo_logprobs
 
 vllm = pytest.importorskip("vllm")
@@ -137,18 +135,6 @@ def test_the_other_families_merges_are_masked_in_vllm_as_in_flexolmos_runtime(fa
     greedy_through_vllm(tmp_path / "merged", False, [{"public", "code", "math"}, {"public", "code"}, {"public"}])
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"vllm serve did not come up; its log ends:\n{log.read_text()[-3000:]}")
-
-
 def server_command(path: Path, port: int) -> list[str]:
     """vLLM's OpenAI server on a merged model with the flags docs/serving.md gives: vLLM's server module, not the
     `vllm` command, which looks up the version of a distribution named "vllm" at start and so fails under
@@ -190,7 +176,7 @@ def test_vllm_serve_with_the_documented_flags_masks_each_request_by_its_vllm_xar
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, process, log)
+        wait_healthy(url, process, seconds=300, log=log)
         client = openai.OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0, timeout=120)
 
         def complete(ids: list[int], extra: dict) -> tuple[list[int], list[float]]:
