@@ -365,9 +365,11 @@ def device_name(device: str) -> str:
                                                                                   or platform.machine())
 
 
-def timed_vllm(llm, ids: list[list[int]], rows: list | None, max_tokens: int) -> tuple[list[list[int]], float]:
+def timed_vllm(llm, ids: list[list[int]], rows: list | None,
+               max_tokens: int) -> tuple[list[list[int]], float, int]:
     """Greedy completions of `ids` in one `generate` call, each under its mask row (`rows`), or through vLLM's
-    own `generate` with no plugin arguments (`rows` None: an unmodified vLLM), and the seconds it took."""
+    own `generate` with no plugin arguments (`rows` None: an unmodified vLLM), the seconds it took, and how many
+    prompt tokens vLLM found in its prefix cache."""
     from vllm import SamplingParams
 
     from flexolmo.serve.vllm_plugin.glue import generate
@@ -378,7 +380,9 @@ def timed_vllm(llm, ids: list[list[int]], rows: list | None, max_tokens: int) ->
                                SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
     else:
         outputs = generate(llm, ids, rows, max_tokens)
-    return [list(output.outputs[0].token_ids) for output in outputs], time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return ([list(output.outputs[0].token_ids) for output in outputs], seconds,
+            sum(output.num_cached_tokens or 0 for output in outputs))
 
 
 def vllm_device() -> str:
@@ -413,15 +417,17 @@ def vllm_check(merged: Path, args) -> dict:
         return MaskRow(tuple(experts is None or name == "public" or name in experts
                              for name in cpu.expert_names), None)
 
-    texts = prompts(4, words=40)  # longer than a cache block (16 tokens), so blocks are cached and could be shared
+    texts = prompts(4, words=40)  # longer than a cache block (32 tokens), so blocks are cached and could be shared
     cases = [(text, experts) for text in texts for experts in allow]
     ids = [cpu.tokenizer(text)["input_ids"] for text, _ in cases]
     expected = [solo_ids(cpu, text, experts, args.max_tokens) for text, experts in cases]
-    settings = dict(dtype=args.vllm_dtype, gpu_memory_utilization=0.3, seed=0)
+    # 32-token blocks: the smallest vLLM's CPU attention takes (its default there is 128, longer than the prompts)
+    settings = dict(dtype=args.vllm_dtype, gpu_memory_utilization=0.3, seed=0, block_size=32)
     llms = {"plugin": load_llm(merged, **settings),
             "unmodified": LLM(model=str(merged), enforce_eager=True, enable_prefix_caching=True, **settings)}
-    runs = [timed_vllm(llms["plugin"], ids, [row(experts) for _, experts in cases], args.max_tokens)[0]
-            for _ in range(2)]
+    passes = [timed_vllm(llms["plugin"], ids, [row(experts) for _, experts in cases], args.max_tokens)
+              for _ in range(2)]
+    runs = [tokens for tokens, _, _ in passes]
     masks = allow_lists(owners, 32)
     many = [cpu.tokenizer(text)["input_ids"] for text in prompts(32 * args.requests)]
     modes = {"different_masks": ("plugin", [row(masks[index % 32]) for index in range(len(many))]),
@@ -429,11 +435,12 @@ def vllm_check(merged: Path, args) -> dict:
     throughput, tokens = {mode: [] for mode in modes}, {}
     for _ in range(args.rounds):
         for mode, (engine, rows) in modes.items():
-            tokens[mode], seconds = timed_vllm(llms[engine], many, rows, args.max_tokens)
+            tokens[mode], seconds, _ = timed_vllm(llms[engine], many, rows, args.max_tokens)
             throughput[mode].append(round(sum(map(len, tokens[mode])) / seconds, 1))
     best = {mode: max(values) for mode, values in throughput.items()}
     return {"cases": len(cases), "vllm_version": vllm.__version__, "vllm_dtype": args.vllm_dtype,
             "equal_to_cpu_runtime": [sum(got == want for got, want in zip(run, expected)) for run in runs],
+            "prompt_tokens": sum(map(len, ids)), "cached_prompt_tokens": [cached for _, _, cached in passes],
             "first_difference": [next((position for position, (a, b) in enumerate(zip(got, want)) if a != b),
                                       min(len(got), len(want))) for got, want in zip(runs[0], expected)
                                  if got != want],

@@ -110,6 +110,28 @@ def test_router_biases_apply_in_vllm_as_in_flexolmos_runtime(vllm_models):
     greedy_through_vllm(vllm_models["biased"], True, [{"public", "code", "math"}, {"public", "code"}])
 
 
+@pytest.mark.usefixtures("in_process_engine")
+def test_the_prefix_cache_is_shared_only_between_requests_with_the_same_mask(vllm_models):
+    """One long prompt under mask A, then under mask B, then under A again, with prefix caching on and 32-token
+    blocks (the smallest vLLM's CPU attention takes): B finds nothing cached, though the prompt's blocks are in
+    the cache under A's salt, and the second A finds them; every completion equals the solo run."""
+    from flexolmo.serve.vllm_plugin.glue import generate, load_llm
+
+    register()
+    cpu = load_model(vllm_models["plain"])
+    prompt = " ".join(PROMPTS * 2)
+    ids = cpu.tokenizer(prompt)["input_ids"]
+    assert 32 < len(ids) <= 96  # one full block to cache, and room for the completion
+    llm = load_llm(vllm_models["plain"], dtype="float32", gpu_memory_utilization=0.3, seed=0, block_size=32)
+    cached = []
+    for names in ({"public", "code"}, {"public", "math"}, {"public", "code"}):
+        output = generate(llm, [ids], [MaskRow(tuple(name in names for name in cpu.expert_names), None)], 6)[0]
+        excluded = [name for name in cpu.expert_names if name not in names]
+        assert list(output.outputs[0].token_ids) == solo_greedy(cpu, prompt, excluded, 6)
+        cached.append(output.num_cached_tokens)
+    assert cached[:2] == [0, 0] and cached[2] >= 32  # whole blocks of A's prompt
+
+
 # The other families' merges, 32 wide per attention head: Llama (tied embeddings, Llama-3 RoPE scaling) and Qwen2
 # (q/k/v biases) merge into Qwen2-MoE, Qwen3 (per-head q/k norms) into Qwen3-MoE, which vLLM serves with classes
 # of its own rather than through its Transformers backend.
