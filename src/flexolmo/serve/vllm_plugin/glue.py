@@ -132,9 +132,11 @@ def _masked(architecture: str) -> type:
     """`_Masked` over the class this vLLM itself serves `architecture` with, looked up in its registry rather
     than imported from a module path: vLLM 0.11 had its own FlexOlmo module, later versions serve FlexOlmo
     through their Transformers backend (`TransformersMoEForCausalLM`)."""
-    base = ModelRegistry._try_load_model_cls(architecture)
+    load = getattr(ModelRegistry, "_try_load_model_cls", None)  # private, but the one lookup by architecture
+    base = load(architecture) if load is not None else None
     if base is None:
-        raise ImportError(f"vLLM {vllm.__version__} does not serve {architecture}; flexolmo's plugin needs it")
+        raise ImportError(f"vLLM {vllm.__version__} does not say which class serves {architecture}; flexolmo's "
+                          "plugin was run on vLLM 0.32.0 (docs/serving.md)")
     return type(f"Masked{architecture}", (_Masked, base), {"__module__": __name__})
 
 
