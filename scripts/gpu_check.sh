@@ -5,8 +5,8 @@
 #   2. fsdp: `train-expert --fsdp` over NCCL across processes, one per GPU (skipped with fewer than 2 GPUs);
 #   3. serve: benchmarks/bench_serve.py with flexolmo's own runtime on the GPU (--device cuda);
 #   4. vllm: the vLLM plugin against flexolmo's CPU runtime, and its throughput (bench_serve.py --vllm), then the
-#      glue's tests (tests/test_serve_vllm_glue.py: masks and router biases), only where `import vllm` works (it
-#      says so when it does not).
+#      glue's tests (tests/test_serve_vllm_glue.py, which CI runs on vLLM's CPU build), only where `import vllm`
+#      works (it says so when it does not).
 # Every output line starts with the device's name; JSON results go under $OUT (or /tmp/flexolmo-gpu-check), with
 # a summary of what ran, failed or was skipped in gpu_check.json.
 #
@@ -134,7 +134,7 @@ elif [ "$GPUS" -lt 1 ]; then
 else
   say "vllm $("$PYTHON" -c 'import vllm; print(vllm.__version__)' 2>&1 | tail -1) (the plugin was run on 0.32.0, its CPU build)"
   step vllm 200 "$PYTHON" benchmarks/bench_serve.py --vllm --workdir "$WORK/serve" --out "$RESULTS/serve_vllm.json"
-  # The glue's own tests: masks and the owners' router biases against flexolmo's runtime, greedy token for token.
+  # The glue's own tests against flexolmo's runtime: masks, router biases, every family, the prefix cache, the server.
   step vllm-tests 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_serve_vllm_glue.py
 fi
 

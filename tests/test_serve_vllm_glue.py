@@ -135,9 +135,8 @@ def test_the_prefix_cache_is_shared_only_between_requests_with_the_same_mask(vll
 # The other families' merges, 32 wide per attention head: Llama (tied embeddings, Llama-3 RoPE scaling) and Qwen2
 # (q/k/v biases) merge into Qwen2-MoE, Qwen3 (per-head q/k norms) into Qwen3-MoE, which vLLM serves with classes
 # of its own rather than through its Transformers backend.
-FAMILY_SHAPES = {"llama": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1),
-                 "qwen2": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1),
-                 "qwen3": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)}
+WIDE_HEADS = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+FAMILY_SHAPES = {"llama": WIDE_HEADS, "qwen2": WIDE_HEADS, "qwen3": {**WIDE_HEADS, "head_dim": 32}}
 
 
 @pytest.mark.usefixtures("in_process_engine")
